@@ -1,0 +1,40 @@
+# `make demo` and `make test` set everything up on a fresh machine (python3 with venv is all they need).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   := demo
+
+.PHONY: venv demo test lint bench clean
+
+# Re-install only when the package metadata changed: a second `make venv` takes a second.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The main job on the embedded corpus: stories -> tokenizer -> MDS shards (train + validation).
+demo: export HF_HUB_OFFLINE = 1
+demo: $(STAMP)
+	$(BIN)/slm corpus --out $(DEMO)/stories.jsonl --num-docs 20000 --overwrite
+	$(BIN)/slm tokenizer -i $(DEMO)/stories.jsonl -f story -s train -v 4096 --out-dir $(DEMO)/tokenizer --overwrite
+	$(BIN)/slm tokenize -i $(DEMO)/stories.jsonl -f story -s 'train[:95%]' -t $(DEMO)/tokenizer -l 512 \
+		--out-dir $(DEMO)/mds/train --overwrite
+	$(BIN)/slm tokenize -i $(DEMO)/stories.jsonl -f story -s 'train[95%:]' -t $(DEMO)/tokenizer -l 512 \
+		--out-dir $(DEMO)/mds/validation --overwrite
+	@echo "Demo shards: $(DEMO)/mds/train and $(DEMO)/mds/validation (each has slm-dataset.json)."
+
+lint: $(STAMP)
+	$(BIN)/ruff check slm tests bench
+
+test: lint
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/tokenize.py
+
+clean:
+	rm -rf $(DEMO) .pytest_cache .ruff_cache

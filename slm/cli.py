@@ -1,0 +1,159 @@
+"""The `slm` command: one subcommand per pipeline stage."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from slm.errors import SlmError
+from slm.outputs import refuse_to_clobber
+
+
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-i", "--in-dataset", required=True,
+                   help="local file or folder (txt, json/jsonl, parquet, csv, save_to_disk) or Hub dataset id")
+    p.add_argument("-f", "--feature", default="text", help="column holding the text (default: %(default)s)")
+    p.add_argument("-s", "--split", default="train",
+                   help="split, with datasets slicing such as 'train[:95%%]' (default: %(default)s)")
+    p.add_argument("--txt-per-file", action="store_true",
+                   help="txt input: one document per file instead of one per line")
+    p.add_argument("--batch-size", type=int, default=1000, help="documents per encode batch (default: %(default)s)")
+
+
+def cmd_corpus(args: argparse.Namespace) -> None:
+    from slm.corpus import write_corpus
+
+    out = Path(args.out)
+    refuse_to_clobber(out, args.overwrite)
+    if args.num_docs < 1:
+        raise SlmError(f"--num-docs must be at least 1, got {args.num_docs}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        size = write_corpus(out, args.num_docs, args.seed)
+    except OSError as e:
+        raise SlmError(f"cannot write {out}: {e.strerror or e}") from None
+    print(f"wrote {args.num_docs:,} stories ({size / 1e6:.1f} MB, seed {args.seed}) to {out} "
+          f"in {time.perf_counter() - start:.1f} s; the text is in the field 'story'")
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> None:
+    from slm.hub import push_folder
+    from slm.sources import iter_batches, load_documents
+    from slm.tokenizer import check_vocab_size, train_tokenizer
+
+    if not (args.out_dir or args.out_repo):
+        raise SlmError("give --out-dir, --out-repo, or both")
+    check_vocab_size(args.vocab_size)
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    refuse_to_clobber(out_dir, args.overwrite)
+    ds = load_documents(args.in_dataset, args.feature, args.split, args.txt_per_file)
+    if len(ds) == 0:
+        raise SlmError(f"split '{args.split}' of {args.in_dataset} has no documents")
+    tok = train_tokenizer(iter_batches(ds, args.feature, args.batch_size), args.vocab_size, len(ds))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = out_dir or Path(tmp)
+        try:
+            tok.save_pretrained(str(folder))
+        except OSError as e:
+            raise SlmError(f"cannot write to {folder}: {e.strerror or e}") from None
+        if args.out_repo:
+            push_folder(folder, args.out_repo, message=f"Tokenizer trained by slm on {args.in_dataset}")
+    if len(tok) < args.vocab_size:
+        print(f"note: the corpus has too few distinct words for more merges: {len(tok):,} tokens, not "
+              f"{args.vocab_size:,}; model vocab sizes >= {len(tok):,} work with it", file=sys.stderr)
+    print(f"trained a byte-level BPE tokenizer with {len(tok):,} tokens on {len(ds):,} documents; saved to "
+          + " and ".join(filter(None, [str(out_dir) if out_dir else None,
+                                       f"hf://{args.out_repo}" if args.out_repo else None])))
+
+
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    from slm.shards import write_shards
+    from slm.sources import iter_batches, load_documents
+    from slm.tokenizer import load_tokenizer, tokenizer_identity
+
+    if args.seq_len < 2:
+        raise SlmError(f"--seq-len must be at least 2 (one <bos> plus one token), got {args.seq_len}")
+    if not (args.out_dir or args.out_remote):
+        raise SlmError("give --out-dir, --out-remote, or both")
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    refuse_to_clobber(out_dir, args.overwrite)
+    tok = load_tokenizer(args.tokenizer, args.bos_token, args.eos_token)
+    ds = load_documents(args.in_dataset, args.feature, args.split, args.txt_per_file)
+    source = {"dataset": args.in_dataset, "feature": args.feature, "split": args.split}
+    stats = write_shards(iter_batches(ds, args.feature, args.batch_size), tok, tokenizer_identity(tok, args.tokenizer),
+                         args.seq_len, out_dir=out_dir, out_remote=args.out_remote, compression=args.compression,
+                         overwrite=args.overwrite, total_docs=len(ds), source=source)
+    where = " and ".join(filter(None, [str(out_dir) if out_dir else None, args.out_remote]))
+    print(f"wrote {stats.samples:,} samples of {args.seq_len} tokens to {where}: {stats.documents:,} documents, "
+          f"{stats.tokens:,} tokens ({stats.dropped_tail_tokens} dropped at the tail), "
+          f"{stats.tokens / stats.seconds:,.0f} tokens/s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser = argparse.ArgumentParser(prog="slm", parents=[common],
+                                     description="Train suites of small llama and mamba language models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("corpus", parents=[common], help="write the embedded default corpus (children's stories)",
+                       description="Write procedurally generated children's stories as JSON lines "
+                                   "(text in the field 'story'). Same seed, same file, byte for byte.")
+    p.add_argument("-o", "--out", required=True, help="output .jsonl file")
+    p.add_argument("-n", "--num-docs", type=int, default=20_000, help="number of stories (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(run=cmd_corpus)
+
+    p = sub.add_parser("tokenizer", parents=[common], help="train a byte-level BPE tokenizer",
+                       description="Train a reversible byte-level BPE tokenizer with <bos> <eos> <pad> at ids "
+                                   "0 1 2, saved as a folder that AutoTokenizer.from_pretrained loads.")
+    _add_input_args(p)
+    p.add_argument("-v", "--vocab-size", type=int, default=4096, help="vocabulary size (default: %(default)s)")
+    p.add_argument("--out-dir", help="folder to save the tokenizer to")
+    p.add_argument("--out-repo", help="Hub model repo to push the tokenizer to (created private if missing)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out-dir")
+    p.set_defaults(run=cmd_tokenizer)
+
+    p = sub.add_parser("tokenize", parents=[common], help="tokenize text into MDS shards for training",
+                       description="Tokenize documents, append <eos> to each, concatenate, cut into pieces of "
+                                   "seq_len-1 tokens, prefix each with <bos>, and write MDS shards (column "
+                                   "'tokens') plus slm-dataset.json. The short tail is dropped; no padding.")
+    _add_input_args(p)
+    p.add_argument("-t", "--tokenizer", required=True, help="tokenizer folder or Hub id")
+    p.add_argument("-l", "--seq-len", type=int, default=512, help="tokens per sample (default: %(default)s)")
+    p.add_argument("--out-dir", help="local folder for the shards")
+    p.add_argument("--out-remote", help="remote for the shards: hf://datasets/ORG/REPO/PATH, s3://, gs://, ...")
+    p.add_argument("--compression", default="zstd", help="shard compression, or 'none' (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out-dir")
+    p.add_argument("--bos-token", help="the tokenizer's beginning-of-sequence token, if it does not declare one")
+    p.add_argument("--eos-token", help="the tokenizer's end-of-sequence token, if it does not declare one")
+    p.set_defaults(run=cmd_tokenize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except SlmError as e:
+        print(f"slm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"slm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"slm {args.command}: error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""The one rule for output paths: never clobber what is there unless told to."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from slm.errors import SlmError
+
+
+def refuse_to_clobber(path: Path | None, overwrite: bool) -> None:
+    """Fail early (before any slow work) if `path` holds something and --overwrite was not given."""
+    if path is None or not path.exists() or overwrite:
+        return
+    if path.is_file() or any(path.iterdir()):
+        raise SlmError(f"{path} already exists; pass --overwrite to replace it")

@@ -1,0 +1,188 @@
+"""Tokenizing documents into MDS shards (`slm tokenize`).
+
+The chunking rule (version "slm-v1"): tokenize each document without special tokens,
+append `<eos>` after every document, concatenate, cut into pieces of `seq_len - 1`
+tokens and put `<bos>` in front of each piece. Every sample is exactly `seq_len`
+tokens; the last short piece is dropped; no padding.
+
+Documents stream through in batches (Rust-side threads do the encoding), samples stream
+into `streaming.MDSWriter`, so memory does not grow with the corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+from streaming import MDSWriter
+from tqdm import tqdm
+
+from slm.errors import SlmError
+from slm.outputs import refuse_to_clobber
+
+CHUNKING_RULE = "slm-v1"
+METADATA_FILE = "slm-dataset.json"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits, else uint32 (DESIGN §3)."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+class Chunker:
+    """Applies the chunking rule incrementally: documents' token ids in, full samples out."""
+
+    def __init__(self, seq_len: int, bos_id: int, eos_id: int, dtype: np.dtype):
+        if seq_len < 2:
+            raise SlmError(f"seq_len must be at least 2 (one <bos> plus one token), got {seq_len}")
+        self.seq_len, self.bos_id, self.eos_id, self.dtype = seq_len, bos_id, eos_id, dtype
+        self.pending = np.empty(0, dtype)  # tokens waiting for a full piece
+
+    def add(self, docs: Iterable[list[int]]) -> np.ndarray:
+        """Feed documents (ids without specials); returns the samples completed, shape (n, seq_len)."""
+        ids = list(chain.from_iterable(chain(doc, (self.eos_id,)) for doc in docs))
+        stream = np.concatenate([self.pending, np.array(ids, dtype=self.dtype)])
+        piece = self.seq_len - 1
+        n = len(stream) // piece
+        samples = np.empty((n, self.seq_len), self.dtype)
+        samples[:, 0] = self.bos_id
+        samples[:, 1:] = stream[: n * piece].reshape(n, piece)
+        self.pending = stream[n * piece:]
+        return samples
+
+
+def chunk(docs: Iterable[list[int]], seq_len: int, bos_id: int, eos_id: int) -> np.ndarray:
+    """The whole rule at once, for small inputs and tests."""
+    return Chunker(seq_len, bos_id, eos_id, np.dtype(np.uint32)).add(docs)
+
+
+@dataclass
+class ShardStats:
+    documents: int = 0
+    tokens: int = 0  # document tokens plus one <eos> per document, before chunking
+    samples: int = 0
+    dropped_tail_tokens: int = 0
+    seconds: float = 0.0
+
+
+def _encode_batches(tokenizer, batches: Iterable[list[str]]) -> Iterator[tuple[int, list[list[int]]]]:
+    """(documents, ids) per batch, in order. The Rust tokenizer's thread pool encodes batch k+1
+    (without the GIL) while the caller chunks and writes batch k."""
+    backend = tokenizer.backend_tokenizer
+
+    def encode(texts: list[str]) -> tuple[int, list[list[int]]]:
+        return len(texts), [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for texts in batches:
+            future = pool.submit(encode, texts)
+            if pending is not None:
+                yield pending.result()
+            pending = future
+        if pending is not None:
+            yield pending.result()
+
+
+def _prepare_output(out_dir: Path | None, overwrite: bool) -> Path | None:
+    """Refuse to clobber; return a fresh sibling folder to write into (renamed into place at the end)."""
+    if out_dir is None:
+        return None
+    refuse_to_clobber(out_dir, overwrite)
+    if out_dir.is_file():
+        raise SlmError(f"output {out_dir} is a file, not a folder")
+    partial = out_dir.with_name(f".{out_dir.name}.partial")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+    except OSError as e:
+        raise SlmError(f"cannot write to {out_dir}: {e.strerror or e}") from None
+    return partial
+
+
+def write_shards(batches: Iterable[list[str]], tokenizer, identity: dict, seq_len: int, *,
+                 out_dir: Path | None, out_remote: str | None = None, compression: str | None = "zstd",
+                 overwrite: bool = False, total_docs: int | None = None, source: dict | None = None
+                 ) -> ShardStats:
+    """Tokenize, chunk and write MDS shards plus `slm-dataset.json`; returns the counts."""
+    if out_dir is None and out_remote is None:
+        raise SlmError("give --out-dir, --out-remote, or both")
+    dtype = token_dtype(identity["vocab_size"])
+    chunker = Chunker(seq_len, identity["bos_id"], identity["eos_id"], dtype)
+    partial = _prepare_output(out_dir, overwrite)
+    out = (str(partial), out_remote) if partial and out_remote else str(partial or out_remote)
+    stats = ShardStats()
+    start = time.perf_counter()
+    try:
+        with MDSWriter(out=out, columns={"tokens": f"ndarray:{dtype.name}:{seq_len}"},
+                       compression=None if compression in (None, "none") else compression,
+                       hashes=["sha1"], keep_local=partial is not None) as writer, \
+                tqdm(total=total_docs, unit="doc", unit_scale=True, desc="Tokenizing") as bar:
+            for n_docs, ids in _encode_batches(tokenizer, batches):
+                samples = chunker.add(ids)
+                for sample in samples:
+                    writer.write({"tokens": sample})
+                stats.documents += n_docs
+                stats.tokens += sum(map(len, ids)) + n_docs
+                stats.samples += len(samples)
+                bar.update(n_docs)
+                bar.set_postfix(tokens=f"{stats.tokens:,}",
+                                tok_per_s=f"{stats.tokens / (time.perf_counter() - start):,.0f}")
+            if stats.samples == 0:
+                raise SlmError(_too_short(stats, seq_len))
+            stats.dropped_tail_tokens = len(chunker.pending)
+            stats.seconds = time.perf_counter() - start
+            _write_metadata(Path(writer.local), identity, seq_len, dtype, stats, source or {})
+            if writer.remote:
+                writer.cloud_writer.upload_file(METADATA_FILE)
+    except BaseException:
+        if partial:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if out_dir is not None:
+        _move_into_place(partial, out_dir)
+    return stats
+
+
+def _too_short(stats: ShardStats, seq_len: int) -> str:
+    if stats.documents == 0:
+        return "the input has no documents"
+    return (f"the input gives {stats.tokens} tokens ({stats.documents} documents), too few for one sample "
+            f"of seq_len {seq_len}; use more text or a smaller --seq-len")
+
+
+def _write_metadata(folder: Path, identity: dict, seq_len: int, dtype: np.dtype, stats: ShardStats,
+                    source: dict) -> None:
+    meta = {"chunking_rule": CHUNKING_RULE, "tokenizer": identity, "seq_len": seq_len, "dtype": dtype.name,
+            "column": "tokens", "source": source,
+            **{k: v for k, v in asdict(stats).items() if k != "seconds"}}
+    (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _move_into_place(partial: Path, out_dir: Path) -> None:
+    """Swap the finished folder in; an old one (only with --overwrite) goes last."""
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if out_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+    partial.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_metadata(folder: Path) -> dict:
+    """The `slm-dataset.json` of a shard folder."""
+    path = Path(folder) / METADATA_FILE
+    if not path.exists():
+        raise SlmError(f"{folder} has no {METADATA_FILE}: make it with `slm tokenize`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SlmError(f"{path} is not valid JSON ({e}); re-run `slm tokenize`") from None

@@ -1,0 +1,102 @@
+"""Every bad input of the data pipeline: one clear line, non-zero exit, no traceback, nothing changed."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from slm.cli import main
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def ws(tmp_path, corpus, tokenizer_dir):
+    """A workspace with a good corpus, a good tokenizer, a few bad inputs and an existing output."""
+    (tmp_path / "stories.jsonl").write_bytes(corpus.read_bytes())
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "tiny.jsonl").write_text('{"story": "Hi."}\n')
+    (tmp_path / "latin1.txt").write_bytes("first line\nsecond line\ncaf\xe9 au lait\n".encode("latin-1"))
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "existing" / "keep.txt").write_text("precious")
+    nobos = tmp_path / "nobos"
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel({"[UNK]": 0, "hi": 1}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]").save_pretrained(nobos)
+    return tmp_path, tokenizer_dir
+
+
+TOK = ["tokenize", "-f", "story", "-t", "{tok}"]
+CASES = {
+    "missing input path": (["tokenize", "-i", "{ws}/nope/stories.jsonl", "-t", "{tok}", "--out-dir", "{ws}/o"],
+                           "input not found: {ws}/nope/stories.jsonl"),
+    "missing input for tokenizer": (["tokenizer", "-i", "{ws}/nope.jsonl", "--out-dir", "{ws}/o"],
+                                    "input not found"),
+    "feature is not a column": (["tokenize", "-i", "{ws}/stories.jsonl", "-f", "text", "-t", "{tok}",
+                                 "--out-dir", "{ws}/o"], "feature 'text' is not a column of {ws}/stories.jsonl; "
+                                                         "columns: story"),
+    "empty corpus": ([*TOK, "-i", "{ws}/empty.jsonl", "--out-dir", "{ws}/o"], "is empty: there are no documents"),
+    "empty corpus for tokenizer": (["tokenizer", "-i", "{ws}/empty.jsonl", "-f", "story", "--out-dir", "{ws}/o"],
+                                   "is empty"),
+    "corpus too short for one sample": ([*TOK, "-i", "{ws}/tiny.jsonl", "-l", "512", "--out-dir", "{ws}/o"],
+                                        "too few for one sample of seq_len 512"),
+    "vocab too small": (["tokenizer", "-i", "{ws}/stories.jsonl", "-f", "story", "-v", "100", "--out-dir", "{ws}/o"],
+                        "vocab size 100 is too small: byte-level BPE needs at least 259"),
+    "tokenizer without bos/eos": ([*TOK[:-1], "{ws}/nobos", "-i", "{ws}/stories.jsonl", "--out-dir", "{ws}/o"],
+                                  "has no bos token; name one with --bos-token"),
+    "missing tokenizer": ([*TOK[:-1], "{ws}/no-tokenizer", "-i", "{ws}/stories.jsonl", "--out-dir", "{ws}/o"],
+                          "tokenizer not found"),
+    "seq_len below 2": ([*TOK, "-i", "{ws}/stories.jsonl", "-l", "1", "--out-dir", "{ws}/o"],
+                        "--seq-len must be at least 2"),
+    "unwritable output": ([*TOK, "-i", "{ws}/stories.jsonl", "--out-dir", "{ws}/a_file/mds"],
+                          "cannot write to {ws}/a_file/mds"),
+    "unwritable tokenizer output": (["tokenizer", "-i", "{ws}/stories.jsonl", "-f", "story", "-v", "300",
+                                     "--out-dir", "{ws}/a_file/tok"], "cannot write to {ws}/a_file/tok"),
+    "unwritable corpus output": (["corpus", "--out", "{ws}/a_file/x.jsonl", "-n", "3"],
+                                 "cannot write {ws}/a_file/x.jsonl"),
+    "non-UTF-8 txt": ([*TOK, "-i", "{ws}/latin1.txt", "-f", "text", "--out-dir", "{ws}/o"],
+                      "input is not valid UTF-8: {ws}/latin1.txt line 3"),
+    "existing output folder": ([*TOK, "-i", "{ws}/stories.jsonl", "--out-dir", "{ws}/existing"],
+                               "{ws}/existing already exists; pass --overwrite"),
+    "existing corpus file": (["corpus", "--out", "{ws}/stories.jsonl", "-n", "3"], "already exists"),
+    "unknown split": ([*TOK, "-i", "{ws}/stories.jsonl", "-s", "validation", "--out-dir", "{ws}/o"],
+                      "Unknown split"),
+    "Hub id while offline": ([*TOK, "-i", "someone/no-such-dataset", "--out-dir", "{ws}/o"],
+                             "cannot load 'someone/no-such-dataset' (HF_HUB_OFFLINE is set)"),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bad_input(name, ws, capsys):
+    root, tok = ws
+    args, expected = CASES[name]
+    fill = {"ws": str(root), "tok": str(tok)}
+    before = snapshot(root)
+    code = main([a.format(**fill) for a in args])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code != 0
+    assert len(errors) == 1, err
+    assert expected.format(**fill) in errors[0]
+    assert "Traceback" not in err
+    assert snapshot(root) == before
+    assert not (root / "o").exists()
+
+
+def test_console_script_exits_non_zero_with_one_line(tmp_path):
+    from conftest import run_slm
+
+    proc = run_slm("tokenize", "-i", str(tmp_path / "missing.jsonl"), "-t", "x", "--out-dir", str(tmp_path / "o"),
+                   check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"slm tokenize: error: input not found: {tmp_path}/missing.jsonl "
+                                                "(give a file, a folder, or a Hub dataset id)"]

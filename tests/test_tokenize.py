@@ -1,0 +1,173 @@
+"""`slm tokenize` writes the MDS layout of DESIGN §3, read back with the stock Streaming reader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pandas as pd
+import pytest
+from streaming import StreamingDataset
+from transformers import AutoTokenizer
+
+from conftest import run_slm
+
+
+def read_samples(folder: Path) -> np.ndarray:
+    ds = StreamingDataset(local=str(folder), shuffle=False, batch_size=1)
+    return np.stack([ds[i]["tokens"] for i in range(len(ds))])
+
+
+def expected_samples(docs: list[str], tokenizer_dir: Path, seq_len: int) -> np.ndarray:
+    """The chunking rule recomputed independently, one document at a time, in plain Python."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    stream: list[int] = []
+    for doc in docs:
+        stream += tok(doc, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    piece = seq_len - 1
+    rows = [[tok.bos_token_id] + stream[i:i + piece] for i in range(0, len(stream) - piece + 1, piece)]
+    return np.array(rows).reshape(-1, seq_len)
+
+
+def corpus_docs(corpus: Path) -> list[str]:
+    return [json.loads(line)["story"] for line in corpus.read_text().splitlines()]
+
+
+def tokenize(inp, tokenizer_dir, out, *extra, seq_len=64, feature="story"):
+    return run_slm("tokenize", "-i", str(inp), "-f", feature, "-t", str(tokenizer_dir), "-l", str(seq_len),
+                   "--out-dir", str(out), *extra)
+
+
+def test_shards_equal_an_independent_recomputation(corpus, tokenizer_dir, tmp_path):
+    out = tmp_path / "mds"
+    proc = tokenize(corpus, tokenizer_dir, out, "--batch-size", "37")
+    samples = read_samples(out)
+    docs = corpus_docs(corpus)
+    np.testing.assert_array_equal(samples, expected_samples(docs, tokenizer_dir, 64))
+    assert samples.dtype == np.uint16 and (samples[:, 0] == 0).all()
+    meta = json.loads((out / "slm-dataset.json").read_text())
+    assert meta["seq_len"] == 64 and meta["dtype"] == "uint16" and meta["samples"] == len(samples)
+    assert meta["documents"] == len(docs) and meta["chunking_rule"] == "slm-v1"
+    assert meta["tokenizer"]["bos_id"] == 0 and meta["tokenizer"]["content_hash"].startswith("sha256:")
+    assert meta["tokens"] == samples.size - len(samples) + meta["dropped_tail_tokens"]
+    assert f"{len(samples):,} samples" in proc.stdout
+    index = json.loads((out / "index.json").read_text())
+    assert index["shards"][0]["column_names"] == ["tokens"]
+    assert index["shards"][0]["compression"].startswith("zstd")
+
+
+def test_decoded_samples_reproduce_the_corpus_in_order(corpus, tokenizer_dir, tmp_path):
+    tokenize(corpus, tokenizer_dir, tmp_path / "mds", seq_len=128)
+    samples = read_samples(tmp_path / "mds")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    text = tok.decode(samples[:, 1:].reshape(-1).tolist())  # drop every <bos>, keep the <eos> separators
+    docs = corpus_docs(corpus)
+    *complete, tail = text.split("<eos>")
+    assert complete == docs[: len(complete)]
+    assert docs[len(complete)].startswith(tail)
+    assert len(complete) >= len(docs) - 1
+
+
+def test_split_slicing(corpus, tokenizer_dir, tmp_path):
+    tokenize(corpus, tokenizer_dir, tmp_path / "a", "-s", "train[:75%]")
+    tokenize(corpus, tokenizer_dir, tmp_path / "b", "-s", "train[75%:]")
+    docs = corpus_docs(corpus)
+    for name, part in (("a", docs[:300]), ("b", docs[300:])):
+        np.testing.assert_array_equal(read_samples(tmp_path / name), expected_samples(part, tokenizer_dir, 64))
+        assert json.loads((tmp_path / name / "slm-dataset.json").read_text())["documents"] == len(part)
+
+
+def write_format(kind: str, docs: list[str], root: Path) -> tuple[Path, list[str], list[str]]:
+    """Write `docs` as `kind`; returns (input path, extra CLI args, documents as the reader sees them)."""
+    frame = pd.DataFrame({"story": docs})
+    if kind == "txt-lines":
+        path = root / "docs.txt"
+        path.write_text("\n\n".join(docs) + "\n")  # blank lines between documents are not documents
+        return path, ["-f", "text"], docs
+    if kind == "txt-per-file":
+        (root / "txt").mkdir()
+        multi = [d.replace(". ", ".\n") for d in docs]  # documents with line breaks inside
+        for i, d in enumerate(multi):
+            (root / "txt" / f"{i:04d}.txt").write_text(d)
+        return root / "txt", ["-f", "text", "--txt-per-file"], multi
+    if kind == "json":
+        path = root / "docs.json"
+        frame.to_json(path, orient="records")
+    elif kind == "jsonl":
+        path = root / "docs.jsonl"
+        frame.to_json(path, orient="records", lines=True)
+    elif kind == "jsonl-folder":
+        path = root / "folder"
+        path.mkdir()
+        for i in range(0, len(docs), 25):
+            frame[i:i + 25].to_json(path / f"part-{i // 25:03d}.jsonl", orient="records", lines=True)
+    elif kind == "parquet":
+        path = root / "docs.parquet"
+        frame.to_parquet(path)
+    elif kind == "csv":
+        path = root / "docs.csv"
+        frame.to_csv(path, index=False)
+    elif kind == "save_to_disk":
+        path = root / "saved"
+        datasets.DatasetDict({"train": datasets.Dataset.from_pandas(frame)}).save_to_disk(str(path))
+    elif kind == "save_to_disk-dataset":
+        path = root / "saved1"
+        datasets.Dataset.from_pandas(frame).save_to_disk(str(path))
+    return path, ["-f", "story"], docs
+
+
+FORMATS = ["txt-lines", "txt-per-file", "json", "jsonl", "jsonl-folder", "parquet", "csv", "save_to_disk",
+           "save_to_disk-dataset"]
+
+
+@pytest.mark.parametrize("kind", FORMATS)
+def test_every_input_format(kind, corpus, tokenizer_dir, tmp_path):
+    docs = corpus_docs(corpus)[:100]
+    path, args, seen = write_format(kind, docs, tmp_path)
+    split = "train[:50%]" if kind.startswith("save_to_disk") else "train"  # slicing a save_to_disk folder too
+    run_slm("tokenize", "-i", str(path), *args, "-s", split, "-t", str(tokenizer_dir), "-l", "32",
+            "--out-dir", str(tmp_path / "mds"))
+    expected = seen[:50] if split != "train" else seen
+    np.testing.assert_array_equal(read_samples(tmp_path / "mds"), expected_samples(expected, tokenizer_dir, 32))
+
+
+def test_uint32_tokens_for_a_vocabulary_above_65536(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<bos>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i + 3 for i in range(70_000)}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<bos>", eos_token="<eos>",
+                            unk_token="<unk>").save_pretrained(tmp_path / "big")
+    docs = ["w69999 w5 w65535", "w65536 w1 w69000 w70", "w2"]
+    pd.DataFrame({"text": docs}).to_json(tmp_path / "d.jsonl", orient="records", lines=True)
+    tokenize(tmp_path / "d.jsonl", tmp_path / "big", tmp_path / "mds", seq_len=4, feature="text")
+    samples = read_samples(tmp_path / "mds")
+    assert samples.dtype == np.uint32
+    assert samples.tolist() == [[0, 70002, 8, 65538], [0, 1, 65539, 4], [0, 69003, 73, 1]]
+
+
+def test_output_is_never_overwritten_without_flag(corpus, tokenizer_dir, tmp_path):
+    out = tmp_path / "mds"
+    tokenize(corpus, tokenizer_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    proc = run_slm("tokenize", "-i", str(corpus), "-f", "story", "-t", str(tokenizer_dir), "-l", "32",
+                   "--out-dir", str(out), check=False)
+    assert proc.returncode != 0 and "--overwrite" in proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    tokenize(corpus, tokenizer_dir, out, "--overwrite", seq_len=32)
+    assert json.loads((out / "slm-dataset.json").read_text())["seq_len"] == 32
+    assert not list(tmp_path.glob(".mds*"))  # no partial or old folder left behind
+
+
+def test_remote_output_through_streaming_uploader(corpus, tokenizer_dir, tmp_path):
+    remote = tmp_path / "remote"  # a local path is a Streaming remote too: same uploader code path
+    run_slm("tokenize", "-i", str(corpus), "-f", "story", "-t", str(tokenizer_dir), "-l", "64",
+            "--out-dir", str(tmp_path / "local"), "--out-remote", str(remote), "--compression", "none")
+    assert (remote / "slm-dataset.json").exists() and (remote / "index.json").exists()
+    ds = StreamingDataset(remote=str(remote), local=str(tmp_path / "cache"), shuffle=False, batch_size=1)
+    got = np.stack([ds[i]["tokens"] for i in range(len(ds))])
+    np.testing.assert_array_equal(got, read_samples(tmp_path / "local"))
