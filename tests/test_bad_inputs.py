@@ -92,11 +92,11 @@ def test_bad_input(name, ws, capsys):
     assert not (root / "o").exists()
 
 
-def test_console_script_exits_non_zero_with_one_line(tmp_path):
+def test_console_script_exits_non_zero_with_one_line(tmp_path, tokenizer_dir):
     from conftest import run_slm
 
-    proc = run_slm("tokenize", "-i", str(tmp_path / "missing.jsonl"), "-t", "x", "--out-dir", str(tmp_path / "o"),
-                   check=False)
+    proc = run_slm("tokenize", "-i", str(tmp_path / "missing.jsonl"), "-t", str(tokenizer_dir),
+                   "--out-dir", str(tmp_path / "o"), check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"slm tokenize: error: input not found: {tmp_path}/missing.jsonl "
                                                 "(give a file, a folder, or a Hub dataset id)"]
