@@ -1,0 +1,144 @@
+"""Train one model with Composer's Trainer.
+
+    python slm/train.py CONFIG.yaml [key=value ...]
+    composer -n N slm/train.py CONFIG.yaml [key=value ...]
+
+Both run this same code. Running again with the same run_name resumes from the newest
+complete checkpoint in checkpoints/RUN_NAME/ (model, optimizer, scheduler, RNG and the exact
+position in the Streaming data order); a larger max_duration continues a finished run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from composer import Trainer
+from composer.algorithms import GradientClipping
+from composer.callbacks import CheckpointSaver, LRMonitor, SpeedMonitor
+from composer.core import Evaluator, Time
+from composer.optim import CosineAnnealingWithWarmupScheduler
+from composer.utils import dist
+from omegaconf import DictConfig, OmegaConf
+
+from slm.checkpoints import KeepNewestPeriodic, early_batches, repair_latest, save_schedule
+from slm.config import load_config, save_config
+from slm.data import build_dataloader, check_compatible, split_metadata
+from slm.errors import SlmError
+from slm.metrics import build_metrics, byte_lengths
+from slm.model import CausalLM, build_hf_model
+from slm.shm import clean_stale_shared_memory
+from slm.tokenizer import load_tokenizer, tokenizer_identity
+
+TIME_KEYS = ("max_duration", "save_interval", "eval_interval", "log_interval", "scheduler.warmup")
+
+
+def _time(cfg: DictConfig, key: str) -> Time:
+    value = str(OmegaConf.select(cfg, key))
+    try:
+        return Time.from_timestring(value)
+    except ValueError:
+        raise SlmError(f"config key '{key}' = '{value}' is not a time: use a number with a unit, "
+                       "e.g. 2000ba (batches), 10ep (epochs), 5000000tok (tokens)") from None
+
+
+def _optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norms and biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def build_trainer(cfg: DictConfig) -> Trainer:
+    """Everything checked first, then the Trainer (which autoresumes)."""
+    times = {key: _time(cfg, key) for key in TIME_KEYS}
+    gpu = torch.cuda.is_available()
+    device = "gpu" if gpu else "cpu"
+    if cfg.device_microbatch_size == "auto" and not gpu:
+        raise SlmError("device_microbatch_size=auto needs a GPU; give a number on CPU")
+    dist.initialize_dist(device)
+    world = dist.get_world_size()
+    if cfg.global_batch_size % world:
+        raise SlmError(f"global_batch_size {cfg.global_batch_size} is not divisible by the {world} processes")
+    per_device = cfg.global_batch_size // world
+
+    train_meta, eval_meta = split_metadata(cfg.data.train, "train"), split_metadata(cfg.data.eval, "eval")
+    tokenizer = load_tokenizer(cfg.tokenizer or train_meta["tokenizer"]["name"])
+    if tokenizer_identity(tokenizer, "")["content_hash"] != train_meta["tokenizer"]["content_hash"]:
+        raise SlmError(f"tokenizer {cfg.tokenizer or train_meta['tokenizer']['name']} is not the one data.train "
+                       "was tokenized with (content hashes differ)")
+    hf_model = build_hf_model(dict(cfg.model), cfg.seed)
+    check_compatible(train_meta, eval_meta, hf_model.config.vocab_size,
+                     getattr(hf_model.config, "max_position_embeddings", None))
+    table = byte_lengths(tokenizer)
+    model = CausalLM(hf_model, tokenizer, metrics=build_metrics(table), eval_metrics=build_metrics(table))
+
+    folder = Path(cfg.save_folder.format(run_name=cfg.run_name))
+    early = early_batches(cfg.early_checkpoints)
+    if dist.get_local_rank() == 0:
+        clean_stale_shared_memory()
+    if dist.get_global_rank() == 0:
+        save_config(cfg, folder / "config.yaml")
+        repair_latest(folder)
+    dist.barrier()
+
+    train_data = build_dataloader(cfg.data.train, cfg.data, per_device, train=True)
+    eval_data = build_dataloader(cfg.data.eval, cfg.data, per_device, train=False)
+    saver = CheckpointSaver(folder=str(folder), filename="ep{epoch}-ba{batch}-rank{rank}.pt",
+                            latest_filename="latest-rank{rank}.pt", save_interval=save_schedule(
+                                cfg.save_interval, early), overwrite=True)
+    interactive = sys.stderr.isatty()
+    return Trainer(
+        model=model,
+        run_name=cfg.run_name,
+        seed=cfg.seed,
+        device=device,
+        precision=cfg.precision or ("amp_bf16" if gpu else "fp32"),
+        max_duration=times["max_duration"],
+        train_dataloader=train_data,
+        eval_dataloader=Evaluator(label="eval", dataloader=eval_data, metric_names=list(model.val_metrics)),
+        eval_interval=times["eval_interval"],
+        eval_subset_num_batches=cfg.eval_batches,
+        device_train_microbatch_size=cfg.device_microbatch_size or per_device,
+        optimizers=_optimizer(hf_model, cfg.optimizer),
+        schedulers=CosineAnnealingWithWarmupScheduler(t_warmup=times["scheduler.warmup"],
+                                                      alpha_f=cfg.scheduler.alpha_f),
+        algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=cfg.grad_clip)] if cfg.grad_clip else [],
+        callbacks=[SpeedMonitor(window_size=10), LRMonitor(), saver, KeepNewestPeriodic(folder, cfg.keep, early)],
+        save_folder=str(folder),
+        autoresume=True,
+        spin_dataloaders=False,  # Streaming restores its own position
+        progress_bar=interactive,
+        log_to_console=not interactive,
+        console_log_interval=times["log_interval"],
+        deterministic_mode=not gpu,
+        python_log_level="WARNING" if dist.get_global_rank() == 0 else "ERROR",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="slm/train.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="yaml file, e.g. yamls/mamba-100k.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_duration=50ba")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        trainer = build_trainer(cfg)
+        trainer.fit()
+        trainer.close()
+    except SlmError as e:
+        if args.debug:
+            raise
+        if dist.get_global_rank() == 0:  # every rank fails alike: say it once
+            print(f"slm train: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
