@@ -129,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         trainer = build_trainer(cfg)
+        if dist.get_global_rank() == 0:
+            batch = int(trainer.state.timestamp.batch)
+            print(f"slm train: {cfg.run_name}: " + (f"resumed at batch {batch}" if batch else "starting at batch 0")
+                  + f" of {cfg.max_duration}", file=sys.stderr, flush=True)
         trainer.fit()
         trainer.close()
     except SlmError as e:

@@ -48,3 +48,79 @@ def run_slm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"slm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory: pytest.TempPathFactory, corpus: Path, tokenizer_dir: Path) -> Path:
+    """Train and eval MDS folders (seq_len 64) made from the session corpus."""
+    root = tmp_path_factory.mktemp("shards")
+    for name, split in (("train", "train[:90%]"), ("eval", "train[90%:]")):
+        run_slm("tokenize", "-i", str(corpus), "-f", "story", "-s", split, "-t", str(tokenizer_dir), "-l", "64",
+                "--out-dir", str(root / name))
+    return root
+
+
+def write_yaml(path: Path, shards: Path, base: str = "demo-llama.yaml", **model) -> Path:
+    """A tiny training config: 16 batches of 8 samples, checkpoints every 4, a one-layer model."""
+    arch = {"vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "num_hidden_layers": 1, "max_position_embeddings": 64}
+    if "mamba" in base:
+        arch = {"vocab_size": 512, "hidden_size": 32, "num_hidden_layers": 1}
+    arch.update(model)
+    lines = [f"base: {REPO / 'yamls' / base}", "max_duration: 16ba", "global_batch_size: 8", "save_interval: 4ba",
+             "early_checkpoints: 2", "eval_interval: 8ba", "eval_batches: 2", "log_interval: 4ba",
+             f"save_folder: {path.parent}/ckpt/{{run_name}}", "scheduler: {warmup: 4ba}",
+             f"data: {{train: {{local: {shards / 'train'}}}, eval: {{local: {shards / 'eval'}}}}}", "model:"]
+    lines += [f"  {k}: {v}" for k, v in arch.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def train_cmd(config: Path, *overrides: str, procs: int = 1) -> list[str]:
+    """`python slm/train.py ...`, or `composer -n procs slm/train.py ...`."""
+    script = str(REPO / "slm" / "train.py")
+    if procs > 1:
+        return [str(Path(sys.executable).parent / "composer"), "-n", str(procs), script, str(config), *overrides]
+    return [sys.executable, script, str(config), *overrides]
+
+
+def train(config: Path, *overrides: str, procs: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_cmd(config, *overrides, procs=procs), capture_output=True, text=True, timeout=600,
+                          cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def final_state(folder: Path) -> dict:
+    """The state in the checkpoint `latest-rank0.pt` points at."""
+    import torch
+
+    return torch.load(folder / "latest-rank0.pt", weights_only=False, map_location="cpu")["state"]
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    """Every model tensor and every optimizer tensor identical, at the same batch."""
+    import torch
+
+    assert a["timestamp"]["Timestamp"]["batch"] == b["timestamp"]["Timestamp"]["batch"]
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), f"model tensor {key} differs"
+    opt_a, opt_b = a["optimizers"]["AdamW"]["state"], b["optimizers"]["AdamW"]["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for param in opt_a:
+        for name in opt_a[param]:
+            assert torch.equal(opt_a[param][name], opt_b[param][name]), f"optimizer {param}/{name} differs"
+
+
+def resumed_at(proc: subprocess.CompletedProcess) -> int:
+    """The batch a training run started from, as it reports it."""
+    import re
+
+    match = re.search(r"slm train: \S+: (?:resumed at|starting at) batch (\d+)", proc.stderr)
+    assert match, proc.stderr[-2000:]
+    return int(match.group(1))

@@ -100,3 +100,65 @@ def test_console_script_exits_non_zero_with_one_line(tmp_path, tokenizer_dir):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"slm tokenize: error: input not found: {tmp_path}/missing.jsonl "
                                                 "(give a file, a folder, or a Hub dataset id)"]
+
+
+TRAIN_CASES = {
+    "missing data folder": (["data.train.local={ws}/nowhere"], "data.train.local = {ws}/nowhere holds no MDS shards"),
+    "data/model vocab mismatch": (["model.vocab_size=100"], "tokenized with a {vocab}-token tokenizer but "
+                                                            "model.vocab_size is 100"),
+    "seq_len longer than positions": (["model.max_position_embeddings=32"],
+                                      "data.train has seq_len 64 but the model has max_position_embeddings 32"),
+    "unknown model class": (["model.class=gpt7"], "unknown model class 'gpt7'"),
+    "unknown model kwarg": (["model.hiden_size=8"], "unknown config key 'model.hiden_size' for LlamaConfig; "
+                                                    "did you mean 'model.hidden_size'?"),
+    "unknown key": (["max_duraton=5ba"], "unknown config key 'max_duraton' in the command line"),
+    "wrong type": (["eval_batches=some"], "config key 'eval_batches' in the command line (eval_batches=some) has "
+                                          "the wrong type"),
+    "time without unit": (["max_duration=100"], "config key 'max_duration' = '100' is not a time"),
+    "unsafe run_name": (["run_name=../up"], "run_name '../up' is not a safe folder name"),
+    "auto microbatch on CPU": (["device_microbatch_size=auto"], "device_microbatch_size=auto needs a GPU"),
+    "tokenizer not the data's": (["tokenizer={ws}/other_tok"], "is not the one data.train was tokenized with"),
+}
+
+
+@pytest.fixture
+def train_ws(tmp_path, shards, tokenizer_dir):
+    from slm.tokenizer import train_tokenizer
+
+    from conftest import write_yaml
+
+    config = write_yaml(tmp_path / "tiny.yaml", shards)
+    run = tmp_path / "ckpt" / "tiny"
+    run.mkdir(parents=True)
+    (run / "ep0-ba4-rank0.pt").write_bytes(b"an earlier run's checkpoint")
+    train_tokenizer([["some other text entirely"]], 300).save_pretrained(tmp_path / "other_tok")
+    vocab = len(__import__("transformers").AutoTokenizer.from_pretrained(tokenizer_dir))
+    return config, {"ws": str(tmp_path), "vocab": str(vocab)}
+
+
+@pytest.mark.parametrize("name", TRAIN_CASES)
+def test_bad_training_config(name, train_ws, capsys):
+    from slm.train import main as train_main
+
+    config, fill = train_ws
+    overrides, expected = TRAIN_CASES[name]
+    root = config.parent
+    before = snapshot(root)
+    code = train_main([str(config), *(o.format(**fill) for o in overrides)])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 1 and len(errors) == 1, err
+    assert expected.format(**fill) in errors[0]
+    assert "Traceback" not in err
+    assert snapshot(root) == before
+
+
+def test_global_batch_not_divisible_by_processes(tmp_path, shards):
+    from conftest import train, write_yaml
+
+    config = write_yaml(tmp_path / "tiny.yaml", shards)
+    proc = train(config, "global_batch_size=7", procs=2, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count("slm train: error: global_batch_size 7 is not divisible by the 2 processes") == 1
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "ckpt").exists()

@@ -1,0 +1,74 @@
+"""The config loader: base chains, overrides, and errors that name the key and where it came from."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from slm.config import load_config
+from slm.errors import SlmError
+from slm.model import build_hf_model, count_parameters
+
+from conftest import REPO
+
+
+def test_base_chain_overrides_and_default_run_name(tmp_path):
+    (tmp_path / "parent.yaml").write_text(f"base: {REPO}/yamls/base.yaml\nseed: 1\noptimizer: {{lr: 0.01}}\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\nseed: 2\nmodel: {class: llama, hidden_size: 8}\n")
+    cfg = load_config(tmp_path / "child.yaml", ["optimizer.betas=[0.8,0.9]", "model.num_hidden_layers=3"])
+    assert cfg.run_name == "child" and cfg.seed == 2 and cfg.optimizer.lr == 0.01
+    assert list(cfg.optimizer.betas) == [0.8, 0.9] and cfg.optimizer.weight_decay == 0.1  # from base.yaml
+    assert dict(cfg.model) == {"vocab_size": 4096, "class": "llama", "hidden_size": 8, "num_hidden_layers": 3}
+
+
+@pytest.mark.parametrize(("yaml", "overrides", "message"), [
+    ("max_duraton: 5ba\n", [], "unknown config key 'max_duraton' in {f}; did you mean 'max_duration'?"),
+    ("optimizer: {lrr: 1}\n", [], "unknown config key 'optimizer.lrr' in {f}; did you mean 'optimizer.lr'?"),
+    ("", ["data.train.locl=x"], "unknown config key 'data.train.locl' in the command line (data.train.locl=x); "
+                                "did you mean 'data.train.local'?"),
+    ("", ["global_batch_size=many"], "config key 'global_batch_size' in the command line (global_batch_size=many) "
+                                     "has the wrong type"),
+    ("seed: [1, 2]\n", [], "config key 'seed' in {f} has the wrong type"),
+    ("", ["run_name=../escape"], "run_name '../escape' is not a safe folder name"),
+    ("", ["run_name=a/b"], "run_name 'a/b' is not a safe folder name"),
+    ("", ["optimizer.lr=-1"], "config key 'optimizer.lr' must be positive, got -1"),
+    ("", ["global_batch_size=0"], "config key 'global_batch_size' must be positive, got 0"),
+    ("", ["device_microbatch_size=lots"], "config key 'device_microbatch_size' must be a positive integer or 'auto'"),
+    ("", ["nonsense"], "override 'nonsense' is not of the form key=value"),
+    ("seed: [unclosed\n", [], "cannot parse {f}"),
+    ("base: missing.yaml\n", [], "config file not found"),
+])
+def test_bad_config_names_the_problem(tmp_path, yaml, overrides, message):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml if yaml.startswith("base:") else f"base: {REPO}/yamls/demo-llama.yaml\n" + yaml)
+    with pytest.raises(SlmError) as err:
+        load_config(config, overrides)
+    assert message.format(f=config.resolve()) in str(err.value)
+
+
+def suite_yamls() -> list[Path]:
+    return sorted(p for p in (REPO / "yamls").glob("*.yaml") if re.match(r"(llama|mamba)-[\d.]+[km]\.yaml", p.name))
+
+
+def test_the_suite_has_twenty_models():
+    names = {p.stem for p in suite_yamls()}
+    sizes = ["50k", "100k", "250k", "500k", "1m", "2.5m", "5m", "10m", "25m", "50m"]
+    assert names == {f"{arch}-{size}" for arch in ("llama", "mamba") for size in sizes}
+
+
+@pytest.mark.parametrize("path", suite_yamls(), ids=lambda p: p.stem)
+def test_parameter_count_matches_the_name(path):
+    cfg = load_config(path)
+    number, unit = re.match(r".*-([\d.]+)([km])$", path.stem).groups()
+    target = float(number) * (1e3 if unit == "k" else 1e6)
+    model = build_hf_model(dict(cfg.model), cfg.seed)
+    assert abs(count_parameters(model) / target - 1) <= 0.10
+    assert model.config.vocab_size == 4096 and cfg.global_batch_size == 256 and cfg.data.shuffle_seed == 1337
+
+
+def test_same_seed_gives_the_same_initial_weights():
+    cfg = load_config(REPO / "yamls" / "demo-mamba.yaml")
+    a, b, c = (build_hf_model(dict(cfg.model), seed) for seed in (42, 42, 43))
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(sa[k].equal(sb[k]) for k in sa)
+    assert not all(sa[k].equal(sc[k]) for k in sa)
