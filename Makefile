@@ -16,16 +16,23 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# The main job on the embedded corpus: stories -> tokenizer -> MDS shards (train + validation).
+# The main job on the embedded corpus: stories -> tokenizer -> MDS shards -> train demo-llama and
+# demo-mamba (killed mid-run, then resumed with the same run_name). Everything lands in $(DEMO)/.
 demo: export HF_HUB_OFFLINE = 1
 demo: $(STAMP)
+	rm -rf $(DEMO)/checkpoints
 	$(BIN)/slm corpus --out $(DEMO)/stories.jsonl --num-docs 20000 --overwrite
-	$(BIN)/slm tokenizer -i $(DEMO)/stories.jsonl -f story -s train -v 4096 --out-dir $(DEMO)/tokenizer --overwrite
-	$(BIN)/slm tokenize -i $(DEMO)/stories.jsonl -f story -s 'train[:95%]' -t $(DEMO)/tokenizer -l 512 \
+	$(BIN)/slm tokenizer -i $(DEMO)/stories.jsonl -f story -v 1024 --out-dir $(DEMO)/tokenizer --overwrite
+	$(BIN)/slm tokenize -i $(DEMO)/stories.jsonl -f story -s 'train[:95%]' -t $(DEMO)/tokenizer -l 128 \
 		--out-dir $(DEMO)/mds/train --overwrite
-	$(BIN)/slm tokenize -i $(DEMO)/stories.jsonl -f story -s 'train[95%:]' -t $(DEMO)/tokenizer -l 512 \
+	$(BIN)/slm tokenize -i $(DEMO)/stories.jsonl -f story -s 'train[95%:]' -t $(DEMO)/tokenizer -l 128 \
 		--out-dir $(DEMO)/mds/validation --overwrite
-	@echo "Demo shards: $(DEMO)/mds/train and $(DEMO)/mds/validation (each has slm-dataset.json)."
+	$(BIN)/python slm/train.py yamls/demo-llama.yaml
+	@echo "== demo-mamba: SIGKILL after 45 s, then the same command again resumes it =="
+	-timeout -s KILL 45 $(BIN)/python slm/train.py yamls/demo-mamba.yaml
+	$(BIN)/python slm/train.py yamls/demo-mamba.yaml
+	@echo "Shards: $(DEMO)/mds/{train,validation}. Checkpoints: $(DEMO)/checkpoints/demo-llama and" \
+		"$(DEMO)/checkpoints/demo-mamba (latest-rank0.pt is the last)."
 
 lint: $(STAMP)
 	$(BIN)/ruff check slm tests bench

@@ -106,6 +106,19 @@ class CausalLM(HuggingFaceModel):
         super().__init__(model, tokenizer=tokenizer, use_logits=True, metrics=metrics, eval_metrics=eval_metrics,
                          shift_labels=True)
 
+    def eval_forward(self, batch: dict[str, torch.Tensor], outputs=None) -> dict[str, torch.Tensor]:
+        """Logits plus the mean loss over the (shifted) targets, for the metrics to share.
+
+        In training `outputs` holds the forward's own loss; in evaluation it is computed once here.
+        """
+        logits = super().eval_forward(batch, outputs)  # pops the labels into self.labels, shifted
+        if outputs is not None and outputs.get("loss") is not None:
+            loss = outputs["loss"]
+        else:
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), self.labels.flatten(),
+                                                     ignore_index=-100)
+        return {"logits": logits, "loss": loss}
+
     def flops_per_batch(self, batch: dict[str, torch.Tensor]) -> float:
         batch_size, seq_len = batch["input_ids"].shape
         return flops_per_token(self.model, seq_len) * batch_size * seq_len

@@ -3,8 +3,8 @@ import math
 import torch
 from transformers import AutoTokenizer
 
-from slm.metrics import BitsPerByte, byte_lengths
-from slm.model import build_hf_model, flops_per_token
+from slm.metrics import build_metrics, byte_lengths
+from slm.model import CausalLM, build_hf_model, flops_per_token
 
 
 def test_byte_table_counts_the_utf8_bytes_of_decoded_text(tokenizer_dir):
@@ -16,19 +16,30 @@ def test_byte_table_counts_the_utf8_bytes_of_decoded_text(tokenizer_dir):
     assert table[tok.bos_token_id] == table[tok.eos_token_id] == table[tok.pad_token_id] == 0
 
 
-def test_bits_per_byte_is_nats_over_ln2_bytes(tokenizer_dir):
+def test_metrics_from_the_model_equal_a_direct_computation(tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     table = byte_lengths(tok)
+    hf = build_hf_model({"class": "llama", "vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 32,
+                         "num_attention_heads": 2, "num_key_value_heads": 1, "num_hidden_layers": 1}, 0)
+    model = CausalLM(hf, tok, metrics=build_metrics(table), eval_metrics=build_metrics(table))
     torch.manual_seed(0)
-    target = torch.randint(3, len(tok), (2, 7))
-    target[0, -1] = -100  # ignored position
-    logits = torch.randn(2, 7, len(tok))
-    metric = BitsPerByte(table)
-    metric.update(logits, target)
-    mask = target != -100
-    nats = torch.nn.functional.cross_entropy(logits[mask], target[mask], reduction="sum")
-    assert math.isclose(metric.compute().item(), nats.item() / (math.log(2) * table[target[mask]].sum().item()),
-                        rel_tol=1e-5)
+    ids = torch.randint(3, len(tok), (3, 9))
+    with torch.no_grad():
+        logits = hf(input_ids=ids).logits[:, :-1]
+        targets = ids[:, 1:]
+        for outputs in (None, model.forward({"input_ids": ids, "labels": ids.clone()})):  # eval, then train
+            out = model.eval_forward({"input_ids": ids, "labels": ids.clone()}, outputs)
+            metrics = {type(m).__name__: m for m in build_metrics(table)}
+            for metric in metrics.values():
+                metric.update(out, model.labels)
+            nats = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+            n, n_bytes = targets.numel(), table[targets].sum().item()
+            assert math.isclose(metrics["CrossEntropy"].compute().item(), nats.item() / n, rel_tol=1e-5)
+            assert math.isclose(metrics["Perplexity"].compute().item(), math.exp(nats.item() / n), rel_tol=1e-5)
+            assert math.isclose(metrics["BitsPerByte"].compute().item(), nats.item() / (math.log(2) * n_bytes),
+                                rel_tol=1e-5)
+            accuracy = (logits.argmax(-1) == targets).float().mean().item()
+            assert math.isclose(metrics["Accuracy"].compute().item(), accuracy, rel_tol=1e-6)
 
 
 def test_flops_count_every_linear_weight_three_times_two():
