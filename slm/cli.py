@@ -93,6 +93,23 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
           f"{stats.tokens / stats.seconds:,.0f} tokens/s")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from slm.export import export_checkpoint
+
+    out = export_checkpoint(Path(args.checkpoint), Path(args.out_dir), args.overwrite)
+    print(f"exported {args.checkpoint} to {out}; load it with AutoModelForCausalLM.from_pretrained('{out}')")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from slm.generate import generate
+
+    if args.max_new_tokens < 1:
+        raise SlmError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    for i, text in enumerate(generate(args.model, args.prompt, args.max_new_tokens, args.temperature,
+                                      args.top_k or None, args.seed, args.num_samples)):
+        print(("\n" if i else "") + text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -133,6 +150,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bos-token", help="the tokenizer's beginning-of-sequence token, if it does not declare one")
     p.add_argument("--eos-token", help="the tokenizer's end-of-sequence token, if it does not declare one")
     p.set_defaults(run=cmd_tokenize)
+
+    p = sub.add_parser("export", parents=[common], help="export a checkpoint as a HuggingFace model folder",
+                       description="Write a save_pretrained folder (model, tokenizer, model card, slm-run.json) "
+                                   "from a checkpoint of slm/train.py, e.g. checkpoints/RUN/latest-rank0.pt.")
+    p.add_argument("checkpoint", help="checkpoint file (.pt) written by slm/train.py")
+    p.add_argument("-o", "--out-dir", required=True, help="folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out-dir")
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("generate", parents=[common], help="sample text from an exported model",
+                       description="Continue a prompt as the start of a new document, until <eos> or "
+                                   "--max-new-tokens.")
+    p.add_argument("model", help="folder written by `slm export` (or a Hub model id)")
+    p.add_argument("-p", "--prompt", default="Once upon a time", help="text to continue (default: %(default)s)")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=200, help="(default: %(default)s)")
+    p.add_argument("-t", "--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
+    p.add_argument("-k", "--top-k", type=int, default=50, help="0 = no top-k cut (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument("--num-samples", type=int, default=1, help="(default: %(default)s)")
+    p.set_defaults(run=cmd_generate)
     return parser
 
 

@@ -23,7 +23,7 @@ from composer.optim import CosineAnnealingWithWarmupScheduler
 from composer.utils import dist
 from omegaconf import DictConfig, OmegaConf
 
-from slm.checkpoints import KeepNewestPeriodic, early_batches, repair_latest, save_schedule
+from slm.checkpoints import KeepNewestPeriodic, RunInfo, early_batches, repair_latest, save_schedule
 from slm.config import load_config, save_config
 from slm.data import build_dataloader, check_compatible, split_metadata
 from slm.errors import SlmError
@@ -66,10 +66,11 @@ def build_trainer(cfg: DictConfig) -> Trainer:
     per_device = cfg.global_batch_size // world
 
     train_meta, eval_meta = split_metadata(cfg.data.train, "train"), split_metadata(cfg.data.eval, "eval")
-    tokenizer = load_tokenizer(cfg.tokenizer or train_meta["tokenizer"]["name"])
+    tokenizer_name = cfg.tokenizer or train_meta["tokenizer"]["name"]
+    tokenizer = load_tokenizer(tokenizer_name)
     if tokenizer_identity(tokenizer, "")["content_hash"] != train_meta["tokenizer"]["content_hash"]:
-        raise SlmError(f"tokenizer {cfg.tokenizer or train_meta['tokenizer']['name']} is not the one data.train "
-                       "was tokenized with (content hashes differ)")
+        raise SlmError(f"tokenizer {tokenizer_name} is not the one data.train was tokenized with "
+                       "(content hashes differ)")
     hf_model = build_hf_model(dict(cfg.model), cfg.seed)
     check_compatible(train_meta, eval_meta, hf_model.config.vocab_size,
                      getattr(hf_model.config, "max_position_embeddings", None))
@@ -107,7 +108,8 @@ def build_trainer(cfg: DictConfig) -> Trainer:
         schedulers=CosineAnnealingWithWarmupScheduler(t_warmup=times["scheduler.warmup"],
                                                       alpha_f=cfg.scheduler.alpha_f),
         algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=cfg.grad_clip)] if cfg.grad_clip else [],
-        callbacks=[SpeedMonitor(window_size=10), LRMonitor(), saver, KeepNewestPeriodic(folder, cfg.keep, early)],
+        callbacks=[SpeedMonitor(window_size=10), LRMonitor(), RunInfo(cfg, tokenizer_name), saver,
+                   KeepNewestPeriodic(folder, cfg.keep, early)],
         save_folder=str(folder),
         autoresume=True,
         spin_dataloaders=False,  # Streaming restores its own position

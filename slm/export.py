@@ -1,0 +1,99 @@
+"""Exporting a Composer checkpoint to a HuggingFace folder (`save_pretrained` + tokenizer + card).
+
+The checkpoint carries the run's resolved config and tokenizer location (the RunInfo callback),
+so the file alone is enough. The export loads with `AutoModelForCausalLM.from_pretrained(DIR)`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from slm.errors import SlmError
+from slm.model import build_hf_model, count_parameters
+from slm.outputs import refuse_to_clobber
+from slm.tokenizer import load_tokenizer
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The Composer state of a checkpoint file written by slm/train.py."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)["state"]
+    except FileNotFoundError:
+        raise SlmError(f"checkpoint not found: {path}") from None
+    except Exception as e:  # a torn or foreign file
+        raise SlmError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    if "RunInfo" not in state.get("callbacks", {}):
+        raise SlmError(f"{path} was not written by slm/train.py (it carries no run config)")
+    return state
+
+
+def model_from_checkpoint(state: dict) -> torch.nn.Module:
+    """The transformers model of a checkpoint, weights loaded."""
+    model = build_hf_model(state["callbacks"]["RunInfo"]["config"]["model"], seed=0)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state["model"].items()})
+    return model.eval()
+
+
+def _model_card(info: dict, state: dict, params: int, checkpoint: Path) -> str:
+    cfg = info["config"]
+    ts = state["timestamp"]["Timestamp"]
+    return f"""---
+library_name: transformers
+tags: [slm, {cfg['model']['class']}]
+---
+# {cfg['run_name']} at batch {ts['batch']}
+
+A {params:,}-parameter {cfg['model']['class']} trained with slm (MosaicML Composer + Streaming),
+exported from `{checkpoint.name}`.
+
+| | |
+|---|---|
+| architecture | {cfg['model']['class']} |
+| parameters (embeddings included) | {params:,} |
+| batches / samples / tokens seen | {ts['batch']:,} / {ts['sample']:,} / {ts['token']:,} |
+| data | {cfg['data']['train']['remote'] or cfg['data']['train']['local']} |
+| tokenizer | {info['tokenizer']} |
+| seed / data-order seed | {cfg['seed']} / {cfg['data']['shuffle_seed']} |
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER_OR_REPO")
+tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER_OR_REPO")
+```
+
+## Training config
+
+```yaml
+{OmegaConf.to_yaml(OmegaConf.create(cfg)).rstrip()}
+```
+"""
+
+
+def export_checkpoint(checkpoint: Path, out_dir: Path, overwrite: bool = False) -> Path:
+    """Write `out_dir` with the model, its tokenizer, a model card and slm-run.json."""
+    refuse_to_clobber(out_dir, overwrite)
+    state = read_checkpoint(checkpoint)
+    info = state["callbacks"]["RunInfo"]
+    model = model_from_checkpoint(state)
+    tokenizer = load_tokenizer(info["tokenizer"])
+    partial = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        (partial / "README.md").write_text(_model_card(info, state, count_parameters(model), checkpoint))
+        run = {"checkpoint": str(checkpoint), "timestamp": {k: v for k, v in state["timestamp"]["Timestamp"].items()
+                                                              if isinstance(v, int)}, **info}
+        (partial / "slm-run.json").write_text(json.dumps(run, indent=2) + "\n")
+    except OSError as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise SlmError(f"cannot write {out_dir}: {e.strerror or e}") from None
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # only reached with overwrite
+    partial.rename(out_dir)
+    return out_dir

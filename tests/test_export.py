@@ -1,0 +1,58 @@
+"""Exporting a trained checkpoint to a HuggingFace folder, and generating from it."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from slm.export import model_from_checkpoint
+from slm.metrics import build_metrics, byte_lengths
+from slm.model import CausalLM, build_hf_model
+
+from conftest import final_state, run_slm, train, write_yaml
+
+
+@pytest.fixture(scope="module", params=["demo-llama.yaml", "demo-mamba.yaml"])
+def exported(request, tmp_path_factory, shards):
+    root = tmp_path_factory.mktemp("export")
+    config = write_yaml(root / "run.yaml", shards, base=request.param)
+    train(config, "run_name=exp", "max_duration=4ba", "eval_interval=4ba")
+    run_slm("export", str(root / "ckpt" / "exp" / "latest-rank0.pt"), "-o", str(root / "hf"))
+    return root
+
+
+def test_exported_logits_equal_the_composer_models(exported, tokenizer_dir):
+    state = final_state(exported / "ckpt" / "exp")
+    info = state["callbacks"]["RunInfo"]
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    composer_model = CausalLM(build_hf_model(info["config"]["model"], seed=123), tok,
+                              metrics=build_metrics(byte_lengths(tok)))
+    composer_model.load_state_dict(state["model"])  # the Composer module's own state dict
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exported / "hf").eval()
+    ids = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        composer_logits = composer_model.eval().forward({"input_ids": ids})["logits"]
+        assert torch.equal(hf(input_ids=ids).logits, composer_logits)
+        assert torch.equal(model_from_checkpoint(state)(input_ids=ids).logits, composer_logits)
+
+
+def test_export_folder_is_self_contained(exported):
+    folder = exported / "hf"
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    assert (tok.bos_token_id, tok.eos_token_id) == (0, 1)
+    run = json.loads((folder / "slm-run.json").read_text())
+    assert run["timestamp"]["batch"] == 4 and run["config"]["run_name"] == "exp"
+    card = (folder / "README.md").read_text()
+    assert "exp at batch 4" in card and "parameters (embeddings included)" in card
+    pipe = transformers.pipeline("text-generation", model=str(folder), tokenizer=str(folder))
+    assert pipe("Once upon a time", max_new_tokens=5, do_sample=False)[0]["generated_text"].startswith("Once")
+
+
+def test_generate_is_seeded_and_refuses_to_clobber(exported):
+    folder = str(exported / "hf")
+    a = run_slm("generate", folder, "-p", "One day", "-n", "20", "--seed", "3").stdout
+    b = run_slm("generate", folder, "-p", "One day", "-n", "20", "--seed", "3").stdout
+    assert a == b and a.startswith("One day")
+    again = run_slm("export", str(exported / "ckpt" / "exp" / "latest-rank0.pt"), "-o", folder, check=False)
+    assert again.returncode == 1 and "already exists; pass --overwrite" in again.stderr
