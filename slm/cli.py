@@ -110,6 +110,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(("\n" if i else "") + text)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from slm.evaluate import evaluate
+
+    if args.batch_size < 1:
+        raise SlmError(f"--batch-size must be at least 1, got {args.batch_size}")
+    print(json.dumps(evaluate(Path(args.model), Path(args.data), args.batch_size, args.max_batches), indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -170,6 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     p.add_argument("--num-samples", type=int, default=1, help="(default: %(default)s)")
     p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("eval", parents=[common], help="evaluate a model on MDS shards (metrics as JSON)",
+                       description="Cross-entropy (nats), perplexity, next-token accuracy and bits per byte of a "
+                                   "checkpoint or exported model on an MDS folder, printed as JSON.")
+    p.add_argument("model", help="checkpoint file of slm/train.py, or a folder written by `slm export`")
+    p.add_argument("-d", "--data", required=True, help="MDS folder written by `slm tokenize`")
+    p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
+    p.add_argument("--max-batches", type=int, help="stop after this many batches (default: the whole folder)")
+    p.set_defaults(run=cmd_eval)
     return parser
 
 

@@ -56,3 +56,33 @@ def test_generate_is_seeded_and_refuses_to_clobber(exported):
     assert a == b and a.startswith("One day")
     again = run_slm("export", str(exported / "ckpt" / "exp" / "latest-rank0.pt"), "-o", folder, check=False)
     assert again.returncode == 1 and "already exists; pass --overwrite" in again.stderr
+
+
+def test_eval_of_checkpoint_and_export_agree_with_a_direct_computation(exported, shards):
+    import numpy as np
+    from streaming import StreamingDataset
+
+    ckpt = exported / "ckpt" / "exp" / "latest-rank0.pt"
+    results = [json.loads(run_slm("eval", str(m), "-d", str(shards / "eval"), "--batch-size", "7").stdout)
+               for m in (ckpt, exported / "hf")]
+    assert {k: v for k, v in results[0].items() if k != "model"} == {k: v for k, v in results[1].items()
+                                                                     if k != "model"}
+    ds = StreamingDataset(local=str(shards / "eval"), shuffle=False, batch_size=1)
+    ids = torch.from_numpy(np.stack([ds[i]["tokens"] for i in range(len(ds))]).astype(np.int64))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exported / "hf").eval()
+    with torch.no_grad():
+        loss = hf(input_ids=ids, labels=ids).loss.item()
+    assert results[0]["samples"] == len(ds)
+    assert abs(results[0]["CrossEntropy"] - loss) < 1e-4
+    assert abs(results[0]["Perplexity"] - np.exp(loss)) < 1e-3 * np.exp(loss)
+    assert 0 < results[0]["Accuracy"] < 1 and 0 < results[0]["BitsPerByte"] < results[0]["CrossEntropy"]
+
+
+def test_eval_refuses_data_from_another_tokenizer(exported, tmp_path, corpus):
+    from slm.tokenizer import train_tokenizer
+
+    train_tokenizer([["a different tokenizer altogether"]], 300).save_pretrained(tmp_path / "tok")
+    run_slm("tokenize", "-i", str(corpus), "-f", "story", "-t", str(tmp_path / "tok"), "-l", "32",
+            "--out-dir", str(tmp_path / "mds"))
+    proc = run_slm("eval", str(exported / "hf"), "-d", str(tmp_path / "mds"), check=False)
+    assert proc.returncode == 1 and "not with the model's tokenizer" in proc.stderr
