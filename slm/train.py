@@ -27,6 +27,7 @@ from slm.checkpoints import KeepNewestPeriodic, RunInfo, early_batches, repair_l
 from slm.config import load_config, save_config
 from slm.data import build_dataloader, check_compatible, split_metadata
 from slm.errors import SlmError
+from slm.loggers import MetricsFile
 from slm.metrics import build_metrics, byte_lengths
 from slm.model import CausalLM, build_hf_model
 from slm.shm import clean_stale_shared_memory
@@ -110,6 +111,7 @@ def build_trainer(cfg: DictConfig) -> Trainer:
         algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=cfg.grad_clip)] if cfg.grad_clip else [],
         callbacks=[SpeedMonitor(window_size=10), LRMonitor(), RunInfo(cfg, tokenizer_name), saver,
                    KeepNewestPeriodic(folder, cfg.keep, early)],
+        loggers=[MetricsFile(folder / "metrics.jsonl")],
         save_folder=str(folder),
         autoresume=True,
         spin_dataloaders=False,  # Streaming restores its own position

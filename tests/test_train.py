@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -53,6 +54,10 @@ def wait_for(predicate, timeout: float = 120.0, interval: float = 0.005) -> None
         time.sleep(interval)
 
 
+def metric_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def newest_loadable(folder: Path) -> int:
     """The newest checkpoint torch.load can read (before the final run rewrites anything)."""
     for path in sorted(folder.glob("ep0-ba*-rank0.pt"), key=lambda p: -int(p.name.split("-ba")[1].split("-")[0])):
@@ -85,6 +90,10 @@ def test_sigkill_at_any_moment_then_resume_is_bitwise_equal(reference, tmp_path,
     last = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
     assert resumed_at(last) == expected > 0  # the newest complete checkpoint, not scratch
     assert_bitwise_equal(final_state(ref), final_state(folder))
+    rows, ref_rows = (metric_rows(f / "metrics.jsonl") for f in (folder, ref))
+    assert [r["batch"] for r in rows] == list(range(1, 17))  # every step once, none lost or doubled
+    assert [r["loss/train/total"] for r in rows] == [r["loss/train/total"] for r in ref_rows]
+    assert [b for b, r in enumerate(rows, 1) if "metrics/eval/CrossEntropy" in r] == [8, 16]
 
 
 @pytest.mark.parametrize("torn", ["truncated file", "missing symlink"])
