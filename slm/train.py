@@ -27,7 +27,7 @@ from slm.checkpoints import KeepNewestPeriodic, RunInfo, early_batches, repair_l
 from slm.config import load_config, save_config
 from slm.data import build_dataloader, check_compatible, split_metadata
 from slm.errors import SlmError
-from slm.loggers import MetricsFile
+from slm.loggers import MetricsFile, WriteMetricsRow
 from slm.metrics import build_metrics, byte_lengths
 from slm.model import CausalLM, build_hf_model
 from slm.shm import clean_stale_shared_memory
@@ -92,6 +92,7 @@ def build_trainer(cfg: DictConfig) -> Trainer:
     saver = CheckpointSaver(folder=str(folder), filename="ep{epoch}-ba{batch}-rank{rank}.pt",
                             latest_filename="latest-rank{rank}.pt", save_interval=save_schedule(
                                 cfg.save_interval, early), overwrite=True)
+    metrics = MetricsFile(folder / "metrics.jsonl")
     interactive = sys.stderr.isatty()
     return Trainer(
         model=model,
@@ -109,9 +110,9 @@ def build_trainer(cfg: DictConfig) -> Trainer:
         schedulers=CosineAnnealingWithWarmupScheduler(t_warmup=times["scheduler.warmup"],
                                                       alpha_f=cfg.scheduler.alpha_f),
         algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=cfg.grad_clip)] if cfg.grad_clip else [],
-        callbacks=[SpeedMonitor(window_size=10), LRMonitor(), RunInfo(cfg, tokenizer_name), saver,
-                   KeepNewestPeriodic(folder, cfg.keep, early)],
-        loggers=[MetricsFile(folder / "metrics.jsonl")],
+        callbacks=[SpeedMonitor(window_size=10), LRMonitor(), RunInfo(cfg, tokenizer_name), WriteMetricsRow(metrics),
+                   saver, KeepNewestPeriodic(folder, cfg.keep, early)],
+        loggers=[metrics],
         save_folder=str(folder),
         autoresume=True,
         spin_dataloaders=False,  # Streaming restores its own position

@@ -197,3 +197,28 @@ def test_a_100k_model_learns_the_corpus_well_below_unigram_entropy(tmp_path, tok
         eval_loss = model(input_ids=batch, labels=batch).loss.item()
     print(f"eval loss {eval_loss:.3f} nats vs unigram entropy {unigram_entropy:.3f}")
     assert eval_loss < unigram_entropy - 1.5, (eval_loss, unigram_entropy)
+
+
+def test_a_checkpoint_never_holds_a_batch_missing_from_metrics_jsonl(tmp_path, shards):
+    """Composer runs plain callbacks before loggers: the row must be written before the saver runs."""
+    from composer.core import Callback
+
+    from slm.config import load_config
+    from slm.train import build_trainer
+
+    folder = tmp_path / "ckpt" / "order"
+    seen = []
+
+    class Spy(Callback):  # placed right after the CheckpointSaver: sees each checkpoint the moment it exists
+        def batch_checkpoint(self, state, logger):
+            batch = int(state.timestamp.batch)
+            if (folder / f"ep0-ba{batch}-rank0.pt").exists():
+                seen.append((batch, batch in [r["batch"] for r in metric_rows(folder / "metrics.jsonl")]))
+
+    config = write_yaml(tmp_path / "tiny.yaml", shards)
+    trainer = build_trainer(load_config(config, ["run_name=order", "max_duration=8ba"]))
+    callbacks = trainer.state.callbacks
+    callbacks.insert(next(i for i, cb in enumerate(callbacks) if type(cb).__name__ == "CheckpointSaver") + 1, Spy())
+    trainer.fit()
+    trainer.close()
+    assert seen == [(1, True), (2, True), (4, True), (8, True)]
