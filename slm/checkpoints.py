@@ -84,7 +84,7 @@ class KeepNewestPeriodic(Callback):
     def __init__(self, folder: Path, keep: int, early: set[int]):
         self.folder, self.keep, self.early = folder, keep, early
 
-    def _prune(self, state: State) -> None:
+    def _prune(self) -> None:
         if self.keep < 0 or dist.get_global_rank() != 0:
             return
         latest = (self.folder / LATEST).resolve()
@@ -95,10 +95,10 @@ class KeepNewestPeriodic(Callback):
                 found[batch].unlink(missing_ok=True)
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
-        self._prune(state)
+        self._prune()
 
     def epoch_checkpoint(self, state: State, logger: Logger) -> None:
-        self._prune(state)
+        self._prune()
 
 
 class RunInfo(Callback):

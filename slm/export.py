@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from slm.errors import SlmError
 from slm.model import build_hf_model, count_parameters
-from slm.outputs import refuse_to_clobber
+from slm.outputs import move_into_place, refuse_to_clobber
 from slm.tokenizer import load_tokenizer
 
 
@@ -93,7 +93,5 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, overwrite: bool = False) 
     except OSError as e:
         shutil.rmtree(partial, ignore_errors=True)
         raise SlmError(f"cannot write {out_dir}: {e.strerror or e}") from None
-    if out_dir.exists():
-        shutil.rmtree(out_dir)  # only reached with overwrite
-    partial.rename(out_dir)
+    move_into_place(partial, out_dir)
     return out_dir

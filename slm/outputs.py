@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from slm.errors import SlmError
@@ -13,3 +14,13 @@ def refuse_to_clobber(path: Path | None, overwrite: bool) -> None:
         return
     if path.is_file() or any(path.iterdir()):
         raise SlmError(f"{path} already exists; pass --overwrite to replace it")
+
+
+def move_into_place(partial: Path, out_dir: Path) -> None:
+    """Swap a finished folder in; an old one (only there with --overwrite) is removed last."""
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if out_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+    partial.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)

@@ -25,7 +25,7 @@ from streaming import MDSWriter
 from tqdm import tqdm
 
 from slm.errors import SlmError
-from slm.outputs import refuse_to_clobber
+from slm.outputs import move_into_place, refuse_to_clobber
 
 CHUNKING_RULE = "slm-v1"
 METADATA_FILE = "slm-dataset.json"
@@ -148,7 +148,7 @@ def write_shards(batches: Iterable[list[str]], tokenizer, identity: dict, seq_le
             shutil.rmtree(partial, ignore_errors=True)
         raise
     if out_dir is not None:
-        _move_into_place(partial, out_dir)
+        move_into_place(partial, out_dir)
     return stats
 
 
@@ -165,16 +165,6 @@ def _write_metadata(folder: Path, identity: dict, seq_len: int, dtype: np.dtype,
             "column": "tokens", "source": source,
             **{k: v for k, v in asdict(stats).items() if k != "seconds"}}
     (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def _move_into_place(partial: Path, out_dir: Path) -> None:
-    """Swap the finished folder in; an old one (only with --overwrite) goes last."""
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    if out_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-    partial.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_metadata(folder: Path) -> dict:
