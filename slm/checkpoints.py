@@ -20,7 +20,6 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from composer.utils import dist
 from composer.utils.misc import create_interval_scheduler
-from omegaconf import DictConfig, OmegaConf
 
 CHECKPOINT = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")
 LATEST = "latest-rank0.pt"
@@ -99,17 +98,3 @@ class KeepNewestPeriodic(Callback):
 
     def epoch_checkpoint(self, state: State, logger: Logger) -> None:
         self._prune()
-
-
-class RunInfo(Callback):
-    """Stores the resolved config and the tokenizer's location in every checkpoint
-    (`state["callbacks"]["RunInfo"]`), so `slm export` needs nothing but the checkpoint file."""
-
-    def __init__(self, cfg: DictConfig, tokenizer: str):
-        self.info = {"config": OmegaConf.to_container(cfg, resolve=True), "tokenizer": tokenizer}
-
-    def state_dict(self) -> dict:
-        return self.info
-
-    def load_state_dict(self, state: dict) -> None:
-        pass  # the config of the run being resumed wins over the one it was saved with

@@ -71,6 +71,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
+    from slm.hub import HF_URI, parse_hf_uri, push_folder
     from slm.shards import write_shards
     from slm.sources import iter_batches, load_documents
     from slm.tokenizer import load_tokenizer, tokenizer_identity
@@ -79,14 +80,22 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
         raise SlmError(f"--seq-len must be at least 2 (one <bos> plus one token), got {args.seq_len}")
     if not (args.out_dir or args.out_remote):
         raise SlmError("give --out-dir, --out-remote, or both")
+    # hf:// goes through slm's own Hub code (one commit, retries); other remotes through Streaming's uploaders.
+    to_hub = parse_hf_uri(args.out_remote) if (args.out_remote or "").startswith(HF_URI) else None
     out_dir = Path(args.out_dir) if args.out_dir else None
     refuse_to_clobber(out_dir, args.overwrite)
     tok = load_tokenizer(args.tokenizer, args.bos_token, args.eos_token)
     ds = load_documents(args.in_dataset, args.feature, args.split, args.txt_per_file)
     source = {"dataset": args.in_dataset, "feature": args.feature, "split": args.split}
-    stats = write_shards(iter_batches(ds, args.feature, args.batch_size), tok, tokenizer_identity(tok, args.tokenizer),
-                         args.seq_len, out_dir=out_dir, out_remote=args.out_remote, compression=args.compression,
-                         overwrite=args.overwrite, total_docs=len(ds), source=source)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = out_dir or (Path(tmp) / "shards" if to_hub else None)
+        stats = write_shards(iter_batches(ds, args.feature, args.batch_size), tok,
+                             tokenizer_identity(tok, args.tokenizer), args.seq_len, out_dir=local,
+                             out_remote=None if to_hub else args.out_remote, compression=args.compression,
+                             overwrite=args.overwrite, total_docs=len(ds), source=source)
+        if to_hub:
+            repo_type, repo_id, path = to_hub
+            push_folder(local, repo_id, repo_type, f"MDS shards of {args.in_dataset} [{args.split}] by slm", path)
     where = " and ".join(filter(None, [str(out_dir) if out_dir else None, args.out_remote]))
     print(f"wrote {stats.samples:,} samples of {args.seq_len} tokens to {where}: {stats.documents:,} documents, "
           f"{stats.tokens:,} tokens ({stats.dropped_tail_tokens} dropped at the tail), "
@@ -95,9 +104,17 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from slm.export import export_checkpoint
+    from slm.hub import push_folder
 
-    out = export_checkpoint(Path(args.checkpoint), Path(args.out_dir), args.overwrite)
-    print(f"exported {args.checkpoint} to {out}; load it with AutoModelForCausalLM.from_pretrained('{out}')")
+    if not (args.out_dir or args.out_repo):
+        raise SlmError("give --out-dir, --out-repo, or both")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = export_checkpoint(Path(args.checkpoint), Path(args.out_dir or Path(tmp) / "export"), args.overwrite)
+        if args.out_repo:
+            push_folder(out, args.out_repo, message=f"HF export of {Path(args.checkpoint).name} by slm")
+    where = " and ".join(filter(None, [args.out_dir, f"hf://{args.out_repo}" if args.out_repo else None]))
+    print(f"exported {args.checkpoint} to {where}; load it with "
+          f"AutoModelForCausalLM.from_pretrained('{args.out_dir or args.out_repo}')")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -118,6 +135,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise SlmError(f"--batch-size must be at least 1, got {args.batch_size}")
     print(json.dumps(evaluate(Path(args.model), Path(args.data), args.batch_size, args.max_batches), indent=2))
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from slm.plot import plot_runs
+
+    out = plot_runs([Path(f) for f in args.run_dirs], Path(args.out))
+    print(f"plotted {len(args.run_dirs)} run(s) to {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write a save_pretrained folder (model, tokenizer, model card, slm-run.json) "
                                    "from a checkpoint of slm/train.py, e.g. checkpoints/RUN/latest-rank0.pt.")
     p.add_argument("checkpoint", help="checkpoint file (.pt) written by slm/train.py")
-    p.add_argument("-o", "--out-dir", required=True, help="folder to write")
+    p.add_argument("-o", "--out-dir", help="folder to write")
+    p.add_argument("--out-repo", help="Hub model repo to push the export to (created private if missing)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out-dir")
     p.set_defaults(run=cmd_export)
 
@@ -189,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
     p.add_argument("--max-batches", type=int, help="stop after this many batches (default: the whole folder)")
     p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("plot", parents=[common], help="draw loss, eval loss and lr curves of runs to a PNG",
+                       description="Overlay the curves of one or more runs (their save_folder, e.g. "
+                                   "checkpoints/llama-1m) and, for a suite, last eval loss against parameters.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folder holding metrics.jsonl and run.json")
+    p.add_argument("-o", "--out", default="curves.png", help="PNG file to write (default: curves.png)")
+    p.set_defaults(run=cmd_plot)
     return parser
 
 

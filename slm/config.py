@@ -54,6 +54,28 @@ class SchedulerConfig:
 
 
 @dataclass
+class HubConfig:
+    repo: str | None = None  # ORG/NAME model repo for checkpoints (created private if missing); None: local only
+    private: bool = True
+    export: bool = False  # also export every checkpoint in HF format to a branch named after it (ba400)
+    retries: int = 5  # attempts per Hub call on transient errors (connection, 429, 5xx)
+    retry_wait: float = 2.0  # seconds before the first retry; doubles each time
+
+
+@dataclass
+class WandbConfig:
+    project: str | None = None  # set it to log to W&B (WANDB_MODE=offline works)
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
 class TrainConfig:
     base: str | None = None  # parent yaml, consumed while loading
     run_name: str | None = None  # defaults to the yaml's stem; reuse it to resume
@@ -75,6 +97,8 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)  # `class` plus kwargs of the transformers config
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def _valid_keys(schema: DictConfig, dotted: str) -> list[str]:
@@ -157,6 +181,12 @@ def _check(cfg: DictConfig) -> None:
     mb = cfg.device_microbatch_size
     if not (mb is None or mb == "auto" or (isinstance(mb, int) and not isinstance(mb, bool) and mb > 0)):
         raise SlmError(f"config key 'device_microbatch_size' must be a positive integer or 'auto', got {mb!r}")
+    if cfg.hub.repo is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.hub.repo):
+        raise SlmError(f"config key 'hub.repo' = '{cfg.hub.repo}' is not a Hub repo id: use ORG/NAME")
+    if cfg.hub.export and cfg.hub.repo is None:
+        raise SlmError("config key 'hub.export' is true but 'hub.repo' is not set: name the repo to export to")
+    if cfg.hub.retries < 1:
+        raise SlmError(f"config key 'hub.retries' must be at least 1, got {cfg.hub.retries}")
     if cfg.keep == 0 or cfg.keep < -1:
         raise SlmError(f"config key 'keep' must be -1 (keep all) or a positive number, got {cfg.keep}")
 

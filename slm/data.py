@@ -29,11 +29,12 @@ def split_metadata(split: DictConfig, name: str) -> dict:
     """The split's `slm-dataset.json`, fetched from its remote when only the remote has it."""
     local = Path(split.local)
     if split.remote and not (local / "slm-dataset.json").exists():
-        from streaming.base.storage import download_file
+        from streaming.base.storage import CloudDownloader
 
         local.mkdir(parents=True, exist_ok=True)
         try:
-            download_file(f"{split.remote.rstrip('/')}/slm-dataset.json", str(local / "slm-dataset.json"), 60)
+            CloudDownloader.direct_download(f"{split.remote.rstrip('/')}/slm-dataset.json",
+                                            str(local / "slm-dataset.json"), 60)
         except Exception as e:
             raise SlmError(f"cannot fetch slm-dataset.json of data.{name} from {split.remote}: {e}") from None
     elif not (local / "index.json").exists():

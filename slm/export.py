@@ -39,9 +39,20 @@ def model_from_checkpoint(state: dict) -> torch.nn.Module:
     return model.eval()
 
 
+def _metrics_table(metrics: dict) -> str:
+    """The newest logged value of each train and eval metric (as of the checkpoint's batch)."""
+    rows = [f"| {key} | {value:.4g} |" for key, value in sorted(metrics.items())
+            if key.startswith(("loss/", "metrics/")) and isinstance(value, float)]
+    if not rows:
+        return "No metrics were logged before this checkpoint."
+    return "| metric (newest value) | |\n|---|---|\n" + "\n".join(rows)
+
+
 def _model_card(info: dict, state: dict, params: int, checkpoint: Path) -> str:
     cfg = info["config"]
     ts = state["timestamp"]["Timestamp"]
+    start = (info.get("starts") or [{}])[-1]
+    hardware = start.get("hardware", {})
     return f"""---
 library_name: transformers
 tags: [slm, {cfg['model']['class']}]
@@ -59,6 +70,13 @@ exported from `{checkpoint.name}`.
 | data | {cfg['data']['train']['remote'] or cfg['data']['train']['local']} |
 | tokenizer | {info['tokenizer']} |
 | seed / data-order seed | {cfg['seed']} / {cfg['data']['shuffle_seed']} |
+| slm commit | {start.get('git_commit')} |
+| trained on | {hardware.get('processes')} process(es); {hardware.get('gpu_count')} x {hardware.get('gpu')}; \
+{hardware.get('cpu')} |
+
+## Metrics
+
+{_metrics_table(info.get('metrics', {}))}
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer

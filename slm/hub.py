@@ -1,20 +1,153 @@
-"""Talking to the HuggingFace Hub: every call goes through one `HfApi` object (the test seam)."""
+"""Talking to the HuggingFace Hub: every call goes through one `HfApi` object (the test seam).
+
+`Hub` wraps the calls slm makes with one error policy: a missing repo, file or branch becomes
+`FileNotFoundError` (so Composer's autoresume falls through to "no checkpoint"); connection
+errors, 408, 429 and 5xx are retried with exponential backoff; anything else, or a transient
+error that outlasts the retries, is a `HubError` with one line naming what failed. The token
+comes from `HF_TOKEN` (read by `huggingface_hub` itself) and is masked in every message.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import requests
 from huggingface_hub import HfApi
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 
 from slm.errors import SlmError
 
+log = logging.getLogger(__name__)
+TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+HF_URI = "hf://"
+
+
+class HubError(SlmError):
+    """A Hub call failed for good."""
+
+
+def redact(text: str) -> str:
+    """`text` with the value of HF_TOKEN (and HUGGING_FACE_HUB_TOKEN) masked."""
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        token = os.environ.get(name)
+        if token:
+            text = text.replace(token, "***")
+    return text
+
+
+def _status(e: Exception) -> int | None:
+    response = getattr(e, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _is_transient(e: Exception) -> bool:
+    if isinstance(e, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
+        return False  # HF_HUB_OFFLINE is set: waiting will not help
+    if isinstance(e, (requests.ConnectionError, requests.Timeout)):
+        return True
+    return isinstance(e, HfHubHTTPError) and _status(e) in TRANSIENT_STATUS
+
+
+def _first_line(e: Exception) -> str:
+    return redact(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+
+
+def parse_hf_uri(uri: str) -> tuple[str, str, str]:
+    """hf://datasets/ORG/NAME/PATH (or hf://ORG/NAME/PATH for a model) -> (repo_type, repo_id, path)."""
+    parts = uri.removeprefix(HF_URI).strip("/").split("/")
+    repo_type = "model"
+    if parts and parts[0] in ("datasets", "models", "spaces"):
+        repo_type = parts.pop(0).removesuffix("s")
+    if not uri.startswith(HF_URI) or len(parts) < 2 or not all(parts[:2]):
+        raise SlmError(f"'{uri}' is not a Hub location: use hf://datasets/ORG/NAME[/PATH]")
+    return repo_type, "/".join(parts[:2]), "/".join(parts[2:])
+
+
+class Hub:
+    """The Hub calls slm makes, each retried on transient errors."""
+
+    def __init__(self, retries: int = 5, retry_wait: float = 2.0, api: HfApi | None = None):
+        self.retries, self.retry_wait = retries, retry_wait
+        self.api = api or HfApi()
+        self._created: set[tuple[str, str]] = set()
+
+    def call(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
+        for attempt in range(1, self.retries + 1):
+            try:
+                return fn(**kwargs)
+            except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
+                if isinstance(e, LocalEntryNotFoundError):
+                    raise HubError(f"{what} failed: the Hub is unreachable (HF_HUB_OFFLINE is set?)") from None
+                raise FileNotFoundError(f"{what}: not found on the Hub ({_first_line(e)})") from None
+            except (OSError, ValueError) as e:  # HfHubHTTPError and requests errors are OSErrors
+                if not _is_transient(e):
+                    raise HubError(f"{what} failed: {_first_line(e)}") from None
+                if attempt == self.retries:
+                    raise HubError(f"{what} failed after {attempt} attempts: {_first_line(e)}") from None
+                wait = self.retry_wait * 2 ** (attempt - 1)
+                log.warning("%s: %s; retrying in %.1f s (attempt %d of %d)", what, _first_line(e), wait,
+                            attempt + 1, self.retries)
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def ensure_repo(self, repo_id: str, repo_type: str = "model", private: bool = True) -> None:
+        """Create the repo (private by default) unless it exists; once per process."""
+        if (repo_id, repo_type) not in self._created:
+            self.call(f"creating the Hub repo {repo_id}", self.api.create_repo, repo_id=repo_id,
+                      repo_type=repo_type, private=private, exist_ok=True)
+            self._created.add((repo_id, repo_type))
+
+    def upload_file(self, path: Path, repo_id: str, path_in_repo: str, message: str,
+                    repo_type: str = "model") -> None:
+        self.call(f"upload of {path_in_repo} to the Hub repo {repo_id}", self.api.upload_file,
+                  path_or_fileobj=str(path), path_in_repo=path_in_repo, repo_id=repo_id, repo_type=repo_type,
+                  commit_message=message)
+
+    def download_file(self, repo_id: str, path_in_repo: str, destination: Path, repo_type: str = "model") -> None:
+        """Download one file to `destination` (complete or not at all)."""
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".download-") as tmp:
+            got = self.call(f"download of {path_in_repo} from the Hub repo {repo_id}", self.api.hf_hub_download,
+                            repo_id=repo_id, filename=path_in_repo, repo_type=repo_type, local_dir=tmp)
+            shutil.move(got, destination)
+
+    def list_files(self, repo_id: str, repo_type: str = "model") -> list[str]:
+        return self.call(f"listing the Hub repo {repo_id}", self.api.list_repo_files, repo_id=repo_id,
+                         repo_type=repo_type)
+
+    def branches(self, repo_id: str, repo_type: str = "model") -> set[str]:
+        refs = self.call(f"listing the branches of the Hub repo {repo_id}", self.api.list_repo_refs,
+                         repo_id=repo_id, repo_type=repo_type)
+        return {branch.name for branch in refs.branches}
+
+    def push_folder(self, folder: Path, repo_id: str, message: str, *, repo_type: str = "model",
+                    path_in_repo: str = "", branch: str | None = None, private: bool = True,
+                    delete_patterns: list[str] | None = None) -> None:
+        """Upload `folder` into the repo (created if missing), on `branch` (created from main) if given."""
+        self.ensure_repo(repo_id, repo_type, private)
+        if branch:
+            self.call(f"creating branch {branch} of the Hub repo {repo_id}", self.api.create_branch,
+                      repo_id=repo_id, branch=branch, repo_type=repo_type, exist_ok=True)
+        self.call(f"upload of {folder} to the Hub repo {repo_id}", self.api.upload_folder, folder_path=str(folder),
+                  repo_id=repo_id, repo_type=repo_type, path_in_repo=path_in_repo or None, revision=branch,
+                  commit_message=message, delete_patterns=delete_patterns)
+
 
 def push_folder(folder: Path, repo_id: str, repo_type: str = "model", message: str = "Upload with slm",
-                api: HfApi | None = None) -> None:
-    """Create `repo_id` (private) if missing and upload `folder` to it."""
-    api = api or HfApi()
-    try:
-        api.create_repo(repo_id, repo_type=repo_type, private=True, exist_ok=True)
-        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=repo_type, commit_message=message)
-    except (OSError, ValueError) as e:  # HfHubHTTPError and connection errors are OSErrors
-        raise SlmError(f"upload of {folder} to the Hub repo {repo_id} failed: {str(e).splitlines()[0]}") from None
+                path_in_repo: str = "") -> None:
+    """Create `repo_id` (private) if missing and upload `folder` to it, with the default retries."""
+    Hub().push_folder(folder, repo_id, message, repo_type=repo_type, path_in_repo=path_in_repo)

@@ -8,13 +8,16 @@ step exactly once.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 from pathlib import Path
 from typing import Any
 
-from composer.core import Callback, State
-from composer.loggers import Logger, LoggerDestination
+import tqdm.auto
+from composer.core import Callback, State, TimeUnit
+from composer.loggers import Logger, LoggerDestination, ProgressBarLogger, WandBLogger
 from composer.utils import dist
 
 
@@ -22,15 +25,18 @@ class MetricsFile(LoggerDestination):
     def __init__(self, path: Path):
         self.path = path
         self.row: dict[str, Any] = {}
+        self.latest: dict[str, Any] = {}  # the newest value of every metric so far (for model cards)
 
     def fit_start(self, state: State, logger: Logger) -> None:
         self.row = {}
         if dist.get_global_rank() != 0 or not self.path.exists():
             return
         resumed = int(state.timestamp.batch)
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["batch"] <= resumed]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [row for line in self.path.read_text().splitlines() if line.strip()
+                for row in [json.loads(line)] if row["batch"] <= resumed]
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        for row in kept:
+            self.latest.update(row)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         # Composer logs a batch's loss under the step before it and its lr under the step after,
@@ -46,6 +52,7 @@ class MetricsFile(LoggerDestination):
             row = {"batch": int(state.timestamp.batch), "tokens": int(state.timestamp.token), **self.row}
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            self.latest.update(row)
         self.row = {}
 
 
@@ -62,3 +69,55 @@ class WriteMetricsRow(Callback):
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
         self.metrics_file.write_row(state)
+
+
+class WandB(WandBLogger):
+    """Composer's W&B logger, minus checkpoint downloads: slm keeps checkpoints locally and on the Hub,
+    never as W&B artifacts, so autoresume must not ask the W&B API (a network call) for them."""
+
+    def download_file(self, remote_file_name: str, destination: str, overwrite: bool = False,
+                      progress_bar: bool = True) -> None:
+        raise NotImplementedError
+
+
+def wandb_run_id(run_name: str) -> str:
+    """The W&B run id of a run: its run_name (already limited to letters, digits and . _ + -), with a
+    hash past W&B's 64 characters, so the same run_name always continues the same W&B run."""
+    if len(run_name) <= 64:
+        return run_name
+    return f"{run_name[:55]}-{hashlib.sha1(run_name.encode()).hexdigest()[:8]}"
+
+
+class ResumableProgressBar(ProgressBarLogger):
+    """Composer's progress bar, right after autoresume.
+
+    Composer builds the train bar at EPOCH_START, which a run resumed mid-epoch never sees (it
+    showed no train bar at all), and counts a new bar from zero. This one is built at fit start
+    at the resumed position out of the total, with its rate measured from there. The bar's
+    state is not checkpointed: it is rebuilt from the timestamp, whatever the total is now.
+    """
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        super().fit_start(state, logger)
+        if self.show_pbar and self.train_pbar is None:
+            self.train_pbar = self._build_pbar(state, is_train=True)
+
+    def _build_pbar(self, state: State, is_train: bool):
+        if not is_train:
+            return super()._build_pbar(state, is_train)
+        by_epoch = state.max_duration is None or state.max_duration.unit == TimeUnit.EPOCH
+        done = int(state.timestamp.batch_in_epoch if by_epoch else state.timestamp.get(state.max_duration.unit))
+        # Composer's _ProgressBar calls tqdm.auto.tqdm without `initial`; give it one for this call, so not
+        # even the first frame counts from zero.
+        plain = tqdm.auto.tqdm
+        tqdm.auto.tqdm = functools.partial(plain, initial=done)
+        try:
+            return super()._build_pbar(state, is_train)
+        finally:
+            tqdm.auto.tqdm = plain
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

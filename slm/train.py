@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,15 +24,22 @@ from composer.optim import CosineAnnealingWithWarmupScheduler
 from composer.utils import dist
 from omegaconf import DictConfig, OmegaConf
 
-from slm.checkpoints import KeepNewestPeriodic, RunInfo, early_batches, repair_latest, save_schedule
+from slm.checkpoints import KeepNewestPeriodic, early_batches, repair_latest, save_schedule
 from slm.config import load_config, save_config
 from slm.data import build_dataloader, check_compatible, split_metadata
 from slm.errors import SlmError
-from slm.loggers import MetricsFile, WriteMetricsRow
+from slm.hub import Hub
+from slm.hub_store import REMOTE_FOLDER, ExportToHub, HubCheckpoints
+from slm.loggers import MetricsFile, ResumableProgressBar, WandB, WriteMetricsRow, wandb_run_id
 from slm.metrics import build_metrics, byte_lengths
-from slm.model import CausalLM, build_hf_model
+from slm.model import CausalLM, build_hf_model, count_parameters
+from slm.runinfo import RunInfo
 from slm.shm import clean_stale_shared_memory
 from slm.tokenizer import load_tokenizer, tokenizer_identity
+
+# Composer's warnings about passing a ProgressBarLogger ourselves and about it not being in old checkpoints.
+warnings.filterwarnings("ignore", message="Specifying the ProgressBarLogger via `loggers`")
+warnings.filterwarnings("ignore", message="ResumableProgressBar is not in the state_dict")
 
 TIME_KEYS = ("max_duration", "save_interval", "eval_interval", "log_interval", "scheduler.warmup")
 
@@ -51,6 +59,22 @@ def _optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.Optimizer
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def _publishing(cfg: DictConfig, folder: Path) -> tuple[list, list]:
+    """(loggers, callbacks to place after the CheckpointSaver) for the Hub and W&B settings."""
+    loggers, callbacks = [], []
+    if cfg.hub.repo:
+        hub = Hub(cfg.hub.retries, cfg.hub.retry_wait)
+        loggers.append(HubCheckpoints(hub, cfg.hub.repo, folder, cfg.hub.private))
+        if cfg.hub.export:
+            callbacks.append(ExportToHub(hub, cfg.hub.repo, folder, cfg.hub.private))
+    w = cfg.logging.wandb
+    if w.project:
+        loggers.append(WandB(project=w.project, entity=w.entity, group=w.group, tags=list(w.tags) or None,
+                             init_kwargs={"id": wandb_run_id(cfg.run_name), "resume": "allow", "dir": str(folder),
+                                          "config": OmegaConf.to_container(cfg, resolve=True)}))
+    return loggers, callbacks
 
 
 def build_trainer(cfg: DictConfig) -> Trainer:
@@ -89,10 +113,15 @@ def build_trainer(cfg: DictConfig) -> Trainer:
 
     train_data = build_dataloader(cfg.data.train, cfg.data, per_device, train=True)
     eval_data = build_dataloader(cfg.data.eval, cfg.data, per_device, train=False)
+    publish_loggers, publish_callbacks = _publishing(cfg, folder)
+    # Composer hands each checkpoint to every logger's upload_file under the remote names (a no-op without hub.repo).
     saver = CheckpointSaver(folder=str(folder), filename="ep{epoch}-ba{batch}-rank{rank}.pt",
                             latest_filename="latest-rank{rank}.pt", save_interval=save_schedule(
-                                cfg.save_interval, early), overwrite=True)
+                                cfg.save_interval, early), overwrite=True,
+                            remote_file_name=f"{REMOTE_FOLDER}/ep{{epoch}}-ba{{batch}}-rank{{rank}}.pt",
+                            latest_remote_file_name=f"{REMOTE_FOLDER}/latest-rank{{rank}}.pt")
     metrics = MetricsFile(folder / "metrics.jsonl")
+    run_info = RunInfo(cfg, tokenizer_name, count_parameters(hf_model), folder, metrics)
     interactive = sys.stderr.isatty()
     return Trainer(
         model=model,
@@ -110,13 +139,13 @@ def build_trainer(cfg: DictConfig) -> Trainer:
         schedulers=CosineAnnealingWithWarmupScheduler(t_warmup=times["scheduler.warmup"],
                                                       alpha_f=cfg.scheduler.alpha_f),
         algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=cfg.grad_clip)] if cfg.grad_clip else [],
-        callbacks=[SpeedMonitor(window_size=10), LRMonitor(), RunInfo(cfg, tokenizer_name), WriteMetricsRow(metrics),
-                   saver, KeepNewestPeriodic(folder, cfg.keep, early)],
-        loggers=[metrics],
+        callbacks=[SpeedMonitor(window_size=10), LRMonitor(), run_info, WriteMetricsRow(metrics), saver,
+                   *publish_callbacks, KeepNewestPeriodic(folder, cfg.keep, early)],
+        loggers=[metrics, *publish_loggers, *([ResumableProgressBar()] if interactive else [])],
         save_folder=str(folder),
         autoresume=True,
         spin_dataloaders=False,  # Streaming restores its own position
-        progress_bar=interactive,
+        progress_bar=False,  # the ResumableProgressBar logger instead, when interactive
         log_to_console=not interactive,
         console_log_interval=times["log_interval"],
         deterministic_mode=not gpu,

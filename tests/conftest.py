@@ -51,6 +51,24 @@ def run_slm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 REPO = Path(__file__).resolve().parent.parent
+HUB_DOUBLE = Path(__file__).resolve().parent / "hub_double"
+
+
+@pytest.fixture
+def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The folder-backed HfApi double, in this process and in every subprocess the test starts."""
+    sys.path.insert(0, str(HUB_DOUBLE))
+    from folder_hub import FolderHfApi
+
+    import slm.hub
+
+    sys.path.remove(str(HUB_DOUBLE))
+    root = tmp_path / "hub"
+    api = FolderHfApi(root)
+    monkeypatch.setattr(slm.hub, "HfApi", lambda *args, **kwargs: api)
+    monkeypatch.setenv("SLM_TEST_HUB_ROOT", str(root))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(HUB_DOUBLE), os.environ.get("PYTHONPATH")])))
+    return api
 
 
 @pytest.fixture(scope="session")

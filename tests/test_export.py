@@ -43,8 +43,13 @@ def test_export_folder_is_self_contained(exported):
     assert (tok.bos_token_id, tok.eos_token_id) == (0, 1)
     run = json.loads((folder / "slm-run.json").read_text())
     assert run["timestamp"]["batch"] == 4 and run["config"]["run_name"] == "exp"
+    assert run["starts"][0]["versions"]["mosaicml"] == "0.32.1" and run["starts"][0]["git_commit"]
+    rows = [json.loads(line) for line in (exported / "ckpt" / "exp" / "metrics.jsonl").read_text().splitlines()]
+    assert run["metrics"]["metrics/eval/CrossEntropy"] == rows[-1]["metrics/eval/CrossEntropy"]
     card = (folder / "README.md").read_text()
     assert "exp at batch 4" in card and "parameters (embeddings included)" in card
+    assert f"| metrics/eval/CrossEntropy | {rows[-1]['metrics/eval/CrossEntropy']:.4g} |" in card
+    assert f"| slm commit | {run['starts'][0]['git_commit']} |" in card
     pipe = transformers.pipeline("text-generation", model=str(folder), tokenizer=str(folder))
     assert pipe("Once upon a time", max_new_tokens=5, do_sample=False)[0]["generated_text"].startswith("Once")
 

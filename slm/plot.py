@@ -1,0 +1,97 @@
+"""`slm plot`: the curves of one or more runs, read from their `metrics.jsonl` and `run.json`, as one PNG.
+
+Four panels: train loss and eval loss against tokens seen (log tokens), the learning rate, and, for
+a suite, the last eval loss of each run against its parameter count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slm.errors import SlmError
+
+TRAIN_LOSS, EVAL_LOSS, LR = "loss/train/total", "metrics/eval/CrossEntropy", "lr-AdamW/group0"
+
+
+@dataclass
+class Run:
+    name: str
+    rows: list[dict]
+    parameters: int | None = None
+    info: dict = field(default_factory=dict)
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        points = [(row["tokens"], row[key]) for row in self.rows if isinstance(row.get(key), float)]
+        return [t for t, _ in points], [v for _, v in points]
+
+
+def read_run(folder: Path) -> Run:
+    """A run folder of slm/train.py (checkpoints/RUN_NAME): its metrics and parameter count."""
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        raise SlmError(f"{folder} has no metrics.jsonl: give the run folder of slm/train.py (its save_folder, "
+                       "e.g. checkpoints/RUN_NAME)")
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        info = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
+    except json.JSONDecodeError as e:
+        raise SlmError(f"{folder}: a metrics or run file is not valid JSON ({e})") from None
+    if not rows:
+        raise SlmError(f"{path} is empty: the run has not logged a batch yet")
+    return Run(info.get("run_name", folder.name), rows, info.get("parameters"), info)
+
+
+def _label(run: Run) -> str:
+    return f"{run.name} ({run.parameters / 1e6:.3g}M)" if run.parameters else run.name
+
+
+def plot_runs(folders: list[Path], out: Path) -> Path:
+    """Draw the runs' curves, overlaid, into the PNG `out` (written whole or not at all)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [read_run(Path(f)) for f in folders]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    panels = [(axes[0, 0], TRAIN_LOSS, "train loss", True), (axes[0, 1], EVAL_LOSS, "eval loss", True),
+              (axes[1, 0], LR, "learning rate", False)]
+    for ax, key, title, log in panels:
+        for run in runs:
+            tokens, values = run.series(key)
+            ax.plot(tokens, values, marker="o" if len(tokens) < 20 else None, markersize=3, label=_label(run))
+        ax.set(title=title, xlabel="tokens seen", ylabel=title)
+        if log:
+            ax.set(xscale="log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0, 0].legend(fontsize="small")
+
+    ax = axes[1, 1]
+    suite = sorted((run.parameters, run.series(EVAL_LOSS)[1][-1], run.name) for run in runs
+                   if run.parameters and run.series(EVAL_LOSS)[1])
+    if len(suite) >= 2:
+        ax.plot([p for p, _, _ in suite], [loss for _, loss, _ in suite], marker="o")
+        for params, loss, name in suite:
+            ax.annotate(name, (params, loss), fontsize="small", textcoords="offset points", xytext=(4, 4))
+        ax.set(xscale="log")
+        ax.grid(True, which="both", alpha=0.3)
+    else:
+        ax.text(0.5, 0.5, "loss vs parameters:\ngive two or more runs that have evaluated", ha="center",
+                va="center", transform=ax.transAxes)
+    ax.set(title="last eval loss vs parameters", xlabel="parameters (embeddings included)", ylabel="eval loss")
+
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial.png")
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SlmError(f"cannot write {out}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
+    return out

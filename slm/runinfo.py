@@ -1,0 +1,92 @@
+"""What a run is and where it ran: config, tokenizer, package versions, hardware, git commit, starts.
+
+The `RunInfo` callback keeps this in every checkpoint (`state["callbacks"]["RunInfo"]`), so
+`slm export` needs nothing but the checkpoint file, and writes it to `run.json` in the run
+folder each time the run starts or resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import dist
+from omegaconf import DictConfig, OmegaConf
+
+from slm.loggers import MetricsFile
+
+PACKAGES = ("slm", "torch", "mosaicml", "mosaicml-streaming", "transformers", "tokenizers", "datasets",
+            "huggingface-hub", "wandb", "mambapy", "mamba-ssm")
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str | None:
+    """The project's commit (with `-dirty` if files differ from it), or None outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(PROJECT), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """Package versions, hardware and the project's git commit."""
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"versions": versions, "git_commit": git_commit(), "host": socket.gethostname(),
+            "hardware": {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "gpu": gpus[0] if gpus else None,
+                         "gpu_count": len(gpus), "processes": dist.get_world_size()}}
+
+
+class RunInfo(Callback):
+    """Run metadata in every checkpoint and in `run.json`; each start or resume appends to `starts`."""
+
+    def __init__(self, cfg: DictConfig, tokenizer: str, parameters: int, folder: Path, metrics: MetricsFile):
+        self.folder, self.metrics = folder, metrics
+        self.info: dict[str, Any] = {"run_name": cfg.run_name, "config": OmegaConf.to_container(cfg, resolve=True),
+                                     "tokenizer": tokenizer, "parameters": parameters, "starts": []}
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        start = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                 "batch": int(state.timestamp.batch), **environment()}
+        self.info["starts"] = [s for s in self.info["starts"] if s["batch"] < start["batch"]] + [start]
+        if dist.get_global_rank() == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = self.folder / ".run.json.tmp"
+            tmp.write_text(json.dumps(self.info, indent=2) + "\n")
+            tmp.replace(self.folder / "run.json")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.info, "metrics": dict(self.metrics.latest)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # The config of the run being resumed wins over the one it was saved with; its history is kept.
+        self.info["starts"] = state.get("starts", [])
