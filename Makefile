@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # The main job on the embedded corpus: stories -> tokenizer -> MDS shards -> train demo-llama and
-# demo-mamba (killed mid-run, then resumed with the same run_name) -> export demo-llama and sample
-# a story from it. Everything lands in $(DEMO)/.
+# demo-mamba (killed mid-run, then resumed with the same run_name) -> export demo-llama, evaluate it,
+# sample a story from it, and plot both runs' curves. Everything lands in $(DEMO)/.
 demo: export HF_HUB_OFFLINE = 1
 demo: $(STAMP)
 	rm -rf $(DEMO)/checkpoints
@@ -33,10 +33,13 @@ demo: $(STAMP)
 	-timeout -s KILL 45 $(BIN)/python slm/train.py yamls/demo-mamba.yaml
 	$(BIN)/python slm/train.py yamls/demo-mamba.yaml
 	$(BIN)/slm export $(DEMO)/checkpoints/demo-llama/latest-rank0.pt --out-dir $(DEMO)/hf/demo-llama --overwrite
+	@echo "== demo-llama on the validation shards =="
+	$(BIN)/slm eval $(DEMO)/hf/demo-llama --data $(DEMO)/mds/validation
 	@echo "== a story from demo-llama =="
 	@$(BIN)/slm generate $(DEMO)/hf/demo-llama --prompt "Once upon a time" --max-new-tokens 120 --seed 0
-	@echo "Shards: $(DEMO)/mds/{train,validation}. Checkpoints: $(DEMO)/checkpoints/demo-llama and" \
-		"$(DEMO)/checkpoints/demo-mamba (latest-rank0.pt is the last)."
+	$(BIN)/slm plot $(DEMO)/checkpoints/demo-llama $(DEMO)/checkpoints/demo-mamba --out $(DEMO)/curves.png
+	@echo "Shards: $(DEMO)/mds/{train,validation}. Checkpoints, metrics.jsonl and run.json:" \
+		"$(DEMO)/checkpoints/demo-{llama,mamba}. Export: $(DEMO)/hf/demo-llama. Curves: $(DEMO)/curves.png."
 
 lint: $(STAMP)
 	$(BIN)/ruff check slm tests bench

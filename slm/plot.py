@@ -70,13 +70,19 @@ def plot_runs(folders: list[Path], out: Path) -> Path:
     axes[0, 0].legend(fontsize="small")
 
     ax = axes[1, 1]
-    suite = sorted((run.parameters, run.series(EVAL_LOSS)[1][-1], run.name) for run in runs
-                   if run.parameters and run.series(EVAL_LOSS)[1])
-    if len(suite) >= 2:
-        ax.plot([p for p, _, _ in suite], [loss for _, loss, _ in suite], marker="o")
-        for params, loss, name in suite:
-            ax.annotate(name, (params, loss), fontsize="small", textcoords="offset points", xytext=(4, 4))
+    families: dict[str, list[tuple[int, float, str]]] = {}  # one line per architecture
+    for run in runs:
+        if run.parameters and run.series(EVAL_LOSS)[1]:
+            family = run.info.get("config", {}).get("model", {}).get("class", "?")
+            families.setdefault(family, []).append((run.parameters, run.series(EVAL_LOSS)[1][-1], run.name))
+    if sum(map(len, families.values())) >= 2:
+        for family, points in sorted(families.items()):
+            points.sort()
+            ax.plot([p for p, _, _ in points], [loss for _, loss, _ in points], marker="o", label=family)
+            for params, loss, name in points:
+                ax.annotate(name, (params, loss), fontsize="small", textcoords="offset points", xytext=(4, 4))
         ax.set(xscale="log")
+        ax.legend(fontsize="small")
         ax.grid(True, which="both", alpha=0.3)
     else:
         ax.text(0.5, 0.5, "loss vs parameters:\ngive two or more runs that have evaluated", ha="center",

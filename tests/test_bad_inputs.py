@@ -72,6 +72,13 @@ CASES = {
                       "Unknown split"),
     "Hub id while offline": ([*TOK, "-i", "someone/no-such-dataset", "--out-dir", "{ws}/o"],
                              "cannot load 'someone/no-such-dataset' (HF_HUB_OFFLINE is set)"),
+    "out-remote not a Hub location": ([*TOK, "-i", "{ws}/stories.jsonl", "--out-remote", "hf://datasets/only-org"],
+                                      "'hf://datasets/only-org' is not a Hub location: use hf://datasets/ORG/NAME"),
+    "plot of a folder without metrics": (["plot", "{ws}/existing", "--out", "{ws}/o.png"],
+                                         "{ws}/existing has no metrics.jsonl"),
+    "export of a file that is no checkpoint": (["export", "{ws}/stories.jsonl", "--out-dir", "{ws}/o"],
+                                               "cannot read checkpoint {ws}/stories.jsonl"),
+    "export with nowhere to write": (["export", "{ws}/stories.jsonl"], "give --out-dir, --out-repo, or both"),
 }
 
 
@@ -118,6 +125,12 @@ TRAIN_CASES = {
     "unsafe run_name": (["run_name=../up"], "run_name '../up' is not a safe folder name"),
     "auto microbatch on CPU": (["device_microbatch_size=auto"], "device_microbatch_size=auto needs a GPU"),
     "tokenizer not the data's": (["tokenizer={ws}/other_tok"], "is not the one data.train was tokenized with"),
+    "hub.repo not a repo id": (["hub.repo=just-a-name"], "config key 'hub.repo' = 'just-a-name' is not a Hub repo id"),
+    "hub.export without hub.repo": (["hub.export=true"], "'hub.export' is true but 'hub.repo' is not set"),
+    "hub.retries below 1": (["hub.repo=me/x", "hub.retries=0"], "config key 'hub.retries' must be at least 1"),
+    "unknown logging key": (["logging.wandb.projekt=x"], "unknown config key 'logging.wandb.projekt' in the command "
+                                                         "line (logging.wandb.projekt=x); did you mean "
+                                                         "'logging.wandb.project'?"),
 }
 
 
