@@ -42,7 +42,7 @@ demo: $(STAMP)
 		"$(DEMO)/checkpoints/demo-{llama,mamba}. Export: $(DEMO)/hf/demo-llama. Curves: $(DEMO)/curves.png."
 
 lint: $(STAMP)
-	$(BIN)/ruff check slm tests bench
+	$(BIN)/ruff check slm tests bench clean_shared_memory.py
 
 test: lint
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q

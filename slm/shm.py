@@ -30,22 +30,35 @@ def _prefixes_in_use() -> set[str]:
     return used
 
 
-def clean_stale_shared_memory() -> list[str]:
-    """Unlink this user's Streaming blocks and filelocks that no living process maps; returns their names."""
+def _stale_paths() -> list[Path]:
+    """This user's Streaming blocks and filelocks that no living process maps."""
     if not SHM.is_dir():  # not Linux: nothing we can inspect safely
         return []
     in_use = _prefixes_in_use()
-    removed = []
+    stale = []
     for folder in (SHM, Path(tempfile.gettempdir())):
         for path in folder.iterdir():
             match = STREAMING_BLOCK.match(path.name)
-            if not match or match.group(1) in in_use:
-                continue
             try:
-                if path.stat().st_uid != os.getuid():
-                    continue
-                path.unlink()
-                removed.append(path.name)
-            except OSError:
+                if match and match.group(1) not in in_use and path.stat().st_uid == os.getuid():
+                    stale.append(path)
+            except OSError:  # removed meanwhile
                 continue
+    return stale
+
+
+def stale_shared_memory() -> list[str]:
+    """The names `clean_stale_shared_memory` would remove now."""
+    return sorted(path.name for path in _stale_paths())
+
+
+def clean_stale_shared_memory() -> list[str]:
+    """Unlink this user's Streaming blocks and filelocks that no living process maps; returns their names."""
+    removed = []
+    for path in _stale_paths():
+        try:
+            path.unlink()
+            removed.append(path.name)
+        except OSError:
+            continue
     return sorted(removed)

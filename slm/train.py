@@ -41,6 +41,20 @@ from slm.tokenizer import load_tokenizer, tokenizer_identity
 warnings.filterwarnings("ignore", message="Specifying the ProgressBarLogger via `loggers`")
 warnings.filterwarnings("ignore", message="ResumableProgressBar is not in the state_dict")
 
+
+
+_composer_signal_file_name = dist.get_node_signal_file_name
+
+
+def _signal_file_per_node(rng=None) -> str:
+    """Composer's autoresume has each node's local rank 0 create and then remove a signal file whose name
+    rank 0 broadcasts, so it is the same on every node: with the run folder on a shared filesystem (as on
+    clusters) the second node's remove fails. Adding the node rank keeps each node's wait its own."""
+    return f"{_composer_signal_file_name(rng)}-node{dist.get_node_rank()}"
+
+
+dist.get_node_signal_file_name = _signal_file_per_node
+
 TIME_KEYS = ("max_duration", "save_interval", "eval_interval", "log_interval", "scheduler.warmup")
 
 

@@ -19,3 +19,25 @@ def test_removes_only_blocks_no_living_process_maps(tmp_path):
         alive.close()
         alive.unlink()
         unrelated.unlink(missing_ok=True)
+
+
+def test_the_top_level_script_spares_a_live_block(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    alive = shared_memory.SharedMemory(name="987652_locals", create=True, size=64)
+    stale = Path("/dev/shm/987651_barrier")
+    stale.write_bytes(b"\0" * 64)
+    try:
+        script = [sys.executable, str(REPO / "clean_shared_memory.py")]
+        dry = subprocess.run([*script, "--dry-run"], capture_output=True, text=True, cwd=tmp_path, check=True)
+        assert "987651_barrier" in dry.stdout and stale.exists()
+        done = subprocess.run(script, capture_output=True, text=True, cwd=tmp_path, check=True)
+        assert "removed" in done.stdout and "987651_barrier" in done.stdout and not stale.exists()
+        assert "987652_locals" not in done.stdout and Path("/dev/shm/987652_locals").exists()
+    finally:
+        alive.close()
+        alive.unlink()
+        stale.unlink(missing_ok=True)

@@ -1,0 +1,111 @@
+"""Starting Composer's launcher on every node with what the scheduler granted.
+
+    python -m slm.launch slm/train.py CONFIG.yaml [key=value ...]
+
+runs `composer -n NPROC --world_size W --node_rank R --master_addr HOST --master_port PORT ...`
+with the numbers taken from the environment: Slurm (`SLURM_*`, one launcher per node via
+`srun`), SGE (`$PE_HOSTFILE` of a parallel environment), or a single node. NPROC is the number
+of GPUs this node was given, or 1 on a CPU-only node. `--print` shows the command instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from slm.errors import SlmError
+
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class Launch:
+    nproc: int  # processes on this node
+    nodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+
+    def composer_args(self) -> list[str]:
+        return ["-n", str(self.nproc), "--world_size", str(self.nproc * self.nodes), "--node_rank",
+                str(self.node_rank), "--master_addr", self.master_addr, "--master_port", str(self.master_port)]
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """Slurm's compressed host list, e.g. 'gpu[01-03,07],cpu5' -> ['gpu01', 'gpu02', 'gpu03', 'gpu07', 'cpu5']."""
+    hosts = []
+    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", hostlist):
+        if plain:
+            hosts.append(plain)
+            continue
+        for part in ranges.split(","):
+            first, _, last = part.partition("-")
+            width = len(first)
+            hosts += [f"{prefix}{i:0{width}d}" for i in range(int(first), int(last or first) + 1)]
+    return hosts
+
+
+def _port(env: Mapping[str, str], job_id: str | None) -> int:
+    """MASTER_PORT if set; else one per job (jobs sharing a node must not share a port)."""
+    if env.get("MASTER_PORT"):
+        return int(env["MASTER_PORT"])
+    return DEFAULT_PORT + (int(job_id) % 10000 if job_id and job_id.isdigit() else 0)
+
+
+def gpus_on_this_node(env: Mapping[str, str]) -> int:
+    """GPUs the scheduler gave this node: CUDA_VISIBLE_DEVICES as the schedulers set it, else what torch sees."""
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def from_environment(env: Mapping[str, str], gpus: int, hostname: str) -> Launch:
+    """The launch of this node, from a Slurm or SGE job's environment (a single node otherwise)."""
+    nproc = max(gpus, 1)
+    if env.get("SLURM_JOB_ID") and int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1) > 1:
+        hosts = expand_hostlist(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "")
+        if not hosts:
+            raise SlmError("SLURM_JOB_NODELIST is empty: cannot tell the master node")
+        return Launch(nproc, len(hosts), int(env.get("SLURM_NODEID", 0)), env.get("MASTER_ADDR") or hosts[0],
+                      _port(env, env.get("SLURM_JOB_ID")))
+    if env.get("PE_HOSTFILE") and Path(env["PE_HOSTFILE"]).is_file():
+        hosts = [line.split()[0] for line in Path(env["PE_HOSTFILE"]).read_text().splitlines() if line.strip()]
+        if len(hosts) > 1:
+            short = [h.split(".")[0] for h in hosts]
+            if hostname.split(".")[0] not in short:
+                raise SlmError(f"this host ({hostname}) is not in $PE_HOSTFILE ({', '.join(hosts)})")
+            return Launch(nproc, len(hosts), short.index(hostname.split(".")[0]), env.get("MASTER_ADDR") or hosts[0],
+                          _port(env, env.get("JOB_ID")))
+    return Launch(nproc, 1, 0, env.get("MASTER_ADDR") or "127.0.0.1",
+                  _port(env, env.get("SLURM_JOB_ID") or env.get("JOB_ID")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    show = "--print" in args[:1]
+    args = args[1:] if show else args
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if args else 2
+    try:
+        launch = from_environment(os.environ, gpus_on_this_node(os.environ), socket.gethostname())
+    except SlmError as e:
+        print(f"slm launch: error: {e}", file=sys.stderr)
+        return 1
+    command = [str(Path(sys.executable).parent / "composer"), *launch.composer_args(), *args]
+    if show:
+        print(" ".join(command))
+        return 0
+    os.execv(command[0], command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

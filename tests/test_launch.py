@@ -1,0 +1,94 @@
+"""Multi-node launch: deriving Composer's launcher flags from the scheduler, and two launchers training one run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from slm.errors import SlmError
+from slm.launch import Launch, expand_hostlist, from_environment, gpus_on_this_node
+
+from conftest import REPO, final_state, resumed_at, train, write_yaml
+
+
+def test_expand_slurm_hostlists():
+    assert expand_hostlist("gpu[01-03,07],cpu5") == ["gpu01", "gpu02", "gpu03", "gpu07", "cpu5"]
+    assert expand_hostlist("node7") == ["node7"]
+    assert expand_hostlist("a[8-10]") == ["a8", "a9", "a10"]
+
+
+def test_slurm_multi_node():
+    env = {"SLURM_JOB_ID": "1234", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu[07-08]",
+           "SLURM_NODEID": "1"}
+    launch = from_environment(env, gpus=4, hostname="gpu08")
+    assert launch == Launch(nproc=4, nodes=2, node_rank=1, master_addr="gpu07", master_port=29500 + 1234)
+    assert launch.composer_args() == ["-n", "4", "--world_size", "8", "--node_rank", "1", "--master_addr", "gpu07",
+                                      "--master_port", "30734"]
+
+
+def test_sge_parallel_environment(tmp_path):
+    hostfile = tmp_path / "pe_hostfile"
+    hostfile.write_text("node1.cluster 1 all.q@node1.cluster UNDEFINED\n"
+                        "node2.cluster 1 all.q@node2.cluster UNDEFINED\n")
+    env = {"JOB_ID": "77", "PE_HOSTFILE": str(hostfile), "MASTER_PORT": "4000"}
+    assert from_environment(env, gpus=0, hostname="node2") == Launch(1, 2, 1, "node1.cluster", 4000)
+    with pytest.raises(SlmError, match="this host \\(node9\\) is not in \\$PE_HOSTFILE"):
+        from_environment(env, gpus=0, hostname="node9")
+
+
+def test_single_node_and_cpu_only():
+    assert from_environment({}, gpus=0, hostname="laptop") == Launch(1, 1, 0, "127.0.0.1", 29500)
+    assert from_environment({"SLURM_JOB_ID": "5", "SLURM_JOB_NUM_NODES": "1"}, gpus=2, hostname="n") == \
+        Launch(2, 1, 0, "127.0.0.1", 29505)
+    assert gpus_on_this_node({"CUDA_VISIBLE_DEVICES": "0,1"}) == 2
+    assert gpus_on_this_node({"CUDA_VISIBLE_DEVICES": ""}) == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def own_shared_memory(command: list[str]) -> list[str]:
+    """`command` with a /dev/shm of its own, as on another machine (Streaming's blocks are per node)."""
+    return ["unshare", "--mount", "sh", "-c", 'mount -t tmpfs tmpfs /dev/shm && exec "$@"', "sh", *command]
+
+
+def test_two_launchers_on_one_machine_train_one_run(tmp_path, shards):
+    """World size 2 from two `composer` launchers (one process each, localhost master), as two nodes would.
+
+    Each "node" gets its own /dev/shm, temp folder and local shard cache, which it streams from the
+    shared folder, as separate machines have."""
+    if subprocess.run(own_shared_memory(["true"]), capture_output=True).returncode != 0:
+        pytest.skip("needs root for a private /dev/shm per emulated node (unshare --mount)")
+    config = write_yaml(tmp_path / "tiny.yaml", shards)
+    port = str(_free_port())
+    procs = []
+    for node in (0, 1):
+        env = {"SLURM_JOB_ID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "localhost,localhost",
+               "SLURM_NODEID": str(node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "CUDA_VISIBLE_DEVICES": "",
+               "TMPDIR": str(tmp_path / f"tmp{node}")}
+        (tmp_path / f"tmp{node}").mkdir()
+        overrides = [f"data.{split}.remote={shards / name}" for split, name in (("train", "train"), ("eval", "eval"))]
+        overrides += [f"data.{split}.local={tmp_path / f'cache{node}' / split}" for split in ("train", "eval")]
+        command = [sys.executable, "-m", "slm.launch", str(REPO / "slm" / "train.py"), str(config), "run_name=two",
+                   *overrides]
+        procs.append(subprocess.Popen(own_shared_memory(command), cwd=REPO, env={**os.environ, **env},
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    run = tmp_path / "ckpt" / "two"
+    assert final_state(run)["timestamp"]["Timestamp"]["batch"] == 16
+    assert json.loads((run / "run.json").read_text())["starts"][0]["hardware"]["processes"] == 2
+    one_node = train(config, "run_name=one-node", procs=2)
+    assert resumed_at(one_node) == 0
+    a, b = final_state(run)["model"], final_state(tmp_path / "ckpt" / "one-node")["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # the same global batches as `composer -n 2`
