@@ -14,6 +14,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from composer.callbacks import CheckpointSaver
 from composer.core import Callback, State
 from composer.loggers import Logger, LoggerDestination
 from composer.utils import create_symlink_file, dist
@@ -88,8 +89,8 @@ class HubCheckpoints(LoggerDestination):
 class ExportToHub(Callback):
     """After each checkpoint is saved (placed after the CheckpointSaver), its HF export on branch `ba{batch}`."""
 
-    def __init__(self, hub: Hub, repo: str, folder: Path, private: bool = True):
-        self.hub, self.repo, self.folder, self.private = hub, repo, folder, private
+    def __init__(self, hub: Hub, repo: str, folder: Path, saver: CheckpointSaver, private: bool = True):
+        self.hub, self.repo, self.folder, self.saver, self.private = hub, repo, folder, saver, private
         self.exported: set[int] = set()
 
     def fit_start(self, state: State, logger: Logger) -> None:
@@ -118,10 +119,12 @@ class ExportToHub(Callback):
         self.exported.add(batch)
 
     def _after_checkpoint(self, state: State) -> None:
+        """Export what the saver wrote at this event, if anything (its own record, not a folder scan)."""
         batch = int(state.timestamp.batch)
-        path = checkpoints(self.folder).get(batch)
-        if dist.get_global_rank() == 0 and path is not None and batch not in self.exported:
-            self.export(batch, path)
+        saved = self.saver.saved_checkpoints
+        if dist.get_global_rank() == 0 and saved and batch not in self.exported \
+                and Path(saved[-1]).name == f"ep{int(state.timestamp.epoch)}-ba{batch}-rank0.pt":
+            self.export(batch, Path(saved[-1]))
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
         self._after_checkpoint(state)

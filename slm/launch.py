@@ -90,8 +90,8 @@ def from_environment(env: Mapping[str, str], gpus: int, hostname: str) -> Launch
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    show = "--print" in args[:1]
-    args = args[1:] if show else args
+    show = args[:1] == ["--print"]
+    args = args[show:]
     if not args or args[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if args else 2

@@ -20,8 +20,11 @@ TRAIN_LOSS, EVAL_LOSS, LR = "loss/train/total", "metrics/eval/CrossEntropy", "lr
 class Run:
     name: str
     rows: list[dict]
-    parameters: int | None = None
-    info: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # run.json
+
+    @property
+    def parameters(self) -> int | None:
+        return self.info.get("parameters")
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         points = [(row["tokens"], row[key]) for row in self.rows if isinstance(row.get(key), float)]
@@ -41,7 +44,7 @@ def read_run(folder: Path) -> Run:
         raise SlmError(f"{folder}: a metrics or run file is not valid JSON ({e})") from None
     if not rows:
         raise SlmError(f"{path} is empty: the run has not logged a batch yet")
-    return Run(info.get("run_name", folder.name), rows, info.get("parameters"), info)
+    return Run(info.get("run_name", folder.name), rows, info)
 
 
 def _label(run: Run) -> str:

@@ -75,14 +75,14 @@ def _optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
-def _publishing(cfg: DictConfig, folder: Path) -> tuple[list, list]:
+def _publishing(cfg: DictConfig, folder: Path, saver: CheckpointSaver) -> tuple[list, list]:
     """(loggers, callbacks to place after the CheckpointSaver) for the Hub and W&B settings."""
     loggers, callbacks = [], []
     if cfg.hub.repo:
         hub = Hub(cfg.hub.retries, cfg.hub.retry_wait)
         loggers.append(HubCheckpoints(hub, cfg.hub.repo, folder, cfg.hub.private))
         if cfg.hub.export:
-            callbacks.append(ExportToHub(hub, cfg.hub.repo, folder, cfg.hub.private))
+            callbacks.append(ExportToHub(hub, cfg.hub.repo, folder, saver, cfg.hub.private))
     w = cfg.logging.wandb
     if w.project:
         loggers.append(WandB(project=w.project, entity=w.entity, group=w.group, tags=list(w.tags) or None,
@@ -127,13 +127,13 @@ def build_trainer(cfg: DictConfig) -> Trainer:
 
     train_data = build_dataloader(cfg.data.train, cfg.data, per_device, train=True)
     eval_data = build_dataloader(cfg.data.eval, cfg.data, per_device, train=False)
-    publish_loggers, publish_callbacks = _publishing(cfg, folder)
     # Composer hands each checkpoint to every logger's upload_file under the remote names (a no-op without hub.repo).
     saver = CheckpointSaver(folder=str(folder), filename="ep{epoch}-ba{batch}-rank{rank}.pt",
                             latest_filename="latest-rank{rank}.pt", save_interval=save_schedule(
                                 cfg.save_interval, early), overwrite=True,
                             remote_file_name=f"{REMOTE_FOLDER}/ep{{epoch}}-ba{{batch}}-rank{{rank}}.pt",
                             latest_remote_file_name=f"{REMOTE_FOLDER}/latest-rank{{rank}}.pt")
+    publish_loggers, publish_callbacks = _publishing(cfg, folder, saver)
     metrics = MetricsFile(folder / "metrics.jsonl")
     run_info = RunInfo(cfg, tokenizer_name, count_parameters(hf_model), folder, metrics)
     interactive = sys.stderr.isatty()
