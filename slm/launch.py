@@ -6,12 +6,15 @@ runs `composer -n NPROC --world_size W --node_rank R --master_addr HOST --master
 with the numbers taken from the environment: Slurm (`SLURM_*`, one launcher per node via
 `srun`), SGE (`$PE_HOSTFILE` of a parallel environment), or a single node. NPROC is the number
 of GPUs this node was given, or 1 on a CPU-only node. `--print` shows the command instead.
+The launcher ignores SIGTERM/SIGUSR1/SIGUSR2, which the training processes answer with a
+checkpoint and exit status 75 (slm/preemption.py), and exits with their status.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import sys
 from collections.abc import Mapping
@@ -21,6 +24,10 @@ from pathlib import Path
 from slm.errors import SlmError
 
 DEFAULT_PORT = 29500
+# The contract between the job scripts and training (slm/preemption.py): these signals mean "checkpoint
+# and stop", and a run stopped that way exits with EX_TEMPFAIL, which jobs/* turn into a requeue.
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+EXIT_PREEMPTED = 75
 
 
 @dataclass(frozen=True)
@@ -58,13 +65,18 @@ def _port(env: Mapping[str, str], job_id: str | None) -> int:
 
 
 def gpus_on_this_node(env: Mapping[str, str]) -> int:
-    """GPUs the scheduler gave this node: CUDA_VISIBLE_DEVICES as the schedulers set it, else what torch sees."""
+    """GPUs this node may use: those visible (CUDA_VISIBLE_DEVICES as Slurm sets it, else what torch sees), at
+    most the number granted where the scheduler says it without hiding the others (SLURM_GPUS_ON_NODE, or
+    SLM_GPUS, which jobs/train.sh reads from SGE's `-l gpu=N`)."""
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
-    import torch
+        count = len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    else:
+        import torch
 
-    return torch.cuda.device_count()
+        count = torch.cuda.device_count()
+    granted = env.get("SLURM_GPUS_ON_NODE") or env.get("SLM_GPUS")
+    return min(count, int(granted)) if granted and granted.isdigit() else count
 
 
 def from_environment(env: Mapping[str, str], gpus: int, hostname: str) -> Launch:
@@ -104,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     if show:
         print(" ".join(command))
         return 0
+    # Schedulers signal every process of the job: the training processes checkpoint and stop
+    # (slm.preemption); the launcher must outlive them, so it ignores the signals (they inherit that
+    # until they install their own handlers, which keeps a signal during start-up from killing them).
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     os.execv(command[0], command)
 
 

@@ -6,6 +6,8 @@
 Both run this same code. Running again with the same run_name resumes from the newest
 complete checkpoint in checkpoints/RUN_NAME/ (model, optimizer, scheduler, RNG and the exact
 position in the Streaming data order); a larger max_duration continues a finished run.
+SIGTERM, SIGUSR1 or SIGUSR2 (a scheduler's warning) stops it at the end of the current batch
+with a checkpoint and exit status 75, ready to resume.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from slm.hub_store import REMOTE_FOLDER, ExportToHub, HubCheckpoints
 from slm.loggers import MetricsFile, ResumableProgressBar, WandB, WriteMetricsRow, wandb_run_id
 from slm.metrics import build_metrics, byte_lengths
 from slm.model import CausalLM, build_hf_model, count_parameters
+from slm.preemption import EXIT_PREEMPTED, StopOnSignal
 from slm.runinfo import RunInfo
 from slm.shm import clean_stale_shared_memory
 from slm.tokenizer import load_tokenizer, tokenizer_identity
@@ -153,8 +156,8 @@ def build_trainer(cfg: DictConfig) -> Trainer:
         schedulers=CosineAnnealingWithWarmupScheduler(t_warmup=times["scheduler.warmup"],
                                                       alpha_f=cfg.scheduler.alpha_f),
         algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=cfg.grad_clip)] if cfg.grad_clip else [],
-        callbacks=[SpeedMonitor(window_size=10), LRMonitor(), run_info, WriteMetricsRow(metrics), saver,
-                   *publish_callbacks, KeepNewestPeriodic(folder, cfg.keep, early)],
+        callbacks=[SpeedMonitor(window_size=10), LRMonitor(), run_info, WriteMetricsRow(metrics), StopOnSignal(),
+                   saver, *publish_callbacks, KeepNewestPeriodic(folder, cfg.keep, early)],
         loggers=[metrics, *publish_loggers, *([ResumableProgressBar()] if interactive else [])],
         save_folder=str(folder),
         autoresume=True,
@@ -183,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
                   + f" of {cfg.max_duration}", file=sys.stderr, flush=True)
         trainer.fit()
         trainer.close()
+        stop = next(c for c in trainer.state.callbacks if isinstance(c, StopOnSignal))
+        if stop.stopped_at is not None:
+            if dist.get_global_rank() == 0:
+                print(f"slm train: {cfg.run_name}: stopped at batch {stop.stopped_at} on {stop.received}, checkpoint "
+                      "saved; the same command resumes it", file=sys.stderr, flush=True)
+            return EXIT_PREEMPTED
     except SlmError as e:
         if args.debug:
             raise

@@ -48,6 +48,10 @@ def test_single_node_and_cpu_only():
         Launch(2, 1, 0, "127.0.0.1", 29505)
     assert gpus_on_this_node({"CUDA_VISIBLE_DEVICES": "0,1"}) == 2
     assert gpus_on_this_node({"CUDA_VISIBLE_DEVICES": ""}) == 0
+    # granted but not hidden from us (Slurm without device binding, SGE's -l gpu=N): at most the grant
+    assert gpus_on_this_node({"CUDA_VISIBLE_DEVICES": "0,1,2,3", "SLURM_GPUS_ON_NODE": "2"}) == 2
+    assert gpus_on_this_node({"CUDA_VISIBLE_DEVICES": "0,1", "SLM_GPUS": "1"}) == 1
+    assert gpus_on_this_node({"CUDA_VISIBLE_DEVICES": "", "SLURM_GPUS_ON_NODE": "1"}) == 0  # none visible: CPU
 
 
 def _free_port() -> int:
