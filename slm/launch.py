@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0 if args else 2
     try:
-        launch = from_environment(os.environ, gpus_on_this_node(os.environ), socket.gethostname())
+        gpus = gpus_on_this_node(os.environ)
+        launch = from_environment(os.environ, gpus, socket.gethostname())
     except SlmError as e:
         print(f"slm launch: error: {e}", file=sys.stderr)
         return 1
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     if show:
         print(" ".join(command))
         return 0
+    print(f"slm launch: node {launch.node_rank + 1} of {launch.nodes} ({socket.gethostname()}): {launch.nproc} "
+          f"training process(es) on {f'{gpus} GPU(s)' if gpus else 'the CPU'}", file=sys.stderr, flush=True)
     # Schedulers signal every process of the job: the training processes checkpoint and stop
     # (slm.preemption); the launcher must outlive them, so it ignores the signals (they inherit that
     # until they install their own handlers, which keeps a signal during start-up from killing them).

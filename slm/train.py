@@ -180,10 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         trainer = build_trainer(cfg)
+        finished = trainer.state.get_elapsed_duration() >= 1
         if dist.get_global_rank() == 0:
             batch = int(trainer.state.timestamp.batch)
             print(f"slm train: {cfg.run_name}: " + (f"resumed at batch {batch}" if batch else "starting at batch 0")
-                  + f" of {cfg.max_duration}", file=sys.stderr, flush=True)
+                  + f" of {cfg.max_duration}" + ("; already finished (a larger max_duration continues it)"
+                                                 if finished else ""), file=sys.stderr, flush=True)
+        if finished:  # a resubmitted or requeued job whose run is done: nothing to do, not an error
+            trainer.close()
+            return 0
         trainer.fit()
         trainer.close()
         stop = next(c for c in trainer.state.callbacks if isinstance(c, StopOnSignal))

@@ -142,3 +142,33 @@ def resumed_at(proc: subprocess.CompletedProcess) -> int:
     match = re.search(r"slm train: \S+: (?:resumed at|starting at) batch (\d+)", proc.stderr)
     assert match, proc.stderr[-2000:]
     return int(match.group(1))
+
+
+def _cluster(kind: str, tmp_path_factory: pytest.TempPathFactory):
+    """Start a one-node cluster of `kind` for the session; skip only when the schedulers cannot be installed."""
+    from clusters import SGE, Slurm, install_schedulers
+
+    if not (REPO / ".venv" / "bin" / "python").exists():
+        pytest.skip("the job scripts activate the repository's .venv, which does not exist (run make venv)")
+    reason = install_schedulers()
+    if reason:
+        pytest.skip(reason)
+    cluster = (Slurm if kind == "slurm" else SGE)(tmp_path_factory.mktemp(kind))
+    reason = cluster.usable() if kind == "sge" else None
+    if reason:
+        pytest.skip(reason)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory: pytest.TempPathFactory):
+    yield from _cluster("slurm", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def sge(tmp_path_factory: pytest.TempPathFactory):
+    yield from _cluster("sge", tmp_path_factory)

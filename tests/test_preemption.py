@@ -9,9 +9,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_train import metric_rows, wait_for
 
 from conftest import REPO, assert_bitwise_equal, final_state, resumed_at, train, train_cmd, write_yaml
-from test_train import metric_rows, wait_for
 
 EXIT_PREEMPTED = 75
 

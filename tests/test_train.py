@@ -121,6 +121,10 @@ def test_larger_max_duration_continues_a_finished_run(tmp_path, shards):
     state = final_state(tmp_path / "ckpt" / "grow")
     assert first["timestamp"]["Timestamp"]["batch"] == 8 and state["timestamp"]["Timestamp"]["batch"] == 12
     assert resumed_at(proc) == 8
+    files = {p.name: p.read_bytes() for p in (tmp_path / "ckpt" / "grow").glob("*.pt")}
+    again = train(config, "run_name=grow", "max_duration=12ba")  # a resubmitted job whose run is done
+    assert "resumed at batch 12 of 12ba; already finished" in again.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt" / "grow").glob("*.pt")} == files
 
 
 def test_two_processes_then_resume_on_one_keeps_the_sample_order(tmp_path, shards):

@@ -1,0 +1,33 @@
+# Sourced by the job scripts (not a job itself): the repository's environment and the wait for training.
+
+# Activate .venv in the submission folder (the repository root) and check the config exists; one line
+# and exit 2 otherwise, before anything starts.
+slm_job_setup() {
+    if [ $# -lt 1 ] || [[ "$1" != *.y*ml ]]; then
+        echo "slm job: usage: $SLM_JOB_USAGE" >&2
+        exit 2
+    fi
+    if [ ! -x .venv/bin/python ]; then
+        echo "slm job: no .venv in $PWD: submit from the repository root, after 'make venv' there" >&2
+        exit 2
+    fi
+    if [ ! -f "$1" ]; then
+        echo "slm job: config $1 not found in $PWD" >&2
+        exit 2
+    fi
+    # shellcheck disable=SC1091
+    source .venv/bin/activate
+    echo "slm job: $SLM_JOB_ID on $(hostname) at $(date -Is): python -m slm.launch slm/train.py $*"
+}
+
+# Wait for the background process $1 and return its exit status. `wait` also returns when a trapped
+# signal arrives, so wait again while it runs; bash keeps the status for the last `wait`.
+slm_wait() {
+    while kill -0 "$1" 2>/dev/null; do
+        wait "$1"
+    done
+    wait "$1"
+}
+
+# Exit status of a training run that stopped on a signal after saving a checkpoint (slm/launch.py).
+SLM_EXIT_PREEMPTED=75

@@ -1,0 +1,149 @@
+"""The job scripts on real one-node Slurm and SGE clusters (tests/clusters.py): a training job, resubmission,
+preemption and requeue ending bitwise equal to an uninterrupted run, and a two-yaml suite array."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from clusters import wait_until
+
+from conftest import REPO, assert_bitwise_equal, final_state, train, write_yaml
+
+SLOW = ["max_duration=64ba", "global_batch_size=32"]  # ~10 s of training: time to signal it mid-run
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, shards: Path) -> Path:
+    """Uninterrupted runs of the jobs' configs, started directly: ckpt/ref and ckpt/ref-slow."""
+    root = tmp_path_factory.mktemp("jobs-reference")
+    config = write_yaml(root / "tiny.yaml", shards)
+    train(config, "run_name=ref")
+    train(config, "run_name=ref-slow", *SLOW)
+    return root / "ckpt"
+
+
+def last_batch(folder: Path) -> int:
+    path = folder / "metrics.jsonl"
+    rows = path.read_text().splitlines() if path.exists() else []
+    return json.loads(rows[-1])["batch"] if rows else 0
+
+
+def read_and_remove(log: Path) -> str:
+    text = log.read_text() if log.exists() else f"(no log at {log})"
+    log.unlink(missing_ok=True)
+    return text
+
+
+# ---------------------------------------------------------------- Slurm
+
+def slurm_finished(slurm, job: int | str) -> dict[str, str] | None:
+    """The job's fields once it has finished (a requeued job waits the cluster's cred_expire, 10 s, first)."""
+    info = slurm.job(job)
+    return info if info["JobState"] in FINISHED else None
+
+
+def test_slurm_train_job_then_resubmitting_resumes(slurm, reference, tmp_path, shards):
+    config = write_yaml(tmp_path / "slurm-train.yaml", shards)
+    job = slurm.submit("jobs/train.sbatch", str(config), cwd=REPO)  # the scripts' own directives, unchanged
+    info = wait_until(lambda: slurm_finished(slurm, job), 300, f"Slurm job {job}")
+    log = read_and_remove(REPO / "logs" / f"slm-train-{job}.out")
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert f"slm job: Slurm job {job} (start 1) on" in log
+    assert "slm train: slurm-train: starting at batch 0 of 16ba" in log  # run_name from the yaml's stem
+    assert_bitwise_equal(final_state(reference / "ref"), final_state(tmp_path / "ckpt" / "slurm-train"))
+
+    again = slurm.submit("--output", str(tmp_path / "again.out"), "jobs/train.sbatch", str(config), cwd=REPO)
+    assert wait_until(lambda: slurm_finished(slurm, again), 300, "the resubmitted job")["JobState"] == "COMPLETED"
+    assert "slm train: slurm-train: resumed at batch 16 of 16ba" in (tmp_path / "again.out").read_text()
+
+
+def test_slurm_time_limit_signal_then_preemption_resume_bitwise(slurm, reference, tmp_path, shards):
+    config = write_yaml(tmp_path / "slurm-pre.yaml", shards)
+    folder, log = tmp_path / "ckpt" / "slurm-pre", tmp_path / "pre.out"
+    job = slurm.submit("--output", str(log), "jobs/train.sbatch", str(config), *SLOW, cwd=REPO)
+    wait_until(lambda: (folder / "ep0-ba4-rank0.pt").exists(), 300, "checkpoint 4")
+    # What --signal=B:USR1@300 does five minutes before the time limit: the job checkpoints, requeues itself.
+    slurm.run("scancel", "--signal=USR1", "--batch", str(job))
+    wait_until(lambda: "resumed at batch" in log.read_text() or slurm_finished(slurm, job), 300, "the requeued start")
+    resumed = last_batch(folder)
+    # Then the scheduler preempts it (SIGTERM to every process, then requeue).
+    wait_until(lambda: last_batch(folder) >= resumed + 4, 120, "progress after the resume")
+    slurm.run("scontrol", "requeue", str(job))
+    info = wait_until(lambda: slurm_finished(slurm, job), 300, f"Slurm job {job}")
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", text[-4000:]
+    first = re.search(r"stopped at batch (\d+) on SIGUSR1, checkpoint saved", text)
+    assert first and "requeueing job" in text, text[-4000:]
+    resumes = [int(b) for b in re.findall(r"resumed at batch (\d+)", text)]
+    assert resumes[0] == int(first.group(1)) and len(resumes) == 2 and resumes[1] > resumes[0], text[-4000:]
+    assert_bitwise_equal(final_state(reference / "ref-slow"), final_state(folder))
+
+
+def test_slurm_suite_array_one_task_per_yaml(slurm, tmp_path, shards):
+    configs = [write_yaml(tmp_path / "suite-llama.yaml", shards),
+               write_yaml(tmp_path / "suite-mamba.yaml", shards, base="demo-mamba.yaml")]
+    submitted = subprocess.run(["bash", "jobs/suite.sbatch", *map(str, configs), "max_duration=8ba"], cwd=REPO,
+                               env=slurm.env, capture_output=True, text=True)
+    assert submitted.returncode == 0, submitted.stderr
+    array = int(re.search(r"Submitted batch job (\d+)", submitted.stdout).group(1))
+    for task in (0, 1):
+        info = wait_until(lambda: slurm_finished(slurm, f"{array}_{task}"), 300, f"array task {task}")  # noqa: B023
+        log = read_and_remove(REPO / "logs" / f"slm-suite-{array}_{task}.out")
+        assert info["JobState"] == "COMPLETED", log[-3000:]
+        run = configs[task].stem
+        assert f"slm train: {run}: starting at batch 0 of 8ba" in log
+        assert final_state(tmp_path / "ckpt" / run)["timestamp"]["Timestamp"]["batch"] == 8
+        run_info = json.loads((tmp_path / "ckpt" / run / "run.json").read_text())
+        assert run_info["config"]["model"]["class"] == run.split("-")[-1]
+
+
+# ---------------------------------------------------------------- SGE
+
+def test_sge_train_job_then_resubmitting_resumes(sge, reference, tmp_path, shards):
+    config = write_yaml(tmp_path / "sge-train.yaml", shards)
+    job = sge.submit("jobs/train.sh", str(config), cwd=REPO)  # the scripts' own directives, unchanged
+    wait_until(lambda: not sge.in_queue(job), 300, f"SGE job {job}")
+    log = read_and_remove(REPO / "logs" / f"slm-train.o{job}")
+    assert f"slm job: SGE job {job} (restarted: 0) on" in log, log[-3000:]
+    assert "slm train: sge-train: starting at batch 0 of 16ba" in log, log[-3000:]
+    assert_bitwise_equal(final_state(reference / "ref"), final_state(tmp_path / "ckpt" / "sge-train"))
+
+    again = sge.submit("-o", str(tmp_path / "again.out"), "jobs/train.sh", str(config), cwd=REPO)
+    wait_until(lambda: not sge.in_queue(again), 300, "the resubmitted job")
+    assert "slm train: sge-train: resumed at batch 16 of 16ba" in (tmp_path / "again.out").read_text()
+
+
+def test_sge_soft_time_limit_signal_requeues_and_resumes_bitwise(sge, reference, tmp_path, shards):
+    config = write_yaml(tmp_path / "sge-pre.yaml", shards)
+    folder, log = tmp_path / "ckpt" / "sge-pre", tmp_path / "pre.out"
+    job = sge.submit("-o", str(log), "jobs/train.sh", str(config), *SLOW, cwd=REPO)
+    wait_until(lambda: (folder / "ep0-ba4-rank0.pt").exists(), 300, "checkpoint 4")
+    # What SGE does at the soft limit (s_rt): USR1 to every process of the job.
+    os.killpg(wait_until(lambda: sge.job_pid(job), 30, "the job's pid"), signal.SIGUSR1)
+    wait_until(lambda: not sge.in_queue(job), 300, f"SGE job {job}")
+    text = log.read_text()
+    stopped = re.search(r"stopped at batch (\d+) on SIGUSR1, checkpoint saved", text)
+    assert stopped and "exit 99 asks SGE to requeue" in text, text[-4000:]
+    assert f"SGE job {job} (restarted: 1)" in text, text[-4000:]
+    assert f"resumed at batch {stopped.group(1)} of 64ba" in text, text[-4000:]
+    assert_bitwise_equal(final_state(reference / "ref-slow"), final_state(folder))
+
+
+def test_sge_suite_array_one_task_per_yaml(sge, tmp_path, shards):
+    configs = [write_yaml(tmp_path / "sge-suite-llama.yaml", shards),
+               write_yaml(tmp_path / "sge-suite-mamba.yaml", shards, base="demo-mamba.yaml")]
+    job = sge.submit("-t", "1-2", "jobs/suite.sh", *map(str, configs), "max_duration=8ba", cwd=REPO)
+    wait_until(lambda: not sge.in_queue(job), 300, f"SGE array job {job}")
+    for task, config in enumerate(configs, 1):
+        log = read_and_remove(REPO / "logs" / f"slm-suite.o{job}.{task}")
+        assert f"slm train: {config.stem}: starting at batch 0 of 8ba" in log, log[-3000:]
+        assert final_state(tmp_path / "ckpt" / config.stem)["timestamp"]["Timestamp"]["batch"] == 8
+        run_info = json.loads((tmp_path / "ckpt" / config.stem / "run.json").read_text())
+        assert run_info["config"]["model"]["class"] == config.stem.split("-")[-1]
