@@ -43,6 +43,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check slm tests bench clean_shared_memory.py
+	for job in jobs/*; do bash -n $$job || exit 1; done
 
 test: lint
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q

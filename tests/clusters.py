@@ -269,3 +269,35 @@ class SGE:
             pass
         for pid in reversed(self.pids):
             _kill(pid)
+
+
+def main() -> None:
+    """`python tests/clusters.py start|stop [DIR]`: the same clusters by hand, to try the job scripts on."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("action", choices=["start", "stop"])
+    parser.add_argument("dir", nargs="?", default="/tmp/slm-clusters", help="state, logs, env.sh (default %(default)s)")
+    args = parser.parse_args()
+    root = Path(args.dir)
+    slurm, sge = Slurm(root / "slurm"), SGE(root / "sge")
+    if args.action == "stop":
+        saved = json.loads((root / "pids.json").read_text())
+        slurm.pids, sge.pids = saved["slurm"], saved["sge"]
+        slurm.stop()
+        sge.stop()
+        (root / "pids.json").unlink()
+        return
+    reason = install_schedulers() or sge.usable()
+    if reason:
+        raise SystemExit(reason)
+    slurm.start()
+    sge.start()
+    (root / "pids.json").write_text(json.dumps({"slurm": slurm.pids, "sge": sge.pids}))
+    (root / "env.sh").write_text(f"export SLURM_CONF={root}/slurm/slurm.conf SGE_ROOT={SGE.ROOT} SGE_CELL=default\n")
+    print(f"Slurm and SGE are up. In your shell: source {root}/env.sh; stop them: python tests/clusters.py stop {root}")
+
+
+if __name__ == "__main__":
+    main()

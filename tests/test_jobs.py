@@ -41,6 +41,19 @@ def read_and_remove(log: Path) -> str:
     return text
 
 
+@pytest.mark.parametrize("script, args, message", [
+    ("jobs/train.sbatch", [], "usage: sbatch jobs/train.sbatch CONFIG.yaml"),
+    ("jobs/train.sh", ["yamls/no-such.yaml"], "config yamls/no-such.yaml not found in"),
+    ("jobs/train.sh", ["max_duration=5ba"], "usage: qsub jobs/train.sh CONFIG.yaml"),
+    ("jobs/suite.sbatch", ["max_duration=5ba"], "usage: sbatch --array=0-N jobs/suite.sbatch CONFIG.yaml..."),
+    ("jobs/suite.sh", [], "usage: qsub -t 1-N jobs/suite.sh CONFIG.yaml..."),
+])
+def test_job_scripts_refuse_bad_arguments_in_one_line(script, args, message):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SGE_"))} | {"JOB_ID": "1"}
+    proc = subprocess.run(["bash", script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
 # ---------------------------------------------------------------- Slurm
 
 def slurm_finished(slurm, job: int | str) -> dict[str, str] | None:
