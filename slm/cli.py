@@ -8,7 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from slm.errors import SlmError
+from slm.errors import SlmError, disk_error
 from slm.outputs import refuse_to_clobber
 
 
@@ -237,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
-        print(f"slm {args.command}: error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        problem = disk_error(e) or f"{type(e).__name__}: {e} (rerun with --debug for the traceback)"
+        print(f"slm {args.command}: error: {problem}", file=sys.stderr)
         return 1
     return 0
 

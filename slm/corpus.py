@@ -229,8 +229,12 @@ def stories(num_docs: int, seed: int = 0) -> Iterator[str]:
 def write_corpus(out: Path, num_docs: int, seed: int = 0, field: str = "story") -> int:
     """Write `num_docs` stories as JSON lines to `out` (atomically); returns bytes written."""
     tmp = out.with_name(out.name + ".partial")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for text in stories(num_docs, seed):
-            f.write(json.dumps({field: text}, ensure_ascii=False) + "\n")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            for text in stories(num_docs, seed):
+                f.write(json.dumps({field: text}, ensure_ascii=False) + "\n")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(out)
     return out.stat().st_size

@@ -7,6 +7,8 @@ in every checkpoint), so nothing is spun through on resume.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +42,34 @@ def split_metadata(split: DictConfig, name: str) -> dict:
     elif not (local / "index.json").exists():
         raise SlmError(f"data.{name}.local = {local} holds no MDS shards (no index.json): make them with "
                        f"`slm tokenize`, or set data.{name}.local to the right folder")
+    if (local / "index.json").exists():
+        check_shards(local)
     return read_metadata(local)
+
+
+def check_shards(folder: Path) -> None:
+    """Refuse a truncated or corrupt index.json or shard (size and hash against index.json) before training
+    starts on it; only the files present are checked (a remote's cache fills in as it goes)."""
+    index = folder / "index.json"
+    try:
+        shards = json.loads(index.read_text())["shards"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise SlmError(f"{index} is truncated or corrupt ({type(e).__name__}: {e}): re-run `slm tokenize`") from None
+    if not sum(shard.get("samples", 0) for shard in shards):
+        raise SlmError(f"{folder} holds no samples: re-run `slm tokenize` on a non-empty corpus")
+    for shard in shards:
+        for part in (shard.get("zip_data"), shard.get("raw_data")):
+            path = folder / part["basename"] if part else None
+            if path is None or not path.exists():
+                continue
+            size = path.stat().st_size
+            if size != part["bytes"]:
+                raise SlmError(f"shard {path} is {size} bytes but index.json says {part['bytes']}: it is truncated "
+                               "or corrupt; re-run `slm tokenize`")
+            expected = part.get("hashes", {}).get("sha1")
+            if expected and hashlib.sha1(path.read_bytes()).hexdigest() != expected:
+                raise SlmError(f"shard {path} does not match its sha1 in index.json: it is corrupt; re-run "
+                               "`slm tokenize`")
 
 
 def check_compatible(train_meta: dict, eval_meta: dict, vocab_size: int, max_positions: int | None) -> None:

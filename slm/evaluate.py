@@ -9,7 +9,7 @@ from streaming import StreamingDataset
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
-from slm.data import check_compatible, collate
+from slm.data import check_compatible, check_shards, collate
 from slm.errors import SlmError
 from slm.export import model_from_checkpoint, read_checkpoint
 from slm.metrics import build_metrics, byte_lengths
@@ -32,6 +32,7 @@ def evaluate(model_path: Path, data: Path, batch_size: int = 16, max_batches: in
     """Cross-entropy, perplexity, accuracy and bits per byte of the model on the shards at `data`."""
     model, tokenizer_name = load_model(model_path)
     meta = read_metadata(data)
+    check_shards(data)
     tokenizer = load_tokenizer(tokenizer_name)
     if tokenizer_identity(tokenizer, "")["content_hash"] != meta["tokenizer"]["content_hash"]:
         raise SlmError(f"{data} was tokenized with {meta['tokenizer']['name']}, not with the model's tokenizer")

@@ -13,6 +13,7 @@ with a checkpoint and exit status 75, ready to resume.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -29,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from slm.checkpoints import KeepNewestPeriodic, early_batches, repair_latest, save_schedule
 from slm.config import load_config, save_config
 from slm.data import build_dataloader, check_compatible, split_metadata
-from slm.errors import SlmError
+from slm.errors import SlmError, disk_error
 from slm.hub import Hub
 from slm.hub_store import REMOTE_FOLDER, ExportToHub, HubCheckpoints
 from slm.loggers import MetricsFile, ResumableProgressBar, WandB, WriteMetricsRow, wandb_run_id
@@ -123,8 +124,9 @@ def build_trainer(cfg: DictConfig) -> Trainer:
     early = early_batches(cfg.early_checkpoints)
     if dist.get_local_rank() == 0:
         clean_stale_shared_memory()
+    _refuse_another_model(folder, cfg)
     if dist.get_global_rank() == 0:
-        save_config(cfg, folder / "config.yaml")
+        folder.mkdir(parents=True, exist_ok=True)  # W&B, set up inside Trainer(), writes into it
         repair_latest(folder)
     dist.barrier()
 
@@ -140,34 +142,58 @@ def build_trainer(cfg: DictConfig) -> Trainer:
     metrics = MetricsFile(folder / "metrics.jsonl")
     run_info = RunInfo(cfg, tokenizer_name, count_parameters(hf_model), folder, metrics)
     interactive = sys.stderr.isatty()
-    return Trainer(
-        model=model,
-        run_name=cfg.run_name,
-        seed=cfg.seed,
-        device=device,
-        precision=cfg.precision or ("amp_bf16" if gpu else "fp32"),
-        max_duration=times["max_duration"],
-        train_dataloader=train_data,
-        eval_dataloader=Evaluator(label="eval", dataloader=eval_data, metric_names=list(model.val_metrics)),
-        eval_interval=times["eval_interval"],
-        eval_subset_num_batches=cfg.eval_batches,
-        device_train_microbatch_size=cfg.device_microbatch_size or per_device,
-        optimizers=_optimizer(hf_model, cfg.optimizer),
-        schedulers=CosineAnnealingWithWarmupScheduler(t_warmup=times["scheduler.warmup"],
-                                                      alpha_f=cfg.scheduler.alpha_f),
-        algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=cfg.grad_clip)] if cfg.grad_clip else [],
-        callbacks=[SpeedMonitor(window_size=10), LRMonitor(), run_info, WriteMetricsRow(metrics), StopOnSignal(),
-                   saver, *publish_callbacks, KeepNewestPeriodic(folder, cfg.keep, early)],
-        loggers=[metrics, *publish_loggers, *([ResumableProgressBar()] if interactive else [])],
-        save_folder=str(folder),
-        autoresume=True,
-        spin_dataloaders=False,  # Streaming restores its own position
-        progress_bar=False,  # the ResumableProgressBar logger instead, when interactive
-        log_to_console=not interactive,
-        console_log_interval=times["log_interval"],
-        deterministic_mode=not gpu,
-        python_log_level="WARNING" if dist.get_global_rank() == 0 else "ERROR",
-    )
+    clipping = [GradientClipping(clipping_type="norm", clipping_threshold=cfg.grad_clip)] if cfg.grad_clip else []
+    try:
+        trainer = Trainer(
+            model=model,
+            run_name=cfg.run_name,
+            seed=cfg.seed,
+            device=device,
+            precision=cfg.precision or ("amp_bf16" if gpu else "fp32"),
+            max_duration=times["max_duration"],
+            train_dataloader=train_data,
+            eval_dataloader=Evaluator(label="eval", dataloader=eval_data, metric_names=list(model.val_metrics)),
+            eval_interval=times["eval_interval"],
+            eval_subset_num_batches=cfg.eval_batches,
+            device_train_microbatch_size=cfg.device_microbatch_size or per_device,
+            optimizers=_optimizer(hf_model, cfg.optimizer),
+            schedulers=CosineAnnealingWithWarmupScheduler(t_warmup=times["scheduler.warmup"],
+                                                          alpha_f=cfg.scheduler.alpha_f),
+            algorithms=clipping,
+            callbacks=[SpeedMonitor(window_size=10), LRMonitor(), run_info, WriteMetricsRow(metrics), StopOnSignal(),
+                       saver, *publish_callbacks, KeepNewestPeriodic(folder, cfg.keep, early)],
+            loggers=[metrics, *publish_loggers, *([ResumableProgressBar()] if interactive else [])],
+            save_folder=str(folder),
+            autoresume=True,
+            spin_dataloaders=False,  # Streaming restores its own position
+            progress_bar=False,  # the ResumableProgressBar logger instead, when interactive
+            log_to_console=not interactive,
+            console_log_interval=times["log_interval"],
+            deterministic_mode=not gpu,
+            python_log_level="WARNING" if dist.get_global_rank() == 0 else "ERROR",
+        )
+    except RuntimeError as e:  # autoresume found a checkpoint whose tensors do not fit (no run.json to tell first)
+        if "state_dict" not in str(e):
+            raise
+        raise SlmError(f"the checkpoint in {folder} does not fit this model ({str(e).splitlines()[-1].strip()}): "
+                       "use another run_name or save_folder, or this run's model config to resume it") from None
+    if dist.get_global_rank() == 0:
+        save_config(cfg, folder / "config.yaml")  # only now: a refused start leaves the folder as it was
+    return trainer
+
+
+def _refuse_another_model(folder: Path, cfg: DictConfig) -> None:
+    """Resuming a run folder with another model config would fail deep in Composer: name the difference."""
+    try:
+        before = json.loads((folder / "run.json").read_text())["config"]["model"]
+    except (OSError, ValueError, KeyError):
+        return
+    now = OmegaConf.to_container(cfg.model, resolve=True)
+    differ = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    if differ:
+        k = differ[0]
+        raise SlmError(f"{folder} holds a run of another model (model.{k} is {before.get(k)} there, {now.get(k)} "
+                       "here): use another run_name or save_folder, or the same model config to resume it")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_duration=50ba")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         trainer = build_trainer(cfg)
@@ -197,11 +224,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"slm train: {cfg.run_name}: stopped at batch {stop.stopped_at} on {stop.received}, checkpoint "
                       "saved; the same command resumes it", file=sys.stderr, flush=True)
             return EXIT_PREEMPTED
-    except SlmError as e:
-        if args.debug:
+    except Exception as e:
+        folder = cfg.save_folder.format(run_name=cfg.run_name) if cfg else None
+        problem = str(e) if isinstance(e, SlmError) else disk_error(e, where=folder)
+        if args.debug or problem is None:
             raise
         if dist.get_global_rank() == 0:  # every rank fails alike: say it once
-            print(f"slm train: error: {e}", file=sys.stderr)
+            print(f"slm train: error: {problem}", file=sys.stderr)
         return 1
     return 0
 
