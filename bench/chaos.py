@@ -1,0 +1,261 @@
+"""Chaos resume: SIGKILL a training run again and again, restart it each time with the same run_name,
+and check it ends tensor for tensor equal to a run never interrupted.
+
+The kills cycle through four moments: right after start, the instant a checkpoint file appears
+(inside its write), inside an evaluation, and at a random time. With --procs 2 the run is
+`composer -n 2` and each kill hits one rank (the launcher then stops the other). After each kill
+the script checks that no process of the run is left, lists Streaming shared memory left behind
+(the next start removes it), and reads where the restart resumed. Reported: kills survived,
+checkpoints found corrupt at the end (must be 0), batches lost per kill (at most the work since
+the newest complete checkpoint), and whether the final weights equal the uninterrupted run's.
+
+    python bench/chaos.py [--kills 20] [--procs 1|2] [--config yamls/demo-llama.yaml] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_here = os.path.dirname(os.path.abspath(__file__))  # bench/tokenize.py would shadow the stdlib module
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+import re  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from slm.checkpoints import checkpoints, is_complete  # noqa: E402
+from slm.shm import stale_shared_memory  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+MOMENTS = ["start", "checkpoint", "eval", "random"]
+
+
+def make_data(root: Path, docs: int, vocab: int, seq_len: int) -> None:
+    """Corpus -> tokenizer -> train/validation shards, with the `slm` command."""
+    def slm(*args: str) -> None:
+        subprocess.run([str(BIN / "slm"), *args], check=True, capture_output=True)
+
+    slm("corpus", "--out", str(root / "stories.jsonl"), "--num-docs", str(docs))
+    slm("tokenizer", "-i", str(root / "stories.jsonl"), "-f", "story", "-v", str(vocab), "--out-dir", str(root / "tok"))
+    for name, split in (("train", "train[:95%]"), ("validation", "train[95%:]")):
+        slm("tokenize", "-i", str(root / "stories.jsonl"), "-f", "story", "-s", split, "-t", str(root / "tok"),
+            "-l", str(seq_len), "--out-dir", str(root / "mds" / name))
+
+
+class Run:
+    """One start of the training command, its output read line by line as it comes."""
+
+    def __init__(self, command: list[str]) -> None:
+        self.proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        self.lines: list[str] = []
+        self.in_eval = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if "[Eval batch=" in line:
+                self.in_eval.set()
+
+    def ranks(self) -> list[int]:
+        """Pids of the training processes: the command itself, or the ranks `composer -n N` started."""
+        try:
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        except OSError:
+            return []
+        return [int(c) for c in children if "slm/train.py" in Path(f"/proc/{c}/cmdline").read_text()] or []
+
+    def resumed_at(self) -> int | None:
+        for line in self.lines:
+            match = re.search(r"slm train: \S+: (?:resumed at|starting at) batch (\d+)", line)
+            if match:
+                return int(match.group(1))
+        return None
+
+
+def last_batch(folder: Path) -> int:
+    path = folder / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    for line in reversed(lines):
+        try:
+            return json.loads(line)["batch"]
+        except (ValueError, KeyError):
+            continue  # a row torn by the kill
+    return 0
+
+
+def newest_complete(folder: Path) -> int:
+    return max((b for b, p in checkpoints(folder).items() if is_complete(p)), default=0)
+
+
+def run_alive(tag: str) -> list[int]:
+    """Pids of any process still running this run (matched by its run_name on the command line)."""
+    alive = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if tag in cmdline.read_text():
+                alive.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return alive
+
+
+def kill_at(run: Run, moment: str, folder: Path, procs: int, rng: random.Random) -> str:
+    """Wait for the moment, then SIGKILL one training process; returns what was hit."""
+    seen = set(checkpoints(folder))
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and run.proc.poll() is None:
+        if moment == "start":
+            time.sleep(rng.uniform(0.5, 4.0))
+            break
+        if moment == "checkpoint" and set(checkpoints(folder)) - seen:
+            break
+        if moment == "eval" and run.in_eval.is_set():
+            break
+        if moment == "random":
+            time.sleep(rng.uniform(1.0, 6.0))
+            break
+        time.sleep(0.002)
+    ranks = run.ranks()
+    victim = ranks[-1] if procs > 1 and ranks else run.proc.pid
+    try:
+        os.kill(victim, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        run.proc.wait(timeout=120)  # with -n 2 the launcher stops the other rank itself
+    except subprocess.TimeoutExpired:
+        os.killpg(run.proc.pid, signal.SIGKILL)
+        run.proc.wait()
+    return "one rank" if procs > 1 and ranks else "the process"
+
+
+def equal_states(a: Path, b: Path) -> bool:
+    sa, sb = (torch.load(p / "latest-rank0.pt", map_location="cpu", weights_only=False)["state"] for p in (a, b))
+    model = sa["model"].keys() == sb["model"].keys() and all(torch.equal(sa["model"][k], sb["model"][k])
+                                                             for k in sa["model"])
+    oa, ob = sa["optimizers"]["AdamW"]["state"], sb["optimizers"]["AdamW"]["state"]
+    optim = all(torch.equal(oa[p][n], ob[p][n]) for p in oa for n in oa[p])
+    return model and optim and sa["timestamp"]["Timestamp"]["batch"] == sb["timestamp"]["Timestamp"]["batch"]
+
+
+def wait_for(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        time.sleep(0.1)
+
+
+def corrupt_checkpoints(folder: Path) -> list[str]:
+    bad = []
+    for path in checkpoints(folder).values():
+        try:
+            torch.load(path, map_location="cpu", weights_only=False)
+        except Exception:
+            bad.append(path.name)
+    return bad
+
+
+def chaos(work: Path, config: str, overrides: list[str], kills: int, procs: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    train = [str(BIN / "composer"), "-n", str(procs)] if procs > 1 else [sys.executable]
+    base = [*train, "slm/train.py", config, f"save_folder={work}/ckpt/{{run_name}}", *overrides]
+    reference = subprocess.run([*base, "run_name=reference"], cwd=REPO, capture_output=True, text=True)
+    if reference.returncode:
+        raise SystemExit(f"the uninterrupted run failed:\n{reference.stdout[-3000:]}{reference.stderr[-3000:]}")
+    tag = f"run_name=chaos-{os.getpid()}"
+    folder = work / "ckpt" / tag.split("=")[1]
+    records = []
+    for i in range(kills):
+        moment = MOMENTS[i % len(MOMENTS)]
+        run = Run([*base, tag])
+        before = newest_complete(folder)
+        hit = kill_at(run, moment, folder, procs, rng)
+        finished = run.proc.returncode == 0
+        try:  # data-loader workers notice their parent is gone within a few seconds
+            wait_for(lambda: not run_alive(tag), 15)  # noqa: B023
+        except TimeoutError:
+            pass
+        records.append({"kill": i + 1, "moment": moment, "hit": hit, "resumed_at": run.resumed_at(),
+                        "reached": last_batch(folder), "newest_complete": newest_complete(folder),
+                        "complete_before": before, "finished_before_kill": finished,
+                        "left_running": run_alive(tag), "stale_shm": len(stale_shared_memory())})
+        if finished:
+            break
+    expected_final = newest_complete(folder)
+    last = Run([*base, tag])
+    last.proc.wait()
+    for record in records:
+        # Work since the newest complete checkpoint is redone; each start that got as far as saying where
+        # it resumed (a kill can come before) must have resumed from the newest complete checkpoint.
+        record["lost"] = record["reached"] - record["newest_complete"]
+        record["resumed_ok"] = record["resumed_at"] in (None, record["complete_before"])
+    final_ok = last.proc.returncode == 0 and last.resumed_at() == expected_final
+    return {"procs": procs, "kills": len(records), "final_exit": last.proc.returncode,
+            "final_resumed_at": last.resumed_at(),
+            "survived": final_ok and all(r["resumed_ok"] for r in records),
+            "corrupt": corrupt_checkpoints(folder), "bitwise_equal": last.proc.returncode == 0 and equal_states(
+                work / "ckpt" / "reference", folder),
+            "left_running": sorted({p for r in records for p in r["left_running"]}), "records": records}
+
+
+def report(result: dict) -> str:
+    rows = [f"| {r['kill']} | {r['moment']} | {r['hit']} | {r['complete_before']} | "
+            f"{'-' if r['resumed_at'] is None else r['resumed_at']} | {r['reached']} | {r['newest_complete']} | "
+            f"{r['lost']} | {r['stale_shm']} |" for r in result["records"]]
+    lost = [r["lost"] for r in result["records"]]
+    return "\n".join([
+        f"### chaos, {result['procs']} process(es): {result['kills']} kills",
+        "| kill | moment | SIGKILL to | newest complete checkpoint at start | resumed at (- : killed before it said) "
+        "| batch reached | newest complete checkpoint after the kill | batches lost | stale shm blocks left |",
+        "|---|---|---|---|---|---|---|---|---|", *rows, "",
+        f"- the final start resumed at batch {result['final_resumed_at']} and finished "
+        f"(exit {result['final_exit']})",
+        f"- every start resumed from the newest complete checkpoint and the run finished: {result['survived']}",
+        f"- checkpoints found corrupt at the end: {len(result['corrupt'])} {result['corrupt'] or ''}",
+        f"- batches lost per kill: max {max(lost, default=0)}, mean {sum(lost) / max(len(lost), 1):.1f}",
+        f"- processes of the run left after a kill: {len(result['left_running'])}",
+        f"- final weights and optimizer state equal to the uninterrupted run, tensor for tensor: "
+        f"{result['bitwise_equal']}"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--procs", type=int, default=1, choices=[1, 2])
+    parser.add_argument("--config", default="yamls/demo-llama.yaml")
+    parser.add_argument("--seed", type=int, default=0, help="for the random kill times")
+    parser.add_argument("--docs", type=int, default=4000, help="stories in the generated corpus")
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory(prefix="slm-chaos-") as tmp:
+        work = Path(tmp)
+        make_data(work / "data", args.docs, 1024, 128)
+        data = [f"data.train.local={work}/data/mds/train", f"data.eval.local={work}/data/mds/validation"]
+        # checkpoints and evaluations often enough that the kills find them before the run ends
+        often = ["save_interval=25ba", "eval_interval=50ba"]
+        result = chaos(work, args.config, [*data, *often, *args.overrides], args.kills, args.procs, args.seed)
+    print(report(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    ok = result["survived"] and not result["corrupt"] and result["bitwise_equal"] and not result["left_running"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
