@@ -2,7 +2,7 @@
 and check it ends tensor for tensor equal to a run never interrupted.
 
 The kills cycle through four moments: right after start, the instant a checkpoint file appears
-(inside its write), inside an evaluation, and at a random time. With --procs 2 the run is
+(inside its write), inside an evaluation, and at a random time once training has begun. With --procs 2 the run is
 `composer -n 2` and each kill hits one rank (the launcher then stops the other). After each kill
 the script checks that no process of the run is left, lists Streaming shared memory left behind
 (the next start removes it), and reads where the restart resumed. Reported: kills survived,
@@ -124,8 +124,8 @@ def kill_at(run: Run, moment: str, folder: Path, procs: int, rng: random.Random)
             break
         if moment == "eval" and run.in_eval.is_set():
             break
-        if moment == "random":
-            time.sleep(rng.uniform(1.0, 6.0))
+        if moment == "random" and run.resumed_at() is not None:  # somewhere in training proper
+            time.sleep(rng.uniform(0.2, 5.0))
             break
         time.sleep(0.002)
     ranks = run.ranks()
