@@ -12,13 +12,18 @@ import functools
 import hashlib
 import json
 import math
+import netrc
+import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import tqdm.auto
 from composer.core import Callback, State, TimeUnit
 from composer.loggers import Logger, LoggerDestination, ProgressBarLogger, WandBLogger
 from composer.utils import dist
+
+from slm.errors import SlmError
 
 
 class MetricsFile(LoggerDestination):
@@ -78,6 +83,24 @@ class WandB(WandBLogger):
     def download_file(self, remote_file_name: str, destination: str, overwrite: bool = False,
                       progress_bar: bool = True) -> None:
         raise NotImplementedError
+
+
+def check_wandb_login(project: str) -> None:
+    """Refuse W&B logging that would stop at start on a missing login (wandb raises from deep in Trainer())."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return
+    settings = Path(os.environ.get("WANDB_CONFIG_DIR", Path.home() / ".config" / "wandb")) / "settings"
+    if settings.is_file() and any(line.replace(" ", "") in ("mode=offline", "mode=disabled")
+                                  for line in settings.read_text().splitlines()):
+        return
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        if netrc.netrc(os.environ.get("NETRC")).authenticators(host):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise SlmError(f"logging.wandb.project is {project} but there is no W&B login for {host}: run `wandb login`, "
+                   "set WANDB_API_KEY, or set WANDB_MODE=offline to log locally")
 
 
 def wandb_run_id(run_name: str) -> str:

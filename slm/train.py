@@ -33,7 +33,7 @@ from slm.data import build_dataloader, check_compatible, split_metadata
 from slm.errors import SlmError, disk_error
 from slm.hub import Hub
 from slm.hub_store import REMOTE_FOLDER, ExportToHub, HubCheckpoints
-from slm.loggers import MetricsFile, ResumableProgressBar, WandB, WriteMetricsRow, wandb_run_id
+from slm.loggers import MetricsFile, ResumableProgressBar, WandB, WriteMetricsRow, check_wandb_login, wandb_run_id
 from slm.metrics import build_metrics, byte_lengths
 from slm.model import CausalLM, build_hf_model, count_parameters
 from slm.preemption import EXIT_PREEMPTED, StopOnSignal
@@ -98,6 +98,8 @@ def _publishing(cfg: DictConfig, folder: Path, saver: CheckpointSaver) -> tuple[
 def build_trainer(cfg: DictConfig) -> Trainer:
     """Everything checked first, then the Trainer (which autoresumes)."""
     times = {key: _time(cfg, key) for key in TIME_KEYS}
+    if cfg.logging.wandb.project:
+        check_wandb_login(cfg.logging.wandb.project)
     gpu = torch.cuda.is_available()
     device = "gpu" if gpu else "cpu"
     if cfg.device_microbatch_size == "auto" and not gpu:

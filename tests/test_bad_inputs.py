@@ -182,6 +182,8 @@ TRAIN_CASES = {
                                                         "(model.hidden_size is 16 there, 32 here)"),
     "checkpoint of another model": (["run_name=foreign"], "the checkpoint in {ws}/ckpt/foreign does not fit this "
                                                           "model (size mismatch for"),
+    "W&B on without a login": (["logging.wandb.project=slm-test"], "logging.wandb.project is slm-test but there is "
+                                                                   "no W&B login for api.wandb.ai: run `wandb login`"),
     "checkpoints onto a full disk": (["save_folder={ws}/full/{{run_name}}"],
                                      "no space left on device writing {ws}/full/tiny"),
 }
@@ -232,10 +234,15 @@ def train_ws(tmp_path, shards, tokenizer_dir, other_model_run):
 
 
 @pytest.mark.parametrize("name", TRAIN_CASES)
-def test_bad_training_config(name, train_ws, capsys):
+def test_bad_training_config(name, train_ws, capsys, monkeypatch):
     from slm.train import main as train_main
 
     config, fill = train_ws
+    if name.startswith("W&B"):  # a machine with no W&B login of any kind
+        for var in ("WANDB_MODE", "WANDB_API_KEY"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("NETRC", f"{fill['ws']}/no-netrc")
+        monkeypatch.setenv("WANDB_CONFIG_DIR", f"{fill['ws']}/no-wandb-config")
     overrides, expected = TRAIN_CASES[name]
     needs_small_disks(overrides)
     if overrides[0].endswith(".yaml"):
