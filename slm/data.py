@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,9 @@ from torch.utils.data import DataLoader
 
 from slm.errors import SlmError
 from slm.shards import read_metadata
+
+SHM_ATTEMPTS = 5
+_jitter = random.Random()  # its own state: the global one is the training's
 
 
 def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -92,12 +97,21 @@ def check_compatible(train_meta: dict, eval_meta: dict, vocab_size: int, max_pos
 
 def build_dataloader(split: DictConfig, data: DictConfig, batch_size: int, train: bool) -> DataSpec:
     """A DataSpec over one split; `batch_size` is per process."""
-    try:
-        dataset = StreamingDataset(local=split.local, remote=split.remote, batch_size=batch_size,
-                                   shuffle=train and data.shuffle, shuffle_seed=data.shuffle_seed,
-                                   shuffle_algo=data.shuffle_algo, num_canonical_nodes=data.num_canonical_nodes)
-    except (FileNotFoundError, ValueError) as e:
-        raise SlmError(f"cannot open the MDS shards at {split.local}: {str(e).splitlines()[0]}") from None
+    for attempt in range(SHM_ATTEMPTS):
+        try:
+            dataset = StreamingDataset(local=split.local, remote=split.remote, batch_size=batch_size,
+                                       shuffle=train and data.shuffle, shuffle_seed=data.shuffle_seed,
+                                       shuffle_algo=data.shuffle_algo, num_canonical_nodes=data.num_canonical_nodes)
+            break
+        except FileExistsError:
+            # Streaming gives each run on a node the first free shared-memory prefix; two runs starting at the
+            # same moment (array tasks on one node) can pick the same one, and the second finds it taken.
+            # Trying again picks the next free one.
+            if attempt == SHM_ATTEMPTS - 1:
+                raise
+            time.sleep(_jitter.uniform(0.2, 2.0))
+        except (FileNotFoundError, ValueError) as e:
+            raise SlmError(f"cannot open the MDS shards at {split.local}: {str(e).splitlines()[0]}") from None
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=data.num_workers,
                         drop_last=train, persistent_workers=data.num_workers > 0)
     return DataSpec(loader, get_num_tokens_in_batch=lambda b: b["input_ids"].numel())
