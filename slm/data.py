@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from composer.core import DataSpec
+from composer.utils import dist
 from omegaconf import DictConfig
 from streaming import StreamingDataset
 from torch.utils.data import DataLoader
@@ -48,13 +49,13 @@ def split_metadata(split: DictConfig, name: str) -> dict:
         raise SlmError(f"data.{name}.local = {local} holds no MDS shards (no index.json): make them with "
                        f"`slm tokenize`, or set data.{name}.local to the right folder")
     if (local / "index.json").exists():
-        check_shards(local)
+        check_shards(local, hashes=dist.get_local_rank() == 0)  # one reader per node hashes; all check sizes
     return read_metadata(local)
 
 
-def check_shards(folder: Path) -> None:
-    """Refuse a truncated or corrupt index.json or shard (size and hash against index.json) before training
-    starts on it; only the files present are checked (a remote's cache fills in as it goes)."""
+def check_shards(folder: Path, hashes: bool = True) -> None:
+    """Refuse a truncated or corrupt index.json or shard (size, and sha1 if `hashes`, against index.json) before
+    training starts on it; only the files present are checked (a remote's cache fills in as it goes)."""
     index = folder / "index.json"
     try:
         shards = json.loads(index.read_text())["shards"]
@@ -71,7 +72,7 @@ def check_shards(folder: Path) -> None:
             if size != part["bytes"]:
                 raise SlmError(f"shard {path} is {size} bytes but index.json says {part['bytes']}: it is truncated "
                                "or corrupt; re-run `slm tokenize`")
-            expected = part.get("hashes", {}).get("sha1")
+            expected = part.get("hashes", {}).get("sha1") if hashes else None
             if expected and hashlib.sha1(path.read_bytes()).hexdigest() != expected:
                 raise SlmError(f"shard {path} does not match its sha1 in index.json: it is corrupt; re-run "
                                "`slm tokenize`")
