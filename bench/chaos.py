@@ -14,43 +14,27 @@ the newest complete checkpoint), and whether the final weights equal the uninter
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import random
+import re
+import signal
+import subprocess
 import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
 
-_here = os.path.dirname(os.path.abspath(__file__))  # bench/tokenize.py would shadow the stdlib module
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import random  # noqa: E402
-import re  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+from slm.checkpoints import checkpoints, is_complete
+from slm.shm import stale_shared_memory
 
-import torch  # noqa: E402
+from benchlib import BIN, REPO, make_data
 
-from slm.checkpoints import checkpoints, is_complete  # noqa: E402
-from slm.shm import stale_shared_memory  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 MOMENTS = ["start", "checkpoint", "eval", "random"]
-
-
-def make_data(root: Path, docs: int, vocab: int, seq_len: int) -> None:
-    """Corpus -> tokenizer -> train/validation shards, with the `slm` command."""
-    def slm(*args: str) -> None:
-        subprocess.run([str(BIN / "slm"), *args], check=True, capture_output=True)
-
-    slm("corpus", "--out", str(root / "stories.jsonl"), "--num-docs", str(docs))
-    slm("tokenizer", "-i", str(root / "stories.jsonl"), "-f", "story", "-v", str(vocab), "--out-dir", str(root / "tok"))
-    for name, split in (("train", "train[:95%]"), ("validation", "train[95%:]")):
-        slm("tokenize", "-i", str(root / "stories.jsonl"), "-f", "story", "-s", split, "-t", str(root / "tok"),
-            "-l", str(seq_len), "--out-dir", str(root / "mds" / name))
 
 
 class Run:

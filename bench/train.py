@@ -1,67 +1,55 @@
 """Trainer throughput: slm's Composer Trainer against a bare PyTorch loop, in one run.
 
 Both sides train the same model (same init), on the same MDS shards through the same
-StreamingDataset, with the same batch, AdamW, clipping and precision; the bare loop does
-nothing else (no metrics, no logging, no checkpoints). Ours computes train metrics every
-batch, as it does in real runs; checkpoints and evaluation are off for the timed window.
-Goal on CPU: slm / bare >= 0.9.
+StreamingDataset, with the same batch, AdamW, clipping and precision (fp32 on CPU, bf16
+autocast on GPU); the bare loop does nothing else (no metrics, no logging, no checkpoints).
+Ours computes train metrics every batch, as it does in real runs; checkpoints and evaluation
+are off for the timed window. Goal: slm / bare >= 0.9.
 
-Also times HF Mamba's CPU paths: the mambapy parallel scan against the sequential fallback.
+Also, per model: the training data loader alone (samples/s it can deliver against what training
+consumes), MFU on a GPU (the FLOPs SpeedMonitor counts over the GPU's bf16 peak), and Mamba's
+paths: on CPU the mambapy parallel scan against HF's sequential fallback (batch 1), on a GPU the
+mamba-ssm kernels against mambapy (when mamba-ssm and causal-conv1d are installed).
 
-    python bench/train.py [--models llama-1m mamba-1m] [--batch 16] [--steps 8]
+    python bench/train.py [--models llama-1m mamba-1m] [--batch 8] [--steps 6] [--json FILE]
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
 # bench/tokenize.py would shadow the stdlib `tokenize` for any script run from this folder.
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
 
-import argparse  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import torch
+from composer.callbacks.speed_monitor import get_gpu_flops_available
+from streaming import StreamingDataset
+from torch.utils.data import DataLoader
 
-import torch  # noqa: E402
-from streaming import StreamingDataset  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+from slm.config import load_config
+from slm.data import build_dataloader, collate
+from slm.model import build_hf_model, count_parameters, flops_per_token, mamba_kernels_available
+from slm.train import build_trainer
 
-from slm.config import load_config  # noqa: E402
-from slm.corpus import write_corpus  # noqa: E402
-from slm.data import collate  # noqa: E402
-from slm.model import build_hf_model  # noqa: E402
-from slm.shards import write_shards  # noqa: E402
-from slm.sources import iter_batches, load_documents  # noqa: E402
-from slm.tokenizer import tokenizer_identity, train_tokenizer  # noqa: E402
-from slm.train import build_trainer  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
+from benchlib import REPO, machine, make_data
 
 
-def make_data(root: Path, seq_len: int) -> None:
-    write_corpus(root / "stories.jsonl", 4000, seed=0)
-    ds = load_documents(str(root / "stories.jsonl"), "story")
-    tok = train_tokenizer(iter_batches(ds, "story"), 4096, len(ds))
-    tok.save_pretrained(str(root / "tok"))
-    for split in ("train", "eval"):
-        write_shards(iter_batches(ds, "story"), tok, tokenizer_identity(tok, str(root / "tok")), seq_len,
-                     out_dir=root / split)
-
-
-def time_slm(cfg, warmup: int, steps: int) -> float:
-    """Seconds for `steps` batches of slm's Trainer, after `warmup` batches."""
+def time_slm(cfg, warmup: int, steps: int) -> tuple[float, float]:
+    """Seconds for `steps` batches of slm's Trainer after `warmup` batches, and the device's peak FLOP/s
+    for the run's precision as SpeedMonitor takes it (0 on CPU)."""
     trainer = build_trainer(cfg)
     trainer.fit(duration=f"{warmup}ba")
     start = time.perf_counter()
     trainer.fit(duration=f"{steps}ba")
     seconds = time.perf_counter() - start
+    peak = get_gpu_flops_available(trainer.state) or 0.0
     trainer.close()
-    return seconds
+    return seconds, peak
 
 
 def time_bare(cfg, warmup: int, steps: int, device: str, model_overrides: dict | None = None) -> float:
@@ -91,42 +79,115 @@ def time_bare(cfg, warmup: int, steps: int, device: str, model_overrides: dict |
     return time.perf_counter() - start
 
 
+def time_loader(cfg, warmup: int, batches: int) -> float:
+    """Seconds for slm's training data loader alone (same StreamingDataset and workers) to yield `batches`."""
+    loader = iter(build_dataloader(cfg.data.train, cfg.data, cfg.global_batch_size, train=True).dataloader)
+    for _ in range(warmup):
+        next(loader)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(loader)
+    return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def without_mamba_kernels():
+    """HF Mamba takes the mamba-ssm kernels whenever they import; this makes it take the mambapy path."""
+    from transformers.models.mamba import modeling_mamba
+    saved = modeling_mamba.is_fast_path_available
+    modeling_mamba.is_fast_path_available = False
+    try:
+        yield
+    finally:
+        modeling_mamba.is_fast_path_available = saved
+
+
+def mamba_paths(cfg_for, name: str, args, device: str) -> dict:
+    """Tokens/s of Mamba's fast path against its fallback, bare loop, same model and data."""
+    if device == "cpu":  # one sequence: the sequential path is slow
+        one = cfg_for(name, ["global_batch_size=1"])
+        fast = args.seq_len * 2 / time_bare(one, 1, 2, device)
+        slow = args.seq_len / time_bare(one, 1, 1, device, {"use_mambapy": False})
+        return {"fast": "mambapy", "slow": "sequential", "batch": 1, "fast_tok_s": fast, "slow_tok_s": slow}
+    if not mamba_kernels_available():
+        return {"fast": "mamba-ssm", "slow": "mambapy", "skipped": "mamba-ssm / causal-conv1d not installed "
+                "(pip install -e '.[cuda]')"}
+    cfg = cfg_for(name, [])
+    tokens = args.batch * args.seq_len * args.steps
+    fast = tokens / time_bare(cfg, args.warmup, args.steps, device)
+    with without_mamba_kernels():
+        slow = tokens / time_bare(cfg, args.warmup, args.steps, device)
+    return {"fast": "mamba-ssm", "slow": "mambapy", "batch": args.batch, "fast_tok_s": fast, "slow_tok_s": slow}
+
+
+def bench_model(name: str, cfg_for, args, device: str) -> dict:
+    cfg = cfg_for(name, [])
+    tokens = args.batch * args.seq_len * args.steps
+    bare = time_bare(cfg, args.warmup, args.steps, device)
+    ours, peak_flops = time_slm(cfg, args.warmup, args.steps)
+    loader = time_loader(cfg, args.warmup, args.loader_batches)
+    model = build_hf_model(dict(cfg.model), cfg.seed)
+    result = {"model": name, "class": cfg.model["class"], "params": count_parameters(model),
+              "bare_tok_s": tokens / bare, "slm_tok_s": tokens / ours,
+              "loader_samples_s": args.batch * args.loader_batches / loader,
+              "train_samples_s": args.batch * args.steps / ours,
+              "mfu": flops_per_token(model, args.seq_len) * tokens / ours / peak_flops if peak_flops else None}
+    print(f"  {name:10s} bare loop {result['bare_tok_s']:9,.0f} tok/s   slm {result['slm_tok_s']:9,.0f} tok/s   "
+          f"slm / bare = {bare / ours:.2f}" + (f"   MFU {result['mfu']:.1%}" if result["mfu"] else ""))
+    print(f"  {name:10s} data loader alone {result['loader_samples_s']:9,.0f} samples/s   training consumes "
+          f"{result['train_samples_s']:7,.1f} samples/s   loader / training = "
+          f"{result['loader_samples_s'] / result['train_samples_s']:,.0f}")
+    if cfg.model["class"] == "mamba":
+        paths = result["mamba_paths"] = mamba_paths(cfg_for, name, args, device)
+        if "skipped" in paths:
+            print(f"  {name:10s} mamba-ssm kernels: {paths['skipped']}")
+        else:
+            print(f"  {name:10s} mamba paths, batch {paths['batch']}: {paths['fast']} {paths['fast_tok_s']:9,.0f} "
+                  f"tok/s   {paths['slow']} {paths['slow_tok_s']:9,.0f} tok/s   {paths['fast']} / {paths['slow']} = "
+                  f"{paths['fast_tok_s'] / paths['slow_tok_s']:.1f}")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["llama-1m", "mamba-1m"], help="suite yamls to time")
-    parser.add_argument("--batch", type=int, default=16, help="global batch size (default: %(default)s)")
+    parser.add_argument("--models", nargs="+", help="suite yamls to time (default: llama-1m mamba-1m on CPU, "
+                        "llama-25m mamba-25m on a GPU)")
+    parser.add_argument("--batch", type=int, help="global batch size (default: 8 on CPU, 64 on a GPU)")
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=8, help="timed batches per side (default: %(default)s)")
+    parser.add_argument("--steps", type=int, help="timed batches per side (default: 6 on CPU, 30 on a GPU)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--loader-batches", type=int, default=50, help="batches the data loader alone is timed on")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokens = args.batch * args.seq_len * args.steps
+    gpu = device == "cuda"
+    args.models = args.models or (["llama-25m", "mamba-25m"] if gpu else ["llama-1m", "mamba-1m"])
+    args.batch = args.batch or (64 if gpu else 8)
+    args.steps = args.steps or (30 if gpu else 6)
 
     root = Path(tempfile.mkdtemp(prefix="slm-bench-train-"))
     try:
-        make_data(root, args.seq_len)
-        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-              f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
-        print(f"{args.steps} timed batches of {args.batch} x {args.seq_len} tokens after {args.warmup} warm-up")
-        for name in args.models:
+        make_data(root, 4000, 4096, args.seq_len)
+
+        def cfg_for(name: str, extra: list[str]):
             overrides = [f"run_name=bench-{name}", f"save_folder={root}/ckpt/{{run_name}}", "save_interval=0ba",
                          "early_checkpoints=0", "eval_interval=0ba", f"global_batch_size={args.batch}",
-                         f"data.train.local={root / 'train'}", f"data.eval.local={root / 'eval'}",
-                         f"tokenizer={root / 'tok'}", "log_interval=1000ba"]
-            cfg = load_config(REPO / "yamls" / f"{name}.yaml", overrides)
-            bare = time_bare(cfg, args.warmup, args.steps, device)
-            ours = time_slm(cfg, args.warmup, args.steps)
-            print(f"  {name:10s} bare loop {tokens / bare:9,.0f} tok/s   slm {tokens / ours:9,.0f} tok/s   "
-                  f"slm / bare = {bare / ours:.2f}")
-            if cfg.model["class"] == "mamba" and device == "cpu":  # one sequence: the sequential path is slow
-                one = load_config(REPO / "yamls" / f"{name}.yaml", [*overrides, "global_batch_size=1"])
-                fast = args.seq_len * 2 / time_bare(one, 1, 2, device)
-                slow = args.seq_len / time_bare(one, 1, 1, device, {"use_mambapy": False})
-                print(f"  {name:10s} mamba CPU paths, batch 1: mambapy {fast:7,.0f} tok/s   sequential "
-                      f"{slow:7,.0f} tok/s   mambapy / sequential = {fast / slow:.1f}")
+                         f"data.train.local={root / 'mds/train'}", f"data.eval.local={root / 'mds/validation'}",
+                         f"tokenizer={root / 'tok'}", "log_interval=1000ba", *extra]
+            return load_config(REPO / "yamls" / f"{name}.yaml", overrides)
+
+        print(f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+        print(f"{args.steps} timed batches of {args.batch} x {args.seq_len} tokens after {args.warmup} warm-up, "
+              f"{'amp_bf16' if gpu else 'fp32'}")
+        results = [bench_model(name, cfg_for, args, device) for name in args.models]
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps({"device": device, "precision": "amp_bf16" if gpu
+                                         else "fp32", "batch": args.batch, "seq_len": args.seq_len, "steps":
+                                         args.steps, "warmup": args.warmup, "loader_batches": args.loader_batches,
+                                         "models": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -6,27 +6,18 @@ Both sides encode the same text with the same number of Rust threads, in the sam
   cli        the whole `slm tokenize` command as a subprocess (interpreter start-up and imports included)
 Goal: pipeline / baseline >= 0.8.
 
-    python bench/tokenize.py [--num-docs 100000] [--threads N]
+    python bench/tokenizing.py [--num-docs 100000] [--threads N] [--json FILE]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-import sys
-
-# Run as a script, this file's folder comes first on sys.path, and this file would shadow
-# the stdlib `tokenize` module that linecache, inspect and torch import later.
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import shutil
+import tempfile
+import time
+from pathlib import Path
 
 
 def main() -> None:
@@ -34,6 +25,7 @@ def main() -> None:
     parser.add_argument("--num-docs", type=int, default=100_000, help="stories in the corpus (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="Rust threads (default: all cores)")
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     os.environ["RAYON_NUM_THREADS"] = str(args.threads)  # read by tokenizers when its pool starts
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,6 +36,8 @@ def main() -> None:
     from slm.shards import write_shards
     from slm.sources import iter_batches, load_documents
     from slm.tokenizer import load_tokenizer, tokenizer_identity, train_tokenizer
+
+    from benchlib import machine, slm
 
     try:
         corpus = tmp / "stories.jsonl"
@@ -67,23 +61,24 @@ def main() -> None:
         pipeline = time.perf_counter() - start
 
         shutil.rmtree(tmp / "cache")
-        slm = Path(sys.executable).parent / "slm"
         start = time.perf_counter()
-        subprocess.run([str(slm), "tokenize", "-i", str(corpus), "-f", "story", "-t", str(tmp / "tok"),
-                        "-l", str(args.seq_len), "--out-dir", str(tmp / "mds-cli")], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        slm("tokenize", "-i", str(corpus), "-f", "story", "-t", str(tmp / "tok"), "-l", str(args.seq_len),
+            "--out-dir", str(tmp / "mds-cli"))
         cli = time.perf_counter() - start
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{args.threads} tokenizer threads; python {platform.python_version()}")
+    print(f"machine: {machine()}; {args.threads} tokenizer threads")
     print(f"corpus: {args.num_docs:,} stories, {megabytes:.1f} MB, {tokens:,} tokens")
-    for name, seconds in (("raw encode_batch_fast (baseline)", baseline), ("slm pipeline -> MDS", pipeline),
-                          ("slm tokenize CLI, cold cache", cli)):
-        print(f"  {name:34s} {seconds:6.2f} s  {megabytes / seconds:6.2f} MB/s  "
-              f"ratio {baseline / seconds:.2f}")
+    seconds = {"baseline": baseline, "pipeline": pipeline, "cli": cli}
+    for key, name in (("baseline", "raw encode_batch_fast (baseline)"), ("pipeline", "slm pipeline -> MDS"),
+                      ("cli", "slm tokenize CLI, cold cache")):
+        print(f"  {name:34s} {seconds[key]:6.2f} s  {megabytes / seconds[key]:6.2f} MB/s  "
+              f"ratio {baseline / seconds[key]:.2f}")
     print(f"pipeline / baseline = {baseline / pipeline:.2f} (goal >= 0.8)")
+    if args.json:
+        args.json.write_text(json.dumps({"threads": args.threads, "docs": args.num_docs, "megabytes": megabytes,
+                                         "tokens": tokens, "seconds": seconds}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

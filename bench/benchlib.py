@@ -1,0 +1,42 @@
+"""What the benchmarks share: generated data made with the `slm` command, and the machine they ran on."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # the venv's `slm` and `composer` sit beside its python
+
+
+def slm(*args: str) -> None:
+    """Run the `slm` command; its output is shown only if it fails."""
+    proc = subprocess.run([str(BIN / "slm"), *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"slm {' '.join(args)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+
+
+def make_data(root: Path, docs: int, vocab: int, seq_len: int) -> None:
+    """Corpus -> tokenizer -> train (95%) / validation (5%) shards under root/mds, as a user makes them."""
+    slm("corpus", "--out", str(root / "stories.jsonl"), "--num-docs", str(docs))
+    slm("tokenizer", "-i", str(root / "stories.jsonl"), "-f", "story", "-v", str(vocab), "--out-dir", str(root / "tok"))
+    for name, split in (("train", "train[:95%]"), ("validation", "train[95%:]")):
+        slm("tokenize", "-i", str(root / "stories.jsonl"), "-f", "story", "-s", split, "-t", str(root / "tok"),
+            "-l", str(seq_len), "--out-dir", str(root / "mds" / name))
+
+
+def machine() -> str:
+    """CPU model, cores, memory and GPU, in one line."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, {gpu}; {platform.system()} {platform.release()}"

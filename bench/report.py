@@ -1,0 +1,229 @@
+"""Run every benchmark and write bench/RESULTS.md: each figure next to its baseline from the same run,
+with the machine, the date and the commit.
+
+  tokenizing   `slm tokenize` pipeline against the raw `tokenizers` batch encode
+  train        slm's Trainer against a bare PyTorch loop (llama, mamba); Mamba's fast path against its
+               fallback; the data loader's samples/s against what training consumes; bf16 MFU on a GPU
+  resume       resume time at batch 10,000 against batch 10
+  memory       peak memory of tokenizing a 4x corpus against a 1x one
+  chaos        20 SIGKILLs over one run, then 8 over a `composer -n 2` run (one rank killed each time)
+
+Each runs as its own process (its output goes to a log beside the report); a failed one is reported
+as failed and the others still run. Takes about 30 minutes on a 2-core machine; --quick runs every
+benchmark small (a few minutes) to check the whole report works.
+
+    python bench/report.py [--out bench/RESULTS.md] [--only NAME ...] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchlib import REPO, machine
+
+CHAOS_SAVE_INTERVAL = 25  # bench/chaos.py's default: no kill may lose more batches than this
+# name -> (script and arguments, the same with --quick)
+BENCHES = {
+    "tokenizing": (["bench/tokenizing.py"], ["bench/tokenizing.py", "--num-docs", "5000"]),
+    "train": (["bench/train.py"], ["bench/train.py", "--steps", "2", "--loader-batches", "10"]),
+    "resume": (["bench/resume.py"], ["bench/resume.py", "--far", "300", "--docs", "4000", "--repeats", "1"]),
+    "memory": (["bench/memory.py"], ["bench/memory.py", "--num-docs", "5000"]),
+    "chaos": (["bench/chaos.py", "--kills", "20"], ["bench/chaos.py", "--kills", "4", "--docs", "600"]),
+    "chaos-n2": (["bench/chaos.py", "--procs", "2", "--kills", "8", "max_duration=150ba"],
+                 ["bench/chaos.py", "--procs", "2", "--kills", "2", "--docs", "600", "max_duration=60ba"]),
+}
+PACKAGES = ["torch", "mosaicml", "mosaicml-streaming", "transformers", "tokenizers", "datasets"]
+
+
+def run_bench(name: str, command: list[str], logs: Path) -> tuple[dict | None, float, int]:
+    """Run one benchmark; its figures (None if it wrote none), its wall time and its exit status."""
+    out = Path(tempfile.mkdtemp(prefix=f"slm-report-{name}-")) / "figures.json"
+    log = logs / f"{name}.log"
+    print(f"== {name}: {' '.join(command)} (log: {log.relative_to(REPO)})", flush=True)
+    start = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.run([sys.executable, *command, "--json", str(out)], cwd=REPO, stdout=f,
+                              stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    if proc.returncode or not out.exists():
+        tail = log.read_text().splitlines()[-15:]
+        print(f"   FAILED (exit {proc.returncode}) after {seconds:.0f} s:\n" + "\n".join(tail), flush=True)
+        return (json.loads(out.read_text()) if out.exists() else None), seconds, proc.returncode or 1
+    print(f"   done in {seconds:.0f} s", flush=True)
+    return json.loads(out.read_text()), seconds, 0
+
+
+def met(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def tokenizing_rows(r: dict) -> tuple[list[str], list[str]]:
+    mb, s = r["megabytes"], r["seconds"]
+    ratio = s["baseline"] / s["pipeline"]
+    summary = [f"| tokenizing: `load_documents` + `write_shards`, jsonl → finished MDS | {mb / s['pipeline']:.2f} MB/s "
+               f"| raw `encode_batch_fast` of the text in memory: {mb / s['baseline']:.2f} MB/s | {ratio:.2f} | ≥ 0.8 "
+               f"| {met(ratio >= 0.8)} |"]
+    detail = [f"{r['docs']:,} generated stories ({mb:.1f} MB, {r['tokens']:,} tokens), {r['threads']} tokenizer "
+              "threads on both sides.", "", "| | seconds | MB/s | vs raw encode |", "|---|---|---|---|"]
+    for key, label in (("baseline", "raw `encode_batch_fast` (baseline: ids only, nothing written)"),
+                       ("pipeline", "`load_documents` + `write_shards` → MDS"),
+                       ("cli", "whole `slm tokenize` command, cold `datasets` cache")):
+        detail.append(f"| {label} | {s[key]:.2f} | {mb / s[key]:.2f} | {s['baseline'] / s[key]:.2f} |")
+    return summary, detail
+
+
+def train_rows(r: dict) -> tuple[list[str], list[str]]:
+    gpu = r["device"] == "cuda"
+    summary, detail = [], [
+        f"{r['steps']} timed batches of {r['batch']} × {r['seq_len']} tokens after {r['warmup']} warm-up, "
+        f"{r['precision']}, on {r['device']}. Data loader: {r['loader_batches']} batches of the training loader alone.",
+        "", "| model | params | bare loop tok/s | slm tok/s | slm / bare | loader samples/s | training samples/s "
+        "| loader / training |" + (" MFU |" if gpu else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
+    for m in r["models"]:
+        ratio, supply = m["slm_tok_s"] / m["bare_tok_s"], m["loader_samples_s"] / m["train_samples_s"]
+        summary.append(f"| training: slm's Trainer against a bare PyTorch loop, {m['model']} ({r['precision']}) "
+                       f"| {m['slm_tok_s']:,.0f} tok/s | bare loop: {m['bare_tok_s']:,.0f} tok/s | {ratio:.2f} | ≥ 0.9 "
+                       f"| {met(ratio >= 0.9)} |")
+        summary.append(f"| data loader: samples/s it delivers against what training consumes, {m['model']} "
+                       f"| {m['loader_samples_s']:,.0f} samples/s | training: {m['train_samples_s']:,.1f} samples/s "
+                       f"| {supply:,.0f} | ≥ 10 | {met(supply >= 10)} |")
+        if m["mfu"] is not None:
+            summary.append(f"| GPU: MFU of slm's Trainer, {m['model']} (bf16) | {m['mfu']:.1%} "
+                           f"({m['slm_tok_s']:,.0f} tok/s) | the GPU's bf16 peak | | | |")
+        detail.append(f"| {m['model']} | {m['params']:,} | {m['bare_tok_s']:,.0f} | {m['slm_tok_s']:,.0f} | "
+                      f"{ratio:.2f} | {m['loader_samples_s']:,.0f} | {m['train_samples_s']:,.1f} | {supply:,.0f} |"
+                      + (f" {m['mfu']:.1%} |" if gpu else ""))
+        paths = m.get("mamba_paths")
+        if paths and "skipped" in paths:
+            summary.append(f"| Mamba: {paths['fast']} kernels against {paths['slow']}, {m['model']} | not measured: "
+                           f"{paths['skipped']} | | | | |")
+        elif paths:
+            summary.append(f"| Mamba: {paths['fast']} against {paths['slow']}, {m['model']}, batch {paths['batch']} "
+                           f"| {paths['fast_tok_s']:,.0f} tok/s | {paths['slow']}: {paths['slow_tok_s']:,.0f} tok/s "
+                           f"| {paths['fast_tok_s'] / paths['slow_tok_s']:.1f}× | | |")
+    if not gpu:
+        summary.append("| GPU: bf16 tokens/s and MFU of llama-25m and mamba-25m; mamba-ssm kernels against "
+                       "mambapy | not measured: no GPU on this machine (`python bench/train.py` measures them on one) "
+                       "| | | | |")
+    return summary, detail
+
+
+def resume_rows(r: dict) -> tuple[list[str], list[str]]:
+    ratio = r["far_s"] / r["near_s"]
+    summary = [f"| resume: Trainer built on the checkpoint + one batch, at batch {r['far']:,} | {r['far_s']:.2f} s "
+               f"| at batch {r['near']}: {r['near_s']:.2f} s | {ratio:.2f} | ≤ 1.2 | {met(ratio <= 1.2)} |"]
+    detail = [f"demo-llama at batch size 1 on {r['samples']:,} training samples, so batch {r['far']:,} is inside the "
+              f"first epoch. Each resume on a fresh copy of the run folder; medians. Replaying the {r['far']:,} "
+              f"batches instead (a loader that cannot restore its position) would add {r['replay_s']:.1f} s.", "",
+              "| resume at | each try, s | median, s |", "|---|---|---|"]
+    for at, tries in r["seconds"].items():
+        each = ", ".join(f"{t:.3f}" for t in tries)
+        detail.append(f"| batch {int(at):,} | {each} | {statistics.median(tries):.3f} |")
+    return summary, detail
+
+
+def memory_rows(r: dict) -> tuple[list[str], list[str]]:
+    peaks, sizes = r["peak_mib"], r["corpus_mib"]
+    summary = []
+    for cache, what, goal in (("warm", "Arrow cached: our streaming encode → chunk → write", 1.1),
+                              ("cold", "first run, including `datasets`' jsonl → Arrow conversion", 1.2)):
+        ratio = peaks[f"4x {cache}"][0] / peaks[f"1x {cache}"][0]
+        summary.append(f"| memory: anonymous peak of `slm tokenize` on a 4× corpus ({sizes['4']:.0f} MiB), {what} "
+                       f"| {peaks[f'4x {cache}'][0]:.0f} MiB | on the 1× corpus ({sizes['1']:.0f} MiB): "
+                       f"{peaks[f'1x {cache}'][0]:.0f} MiB | {ratio:.2f} | ≤ {goal} | {met(ratio <= goal)} |")
+    detail = ["Anonymous memory is what the machine must find; the resident peak also counts pages of the "
+              "memory-mapped Arrow file read so far (page cache, given back under pressure). Cold: the first run "
+              "on a file, which has `datasets` convert the jsonl to Arrow; warm: the same command again.", "",
+              "| | anonymous peak, MiB | resident peak (ru_maxrss), MiB |", "|---|---|---|",
+              f"| imports only (baseline) | {r['imports_mib'][0]:.0f} | {r['imports_mib'][1]:.0f} |"]
+    for key, (anon, resident) in peaks.items():
+        scale, cache = key.split()
+        detail.append(f"| `slm tokenize`, {scale} corpus: {r['docs'] * int(scale[0]):,} stories, "
+                      f"{sizes[scale[0]]:.0f} MiB, {cache} cache | {anon:.0f} | {resident:.0f} |")
+    return summary, detail
+
+
+def chaos_rows(r: dict) -> tuple[list[str], list[str]]:
+    lost = [k["lost"] for k in r["records"]]
+    who = "`composer -n 2`, one rank killed each time" if r["procs"] == 2 else "one process"
+    worst = max(lost, default=0)
+    ok = r["survived"] and not r["corrupt"] and r["bitwise_equal"] and not r["left_running"] and \
+        worst <= CHAOS_SAVE_INTERVAL
+    summary = [f"| chaos: {r['kills']} SIGKILLs, {who}: corrupt checkpoints / processes left / batches lost per kill "
+               f"(max) / final weights equal to an uninterrupted run | {len(r['corrupt'])} / {len(r['left_running'])} "
+               f"/ {worst} / {'equal' if r['bitwise_equal'] else 'DIFFERENT'} | the uninterrupted run "
+               f"| | 0 / 0 / ≤ {CHAOS_SAVE_INTERVAL} / equal | {met(ok)} |"]
+    detail = ["| kill | moment | newest complete checkpoint at start | resumed at | batch reached | batches lost "
+              "| stale shm blocks left |", "|---|---|---|---|---|---|---|"]
+    for k in r["records"]:
+        detail.append(f"| {k['kill']} | {k['moment']} | {k['complete_before']} | "
+                      f"{'-' if k['resumed_at'] is None else k['resumed_at']} | {k['reached']} | {k['lost']} | "
+                      f"{k['stale_shm']} |")
+    detail += ["", f"The final start resumed at batch {r['final_resumed_at']} and exited {r['final_exit']}; every "
+               f"start resumed from the newest complete checkpoint: {'yes' if r['survived'] else 'no'}. "
+               "(- : killed before it said where it resumed.)"]
+    return summary, detail
+
+
+ROWS = {"tokenizing": tokenizing_rows, "train": train_rows, "resume": resume_rows, "memory": memory_rows,
+        "chaos": chaos_rows, "chaos-n2": chaos_rows}
+TITLES = {"tokenizing": "Tokenizing", "train": "Training", "resume": "Resume time", "memory": "Tokenizer memory",
+          "chaos": "Chaos resume, one process", "chaos-n2": "Chaos resume, `composer -n 2`"}
+
+
+def commit() -> str:
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    changed = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!bench/RESULTS.md", ":!bench/logs"],
+                             cwd=REPO, capture_output=True, text=True)
+    if head.returncode:
+        return "unknown (not a git checkout)"
+    return head.stdout.strip() + (" with uncommitted changes" if changed.stdout.strip() else "")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "RESULTS.md")
+    parser.add_argument("--only", nargs="+", choices=list(BENCHES), help="run only these")
+    parser.add_argument("--quick", action="store_true", help="every benchmark small: checks the report, "
+                        "not the figures")
+    args = parser.parse_args()
+    logs = REPO / "bench" / "logs"
+    logs.mkdir(exist_ok=True)
+    started, start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
+    results = {name: run_bench(name, BENCHES[name][args.quick], logs) for name in args.only or BENCHES}
+    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in PACKAGES)
+    lines = ["# Benchmark results", "",
+             f"Written by `python bench/report.py{' --quick' if args.quick else ''}` on "
+             f"{started:%Y-%m-%d %H:%M} UTC in {(time.perf_counter() - start) / 60:.0f} min, at commit {commit()}.",
+             "", f"- Machine: {machine()}", f"- Python {platform.python_version()}; {versions}", "",
+             "Every ratio is against a baseline measured in the same run on this machine. Rerun: "
+             "`python bench/report.py` (about 30 minutes on 2 cores); each benchmark's own output is in "
+             "`bench/logs/`.", "", "## Summary", "", "| claim | figure | baseline | ratio | goal | met |",
+             "|---|---|---|---|---|---|"]
+    details = []
+    for name, (figures, seconds, _) in results.items():
+        if figures is None:
+            lines.append(f"| {TITLES[name]} | **failed**: see `bench/logs/{name}.log` | | | | **no** |")
+            continue
+        summary, detail = ROWS[name](figures)
+        lines += summary
+        command = " ".join(BENCHES[name][args.quick])
+        details += ["", f"## {TITLES[name]}", "", f"`python {command}`, {seconds / 60:.1f} min.", "", *detail]
+    args.out.write_text("\n".join(lines + details) + "\n")
+    print(f"wrote {args.out}")
+    return 1 if any(status for _, _, status in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
