@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import math
+import mmap
 import netrc
 import os
 from pathlib import Path
@@ -33,15 +34,10 @@ class MetricsFile(LoggerDestination):
         self.latest: dict[str, Any] = {}  # the newest value of every metric so far (for model cards)
 
     def fit_start(self, state: State, logger: Logger) -> None:
+        # `latest` comes back with the checkpoint (RunInfo), so the rows are not read again.
         self.row = {}
-        if dist.get_global_rank() != 0 or not self.path.exists():
-            return
-        resumed = int(state.timestamp.batch)
-        kept = [row for line in self.path.read_text().splitlines() if line.strip()
-                for row in [json.loads(line)] if row["batch"] <= resumed]
-        self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        for row in kept:
-            self.latest.update(row)
+        if dist.get_global_rank() == 0 and self.path.exists():
+            cut_rows_after(self.path, int(state.timestamp.batch))
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         # Composer logs a batch's loss under the step before it and its lr under the step after,
@@ -59,6 +55,28 @@ class MetricsFile(LoggerDestination):
                 f.write(json.dumps(row) + "\n")
             self.latest.update(row)
         self.row = {}
+
+
+def cut_rows_after(path: Path, batch: int) -> None:
+    """Drop the rows of metrics.jsonl past `batch`, and blank or torn lines among them.
+
+    Rows are in batch order, so it reads back from the end only as far as the cut: resuming at
+    batch 10,000 costs what resuming at batch 10 does.
+    """
+    with open(path, "r+b") as f:
+        size = end = f.seek(0, os.SEEK_END)
+        if size:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as text:
+                while end > 0:
+                    start = text.rfind(b"\n", 0, end - 1) + 1
+                    try:
+                        if json.loads(text[start:end])["batch"] <= batch:
+                            break
+                    except (ValueError, KeyError, TypeError):
+                        pass  # a blank line, or a row a kill tore in half
+                    end = start
+        if end < size:
+            f.truncate(end)
 
 
 class WriteMetricsRow(Callback):

@@ -90,3 +90,4 @@ class RunInfo(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # The config of the run being resumed wins over the one it was saved with; its history is kept.
         self.info["starts"] = state.get("starts", [])
+        self.metrics.latest = dict(state.get("metrics", {}))

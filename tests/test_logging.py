@@ -139,3 +139,15 @@ def test_plot_of_a_folder_that_is_no_run_is_one_clear_line(tmp_path, two_runs):
     assert proc.stderr.strip() == (f"slm plot: error: {tmp_path} has no metrics.jsonl: give the run folder of "
                                    "slm/train.py (its save_folder, e.g. checkpoints/RUN_NAME)")
     assert (tmp_path / "old.png").read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize(("batch", "kept"), [(3, [1, 2, 3]), (9, [1, 2, 3, 4, 5]), (0, [])])
+def test_a_resume_cuts_metrics_jsonl_after_its_batch_reading_back_from_the_end(tmp_path, batch, kept):
+    from slm.loggers import cut_rows_after
+
+    rows = [json.dumps({"batch": b, "loss": b / 10}) + "\n" for b in range(1, 6)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(rows) + '\n{"batch": 6, "lo')  # a blank line and a row torn by a kill
+    cut_rows_after(path, batch)
+    assert path.read_text() == "".join(rows[:len(kept)])
+    assert [json.loads(line)["batch"] for line in path.read_text().splitlines()] == kept
