@@ -35,7 +35,7 @@ CHAOS_SAVE_INTERVAL = 25  # bench/chaos.py's default: no kill may lose more batc
 # name -> (script and arguments, the same with --quick)
 BENCHES = {
     "tokenizing": (["bench/tokenizing.py"], ["bench/tokenizing.py", "--num-docs", "5000"]),
-    "train": (["bench/train.py"], ["bench/train.py", "--steps", "2", "--loader-batches", "10"]),
+    "train": (["bench/train.py"], ["bench/train.py", "--steps", "2", "--rounds", "1", "--loader-batches", "10"]),
     "resume": (["bench/resume.py"], ["bench/resume.py", "--far", "300", "--docs", "4000", "--repeats", "1"]),
     "memory": (["bench/memory.py"], ["bench/memory.py", "--num-docs", "5000"]),
     "chaos": (["bench/chaos.py", "--kills", "20"], ["bench/chaos.py", "--kills", "4", "--docs", "600"]),
@@ -86,7 +86,8 @@ def train_rows(r: dict) -> tuple[list[str], list[str]]:
     gpu = r["device"] == "cuda"
     summary, detail = [], [
         f"{r['steps']} timed batches of {r['batch']} × {r['seq_len']} tokens after {r['warmup']} warm-up, "
-        f"{r['precision']}, on {r['device']}. Data loader: {r['loader_batches']} batches of the training loader alone.",
+        f"{r['precision']}, on {r['device']}; best of {r['rounds']} alternating rounds per side. "
+        f"Data loader: {r['loader_batches']} batches of the training loader alone.",
         "", "| model | params | bare loop tok/s | slm tok/s | slm / bare | loader samples/s | training samples/s "
         "| loader / training |" + (" MFU |" if gpu else ""),
         "|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
