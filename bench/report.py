@@ -9,7 +9,7 @@ with the machine, the date and the commit.
   chaos        20 SIGKILLs over one run, then 8 over a `composer -n 2` run (one rank killed each time)
 
 Each runs as its own process (its output goes to a log beside the report); a failed one is reported
-as failed and the others still run. Takes about 30 minutes on a 2-core machine; --quick runs every
+as failed and the others still run. Takes about 25 minutes on a 2-core machine; --quick runs every
 benchmark small (a few minutes) to check the whole report works.
 
     python bench/report.py [--out bench/RESULTS.md] [--only NAME ...] [--quick]
@@ -202,14 +202,15 @@ def main() -> int:
     logs = REPO / "bench" / "logs"
     logs.mkdir(exist_ok=True)
     started, start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
+    measured = commit()  # before the benchmarks: files edited while they run are not what they measured
     results = {name: run_bench(name, BENCHES[name][args.quick], logs) for name in args.only or BENCHES}
     versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in PACKAGES)
     lines = ["# Benchmark results", "",
              f"Written by `python bench/report.py{' --quick' if args.quick else ''}` on "
-             f"{started:%Y-%m-%d %H:%M} UTC in {(time.perf_counter() - start) / 60:.0f} min, at commit {commit()}.",
+             f"{started:%Y-%m-%d %H:%M} UTC in {(time.perf_counter() - start) / 60:.0f} min, at commit {measured}.",
              "", f"- Machine: {machine()}", f"- Python {platform.python_version()}; {versions}", "",
              "Every ratio is against a baseline measured in the same run on this machine. Rerun: "
-             "`python bench/report.py` (about 30 minutes on 2 cores); each benchmark's own output is in "
+             "`python bench/report.py` (about 25 minutes on 2 cores); each benchmark's own output is in "
              "`bench/logs/`.", "", "## Summary", "", "| claim | figure | baseline | ratio | goal | met |",
              "|---|---|---|---|---|---|"]
     details = []
