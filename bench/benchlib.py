@@ -6,9 +6,12 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
+
+from slm.data import build_dataloader
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's `slm` and `composer` sit beside its python
@@ -40,3 +43,14 @@ def machine() -> str:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, {gpu}; {platform.system()} {platform.release()}"
+
+
+def time_loader(cfg, batch_size: int, batches: int, warmup: int = 0) -> float:
+    """Seconds for slm's training data loader alone (its StreamingDataset and workers) to yield `batches`."""
+    loader = iter(build_dataloader(cfg.data.train, cfg.data, batch_size, train=True).dataloader)
+    for _ in range(warmup):
+        next(loader)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(loader)
+    return time.perf_counter() - start

@@ -8,7 +8,7 @@ with the machine, the date and the commit.
   memory       peak memory of tokenizing a 4x corpus against a 1x one
   chaos        20 SIGKILLs over one run, then 8 over a `composer -n 2` run (one rank killed each time)
 
-Each runs as its own process (its output goes to a log beside the report); a failed one is reported
+Each runs as its own process (its output and figures go to bench/logs/NAME.log and .json); a failed one is reported
 as failed and the others still run. Takes about 25 minutes on a 2-core machine; --quick runs every
 benchmark small (a few minutes) to check the whole report works.
 
@@ -25,7 +25,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,8 +46,8 @@ PACKAGES = ["torch", "mosaicml", "mosaicml-streaming", "transformers", "tokenize
 
 def run_bench(name: str, command: list[str], logs: Path) -> tuple[dict | None, float, int]:
     """Run one benchmark; its figures (None if it wrote none), its wall time and its exit status."""
-    out = Path(tempfile.mkdtemp(prefix=f"slm-report-{name}-")) / "figures.json"
-    log = logs / f"{name}.log"
+    log, out = logs / f"{name}.log", logs / f"{name}.json"
+    out.unlink(missing_ok=True)
     print(f"== {name}: {' '.join(command)} (log: {log.relative_to(REPO)})", flush=True)
     start = time.perf_counter()
     with log.open("w") as f:
@@ -210,7 +209,7 @@ def main() -> int:
              f"{started:%Y-%m-%d %H:%M} UTC in {(time.perf_counter() - start) / 60:.0f} min, at commit {measured}.",
              "", f"- Machine: {machine()}", f"- Python {platform.python_version()}; {versions}", "",
              "Every ratio is against a baseline measured in the same run on this machine. Rerun: "
-             "`python bench/report.py` (about 25 minutes on 2 cores); each benchmark's own output is in "
+             "`python bench/report.py` (about 25 minutes on 2 cores); each benchmark's own output and figures are in "
              "`bench/logs/`.", "", "## Summary", "", "| claim | figure | baseline | ratio | goal | met |",
              "|---|---|---|---|---|---|"]
     details = []

@@ -28,10 +28,9 @@ from pathlib import Path
 from composer import Callback, Logger, State
 
 from slm.config import load_config
-from slm.data import build_dataloader
 from slm.train import build_trainer
 
-from benchlib import REPO, machine, make_data
+from benchlib import REPO, machine, make_data, time_loader
 
 CONFIG = REPO / "yamls" / "demo-llama.yaml"
 NEAR = 10
@@ -79,16 +78,6 @@ def time_resume(root: Path, batches: int, attempt: int) -> float:
     return first_batch.at - start
 
 
-def time_replay(root: Path, batches: int) -> float:
-    """Seconds for the training data loader to yield the `batches` batches before the resume point."""
-    cfg = load_config(CONFIG, overrides(root, "replay", batches))
-    loader = iter(build_dataloader(cfg.data.train, cfg.data, 1, train=True).dataloader)
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(loader)
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--far", type=int, default=10_000, help="the late resume point (default: %(default)s)")
@@ -116,7 +105,7 @@ def main() -> None:
             for batches in times:
                 times[batches].append(time_resume(root, batches, attempt))
         near, far = (statistics.median(times[b]) for b in (NEAR, args.far))
-        replay = time_replay(root, args.far)
+        replay = time_loader(load_config(CONFIG, overrides(root, "replay", args.far)), 1, args.far)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"  resume at batch {NEAR:>6,}: {near:5.2f} s (median of {args.repeats})")

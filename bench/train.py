@@ -33,11 +33,11 @@ from streaming import StreamingDataset
 from torch.utils.data import DataLoader
 
 from slm.config import load_config
-from slm.data import build_dataloader, collate
+from slm.data import collate
 from slm.model import build_hf_model, count_parameters, flops_per_token, mamba_kernels_available
 from slm.train import build_trainer
 
-from benchlib import REPO, machine, make_data
+from benchlib import REPO, machine, make_data, time_loader
 
 
 def time_slm(cfg, warmup: int, steps: int) -> tuple[float, float]:
@@ -80,17 +80,6 @@ def time_bare(cfg, warmup: int, steps: int, device: str, model_overrides: dict |
     return time.perf_counter() - start
 
 
-def time_loader(cfg, warmup: int, batches: int) -> float:
-    """Seconds for slm's training data loader alone (same StreamingDataset and workers) to yield `batches`."""
-    loader = iter(build_dataloader(cfg.data.train, cfg.data, cfg.global_batch_size, train=True).dataloader)
-    for _ in range(warmup):
-        next(loader)
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(loader)
-    return time.perf_counter() - start
-
-
 @contextlib.contextmanager
 def without_mamba_kernels():
     """HF Mamba takes the mamba-ssm kernels whenever they import; this makes it take the mambapy path."""
@@ -129,7 +118,7 @@ def bench_model(name: str, cfg_for, args, device: str) -> dict:
         bare = min(bare, time_bare(cfg, args.warmup, args.steps, device))
         seconds, peak_flops = time_slm(cfg, args.warmup, args.steps)
         ours = min(ours, seconds)
-    loader = time_loader(cfg, args.warmup, args.loader_batches)
+    loader = time_loader(cfg, args.batch, args.loader_batches, args.warmup)
     model = build_hf_model(dict(cfg.model), cfg.seed)
     result = {"model": name, "class": cfg.model["class"], "params": count_parameters(model),
               "bare_tok_s": tokens / bare, "slm_tok_s": tokens / ours,
