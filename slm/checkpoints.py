@@ -21,8 +21,19 @@ from composer.loggers import Logger
 from composer.utils import dist
 from composer.utils.misc import create_interval_scheduler
 
-CHECKPOINT = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")
-LATEST = "latest-rank0.pt"
+from slm.paths import partial_file
+
+# Composer's name patterns for the CheckpointSaver; every other use of a checkpoint's name derives from these.
+FILENAME = "ep{epoch}-ba{batch}-rank{rank}.pt"
+LATEST_FILENAME = "latest-rank{rank}.pt"
+LATEST = LATEST_FILENAME.format(rank=0)
+CHECKPOINT = re.compile(re.escape(FILENAME).replace(r"\{epoch\}", r"(\d+)").replace(r"\{batch\}", r"(\d+)")
+                        .replace(r"\{rank\}", "0") + "$")
+
+
+def checkpoint_name(epoch: int, batch: int) -> str:
+    """The rank-0 checkpoint file the CheckpointSaver writes at this epoch and batch."""
+    return FILENAME.format(epoch=epoch, batch=batch, rank=0)
 
 
 def early_batches(up_to: int) -> set[int]:
@@ -44,7 +55,7 @@ def save_schedule(interval: str, early: set[int]) -> Callable[[State, Event], bo
 def checkpoints(folder: Path) -> dict[int, Path]:
     """Rank-0 checkpoint files by batch."""
     found = {}
-    for path in folder.glob("ep*-ba*-rank0.pt") if folder.is_dir() else ():
+    for path in folder.glob(FILENAME.format(epoch="*", batch="*", rank=0)) if folder.is_dir() else ():
         match = CHECKPOINT.match(path.name)
         if match:
             found[int(match.group(2))] = path
@@ -59,19 +70,23 @@ def is_complete(path: Path) -> bool:
         return False
 
 
-def repair_latest(folder: Path) -> int | None:
-    """Point `latest-rank0.pt` at the newest complete checkpoint; returns its batch (None: none)."""
-    for batch, path in sorted(checkpoints(folder).items(), reverse=True):
+def newest_complete(folder: Path) -> Path | None:
+    """The newest rank-0 checkpoint whose file is complete (what a resume starts from), if any."""
+    for _, path in sorted(checkpoints(folder).items(), reverse=True):
         if is_complete(path):
-            link = folder / LATEST
-            if not (link.is_symlink() and os.readlink(link) == path.name):
-                tmp = folder / f".{LATEST}.tmp"
-                tmp.unlink(missing_ok=True)
-                tmp.symlink_to(path.name)
-                tmp.replace(link)  # atomic
-            return batch
-    (folder / LATEST).unlink(missing_ok=True)  # dangling or pointing at a torn file
+            return path
     return None
+
+
+def repair_latest(folder: Path) -> Path | None:
+    """Point `latest-rank0.pt` at the newest complete checkpoint and return it (None: there is none)."""
+    path, link = newest_complete(folder), folder / LATEST
+    if path is None:
+        link.unlink(missing_ok=True)  # dangling or pointing at a torn file
+    elif not (link.is_symlink() and os.readlink(link) == path.name):
+        with partial_file(link) as tmp:
+            tmp.symlink_to(path.name)
+    return path
 
 
 class KeepNewestPeriodic(Callback):

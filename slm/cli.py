@@ -8,8 +8,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from slm.errors import SlmError, disk_error
-from slm.outputs import refuse_to_clobber
+from slm.errors import SlmError, run_command
+from slm.paths import refuse_to_clobber
 
 
 def _add_input_args(p: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def cmd_corpus(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
-    from slm.hub import push_folder
+    from slm.hub import Hub
     from slm.sources import iter_batches, load_documents
     from slm.tokenizer import check_vocab_size, train_tokenizer
 
@@ -61,7 +61,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
         except OSError as e:
             raise SlmError(f"cannot write to {folder}: {e.strerror or e}") from None
         if args.out_repo:
-            push_folder(folder, args.out_repo, message=f"Tokenizer trained by slm on {args.in_dataset}")
+            Hub().push_folder(folder, args.out_repo, f"Tokenizer trained by slm on {args.in_dataset}")
     if len(tok) < args.vocab_size:
         print(f"note: the corpus has too few distinct words for more merges: {len(tok):,} tokens, not "
               f"{args.vocab_size:,}; model vocab sizes >= {len(tok):,} work with it", file=sys.stderr)
@@ -71,7 +71,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
-    from slm.hub import HF_URI, parse_hf_uri, push_folder
+    from slm.hub import HF_URI, Hub, parse_hf_uri
     from slm.shards import write_shards
     from slm.sources import iter_batches, load_documents
     from slm.tokenizer import load_tokenizer, tokenizer_identity
@@ -95,7 +95,8 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
                              overwrite=args.overwrite, total_docs=len(ds), source=source)
         if to_hub:
             repo_type, repo_id, path = to_hub
-            push_folder(local, repo_id, repo_type, f"MDS shards of {args.in_dataset} [{args.split}] by slm", path)
+            Hub().push_folder(local, repo_id, f"MDS shards of {args.in_dataset} [{args.split}] by slm",
+                              repo_type=repo_type, path_in_repo=path)
     where = " and ".join(filter(None, [str(out_dir) if out_dir else None, args.out_remote]))
     print(f"wrote {stats.samples:,} samples of {args.seq_len} tokens to {where}: {stats.documents:,} documents, "
           f"{stats.tokens:,} tokens ({stats.dropped_tail_tokens} dropped at the tail), "
@@ -104,14 +105,14 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from slm.export import export_checkpoint
-    from slm.hub import push_folder
+    from slm.hub import Hub
 
     if not (args.out_dir or args.out_repo):
         raise SlmError("give --out-dir, --out-repo, or both")
     with tempfile.TemporaryDirectory() as tmp:
         out = export_checkpoint(Path(args.checkpoint), Path(args.out_dir or Path(tmp) / "export"), args.overwrite)
         if args.out_repo:
-            push_folder(out, args.out_repo, message=f"HF export of {Path(args.checkpoint).name} by slm")
+            Hub().push_folder(out, args.out_repo, f"HF export of {Path(args.checkpoint).name} by slm")
     where = " and ".join(filter(None, [args.out_dir, f"hf://{args.out_repo}" if args.out_repo else None]))
     print(f"exported {args.checkpoint} to {where}; load it with "
           f"AutoModelForCausalLM.from_pretrained('{args.out_dir or args.out_repo}')")
@@ -226,21 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.run(args)
-    except SlmError as e:
-        print(f"slm {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"slm {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if args.debug:
-            raise
-        problem = disk_error(e) or f"{type(e).__name__}: {e} (rerun with --debug for the traceback)"
-        print(f"slm {args.command}: error: {problem}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(f"slm {args.command}", lambda: args.run(args), args.debug)
 
 
 if __name__ == "__main__":

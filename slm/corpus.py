@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from slm.paths import partial_file
+
 MIN_WORDS, MAX_WORDS = 80, 250
 
 GIRLS = ["Lily", "Mia", "Sara", "Emma", "Zoe", "Anna", "Lucy", "Ella", "Nora", "Ruby", "Ivy", "Maya",
@@ -228,13 +230,7 @@ def stories(num_docs: int, seed: int = 0) -> Iterator[str]:
 
 def write_corpus(out: Path, num_docs: int, seed: int = 0, field: str = "story") -> int:
     """Write `num_docs` stories as JSON lines to `out` (atomically); returns bytes written."""
-    tmp = out.with_name(out.name + ".partial")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            for text in stories(num_docs, seed):
-                f.write(json.dumps({field: text}, ensure_ascii=False) + "\n")
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(out)
+    with partial_file(out) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        for text in stories(num_docs, seed):
+            f.write(json.dumps({field: text}, ensure_ascii=False) + "\n")
     return out.stat().st_size

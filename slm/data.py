@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from composer.core import DataSpec
 from composer.utils import dist
-from omegaconf import DictConfig
 from streaming import StreamingDataset
 from torch.utils.data import DataLoader
 
+from slm.config import DataConfig, DataSplit
 from slm.errors import SlmError
 from slm.shards import read_metadata
 
@@ -33,7 +33,7 @@ def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     return {"input_ids": tokens, "labels": tokens.clone()}
 
 
-def split_metadata(split: DictConfig, name: str) -> dict:
+def split_metadata(split: DataSplit, name: str) -> dict:
     """The split's `slm-dataset.json`, fetched from its remote when only the remote has it."""
     local = Path(split.local)
     if split.remote and not (local / "slm-dataset.json").exists():
@@ -96,7 +96,7 @@ def check_compatible(train_meta: dict, eval_meta: dict, vocab_size: int, max_pos
         raise SlmError(f"data.train has seq_len {train_meta['seq_len']} but data.eval has {eval_meta['seq_len']}")
 
 
-def build_dataloader(split: DictConfig, data: DictConfig, batch_size: int, train: bool) -> DataSpec:
+def build_dataloader(split: DataSplit, data: DataConfig, batch_size: int, train: bool) -> DataSpec:
     """A DataSpec over one split; `batch_size` is per process."""
     for attempt in range(SHM_ATTEMPTS):
         try:

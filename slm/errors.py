@@ -1,8 +1,13 @@
-"""The one exception type for problems a user can fix, and the disk errors that are also the user's to fix."""
+"""Errors a user can act on: the one exception type for problems a user can fix, disk errors (also the user's
+to fix), and the one error path every entry point takes."""
 
 from __future__ import annotations
 
 import errno
+import os
+import sys
+import traceback
+from collections.abc import Callable
 
 DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
                errno.EROFS: "read-only file system"}
@@ -24,3 +29,31 @@ def disk_error(e: BaseException, where: str | None = None) -> str | None:
                     "elsewhere, then run the command again")
         e = e.__cause__ or e.__context__
     return None
+
+
+def describe(e: BaseException) -> str:
+    """The one line a user sees for an exception."""
+    if isinstance(e, SlmError):
+        return str(e)
+    text = str(e).strip().splitlines()
+    return disk_error(e) or f"{type(e).__name__}: {text[0] if text else ''} (rerun with --debug for the traceback)"
+
+
+def run_command(prog: str, action: Callable[[], int | None], debug: bool = False) -> int:
+    """The one error path of every slm entry point (`slm`, `slm/train.py`, `python -m slm.launch`).
+
+    Runs `action` and returns its exit status. Any error becomes one line, `PROG: error: ...`, and
+    status 1; with `debug` (the `--debug` flag) the full traceback, causes included, comes first.
+    Of several processes of one run only rank 0 says the line: they all fail alike.
+    """
+    try:
+        return action() or 0
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{prog}: error: {describe(e)}", file=sys.stderr, flush=True)
+        return 1

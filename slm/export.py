@@ -7,7 +7,6 @@ so the file alone is enough. The export loads with `AutoModelForCausalLM.from_pr
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ from omegaconf import OmegaConf
 
 from slm.errors import SlmError
 from slm.model import build_hf_model, count_parameters
-from slm.outputs import move_into_place, refuse_to_clobber
+from slm.paths import partial_folder, refuse_to_clobber
 from slm.tokenizer import load_tokenizer
 
 
@@ -99,17 +98,14 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, overwrite: bool = False) 
     info = state["callbacks"]["RunInfo"]
     model = model_from_checkpoint(state)
     tokenizer = load_tokenizer(info["tokenizer"])
-    partial = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
     try:
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        (partial / "README.md").write_text(_model_card(info, state, count_parameters(model), checkpoint))
-        run = {"checkpoint": str(checkpoint), "timestamp": {k: v for k, v in state["timestamp"]["Timestamp"].items()
-                                                              if isinstance(v, int)}, **info}
-        (partial / "slm-run.json").write_text(json.dumps(run, indent=2) + "\n")
+        with partial_folder(out_dir) as partial:
+            model.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+            (partial / "README.md").write_text(_model_card(info, state, count_parameters(model), checkpoint))
+            timestamp = {k: v for k, v in state["timestamp"]["Timestamp"].items() if isinstance(v, int)}
+            run = {"checkpoint": str(checkpoint), "timestamp": timestamp, **info}
+            (partial / "slm-run.json").write_text(json.dumps(run, indent=2) + "\n")
     except OSError as e:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise SlmError(f"cannot write {out_dir}: {e.strerror or e}") from None
-    move_into_place(partial, out_dir)
+        raise SlmError(f"cannot write {out_dir}: {e.strerror or e}") from e
     return out_dir

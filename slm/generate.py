@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from slm.errors import SlmError
+from slm.paths import is_local_path
 from slm.tokenizer import load_tokenizer
 
 
@@ -18,7 +19,7 @@ def generate(model_dir: str, prompt: str, max_new_tokens: int = 100, temperature
     Training samples start with `<bos>` anywhere in the token stream, and documents begin after
     an `<eos>`, so this is the context the model saw before every story's first token.
     """
-    if not Path(model_dir).exists() and model_dir.startswith((".", "/")):
+    if not Path(model_dir).exists() and is_local_path(model_dir):
         raise SlmError(f"model folder not found: {model_dir} (make one with `slm export`)")
     tokenizer = load_tokenizer(model_dir)
     try:

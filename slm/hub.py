@@ -146,8 +146,3 @@ class Hub:
                   repo_id=repo_id, repo_type=repo_type, path_in_repo=path_in_repo or None, revision=branch,
                   commit_message=message, delete_patterns=delete_patterns)
 
-
-def push_folder(folder: Path, repo_id: str, repo_type: str = "model", message: str = "Upload with slm",
-                path_in_repo: str = "") -> None:
-    """Create `repo_id` (private) if missing and upload `folder` to it, with the default retries."""
-    Hub().push_folder(folder, repo_id, message, repo_type=repo_type, path_in_repo=path_in_repo)

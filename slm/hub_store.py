@@ -19,7 +19,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger, LoggerDestination
 from composer.utils import create_symlink_file, dist
 
-from slm.checkpoints import LATEST, checkpoints, is_complete
+from slm.checkpoints import LATEST, checkpoint_name, checkpoints, is_complete
 from slm.export import export_checkpoint
 from slm.hub import Hub, HubError
 
@@ -123,7 +123,7 @@ class ExportToHub(Callback):
         batch = int(state.timestamp.batch)
         saved = self.saver.saved_checkpoints
         if dist.get_global_rank() == 0 and saved and batch not in self.exported \
-                and Path(saved[-1]).name == f"ep{int(state.timestamp.epoch)}-ba{batch}-rank0.pt":
+                and Path(saved[-1]).name == checkpoint_name(int(state.timestamp.epoch), batch):
             self.export(batch, Path(saved[-1]))
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:

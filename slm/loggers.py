@@ -1,4 +1,4 @@
-"""Local run logs: `metrics.jsonl` in the run folder, one line per batch that logged metrics.
+"""Run logs: `metrics.jsonl` in the run folder, one line per batch that logged metrics; the W&B run id.
 
 Each line holds the batch, the tokens seen and every metric Composer logged at that batch
 (train loss and metrics, lr, throughput, and eval metrics at eval batches). A resumed run first
@@ -8,23 +8,17 @@ step exactly once.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
 import mmap
-import netrc
 import os
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-import tqdm.auto
-from composer.core import Callback, State, TimeUnit
-from composer.loggers import Logger, LoggerDestination, ProgressBarLogger, WandBLogger
+from composer.core import Callback, State
+from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
-
-from slm.errors import SlmError
 
 
 class MetricsFile(LoggerDestination):
@@ -94,33 +88,6 @@ class WriteMetricsRow(Callback):
         self.metrics_file.write_row(state)
 
 
-class WandB(WandBLogger):
-    """Composer's W&B logger, minus checkpoint downloads: slm keeps checkpoints locally and on the Hub,
-    never as W&B artifacts, so autoresume must not ask the W&B API (a network call) for them."""
-
-    def download_file(self, remote_file_name: str, destination: str, overwrite: bool = False,
-                      progress_bar: bool = True) -> None:
-        raise NotImplementedError
-
-
-def check_wandb_login(project: str) -> None:
-    """Refuse W&B logging that would stop at start on a missing login (wandb raises from deep in Trainer())."""
-    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
-        return
-    settings = Path(os.environ.get("WANDB_CONFIG_DIR", Path.home() / ".config" / "wandb")) / "settings"
-    if settings.is_file() and any(line.replace(" ", "") in ("mode=offline", "mode=disabled")
-                                  for line in settings.read_text().splitlines()):
-        return
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    try:
-        if netrc.netrc(os.environ.get("NETRC")).authenticators(host):
-            return
-    except (OSError, netrc.NetrcParseError):
-        pass
-    raise SlmError(f"logging.wandb.project is {project} but there is no W&B login for {host}: run `wandb login`, "
-                   "set WANDB_API_KEY, or set WANDB_MODE=offline to log locally")
-
-
 def wandb_run_id(run_name: str) -> str:
     """The W&B run id of a run: its run_name (already limited to letters, digits and . _ + -), with a
     hash past W&B's 64 characters, so the same run_name always continues the same W&B run."""
@@ -128,37 +95,3 @@ def wandb_run_id(run_name: str) -> str:
         return run_name
     return f"{run_name[:55]}-{hashlib.sha1(run_name.encode()).hexdigest()[:8]}"
 
-
-class ResumableProgressBar(ProgressBarLogger):
-    """Composer's progress bar, right after autoresume.
-
-    Composer builds the train bar at EPOCH_START, which a run resumed mid-epoch never sees (it
-    showed no train bar at all), and counts a new bar from zero. This one is built at fit start
-    at the resumed position out of the total, with its rate measured from there. The bar's
-    state is not checkpointed: it is rebuilt from the timestamp, whatever the total is now.
-    """
-
-    def fit_start(self, state: State, logger: Logger) -> None:
-        super().fit_start(state, logger)
-        if self.show_pbar and self.train_pbar is None:
-            self.train_pbar = self._build_pbar(state, is_train=True)
-
-    def _build_pbar(self, state: State, is_train: bool):
-        if not is_train:
-            return super()._build_pbar(state, is_train)
-        by_epoch = state.max_duration is None or state.max_duration.unit == TimeUnit.EPOCH
-        done = int(state.timestamp.batch_in_epoch if by_epoch else state.timestamp.get(state.max_duration.unit))
-        # Composer's _ProgressBar calls tqdm.auto.tqdm without `initial`; give it one for this call, so not
-        # even the first frame counts from zero.
-        plain = tqdm.auto.tqdm
-        tqdm.auto.tqdm = functools.partial(plain, initial=done)
-        try:
-            return super()._build_pbar(state, is_train)
-        finally:
-            tqdm.auto.tqdm = plain
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass

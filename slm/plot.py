@@ -7,11 +7,11 @@ a suite, the last eval loss of each run against its parameter count.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from slm.errors import SlmError
+from slm.paths import partial_file
 
 TRAIN_LOSS, EVAL_LOSS, LR = "loss/train/total", "metrics/eval/CrossEntropy", "lr-AdamW/group0"
 
@@ -94,13 +94,11 @@ def plot_runs(folders: list[Path], out: Path) -> Path:
 
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial.png")
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out)
+        with partial_file(out) as tmp:
+            fig.savefig(tmp, dpi=110)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise SlmError(f"cannot write {out}: {e.strerror or e}") from None
+        raise SlmError(f"cannot write {out}: {e.strerror or e}") from e
     finally:
         plt.close(fig)
     return out

@@ -21,9 +21,10 @@ import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
-from omegaconf import DictConfig, OmegaConf
 
+from slm.config import TrainConfig
 from slm.loggers import MetricsFile
+from slm.paths import write_atomically
 
 PACKAGES = ("slm", "torch", "mosaicml", "mosaicml-streaming", "transformers", "tokenizers", "datasets",
             "huggingface-hub", "wandb", "mambapy", "mamba-ssm")
@@ -69,9 +70,9 @@ def environment() -> dict[str, Any]:
 class RunInfo(Callback):
     """Run metadata in every checkpoint and in `run.json`; each start or resume appends to `starts`."""
 
-    def __init__(self, cfg: DictConfig, tokenizer: str, parameters: int, folder: Path, metrics: MetricsFile):
+    def __init__(self, cfg: TrainConfig, tokenizer: str, parameters: int, folder: Path, metrics: MetricsFile):
         self.folder, self.metrics = folder, metrics
-        self.info: dict[str, Any] = {"run_name": cfg.run_name, "config": OmegaConf.to_container(cfg, resolve=True),
+        self.info: dict[str, Any] = {"run_name": cfg.run_name, "config": cfg.to_dict(),
                                      "tokenizer": tokenizer, "parameters": parameters, "starts": []}
 
     def fit_start(self, state: State, logger: Logger) -> None:
@@ -79,10 +80,7 @@ class RunInfo(Callback):
                  "batch": int(state.timestamp.batch), **environment()}
         self.info["starts"] = [s for s in self.info["starts"] if s["batch"] < start["batch"]] + [start]
         if dist.get_global_rank() == 0:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = self.folder / ".run.json.tmp"
-            tmp.write_text(json.dumps(self.info, indent=2) + "\n")
-            tmp.replace(self.folder / "run.json")
+            write_atomically(self.folder / "run.json", json.dumps(self.info, indent=2) + "\n")
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.info, "metrics": dict(self.metrics.latest)}

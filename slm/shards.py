@@ -12,10 +12,10 @@ into `streaming.MDSWriter`, so memory does not grow with the corpus.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
@@ -25,14 +25,14 @@ from streaming import MDSWriter
 from tqdm import tqdm
 
 from slm.errors import SlmError
-from slm.outputs import move_into_place, refuse_to_clobber
+from slm.paths import partial_folder, refuse_to_clobber
 
 CHUNKING_RULE = "slm-v1"
 METADATA_FILE = "slm-dataset.json"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 while every id fits, else uint32 (DESIGN §3)."""
+    """uint16 while every id fits, else uint32 (docs/design.md, "MDS layout")."""
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
@@ -91,23 +91,6 @@ def _encode_batches(tokenizer, batches: Iterable[list[str]]) -> Iterator[tuple[i
             yield pending.result()
 
 
-def _prepare_output(out_dir: Path | None, overwrite: bool) -> Path | None:
-    """Refuse to clobber; return a fresh sibling folder to write into (renamed into place at the end)."""
-    if out_dir is None:
-        return None
-    refuse_to_clobber(out_dir, overwrite)
-    if out_dir.is_file():
-        raise SlmError(f"output {out_dir} is a file, not a folder")
-    partial = out_dir.with_name(f".{out_dir.name}.partial")
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-    except OSError as e:
-        raise SlmError(f"cannot write to {out_dir}: {e.strerror or e}") from None
-    return partial
-
-
 def write_shards(batches: Iterable[list[str]], tokenizer, identity: dict, seq_len: int, *,
                  out_dir: Path | None, out_remote: str | None = None, compression: str | None = "zstd",
                  overwrite: bool = False, total_docs: int | None = None, source: dict | None = None
@@ -117,11 +100,14 @@ def write_shards(batches: Iterable[list[str]], tokenizer, identity: dict, seq_le
         raise SlmError("give --out-dir, --out-remote, or both")
     dtype = token_dtype(identity["vocab_size"])
     chunker = Chunker(seq_len, identity["bos_id"], identity["eos_id"], dtype)
-    partial = _prepare_output(out_dir, overwrite)
-    out = (str(partial), out_remote) if partial and out_remote else str(partial or out_remote)
+    if out_dir is not None:
+        refuse_to_clobber(out_dir, overwrite)
+        if out_dir.is_file():
+            raise SlmError(f"output {out_dir} is a file, not a folder")
     stats = ShardStats()
     start = time.perf_counter()
-    try:
+    with partial_folder(out_dir) if out_dir else nullcontext() as partial:
+        out = (str(partial), out_remote) if partial and out_remote else str(partial or out_remote)
         with MDSWriter(out=out, columns={"tokens": f"ndarray:{dtype.name}:{seq_len}"},
                        compression=None if compression in (None, "none") else compression,
                        hashes=["sha1"], keep_local=partial is not None) as writer, \
@@ -143,12 +129,6 @@ def write_shards(batches: Iterable[list[str]], tokenizer, identity: dict, seq_le
             _write_metadata(Path(writer.local), identity, seq_len, dtype, stats, source or {})
             if writer.remote:
                 writer.cloud_writer.upload_file(METADATA_FILE)
-    except BaseException:
-        if partial:
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if out_dir is not None:
-        move_into_place(partial, out_dir)
     return stats
 
 

@@ -8,7 +8,6 @@ a folder of such files, a `save_to_disk` folder, or a Hub dataset id; `-s` takes
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,11 +15,11 @@ import datasets
 from datasets.arrow_writer import SchemaInferenceError
 
 from slm.errors import SlmError
+from slm.paths import is_local_path
 
 BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
             ".csv": "csv", ".arrow": "arrow"}
 COMPRESSIONS = {".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip"}
-HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
 def _builder(path: Path) -> str:
@@ -29,12 +28,6 @@ def _builder(path: Path) -> str:
     if builder is None:
         raise SlmError(f"{path}: unknown file type; use one of {', '.join(sorted(BUILDERS))}")
     return builder
-
-
-def _looks_local(source: str) -> bool:
-    """A string that can only be a path (so a missing one is 'not found', not a Hub lookup)."""
-    return (source.startswith(("/", ".", "~")) or source.count("/") > 1 or not HUB_ID.match(source)
-            or any(source.endswith(ext) for ext in BUILDERS))
 
 
 def _first_bad_utf8(files: list[Path]) -> str:
@@ -76,7 +69,7 @@ def load_documents(source: str, feature: str, split: str = "train", txt_per_file
             ds = _select_split(datasets.load_from_disk(str(path)), split, source)
         elif path.is_dir():
             ds = datasets.load_dataset(str(path), split=split, **text_kwargs)
-        elif _looks_local(source):
+        elif is_local_path(source) or source.endswith(tuple(BUILDERS)):  # a file name is no Hub dataset id
             raise SlmError(f"input not found: {source} (give a file, a folder, or a Hub dataset id)")
         else:
             ds = datasets.load_dataset(source, split=split)

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from slm.errors import SlmError
+from slm.paths import is_local_path
 
 SPECIAL_TOKENS = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the specials
@@ -43,7 +44,7 @@ def load_tokenizer(name: str, bos_token: str | None = None, eos_token: str | Non
                    ) -> PreTrainedTokenizerFast:
     """A fast tokenizer from a folder or Hub id, with bos/eos ids guaranteed."""
     local = Path(name).expanduser()
-    if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+    if not local.exists() and is_local_path(name):
         raise SlmError(f"tokenizer not found: {name}")
     try:
         tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else name,

@@ -12,28 +12,44 @@ with a checkpoint and exit status 75, ready to resume.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    # Python put this file's folder first on sys.path, so every module of slm would also be importable under its
+    # bare name (`evaluate`, `data`, ...) and shadow an installed package of that name: slm is a package.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import json
-import sys
-import warnings
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from composer import Trainer
 from composer.algorithms import GradientClipping
 from composer.callbacks import CheckpointSaver, LRMonitor, SpeedMonitor
-from composer.core import Evaluator, Time
+from composer.core import Callback, Evaluator, Time
+from composer.loggers import LoggerDestination
 from composer.optim import CosineAnnealingWithWarmupScheduler
 from composer.utils import dist
-from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedModel
 
-from slm.checkpoints import KeepNewestPeriodic, early_batches, repair_latest, save_schedule
-from slm.config import load_config, save_config
+from slm import workarounds
+from slm.checkpoints import (
+    FILENAME,
+    LATEST_FILENAME,
+    KeepNewestPeriodic,
+    early_batches,
+    newest_complete,
+    repair_latest,
+    save_schedule,
+)
+from slm.config import OptimizerConfig, TrainConfig, load_config, save_config
 from slm.data import build_dataloader, check_compatible, split_metadata
-from slm.errors import SlmError, disk_error
+from slm.errors import SlmError, disk_error, run_command
 from slm.hub import Hub
-from slm.hub_store import REMOTE_FOLDER, ExportToHub, HubCheckpoints
-from slm.loggers import MetricsFile, ResumableProgressBar, WandB, WriteMetricsRow, check_wandb_login, wandb_run_id
+from slm.hub_store import ExportToHub, HubCheckpoints, remote_name
+from slm.loggers import MetricsFile, WriteMetricsRow, wandb_run_id
 from slm.metrics import build_metrics, byte_lengths
 from slm.model import CausalLM, build_hf_model, count_parameters
 from slm.preemption import EXIT_PREEMPTED, StopOnSignal
@@ -41,74 +57,29 @@ from slm.runinfo import RunInfo
 from slm.shm import clean_stale_shared_memory
 from slm.tokenizer import load_tokenizer, tokenizer_identity
 
-# Composer's warnings about passing a ProgressBarLogger ourselves and about it not being in old checkpoints.
-warnings.filterwarnings("ignore", message="Specifying the ProgressBarLogger via `loggers`")
-warnings.filterwarnings("ignore", message="ResumableProgressBar is not in the state_dict")
+
+@dataclass
+class Plan:
+    """What preflight checked and built: everything the Trainer needs that does not touch the run folder."""
+
+    cfg: TrainConfig
+    gpu: bool
+    per_device_batch: int
+    tokenizer: str  # its name or folder, as recorded in run.json and checkpoints
+    model: CausalLM
 
 
-
-_composer_signal_file_name = dist.get_node_signal_file_name
-
-
-def _signal_file_per_node(rng=None) -> str:
-    """Composer's autoresume has each node's local rank 0 create and then remove a signal file whose name
-    rank 0 broadcasts, so it is the same on every node: with the run folder on a shared filesystem (as on
-    clusters) the second node's remove fails. Adding the node rank keeps each node's wait its own."""
-    return f"{_composer_signal_file_name(rng)}-node{dist.get_node_rank()}"
-
-
-dist.get_node_signal_file_name = _signal_file_per_node
-
-TIME_KEYS = ("max_duration", "save_interval", "eval_interval", "log_interval", "scheduler.warmup")
-
-
-def _time(cfg: DictConfig, key: str) -> Time:
-    value = str(OmegaConf.select(cfg, key))
-    try:
-        return Time.from_timestring(value)
-    except ValueError:
-        raise SlmError(f"config key '{key}' = '{value}' is not a time: use a number with a unit, "
-                       "e.g. 2000ba (batches), 10ep (epochs), 5000000tok (tokens)") from None
-
-
-def _optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on norms and biases)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-
-
-def _publishing(cfg: DictConfig, folder: Path, saver: CheckpointSaver) -> tuple[list, list]:
-    """(loggers, callbacks to place after the CheckpointSaver) for the Hub and W&B settings."""
-    loggers, callbacks = [], []
-    if cfg.hub.repo:
-        hub = Hub(cfg.hub.retries, cfg.hub.retry_wait)
-        loggers.append(HubCheckpoints(hub, cfg.hub.repo, folder, cfg.hub.private))
-        if cfg.hub.export:
-            callbacks.append(ExportToHub(hub, cfg.hub.repo, folder, saver, cfg.hub.private))
-    w = cfg.logging.wandb
-    if w.project:
-        loggers.append(WandB(project=w.project, entity=w.entity, group=w.group, tags=list(w.tags) or None,
-                             init_kwargs={"id": wandb_run_id(cfg.run_name), "resume": "allow", "dir": str(folder),
-                                          "config": OmegaConf.to_container(cfg, resolve=True)}))
-    return loggers, callbacks
-
-
-def build_trainer(cfg: DictConfig) -> Trainer:
-    """Everything checked first, then the Trainer (which autoresumes)."""
-    times = {key: _time(cfg, key) for key in TIME_KEYS}
+def preflight(cfg: TrainConfig) -> Plan:
+    """Every check of the config, the data and the model against each other; nothing is written."""
     if cfg.logging.wandb.project:
-        check_wandb_login(cfg.logging.wandb.project)
+        workarounds.check_wandb_login(cfg.logging.wandb.project)
     gpu = torch.cuda.is_available()
-    device = "gpu" if gpu else "cpu"
     if cfg.device_microbatch_size == "auto" and not gpu:
         raise SlmError("device_microbatch_size=auto needs a GPU; give a number on CPU")
-    dist.initialize_dist(device)
+    dist.initialize_dist("gpu" if gpu else "cpu")
     world = dist.get_world_size()
     if cfg.global_batch_size % world:
         raise SlmError(f"global_batch_size {cfg.global_batch_size} is not divisible by the {world} processes")
-    per_device = cfg.global_batch_size // world
 
     train_meta, eval_meta = split_metadata(cfg.data.train, "train"), split_metadata(cfg.data.eval, "eval")
     tokenizer_name = cfg.tokenizer or train_meta["tokenizer"]["name"]
@@ -116,86 +87,178 @@ def build_trainer(cfg: DictConfig) -> Trainer:
     if tokenizer_identity(tokenizer, "")["content_hash"] != train_meta["tokenizer"]["content_hash"]:
         raise SlmError(f"tokenizer {tokenizer_name} is not the one data.train was tokenized with "
                        "(content hashes differ)")
-    hf_model = build_hf_model(dict(cfg.model), cfg.seed)
+    hf_model = build_hf_model(cfg.model, cfg.seed)
     check_compatible(train_meta, eval_meta, hf_model.config.vocab_size,
                      getattr(hf_model.config, "max_position_embeddings", None))
     table = byte_lengths(tokenizer)
     model = CausalLM(hf_model, tokenizer, metrics=build_metrics(table), eval_metrics=build_metrics(table))
+    return Plan(cfg, gpu, cfg.global_batch_size // world, tokenizer_name, model)
 
-    folder = Path(cfg.save_folder.format(run_name=cfg.run_name))
-    early = early_batches(cfg.early_checkpoints)
+
+def prepare_run_folder(cfg: TrainConfig, model: PreTrainedModel) -> Path:
+    """The run folder, ready to start or resume in, on every process.
+
+    Streaming shared memory that killed runs left on this node is removed (only blocks no living
+    process maps); a folder holding another model's run is refused before anything in it changes;
+    rank 0 creates the folder (W&B, set up inside Trainer(), writes into it) and points `latest`
+    at the newest complete checkpoint (a kill can leave a torn file or no symlink); the others wait.
+    """
+    folder = cfg.folder
     if dist.get_local_rank() == 0:
         clean_stale_shared_memory()
-    _refuse_another_model(folder, cfg)
+    refuse_another_model(folder, cfg, model)
     if dist.get_global_rank() == 0:
-        folder.mkdir(parents=True, exist_ok=True)  # W&B, set up inside Trainer(), writes into it
+        folder.mkdir(parents=True, exist_ok=True)
         repair_latest(folder)
     dist.barrier()
+    return folder
 
-    train_data = build_dataloader(cfg.data.train, cfg.data, per_device, train=True)
-    eval_data = build_dataloader(cfg.data.eval, cfg.data, per_device, train=False)
-    # Composer hands each checkpoint to every logger's upload_file under the remote names (a no-op without hub.repo).
-    saver = CheckpointSaver(folder=str(folder), filename="ep{epoch}-ba{batch}-rank{rank}.pt",
-                            latest_filename="latest-rank{rank}.pt", save_interval=save_schedule(
-                                cfg.save_interval, early), overwrite=True,
-                            remote_file_name=f"{REMOTE_FOLDER}/ep{{epoch}}-ba{{batch}}-rank{{rank}}.pt",
-                            latest_remote_file_name=f"{REMOTE_FOLDER}/latest-rank{{rank}}.pt")
-    publish_loggers, publish_callbacks = _publishing(cfg, folder, saver)
-    metrics = MetricsFile(folder / "metrics.jsonl")
-    run_info = RunInfo(cfg, tokenizer_name, count_parameters(hf_model), folder, metrics)
-    interactive = sys.stderr.isatty()
-    clipping = [GradientClipping(clipping_type="norm", clipping_threshold=cfg.grad_clip)] if cfg.grad_clip else []
+
+def refuse_another_model(folder: Path, cfg: TrainConfig, model: PreTrainedModel) -> None:
+    """Resuming a run folder with another model config would fail deep in Composer: name the difference.
+
+    run.json names the model config; a folder without one (an older slm, a copied checkpoint) is
+    compared tensor by tensor with its newest complete checkpoint, read memory-mapped.
+    """
+    hint = "use another run_name or save_folder, or this run's model config to resume it"
     try:
-        trainer = Trainer(
-            model=model,
-            run_name=cfg.run_name,
-            seed=cfg.seed,
-            device=device,
-            precision=cfg.precision or ("amp_bf16" if gpu else "fp32"),
-            max_duration=times["max_duration"],
-            train_dataloader=train_data,
-            eval_dataloader=Evaluator(label="eval", dataloader=eval_data, metric_names=list(model.val_metrics)),
-            eval_interval=times["eval_interval"],
-            eval_subset_num_batches=cfg.eval_batches,
-            device_train_microbatch_size=cfg.device_microbatch_size or per_device,
-            optimizers=_optimizer(hf_model, cfg.optimizer),
-            schedulers=CosineAnnealingWithWarmupScheduler(t_warmup=times["scheduler.warmup"],
-                                                          alpha_f=cfg.scheduler.alpha_f),
-            algorithms=clipping,
-            callbacks=[SpeedMonitor(window_size=10), LRMonitor(), run_info, WriteMetricsRow(metrics), StopOnSignal(),
-                       saver, *publish_callbacks, KeepNewestPeriodic(folder, cfg.keep, early)],
-            loggers=[metrics, *publish_loggers, *([ResumableProgressBar()] if interactive else [])],
-            save_folder=str(folder),
-            autoresume=True,
-            spin_dataloaders=False,  # Streaming restores its own position
-            progress_bar=False,  # the ResumableProgressBar logger instead, when interactive
-            log_to_console=not interactive,
-            console_log_interval=times["log_interval"],
-            deterministic_mode=not gpu,
-            python_log_level="WARNING" if dist.get_global_rank() == 0 else "ERROR",
-        )
-    except RuntimeError as e:  # autoresume found a checkpoint whose tensors do not fit (no run.json to tell first)
-        if "state_dict" not in str(e):
-            raise
-        raise SlmError(f"the checkpoint in {folder} does not fit this model ({str(e).splitlines()[-1].strip()}): "
-                       "use another run_name or save_folder, or this run's model config to resume it") from None
+        before = json.loads((folder / "run.json").read_text())["config"]["model"]
+    except (OSError, ValueError, KeyError):
+        before = None
+    if before is not None:
+        differ = [k for k in sorted(set(before) | set(cfg.model)) if before.get(k) != cfg.model.get(k)]
+        if differ:
+            k = differ[0]
+            raise SlmError(f"{folder} holds a run of another model (model.{k} is {before.get(k)} there, "
+                           f"{cfg.model.get(k)} here): {hint}")
+        return
+    newest = newest_complete(folder)
+    if newest is None:
+        return
+    saved = torch.load(newest, map_location="cpu", weights_only=False, mmap=True)["state"]["model"]
+    there = {k.removeprefix("model."): tuple(v.shape) for k, v in saved.items()}
+    here = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for key in sorted(set(there) | set(here)):
+        if there.get(key) != here.get(key):
+            raise SlmError(f"the checkpoint in {folder} does not fit this model (size mismatch for {key}: "
+                           f"{there.get(key, 'absent')} there, {here.get(key, 'absent')} here): {hint}")
+
+
+def callbacks(cfg: TrainConfig, folder: Path, run_info: RunInfo, metrics: MetricsFile
+              ) -> tuple[list[Callback], list[LoggerDestination]]:
+    """The callbacks and loggers of a run, in the order Composer must call them.
+
+    Composer runs the callbacks in list order at every event, before the loggers (except at
+    INIT). So, at each BATCH_CHECKPOINT:
+    - SpeedMonitor, LRMonitor, RunInfo: log and record first; RunInfo's state rides in every checkpoint.
+    - WriteMetricsRow: the batch's metrics.jsonl row goes to disk before the saver runs, so no
+      checkpoint ever holds a batch missing from metrics.jsonl.
+    - StopOnSignal: a scheduler's signal ends training at this batch, where the saver, next, sees it.
+    - CheckpointSaver: writes the checkpoint and hands it to every logger's upload_file (the Hub's).
+    - ExportToHub: exports what the saver just wrote (it reads the saver's own record).
+    - KeepNewestPeriodic: prunes last, once the newest checkpoint is written, uploaded and exported.
+    The loggers: metrics.jsonl, then the Hub and W&B, then the terminal's progress bar.
+    """
+    early = early_batches(cfg.early_checkpoints)
+    saver = CheckpointSaver(folder=str(folder), filename=FILENAME, latest_filename=LATEST_FILENAME,
+                            save_interval=save_schedule(cfg.save_interval, early), overwrite=True,
+                            remote_file_name=remote_name(FILENAME),
+                            latest_remote_file_name=remote_name(LATEST_FILENAME))
+    hub = Hub(cfg.hub.retries, cfg.hub.retry_wait) if cfg.hub.repo else None
+    export = [ExportToHub(hub, cfg.hub.repo, folder, saver, cfg.hub.private)] if hub and cfg.hub.export else []
+    handlers = [SpeedMonitor(window_size=10), LRMonitor(), run_info, WriteMetricsRow(metrics), StopOnSignal(), saver,
+                *export, KeepNewestPeriodic(folder, cfg.keep, early)]
+
+    loggers: list[LoggerDestination] = [metrics]
+    if hub:
+        loggers.append(HubCheckpoints(hub, cfg.hub.repo, folder, cfg.hub.private))
+    w = cfg.logging.wandb
+    if w.project:
+        loggers.append(workarounds.WandB(project=w.project, entity=w.entity, group=w.group, tags=w.tags or None,
+                                         init_kwargs={"id": wandb_run_id(cfg.run_name), "resume": "allow",
+                                                      "dir": str(folder), "config": cfg.to_dict()}))
+    if sys.stderr.isatty():
+        loggers.append(workarounds.ResumableProgressBar())
+    return handlers, loggers
+
+
+def _optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norms and biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def make_trainer(plan: Plan, folder: Path) -> Trainer:
+    """Composer's Trainer over the checked plan; it autoresumes from the run folder (or the Hub)."""
+    cfg, model = plan.cfg, plan.model
+    metrics = MetricsFile(folder / "metrics.jsonl")
+    run_info = RunInfo(cfg, plan.tokenizer, count_parameters(model.model), folder, metrics)
+    handlers, loggers = callbacks(cfg, folder, run_info, metrics)
+    interactive = any(isinstance(logger, workarounds.ResumableProgressBar) for logger in loggers)
+    train_data = build_dataloader(cfg.data.train, cfg.data, plan.per_device_batch, train=True)
+    eval_data = build_dataloader(cfg.data.eval, cfg.data, plan.per_device_batch, train=False)
+    return Trainer(
+        model=model,
+        run_name=cfg.run_name,
+        seed=cfg.seed,
+        device="gpu" if plan.gpu else "cpu",
+        precision=cfg.precision or ("amp_bf16" if plan.gpu else "fp32"),
+        max_duration=Time.from_timestring(cfg.max_duration),
+        train_dataloader=train_data,
+        eval_dataloader=Evaluator(label="eval", dataloader=eval_data, metric_names=list(model.val_metrics)),
+        eval_interval=Time.from_timestring(cfg.eval_interval),
+        eval_subset_num_batches=cfg.eval_batches,
+        device_train_microbatch_size=cfg.device_microbatch_size or plan.per_device_batch,
+        optimizers=_optimizer(model.model, cfg.optimizer),
+        schedulers=CosineAnnealingWithWarmupScheduler(t_warmup=Time.from_timestring(cfg.scheduler.warmup),
+                                                      alpha_f=cfg.scheduler.alpha_f),
+        algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=cfg.grad_clip)] if cfg.grad_clip else [],
+        callbacks=handlers,
+        loggers=loggers,
+        save_folder=str(folder),
+        autoresume=True,
+        spin_dataloaders=False,  # Streaming restores its own position
+        progress_bar=False,  # the ResumableProgressBar logger instead, when interactive
+        log_to_console=not interactive,
+        console_log_interval=Time.from_timestring(cfg.log_interval),
+        deterministic_mode=not plan.gpu,
+        python_log_level="WARNING" if dist.get_global_rank() == 0 else "ERROR",
+    )
+
+
+def build_trainer(cfg: TrainConfig) -> Trainer:
+    """Preflight, then the run folder, then the Trainer; config.yaml only once a start is accepted."""
+    plan = preflight(cfg)
+    folder = prepare_run_folder(cfg, plan.model.model)
+    trainer = make_trainer(plan, folder)
     if dist.get_global_rank() == 0:
         save_config(cfg, folder / "config.yaml")  # only now: a refused start leaves the folder as it was
     return trainer
 
 
-def _refuse_another_model(folder: Path, cfg: DictConfig) -> None:
-    """Resuming a run folder with another model config would fail deep in Composer: name the difference."""
-    try:
-        before = json.loads((folder / "run.json").read_text())["config"]["model"]
-    except (OSError, ValueError, KeyError):
-        return
-    now = OmegaConf.to_container(cfg.model, resolve=True)
-    differ = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
-    if differ:
-        k = differ[0]
-        raise SlmError(f"{folder} holds a run of another model (model.{k} is {before.get(k)} there, {now.get(k)} "
-                       "here): use another run_name or save_folder, or the same model config to resume it")
+def say(text: str) -> None:
+    if dist.get_global_rank() == 0:
+        print(f"slm train: {text}", file=sys.stderr, flush=True)
+
+
+def train(cfg: TrainConfig) -> int:
+    """Start or resume the run and train it to max_duration; the exit status (EXIT_PREEMPTED: stopped by a signal)."""
+    trainer = build_trainer(cfg)
+    finished = trainer.state.get_elapsed_duration() >= 1
+    batch = int(trainer.state.timestamp.batch)
+    say(f"{cfg.run_name}: " + (f"resumed at batch {batch}" if batch else "starting at batch 0") + f" of "
+        f"{cfg.max_duration}" + ("; already finished (a larger max_duration continues it)" if finished else ""))
+    if not finished:  # a resubmitted or requeued job whose run is done has nothing to do, and is no error
+        trainer.fit()
+    trainer.close()
+    stop = next(c for c in trainer.state.callbacks if isinstance(c, StopOnSignal))
+    if stop.stopped_at is None:
+        return 0
+    say(f"{cfg.run_name}: stopped at batch {stop.stopped_at} on {stop.received}, checkpoint saved; the same command "
+        "resumes it")
+    return EXIT_PREEMPTED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,36 +268,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_duration=50ba")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
-    cfg = None
-    try:
+
+    def run() -> int:
         cfg = load_config(args.config, args.overrides)
-        trainer = build_trainer(cfg)
-        finished = trainer.state.get_elapsed_duration() >= 1
-        if dist.get_global_rank() == 0:
-            batch = int(trainer.state.timestamp.batch)
-            print(f"slm train: {cfg.run_name}: " + (f"resumed at batch {batch}" if batch else "starting at batch 0")
-                  + f" of {cfg.max_duration}" + ("; already finished (a larger max_duration continues it)"
-                                                 if finished else ""), file=sys.stderr, flush=True)
-        if finished:  # a resubmitted or requeued job whose run is done: nothing to do, not an error
-            trainer.close()
-            return 0
-        trainer.fit()
-        trainer.close()
-        stop = next(c for c in trainer.state.callbacks if isinstance(c, StopOnSignal))
-        if stop.stopped_at is not None:
-            if dist.get_global_rank() == 0:
-                print(f"slm train: {cfg.run_name}: stopped at batch {stop.stopped_at} on {stop.received}, checkpoint "
-                      "saved; the same command resumes it", file=sys.stderr, flush=True)
-            return EXIT_PREEMPTED
-    except Exception as e:
-        folder = cfg.save_folder.format(run_name=cfg.run_name) if cfg else None
-        problem = str(e) if isinstance(e, SlmError) else disk_error(e, where=folder)
-        if args.debug or problem is None:
+        try:
+            with workarounds.applied():
+                return train(cfg)
+        except Exception as e:  # a full disk: name the run folder when the error does not name a file
+            problem = disk_error(e, where=str(cfg.folder))
+            if problem:
+                raise SlmError(problem) from e
             raise
-        if dist.get_global_rank() == 0:  # every rank fails alike: say it once
-            print(f"slm train: error: {problem}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_command("slm train", run, args.debug)
 
 
 if __name__ == "__main__":
