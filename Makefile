@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := demo
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test test-fast lint bench clean
 
 # Re-install only when the package metadata changed: a second `make venv` takes a second.
 $(STAMP): pyproject.toml
@@ -45,8 +45,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check slm tests bench clean_shared_memory.py
 	for job in jobs/*; do bash -n $$job || exit 1; done
 
+# The full gate (what CI runs): every test, the training, cluster and root ones included.
 test: lint
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q
+
+# The tests that train no model, need no scheduler and no root: under 2 minutes, for the edit-test loop.
+test-fast: lint
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q -m "not train and not cluster and not root"
 
 # Every benchmark (about 30 minutes on 2 cores) -> bench/RESULTS.md.
 bench: export HF_HUB_OFFLINE = 1

@@ -35,7 +35,7 @@ def cmd_corpus(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         size = write_corpus(out, args.num_docs, args.seed)
     except OSError as e:
-        raise SlmError(f"cannot write {out}: {e.strerror or e}") from None
+        raise SlmError(f"cannot write {out}: {e.strerror or e}") from e
     print(f"wrote {args.num_docs:,} stories ({size / 1e6:.1f} MB, seed {args.seed}) to {out} "
           f"in {time.perf_counter() - start:.1f} s; the text is in the field 'story'")
 
@@ -59,7 +59,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
         try:
             tok.save_pretrained(str(folder))
         except OSError as e:
-            raise SlmError(f"cannot write to {folder}: {e.strerror or e}") from None
+            raise SlmError(f"cannot write to {folder}: {e.strerror or e}") from e
         if args.out_repo:
             Hub().push_folder(folder, args.out_repo, f"Tokenizer trained by slm on {args.in_dataset}")
     if len(tok) < args.vocab_size:

@@ -44,7 +44,7 @@ def split_metadata(split: DataSplit, name: str) -> dict:
             CloudDownloader.direct_download(f"{split.remote.rstrip('/')}/slm-dataset.json",
                                             str(local / "slm-dataset.json"), 60)
         except Exception as e:
-            raise SlmError(f"cannot fetch slm-dataset.json of data.{name} from {split.remote}: {e}") from None
+            raise SlmError(f"cannot fetch slm-dataset.json of data.{name} from {split.remote}: {e}") from e
     elif not (local / "index.json").exists():
         raise SlmError(f"data.{name}.local = {local} holds no MDS shards (no index.json): make them with "
                        f"`slm tokenize`, or set data.{name}.local to the right folder")
@@ -60,7 +60,7 @@ def check_shards(folder: Path, hashes: bool = True) -> None:
     try:
         shards = json.loads(index.read_text())["shards"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise SlmError(f"{index} is truncated or corrupt ({type(e).__name__}: {e}): re-run `slm tokenize`") from None
+        raise SlmError(f"{index} is truncated or corrupt ({type(e).__name__}: {e}): re-run `slm tokenize`") from e
     if not sum(shard.get("samples", 0) for shard in shards):
         raise SlmError(f"{folder} holds no samples: re-run `slm tokenize` on a non-empty corpus")
     for shard in shards:
@@ -112,7 +112,7 @@ def build_dataloader(split: DataSplit, data: DataConfig, batch_size: int, train:
                 raise
             time.sleep(_jitter.uniform(0.2, 2.0))
         except (FileNotFoundError, ValueError) as e:
-            raise SlmError(f"cannot open the MDS shards at {split.local}: {str(e).splitlines()[0]}") from None
+            raise SlmError(f"cannot open the MDS shards at {split.local}: {str(e).splitlines()[0]}") from e
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=data.num_workers,
                         drop_last=train, persistent_workers=data.num_workers > 0)
     return DataSpec(loader, get_num_tokens_in_batch=lambda b: b["input_ids"].numel())

@@ -23,9 +23,9 @@ def read_checkpoint(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)["state"]
     except FileNotFoundError:
-        raise SlmError(f"checkpoint not found: {path}") from None
+        raise SlmError(f"checkpoint not found: {path}") from None  # the cause adds nothing
     except Exception as e:  # a torn or foreign file
-        raise SlmError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+        raise SlmError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from e
     if "RunInfo" not in state.get("callbacks", {}):
         raise SlmError(f"{path} was not written by slm/train.py (it carries no run config)")
     return state

@@ -25,7 +25,7 @@ def generate(model_dir: str, prompt: str, max_new_tokens: int = 100, temperature
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     except (OSError, ValueError) as e:
-        raise SlmError(f"cannot load a model from {model_dir}: {str(e).splitlines()[0]}") from None
+        raise SlmError(f"cannot load a model from {model_dir}: {str(e).splitlines()[0]}") from e
     ids = [tokenizer.bos_token_id, tokenizer.eos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
     limit = getattr(model.config, "max_position_embeddings", None)  # llama has one; mamba has none
     if limit is not None:

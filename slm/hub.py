@@ -91,13 +91,13 @@ class Hub:
                 return fn(**kwargs)
             except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
                 if isinstance(e, LocalEntryNotFoundError):
-                    raise HubError(f"{what} failed: the Hub is unreachable (HF_HUB_OFFLINE is set?)") from None
-                raise FileNotFoundError(f"{what}: not found on the Hub ({_first_line(e)})") from None
+                    raise HubError(f"{what} failed: the Hub is unreachable (HF_HUB_OFFLINE is set?)") from e
+                raise FileNotFoundError(f"{what}: not found on the Hub ({_first_line(e)})") from e
             except (OSError, ValueError) as e:  # HfHubHTTPError and requests errors are OSErrors
                 if not _is_transient(e):
-                    raise HubError(f"{what} failed: {_first_line(e)}") from None
+                    raise HubError(f"{what} failed: {_first_line(e)}") from e
                 if attempt == self.retries:
-                    raise HubError(f"{what} failed after {attempt} attempts: {_first_line(e)}") from None
+                    raise HubError(f"{what} failed after {attempt} attempts: {_first_line(e)}") from e
                 wait = self.retry_wait * 2 ** (attempt - 1)
                 log.warning("%s: %s; retrying in %.1f s (attempt %d of %d)", what, _first_line(e), wait,
                             attempt + 1, self.retries)

@@ -72,7 +72,7 @@ class HubCheckpoints(LoggerDestination):
             self.hub.ensure_repo(self.repo, private=self.private)
             self.hub.upload_file(path, self.repo, name, message)
         except HubError as e:
-            raise _keep_local_hint(e, self.folder) from None
+            raise _keep_local_hint(e, self.folder) from e
 
     def upload_file(self, state: State, remote_file_name: str, file_path: Path, *, overwrite: bool) -> None:
         self._upload(Path(file_path), remote_file_name, f"{state.run_name}: {remote_file_name} "
@@ -115,7 +115,7 @@ class ExportToHub(Callback):
                 self.hub.push_folder(out, self.repo, f"HF export of {path.name}", branch=branch_name(batch),
                                      private=self.private, delete_patterns=[f"{REMOTE_FOLDER}/*"])
             except HubError as e:
-                raise _keep_local_hint(e, self.folder) from None
+                raise _keep_local_hint(e, self.folder) from e
         self.exported.add(batch)
 
     def _after_checkpoint(self, state: State) -> None:

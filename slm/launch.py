@@ -1,11 +1,12 @@
 """Starting Composer's launcher on every node with what the scheduler granted.
 
-    python -m slm.launch slm/train.py CONFIG.yaml [key=value ...]
+    python -m slm.launch [--print] [--debug] slm/train.py CONFIG.yaml [key=value ...]
 
 runs `composer -n NPROC --world_size W --node_rank R --master_addr HOST --master_port PORT ...`
 with the numbers taken from the environment: Slurm (`SLURM_*`, one launcher per node via
 `srun`), SGE (`$PE_HOSTFILE` of a parallel environment), or a single node. NPROC is the number
-of GPUs this node was given, or 1 on a CPU-only node. `--print` shows the command instead.
+of GPUs this node was given, or 1 on a CPU-only node. `--print` shows the command instead;
+`--debug` shows the full traceback of an error.
 The launcher ignores SIGTERM/SIGUSR1/SIGUSR2, which the training processes answer with a
 checkpoint and exit status 75 (slm/preemption.py), and exits with their status.
 """
@@ -21,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from slm.errors import SlmError
+from slm.errors import SlmError, run_command
 
 DEFAULT_PORT = 29500
 # The contract between the job scripts and training (slm/preemption.py): these signals mean "checkpoint
@@ -102,22 +103,24 @@ def from_environment(env: Mapping[str, str], gpus: int, hostname: str) -> Launch
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    show = args[:1] == ["--print"]
-    args = args[show:]
+    flags = set()
+    while args and args[0] in ("--print", "--debug"):
+        flags.add(args.pop(0))
     if not args or args[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if args else 2
-    try:
-        gpus = gpus_on_this_node(os.environ)
-        launch = from_environment(os.environ, gpus, socket.gethostname())
-    except SlmError as e:
-        print(f"slm launch: error: {e}", file=sys.stderr)
-        return 1
-    command = [str(Path(sys.executable).parent / "composer"), *launch.composer_args(), *args]
+    return run_command("slm launch", lambda: launch(args, show="--print" in flags), "--debug" in flags)
+
+
+def launch(args: list[str], show: bool) -> int:
+    """Print or exec the composer launcher for this node."""
+    gpus = gpus_on_this_node(os.environ)
+    plan = from_environment(os.environ, gpus, socket.gethostname())
+    command = [str(Path(sys.executable).parent / "composer"), *plan.composer_args(), *args]
     if show:
         print(" ".join(command))
         return 0
-    print(f"slm launch: node {launch.node_rank + 1} of {launch.nodes} ({socket.gethostname()}): {launch.nproc} "
+    print(f"slm launch: node {plan.node_rank + 1} of {plan.nodes} ({socket.gethostname()}): {plan.nproc} "
           f"training process(es) on {f'{gpus} GPU(s)' if gpus else 'the CPU'}", file=sys.stderr, flush=True)
     # Schedulers signal every process of the job: the training processes checkpoint and stop
     # (slm.preemption); the launcher must outlive them, so it ignores the signals (they inherit that
@@ -125,7 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     os.execv(command[0], command)
-
 
 if __name__ == "__main__":
     sys.exit(main())

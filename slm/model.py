@@ -64,7 +64,7 @@ def build_config(model_cfg: dict[str, Any]) -> PretrainedConfig:
     try:
         return config_class(**kwargs)
     except (TypeError, ValueError) as e:
-        raise SlmError(f"bad model config for {config_class.__name__}: {e}") from None
+        raise SlmError(f"bad model config for {config_class.__name__}: {e}") from e
 
 
 def build_hf_model(model_cfg: dict[str, Any], seed: int) -> PreTrainedModel:

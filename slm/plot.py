@@ -41,7 +41,7 @@ def read_run(folder: Path) -> Run:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         info = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
     except json.JSONDecodeError as e:
-        raise SlmError(f"{folder}: a metrics or run file is not valid JSON ({e})") from None
+        raise SlmError(f"{folder}: a metrics or run file is not valid JSON ({e})") from e
     if not rows:
         raise SlmError(f"{path} is empty: the run has not logged a batch yet")
     return Run(info.get("run_name", folder.name), rows, info)

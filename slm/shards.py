@@ -155,4 +155,4 @@ def read_metadata(folder: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise SlmError(f"{path} is not valid JSON ({e}); re-run `slm tokenize`") from None
+        raise SlmError(f"{path} is not valid JSON ({e}); re-run `slm tokenize`") from e

@@ -48,7 +48,7 @@ def _select_split(ds: datasets.Dataset | datasets.DatasetDict, split: str, sourc
         instructions = datasets.ReadInstruction.from_spec(split).to_absolute(
             {name: len(d) for name, d in splits.items()})
     except (ValueError, AssertionError) as e:
-        raise SlmError(f"bad split '{split}' for {source}: {e}") from None
+        raise SlmError(f"bad split '{split}' for {source}: {e}") from e
     parts = [splits[i.splitname].select(range(i.from_, i.to)) for i in instructions]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
@@ -79,17 +79,17 @@ def load_documents(source: str, feature: str, split: str = "train", txt_per_file
         if isinstance(e, UnicodeDecodeError) or isinstance(e.__cause__, UnicodeDecodeError):
             files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
             raise SlmError(f"input is not valid UTF-8: {_first_bad_utf8(files)}; "
-                           "re-encode it (e.g. iconv -t utf-8) or remove the bad bytes") from None
+                           "re-encode it (e.g. iconv -t utf-8) or remove the bad bytes") from e
         if isinstance(e.__cause__, SchemaInferenceError):
-            raise SlmError(f"{source} has no documents") from None
-        raise SlmError(f"cannot read {source}: {e.__cause__ or e}") from None
+            raise SlmError(f"{source} has no documents") from None  # the cause adds nothing
+        raise SlmError(f"cannot read {source}: {e.__cause__ or e}") from e
     except StopIteration:  # what the json builder raises for files without a single record
-        raise SlmError(f"{source} has no documents") from None
+        raise SlmError(f"{source} has no documents") from None  # the cause adds nothing
     except ValueError as e:  # unknown split, bad slice, unparsable file
-        raise SlmError(f"cannot read '{split}' of {source}: {e}") from None
+        raise SlmError(f"cannot read '{split}' of {source}: {e}") from e
     except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise SlmError(f"cannot load '{source}'{offline}: {str(e).splitlines()[0]}") from None
+        raise SlmError(f"cannot load '{source}'{offline}: {str(e).splitlines()[0]}") from e
     if feature not in ds.column_names:
         raise SlmError(f"feature '{feature}' is not a column of {source}; columns: {', '.join(ds.column_names)}")
     ds = ds.select_columns([feature])

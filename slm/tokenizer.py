@@ -50,7 +50,7 @@ def load_tokenizer(name: str, bos_token: str | None = None, eos_token: str | Non
         tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else name,
                                             clean_up_tokenization_spaces=False)
     except (OSError, ValueError) as e:
-        raise SlmError(f"cannot load tokenizer '{name}': {str(e).splitlines()[0]}") from None
+        raise SlmError(f"cannot load tokenizer '{name}': {str(e).splitlines()[0]}") from e
     if not isinstance(tok, PreTrainedTokenizerFast):
         raise SlmError(f"tokenizer '{name}' has no fast (Rust) version; slm needs a fast tokenizer")
     for role, token in (("bos_token", bos_token), ("eos_token", eos_token)):

@@ -97,8 +97,33 @@ def write_yaml(path: Path, shards: Path, base: str = "demo-llama.yaml", **model)
     return path
 
 
+_running: list[pytest.Item] = []  # the test now running
+
+
+@pytest.fixture(autouse=True)
+def _note_running_test(request: pytest.FixtureRequest):
+    _running[:] = [request.node]
+    yield
+    _running.clear()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test on the clusters is a cluster test (and trains): none can slip into `make test-fast`."""
+    for item in items:
+        if {"slurm", "sge"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.cluster)
+            item.add_marker(pytest.mark.train)
+
+
+def require_train_mark() -> None:
+    """Fail a test that trains without the `train` mark, which keeps it out of `make test-fast`."""
+    if _running and _running[0].get_closest_marker("train") is None:
+        raise AssertionError(f"{_running[0].nodeid} trains a model but is not marked @pytest.mark.train")
+
+
 def train_cmd(config: Path, *overrides: str, procs: int = 1) -> list[str]:
     """`python slm/train.py ...`, or `composer -n procs slm/train.py ...`."""
+    require_train_mark()
     script = str(REPO / "slm" / "train.py")
     if procs > 1:
         return [str(Path(sys.executable).parent / "composer"), "-n", str(procs), script, str(config), *overrides]

@@ -56,9 +56,18 @@ def small_disks(root: Path):
             subprocess.run(["umount", str(path)], check=False)
 
 
+def on_small_disks(args: list[str]) -> bool:
+    return any("{ws}/full" in a or "{ws}/ro" in a for a in args)
+
+
 def needs_small_disks(args: list[str]) -> None:
-    if any("{ws}/full" in a or "{ws}/ro" in a for a in args) and os.geteuid() != 0:
+    if on_small_disks(args) and os.geteuid() != 0:
         pytest.skip("a full or read-only disk is simulated with a tmpfs mount, which needs root")
+
+
+def rows(cases: dict) -> list:
+    """The case names; those on a full or read-only disk marked `root`."""
+    return [pytest.param(name, marks=pytest.mark.root) if on_small_disks(cases[name][0]) else name for name in cases]
 
 
 TOK = ["tokenize", "-f", "story", "-t", "{tok}"]
@@ -117,7 +126,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", rows(CASES))
 def test_bad_input(name, ws, capsys):
     root, tok = ws
     args, expected = CASES[name]
@@ -233,7 +242,8 @@ def train_ws(tmp_path, shards, tokenizer_dir, other_model_run):
         yield config, {"ws": str(tmp_path), "vocab": str(vocab)}
 
 
-@pytest.mark.parametrize("name", TRAIN_CASES)
+@pytest.mark.train
+@pytest.mark.parametrize("name", rows(TRAIN_CASES))
 def test_bad_training_config(name, train_ws, capsys, monkeypatch):
     from slm.train import main as train_main
 
@@ -261,6 +271,7 @@ def test_bad_training_config(name, train_ws, capsys, monkeypatch):
     assert after == before
 
 
+@pytest.mark.train
 def test_global_batch_not_divisible_by_processes(tmp_path, shards):
     from conftest import train, write_yaml
 

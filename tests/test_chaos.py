@@ -7,7 +7,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
+
+pytestmark = pytest.mark.train
 
 
 def test_chaos_kills_then_bitwise_equal_end(tmp_path):

@@ -12,6 +12,8 @@ from slm.model import CausalLM, build_hf_model
 
 from conftest import final_state, run_slm, train, write_yaml
 
+pytestmark = pytest.mark.train
+
 
 @pytest.fixture(scope="module", params=["demo-llama.yaml", "demo-mamba.yaml"])
 def exported(request, tmp_path_factory, shards):

@@ -65,6 +65,7 @@ def test_refused_upload_is_one_clear_line(fake_hub, corpus, capsys):
     assert len(calls(fake_hub, "create_repo")) == 1  # a 401 is not retried
 
 
+@pytest.mark.train
 def test_every_checkpoint_goes_to_the_hub_and_autoresume_finds_it_there(fake_hub, reference, tmp_path, shards):
     config = write_yaml(tmp_path / "tiny.yaml", shards)
     local = tmp_path / "ckpt" / "hubrun"
@@ -86,6 +87,7 @@ def test_every_checkpoint_goes_to_the_hub_and_autoresume_finds_it_there(fake_hub
     assert {"ep0-ba12-rank0.pt", "ep0-ba16-rank0.pt"} <= set(hub_checkpoints(fake_hub, "me/tiny"))
 
 
+@pytest.mark.train
 def test_transient_errors_are_retried_with_backoff(fake_hub, tmp_path, shards):
     script_failures(fake_hub, {"method": "upload_file", "status": 503, "times": 2, "match": "ep0-ba4-"},
                     {"method": "upload_file", "status": "connection", "times": 1, "match": "ep0-ba8-"})
@@ -98,6 +100,7 @@ def test_transient_errors_are_retried_with_backoff(fake_hub, tmp_path, shards):
     assert {k: v for k, v in on_hub.items() if k.endswith(".pt")} == local_checkpoints(tmp_path / "ckpt" / "flaky")
 
 
+@pytest.mark.train
 def test_a_permanent_failure_stops_the_run_keeps_the_checkpoint_and_uploads_it_later(fake_hub, tmp_path, shards):
     script_failures(fake_hub, {"method": "upload_file", "status": 403, "times": 100, "match": "ep0-ba4-",
                                "message": "403 Forbidden: you cannot write to me/denied"})
@@ -120,6 +123,7 @@ def test_a_permanent_failure_stops_the_run_keeps_the_checkpoint_and_uploads_it_l
     assert {k: v for k, v in on_hub.items() if k.endswith(".pt")} == local_checkpoints(local)
 
 
+@pytest.mark.train
 def test_hub_export_puts_each_checkpoint_on_a_branch_named_after_it(fake_hub, tmp_path, shards):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -138,6 +142,7 @@ def test_hub_export_puts_each_checkpoint_on_a_branch_named_after_it(fake_hub, tm
     assert run["timestamp"]["batch"] == 4 and run["config"]["hub"]["repo"] == "me/exp"
 
 
+@pytest.mark.train
 def test_shards_uploaded_to_hf_stream_back_into_training(fake_hub, reference, tmp_path, corpus, tokenizer_dir,
                                                          shards):
     run_slm("tokenize", "-i", str(corpus), "-f", "story", "-s", "train[:90%]", "-t", str(tokenizer_dir), "-l", "64",
@@ -154,6 +159,7 @@ def test_shards_uploaded_to_hf_stream_back_into_training(fake_hub, reference, tm
     assert_bitwise_equal(final_state(reference), final_state(tmp_path / "ckpt" / "streamed"))
 
 
+@pytest.mark.train
 def test_the_token_is_never_written_anywhere(fake_hub, tmp_path, shards, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     script_failures(fake_hub, {"method": "upload_file", "status": 403, "times": 1, "match": "ep0-ba2-",

@@ -65,6 +65,8 @@ def own_shared_memory(command: list[str]) -> list[str]:
     return ["unshare", "--mount", "sh", "-c", 'mount -t tmpfs tmpfs /dev/shm && exec "$@"', "sh", *command]
 
 
+@pytest.mark.train
+@pytest.mark.root
 def test_two_launchers_on_one_machine_train_one_run(tmp_path, shards):
     """World size 2 from two `composer` launchers (one process each, localhost master), as two nodes would.
 

@@ -44,6 +44,7 @@ def wandb_records(run_dir: Path) -> dict:
     return found
 
 
+@pytest.mark.train
 def test_wandb_offline_run_continues_under_the_same_id(tmp_path, shards):
     config = write_yaml(tmp_path / "tiny.yaml", shards)
     args = ["run_name=watched", "logging.wandb.project=slm-test", "logging.wandb.tags=[tiny,test]"]
@@ -86,6 +87,7 @@ def run_in_terminal(cmd: list[str]) -> tuple[int, str]:
     return code, b"".join(chunks).decode(errors="replace")
 
 
+@pytest.mark.train
 def test_progress_bar_after_autoresume_starts_at_the_resumed_batch(tmp_path, shards):
     config = write_yaml(tmp_path / "tiny.yaml", shards)
     train(config, "run_name=bar", "max_duration=8ba")  # not a terminal: no bar state in the checkpoint
@@ -99,6 +101,7 @@ def test_progress_bar_after_autoresume_starts_at_the_resumed_batch(tmp_path, sha
     assert "Traceback" not in screen and "Warning" not in screen
 
 
+@pytest.mark.train
 def test_run_json_records_what_ran_where_and_each_start(tmp_path, shards):
     config = write_yaml(tmp_path / "tiny.yaml", shards)
     train(config, "run_name=meta", "max_duration=8ba")
@@ -122,6 +125,7 @@ def two_runs(tmp_path_factory, shards) -> list[Path]:
     return [root / "ckpt" / "small", root / "ckpt" / "large"]
 
 
+@pytest.mark.train
 def test_plot_draws_a_png_of_several_runs(tmp_path, two_runs):
     from PIL import Image
 
@@ -132,6 +136,7 @@ def test_plot_draws_a_png_of_several_runs(tmp_path, two_runs):
         assert image.format == "PNG" and image.size[0] > 1000 and len(set(image.convert("L").getdata())) > 50
 
 
+@pytest.mark.train
 def test_plot_of_a_folder_that_is_no_run_is_one_clear_line(tmp_path, two_runs):
     (tmp_path / "old.png").write_bytes(b"keep me")
     proc = run_slm("plot", str(two_runs[0]), str(tmp_path), "--out", str(tmp_path / "old.png"), check=False)

@@ -9,11 +9,14 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
 from test_train import metric_rows, wait_for
 
 from conftest import REPO, assert_bitwise_equal, final_state, resumed_at, train, train_cmd, write_yaml
 
 EXIT_PREEMPTED = 75
+
+pytestmark = pytest.mark.train
 
 
 def ranks_of(launcher: subprocess.Popen) -> dict[int, int]:

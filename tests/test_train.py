@@ -15,6 +15,8 @@ import torch
 
 from conftest import REPO, assert_bitwise_equal, final_state, resumed_at, train, train_cmd, write_yaml
 
+pytestmark = pytest.mark.train
+
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, shards):

@@ -1,0 +1,85 @@
+"""The three entry points (`slm`, `slm/train.py`, `python -m slm.launch`) share one error path: one line and exit 1,
+or with --debug the full traceback, the cause included, before that line. And `slm/train.py` run as a script
+does not leave slm/ on sys.path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from slm.cli import main as slm_main
+from slm.launch import main as launch_main
+from slm.train import main as train_main
+
+from conftest import REPO
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "error:" in line]
+
+
+@pytest.fixture
+def bad_metrics(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"batch": 1, "loss": \n')
+    return tmp_path
+
+
+@pytest.fixture
+def malformed_yaml(tmp_path):
+    (tmp_path / "bad.yaml").write_text("max_duration: [16ba\n")
+    return tmp_path / "bad.yaml"
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_slm_keeps_the_cause(bad_metrics, tmp_path, capsys, debug):
+    code = slm_main(["plot", str(bad_metrics), "--out", str(tmp_path / "x.png"), *(["--debug"] if debug else [])])
+    err = capsys.readouterr().err
+    assert code == 1 and len(error_lines(err)) == 1 and "is not valid JSON" in err.splitlines()[-1]
+    assert ("Traceback" in err and "JSONDecodeError" in err and "direct cause" in err) == debug
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_train_keeps_the_cause(malformed_yaml, capsys, debug):
+    code = train_main([str(malformed_yaml), *(["--debug"] if debug else [])])
+    err = capsys.readouterr().err
+    assert code == 1 and err.splitlines()[-1].startswith(f"slm train: error: cannot parse {malformed_yaml}")
+    assert ("Traceback" in err and "yaml.parser.ParserError" in err and "direct cause" in err) == debug
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_launch_shares_the_error_path(monkeypatch, capsys, debug):
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    code = launch_main([*(["--debug"] if debug else []), "--print", "slm/train.py", "yamls/demo-llama.yaml"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.splitlines()[-1] == "slm launch: error: SLURM_JOB_NODELIST is empty: cannot tell the " \
+                                                 "master node"
+    assert ("Traceback" in err) == debug
+
+
+def test_an_unexpected_error_is_one_line_that_points_at_debug(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text('{"batch": 1}\n')
+    (tmp_path / "run.json").write_text("[1, 2]\n")  # valid JSON, not a run: plot trips over it
+    code = slm_main(["plot", str(tmp_path), "--out", str(tmp_path / "x.png")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].endswith("(rerun with --debug for the traceback)")
+
+
+def test_train_script_does_not_leave_its_folder_on_sys_path():
+    """Started as `python slm/train.py`, Python puts slm/ first on sys.path; the script takes it off before it
+    imports anything, so `import evaluate` cannot find slm/evaluate.py."""
+    code = (f"import runpy, sys, importlib.util\n"
+            f"sys.argv = ['slm/train.py', '--help']\n"
+            f"sys.path.insert(0, {str(REPO / 'slm')!r})  # what the interpreter does for a script\n"
+            f"try:\n    runpy.run_path({str(REPO / 'slm' / 'train.py')!r}, run_name='__main__')\n"
+            f"except SystemExit:\n    pass\n"
+            f"assert {str(REPO / 'slm')!r} not in sys.path, sys.path\n"
+            f"spec = importlib.util.find_spec('evaluate')\n"
+            f"assert spec is None or 'slm' not in spec.origin, spec.origin\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage: slm/train.py" in proc.stdout
