@@ -1,4 +1,4 @@
-"""Golden examples of the chunking rule (DESIGN §3)."""
+"""Golden examples of the chunking rule (docs/design.md, "Chunking rule")."""
 
 import numpy as np
 import pytest

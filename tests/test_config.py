@@ -72,3 +72,33 @@ def test_same_seed_gives_the_same_initial_weights():
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(sa[k].equal(sb[k]) for k in sa)
     assert not all(sa[k].equal(sc[k]) for k in sa)
+
+
+def test_base_yaml_holds_only_the_suites_own_choices():
+    """The schema holds the defaults; yamls/base.yaml sets these keys on purpose, each to a value of its own."""
+    from omegaconf import OmegaConf
+
+    from slm.config import TrainConfig
+
+    on_purpose = {"data.train.local": "data/mds/train",  # where the README's pipeline writes the shards
+                  "data.eval.local": "data/mds/validation",
+                  "model.vocab_size": 4096}  # the suite's tokenizer size
+    base = OmegaConf.load(REPO / "yamls" / "base.yaml")
+
+    def leaves(node, prefix=""):
+        for key, value in node.items():
+            yield from leaves(value, f"{prefix}{key}.") if hasattr(value, "items") else [(f"{prefix}{key}", value)]
+
+    assert dict(leaves(base)) == on_purpose
+    schema = OmegaConf.structured(TrainConfig)
+    for key, value in on_purpose.items():
+        assert OmegaConf.select(schema, key, default=None) != value, f"{key} repeats the schema's default"
+
+
+def test_load_config_returns_the_typed_config():
+    from slm.config import DataSplit, TrainConfig
+
+    cfg = load_config(REPO / "yamls" / "llama-1m.yaml")
+    assert isinstance(cfg, TrainConfig) and isinstance(cfg.data.train, DataSplit)
+    assert type(cfg.model) is dict and type(cfg.optimizer.betas) is list
+    assert cfg.eval_interval == "1000ba" and cfg.folder == Path("checkpoints/llama-1m")

@@ -1,4 +1,4 @@
-"""`slm tokenize` writes the MDS layout of DESIGN §3, read back with the stock Streaming reader."""
+"""`slm tokenize` writes the MDS layout of docs/design.md, read back with the stock Streaming reader."""
 
 from __future__ import annotations
 
