@@ -1,18 +1,26 @@
-"""Trainer throughput: slm's Composer Trainer against a bare PyTorch loop, in one run.
+"""Trainer cost: slm's Composer Trainer against a bare PyTorch loop, in one run, taking turns.
 
-Both sides train the same model (same init), on the same MDS shards through the same
-StreamingDataset, with the same batch, AdamW, clipping and precision (fp32 on CPU, bf16
-autocast on GPU); the bare loop does nothing else (no metrics, no logging, no checkpoints).
-Ours computes train metrics every batch, as it does in real runs; checkpoints and evaluation
-are off for the timed window. The two alternate (--rounds) and the best time of each counts, so
-neither gains from running second in a warmed-up process. Goal: slm / bare >= 0.9.
+Both sides train the same model (same init) on the same MDS shards through the same data path
+(`MappedShards`), with the same batch, AdamW, clipping and precision (fp32 on CPU, bf16 autocast
+on GPU). The bare loop does nothing else. slm does what a real run does except checkpoints and
+evaluation: train metrics (updated every batch, computed every log_interval), SpeedMonitor,
+LRMonitor, metrics.jsonl rows, the preemption check. The two take turns in short chunks after a
+warm-up, and each side's median time per batch over its chunks counts, so the machine's drift and
+noise fall on both; framework cost = slm's ms per batch - the bare loop's.
+
+Shapes (--shapes):
+  floor   llama-50k and mamba-50k at 8 x 64: the framework's floor. Goals: <= 3 ms a batch, and
+          slm / bare >= 0.9 for llama-50k.
+  suite   llama-100k and llama-1m at 256 x 512, the suite's batch. Goal: slm / bare >= 0.95 for llama-1m.
+  gpu     llama-100k, llama-1m, llama-25m and mamba-25m at 256 x 512 in amp_bf16, with MFU (the FLOPs
+          SpeedMonitor counts over the GPU's bf16 peak). Goals: slm / bare >= 0.9, llama-25m MFU >= 40%.
+Default: floor and suite on CPU, gpu on a GPU.
 
 Also, per model: the training data loader alone (samples/s it can deliver against what training
-consumes), MFU on a GPU (the FLOPs SpeedMonitor counts over the GPU's bf16 peak), and Mamba's
-paths: on CPU the mambapy parallel scan against HF's sequential fallback (batch 1), on a GPU the
-mamba-ssm kernels against mambapy (when mamba-ssm and causal-conv1d are installed).
+consumes) and, for Mamba, its paths: on CPU the mambapy parallel scan against HF's sequential
+fallback (batch 1), on a GPU the mamba-ssm kernels against mambapy (when they are installed).
 
-    python bench/train.py [--models llama-1m mamba-1m] [--batch 8] [--steps 6] [--json FILE]
+    python bench/train.py [--shapes floor suite] [--models llama-50k] [--chunks N] [--quick] [--json FILE]
 """
 
 from __future__ import annotations
@@ -23,61 +31,120 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from composer.callbacks.speed_monitor import get_gpu_flops_available
-from streaming import StreamingDataset
+from composer.core import Callback, State
+from composer.loggers import Logger
 from torch.utils.data import DataLoader
 
+from slm import workarounds
 from slm.config import load_config
-from slm.data import collate
+from slm.data import MappedShards, collate
 from slm.model import build_hf_model, count_parameters, flops_per_token, mamba_kernels_available
 from slm.train import build_trainer
 
 from benchlib import REPO, machine, make_data, time_loader
 
-
-def time_slm(cfg, warmup: int, steps: int) -> tuple[float, float]:
-    """Seconds for `steps` batches of slm's Trainer after `warmup` batches, and the device's peak FLOP/s
-    for the run's precision as SpeedMonitor takes it (0 on CPU)."""
-    trainer = build_trainer(cfg)
-    trainer.fit(duration=f"{warmup}ba")
-    start = time.perf_counter()
-    trainer.fit(duration=f"{steps}ba")
-    seconds = time.perf_counter() - start
-    peak = get_gpu_flops_available(trainer.state) or 0.0
-    trainer.close()
-    return seconds, peak
+# shape -> models, batch, seq_len, warm-up batches, batches per chunk, chunks per side
+SHAPES = {
+    "floor": {"models": ["llama-50k", "mamba-50k"], "batch": 8, "seq_len": 64, "warmup": 20, "chunk": 20, "chunks": 10},
+    "suite": {"models": ["llama-100k", "llama-1m"], "batch": 256, "seq_len": 512, "warmup": 1, "chunk": 2,
+              "chunks": 3},
+    "gpu": {"models": ["llama-100k", "llama-1m", "llama-25m", "mamba-25m"], "batch": 256, "seq_len": 512,
+            "warmup": 10, "chunk": 10, "chunks": 6},
+}
 
 
-def time_bare(cfg, warmup: int, steps: int, device: str, model_overrides: dict | None = None) -> float:
-    """Seconds for `steps` batches of a plain PyTorch loop over the same model, data and optimizer."""
-    model = build_hf_model({**cfg.model, **(model_overrides or {})}, cfg.seed).to(device)
-    dataset = StreamingDataset(local=cfg.data.train.local, batch_size=cfg.global_batch_size, shuffle=True,
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class ChunkClock(Callback):
+    """Seconds per batch of each `fit()` call, from its second batch to its end (the first carries the call's own
+    start-up: a new data iterator, fit-start callbacks)."""
+
+    def __init__(self, device: str):
+        self.device, self.per_batch, self.batches, self.start = device, [], 0, 0.0
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self.batches = 0
+
+    def before_dataloader(self, state: State, logger: Logger) -> None:
+        self.batches += 1
+        if self.batches == 2:
+            sync(self.device)
+            self.start = time.perf_counter()
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        sync(self.device)
+        self.per_batch.append((time.perf_counter() - self.start) / (self.batches - 1))
+
+
+class BareLoop:
+    """A plain PyTorch loop over the same model, data path, optimizer and clipping: the baseline."""
+
+    def __init__(self, cfg, device: str, model_overrides: dict | None = None):
+        self.cfg, self.device = cfg, device
+        self.model = build_hf_model({**cfg.model, **(model_overrides or {})}, cfg.seed).to(device)
+        dataset = MappedShards(local=cfg.data.train.local, batch_size=cfg.global_batch_size, shuffle=True,
                                shuffle_seed=cfg.data.shuffle_seed, num_canonical_nodes=1)
-    loader = iter(DataLoader(dataset, batch_size=cfg.global_batch_size, collate_fn=collate, drop_last=True))
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.optimizer.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas))
-    bf16 = device == "cuda"
-    start = 0.0
-    for step in range(warmup + steps):
-        if step == warmup:
-            torch.cuda.synchronize() if bf16 else None
-            start = time.perf_counter()
-        batch = {k: v.to(device) for k, v in next(loader).items()}
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(**batch).loss
+        self.batches = self._forever(DataLoader(dataset, batch_size=cfg.global_batch_size, collate_fn=collate,
+                                                drop_last=True))
+        params = list(self.model.parameters())
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optimizer.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas))
+
+    @staticmethod
+    def _forever(loader: DataLoader) -> Iterator[dict]:
+        while True:
+            yield from loader
+
+    def step(self) -> None:
+        batch = {k: v.to(self.device) for k, v in next(self.batches).items()}
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.device == "cuda"):
+            loss = self.model(**batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize() if bf16 else None
-    return time.perf_counter() - start
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def seconds_per_batch(self, batches: int) -> float:
+        """Like ChunkClock: the first batch untimed, then the mean of the others."""
+        self.step()
+        sync(self.device)
+        start = time.perf_counter()
+        for _ in range(batches - 1):
+            self.step()
+        sync(self.device)
+        return (time.perf_counter() - start) / (batches - 1)
+
+
+def take_turns(cfg, shape: dict, device: str) -> tuple[float, float, float]:
+    """Median seconds per batch of the bare loop and of slm over alternating chunks; the device's bf16 peak FLOP/s
+    as SpeedMonitor takes it (0 on CPU)."""
+    bare = BareLoop(cfg, device)
+    with workarounds.applied():
+        trainer = build_trainer(cfg)
+        clock = ChunkClock(device)
+        trainer.state.callbacks.insert(0, clock)
+        trainer.fit(duration=f"{shape['warmup']}ba")
+        bare.seconds_per_batch(shape["warmup"] + 1)
+        clock.per_batch.clear()
+        bare_times = []
+        for _ in range(shape["chunks"]):
+            bare_times.append(bare.seconds_per_batch(shape["chunk"]))
+            trainer.fit(duration=f"{shape['chunk']}ba")
+        peak = get_gpu_flops_available(trainer.state) or 0.0
+        trainer.close()
+    return statistics.median(bare_times), statistics.median(clock.per_batch), peak
 
 
 @contextlib.contextmanager
@@ -92,46 +159,45 @@ def without_mamba_kernels():
         modeling_mamba.is_fast_path_available = saved
 
 
-def mamba_paths(cfg_for, name: str, args, device: str) -> dict:
+def mamba_paths(cfg_for, name: str, shape: dict, device: str) -> dict:
     """Tokens/s of Mamba's fast path against its fallback, bare loop, same model and data."""
+    seq_len = shape["seq_len"]
     if device == "cpu":  # one sequence: the sequential path is slow
-        one = cfg_for(name, ["global_batch_size=1"])
-        fast = args.seq_len * 2 / time_bare(one, 1, 2, device)
-        slow = args.seq_len / time_bare(one, 1, 1, device, {"use_mambapy": False})
+        one = cfg_for(name, shape, ["global_batch_size=1"])
+        fast = seq_len / BareLoop(one, device).seconds_per_batch(3)
+        slow = seq_len / BareLoop(one, device, {"use_mambapy": False}).seconds_per_batch(2)
         return {"fast": "mambapy", "slow": "sequential", "batch": 1, "fast_tok_s": fast, "slow_tok_s": slow}
     if not mamba_kernels_available():
         return {"fast": "mamba-ssm", "slow": "mambapy", "skipped": "mamba-ssm / causal-conv1d not installed "
                 "(pip install -e '.[cuda]')"}
-    cfg = cfg_for(name, [])
-    tokens = args.batch * args.seq_len * args.steps
-    fast = tokens / time_bare(cfg, args.warmup, args.steps, device)
+    cfg = cfg_for(name, shape, [])
+    tokens = shape["batch"] * seq_len
+    fast = tokens / BareLoop(cfg, device).seconds_per_batch(shape["chunk"])
     with without_mamba_kernels():
-        slow = tokens / time_bare(cfg, args.warmup, args.steps, device)
-    return {"fast": "mamba-ssm", "slow": "mambapy", "batch": args.batch, "fast_tok_s": fast, "slow_tok_s": slow}
+        slow = tokens / BareLoop(cfg, device).seconds_per_batch(shape["chunk"])
+    return {"fast": "mamba-ssm", "slow": "mambapy", "batch": shape["batch"], "fast_tok_s": fast, "slow_tok_s": slow}
 
 
-def bench_model(name: str, cfg_for, args, device: str) -> dict:
-    cfg = cfg_for(name, [])
-    tokens = args.batch * args.seq_len * args.steps
-    bare = ours = float("inf")
-    for _ in range(args.rounds):  # alternating, best of each: neither side gains from coming second
-        bare = min(bare, time_bare(cfg, args.warmup, args.steps, device))
-        seconds, peak_flops = time_slm(cfg, args.warmup, args.steps)
-        ours = min(ours, seconds)
-    loader = time_loader(cfg, args.batch, args.loader_batches, args.warmup)
+def bench_model(name: str, shape: dict, cfg_for, device: str) -> dict:
+    cfg = cfg_for(name, shape, [])
+    tokens = shape["batch"] * shape["seq_len"]
+    bare, ours, peak = take_turns(cfg, shape, device)
+    loader_batches = max(5, 1000 // shape["batch"])
+    loader = time_loader(cfg, shape["batch"], loader_batches, 2)
     model = build_hf_model(dict(cfg.model), cfg.seed)
     result = {"model": name, "class": cfg.model["class"], "params": count_parameters(model),
+              "bare_ms": bare * 1e3, "slm_ms": ours * 1e3, "framework_ms": (ours - bare) * 1e3,
               "bare_tok_s": tokens / bare, "slm_tok_s": tokens / ours,
-              "loader_samples_s": args.batch * args.loader_batches / loader,
-              "train_samples_s": args.batch * args.steps / ours,
-              "mfu": flops_per_token(model, args.seq_len) * tokens / ours / peak_flops if peak_flops else None}
-    print(f"  {name:10s} bare loop {result['bare_tok_s']:9,.0f} tok/s   slm {result['slm_tok_s']:9,.0f} tok/s   "
-          f"slm / bare = {bare / ours:.2f}" + (f"   MFU {result['mfu']:.1%}" if result["mfu"] else ""))
+              "loader_samples_s": shape["batch"] * loader_batches / loader, "train_samples_s": shape["batch"] / ours,
+              "mfu": flops_per_token(model, shape["seq_len"]) * tokens / ours / peak if peak else None}
+    print(f"  {name:10s} bare loop {result['bare_ms']:8.2f} ms/batch   slm {result['slm_ms']:8.2f} ms/batch   "
+          f"framework {result['framework_ms']:+.2f} ms/batch   slm / bare = {bare / ours:.3f}"
+          + (f"   MFU {result['mfu']:.1%}" if result["mfu"] else ""), flush=True)
     print(f"  {name:10s} data loader alone {result['loader_samples_s']:9,.0f} samples/s   training consumes "
-          f"{result['train_samples_s']:7,.1f} samples/s   loader / training = "
-          f"{result['loader_samples_s'] / result['train_samples_s']:,.0f}")
+          f"{result['train_samples_s']:9,.1f} samples/s   loader / training = "
+          f"{result['loader_samples_s'] / result['train_samples_s']:,.1f}", flush=True)
     if cfg.model["class"] == "mamba":
-        paths = result["mamba_paths"] = mamba_paths(cfg_for, name, args, device)
+        paths = result["mamba_paths"] = mamba_paths(cfg_for, name, shape, device)
         if "skipped" in paths:
             print(f"  {name:10s} mamba-ssm kernels: {paths['skipped']}")
         else:
@@ -143,45 +209,52 @@ def bench_model(name: str, cfg_for, args, device: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", help="suite yamls to time (default: llama-1m mamba-1m on CPU, "
-                        "llama-25m mamba-25m on a GPU)")
-    parser.add_argument("--batch", type=int, help="global batch size (default: 8 on CPU, 64 on a GPU)")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--steps", type=int, help="timed batches per side (default: 6 on CPU, 30 on a GPU)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of bare loop and slm; the best "
-                        "time of each counts (default: %(default)s)")
-    parser.add_argument("--loader-batches", type=int, default=50, help="batches the data loader alone is timed on")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="default: floor suite on CPU, gpu on a GPU")
+    parser.add_argument("--models", nargs="+", help="suite yamls to time instead of the shape's own")
+    parser.add_argument("--chunks", type=int, help="chunks per side (default: the shape's)")
+    parser.add_argument("--quick", action="store_true", help="two short chunks per side: checks the script, not "
+                        "the figures")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    gpu = device == "cuda"
-    args.models = args.models or (["llama-25m", "mamba-25m"] if gpu else ["llama-1m", "mamba-1m"])
-    args.batch = args.batch or (64 if gpu else 8)
-    args.steps = args.steps or (30 if gpu else 6)
+    shapes = {name: dict(SHAPES[name]) for name in args.shapes or (["gpu"] if device == "cuda" else ["floor", "suite"])}
+    for shape in shapes.values():
+        shape["models"] = args.models or shape["models"]
+        shape["chunks"] = args.chunks or (2 if args.quick else shape["chunks"])
+        if args.quick:
+            shape.update(warmup=2, chunk=min(shape["chunk"], 3))
 
     root = Path(tempfile.mkdtemp(prefix="slm-bench-train-"))
+    results = []
     try:
-        make_data(root, 4000, 4096, args.seq_len)
-
-        def cfg_for(name: str, extra: list[str]):
-            overrides = [f"run_name=bench-{name}", f"save_folder={root}/ckpt/{{run_name}}", "save_interval=0ba",
-                         "early_checkpoints=0", "eval_interval=0ba", f"global_batch_size={args.batch}",
-                         f"data.train.local={root / 'mds/train'}", f"data.eval.local={root / 'mds/validation'}",
-                         f"tokenizer={root / 'tok'}", "log_interval=1000ba", *extra]
-            return load_config(REPO / "yamls" / f"{name}.yaml", overrides)
-
         print(f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-        print(f"{args.steps} timed batches of {args.batch} x {args.seq_len} tokens after {args.warmup} warm-up, "
-              f"{'amp_bf16' if gpu else 'fp32'}, best of {args.rounds} alternating rounds")
-        results = [bench_model(name, cfg_for, args, device) for name in args.models]
+        for shape_name, shape in shapes.items():
+            data = root / f"seq{shape['seq_len']}"
+            if not data.exists():  # enough samples for several batches of the shape per epoch
+                make_data(data, 2000 if args.quick else max(4000, shape["batch"] * shape["seq_len"] // 10), 4096,
+                          shape["seq_len"])
+
+            def cfg_for(name: str, shape: dict, extra: list[str], data: Path = data):
+                overrides = [f"run_name=bench-{name}-{shape['seq_len']}", f"save_folder={root}/ckpt/{{run_name}}",
+                             "save_interval=0ba", "early_checkpoints=0", "eval_interval=0ba",
+                             f"global_batch_size={shape['batch']}", f"data.train.local={data / 'mds/train'}",
+                             f"data.eval.local={data / 'mds/validation'}", f"tokenizer={data / 'tok'}", *extra]
+                return load_config(REPO / "yamls" / f"{name}.yaml", overrides)
+
+            precision = "amp_bf16" if device == "cuda" else "fp32"
+            print(f"{shape_name}: {shape['batch']} x {shape['seq_len']} tokens, {precision}; {shape['chunks']} "
+                  f"chunks of {shape['chunk']} batches per side, taking turns, after {shape['warmup']} warm-up",
+                  flush=True)
+            models = [bench_model(name, shape, cfg_for, device) for name in shape["models"]]
+            results.append({"shape": shape_name, **{k: v for k, v in shape.items() if k != "models"},
+                            "precision": precision, "models": models})
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if args.json:
-        settings = {k: getattr(args, k) for k in ("batch", "seq_len", "steps", "warmup", "rounds", "loader_batches")}
-        args.json.write_text(json.dumps({"device": device, "precision": "amp_bf16" if gpu else "fp32", **settings,
-                                         "models": results}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"device": device, "gpu": torch.cuda.get_device_name() if device == "cuda"
+                                         else None, "torch": torch.__version__, "shapes": results}, indent=2) + "\n")
+
 
 if __name__ == "__main__":
     main()

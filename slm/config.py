@@ -39,6 +39,10 @@ def positive(key: str, value: Any, owner: Any) -> str | None:
     return None if value > 0 else f"config key '{key}' must be positive, got {value}"
 
 
+def non_negative(key: str, value: Any, owner: Any) -> str | None:
+    return None if value >= 0 else f"config key '{key}' must be 0 or more, got {value}"
+
+
 def at_least_one(key: str, value: Any, owner: Any) -> str | None:
     return None if value >= 1 else f"config key '{key}' must be at least 1, got {value}"
 
@@ -109,7 +113,10 @@ class DataConfig:
     shuffle_seed: int = 1337  # the data order; independent of the init seed
     shuffle_algo: str = "py1e"
     num_canonical_nodes: int = 1  # fixed, so the sample order is the same on any number of nodes
-    num_workers: int = 0
+    # Loader processes per training process. 0 reads in the training process: MappedShards slices samples from
+    # memory-mapped shards at >100k samples/s, and worker processes cost more in hand-over than they save
+    # (bench/RESULTS.md). Raise it when bench/loader.py shows the loader below what training consumes.
+    num_workers: int = ruled(0, non_negative)
 
 
 @dataclass
@@ -118,6 +125,7 @@ class OptimizerConfig:  # AdamW; weight decay on matrices only
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
+    fused: bool = False  # torch's fused AdamW kernel (CUDA): fewer launches, last-bit different numerics
 
 
 @dataclass
@@ -157,6 +165,8 @@ class TrainConfig:
     global_batch_size: int = ruled(256, positive)  # split evenly across processes
     device_microbatch_size: Any = ruled(None, microbatch)  # int, or "auto" (GPU only); None: the whole batch
     precision: str | None = None  # None: fp32 on CPU, amp_bf16 on GPU
+    compile: bool = False  # torch.compile the model (Composer's compile_config): faster steps after a warm-up
+    deterministic: bool = False  # GPU: bitwise-repeatable kernels (always on on CPU); costs speed
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     save_folder: str = "checkpoints/{run_name}"
     save_interval: str = ruled("1000ba", a_time)

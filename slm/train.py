@@ -22,6 +22,7 @@ if __name__ == "__main__":
 
 import argparse
 import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ from composer.core import Callback, Evaluator, Time
 from composer.loggers import LoggerDestination
 from composer.optim import CosineAnnealingWithWarmupScheduler
 from composer.utils import dist
+from torchmetrics import Metric
 from transformers import PreTrainedModel
 
 from slm import workarounds
@@ -50,7 +52,7 @@ from slm.errors import SlmError, disk_error, run_command
 from slm.hub import Hub
 from slm.hub_store import ExportToHub, HubCheckpoints, remote_name
 from slm.loggers import MetricsFile, WriteMetricsRow, wandb_run_id
-from slm.metrics import build_metrics, byte_lengths
+from slm.metrics import TrainMetrics, build_metrics, byte_lengths
 from slm.model import CausalLM, build_hf_model, count_parameters
 from slm.preemption import EXIT_PREEMPTED, StopOnSignal
 from slm.runinfo import RunInfo
@@ -67,10 +69,13 @@ class Plan:
     per_device_batch: int
     tokenizer: str  # its name or folder, as recorded in run.json and checkpoints
     model: CausalLM
+    train_metrics: list[Metric]  # updated and logged by the TrainMetrics callback, not by Composer
 
 
 def preflight(cfg: TrainConfig) -> Plan:
     """Every check of the config, the data and the model against each other; nothing is written."""
+    if cfg.deterministic:  # cuBLAS reads it when CUDA starts, before Composer's deterministic mode would set it
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if cfg.logging.wandb.project:
         workarounds.check_wandb_login(cfg.logging.wandb.project)
     gpu = torch.cuda.is_available()
@@ -91,8 +96,8 @@ def preflight(cfg: TrainConfig) -> Plan:
     check_compatible(train_meta, eval_meta, hf_model.config.vocab_size,
                      getattr(hf_model.config, "max_position_embeddings", None))
     table = byte_lengths(tokenizer)
-    model = CausalLM(hf_model, tokenizer, metrics=build_metrics(table), eval_metrics=build_metrics(table))
-    return Plan(cfg, gpu, cfg.global_batch_size // world, tokenizer_name, model)
+    model = CausalLM(hf_model, tokenizer, eval_metrics=build_metrics(table))
+    return Plan(cfg, gpu, cfg.global_batch_size // world, tokenizer_name, model, build_metrics(table, sync=world > 1))
 
 
 def prepare_run_folder(cfg: TrainConfig, model: PreTrainedModel) -> Path:
@@ -144,13 +149,14 @@ def refuse_another_model(folder: Path, cfg: TrainConfig, model: PreTrainedModel)
                            f"{there.get(key, 'absent')} there, {here.get(key, 'absent')} here): {hint}")
 
 
-def callbacks(cfg: TrainConfig, folder: Path, run_info: RunInfo, metrics: MetricsFile
+def callbacks(cfg: TrainConfig, folder: Path, run_info: RunInfo, metrics: MetricsFile, train_metrics: TrainMetrics
               ) -> tuple[list[Callback], list[LoggerDestination]]:
     """The callbacks and loggers of a run, in the order Composer must call them.
 
     Composer runs the callbacks in list order at every event, before the loggers (except at
     INIT). So, at each BATCH_CHECKPOINT:
-    - SpeedMonitor, LRMonitor, RunInfo: log and record first; RunInfo's state rides in every checkpoint.
+    - SpeedMonitor, LRMonitor, TrainMetrics, RunInfo: log and record first (TrainMetrics logs its window
+      at BATCH_END); the state of the last two rides in every checkpoint.
     - WriteMetricsRow: the batch's metrics.jsonl row goes to disk before the saver runs, so no
       checkpoint ever holds a batch missing from metrics.jsonl.
     - StopOnSignal: a scheduler's signal ends training at this batch, where the saver, next, sees it.
@@ -166,8 +172,8 @@ def callbacks(cfg: TrainConfig, folder: Path, run_info: RunInfo, metrics: Metric
                             latest_remote_file_name=remote_name(LATEST_FILENAME))
     hub = Hub(cfg.hub.retries, cfg.hub.retry_wait) if cfg.hub.repo else None
     export = [ExportToHub(hub, cfg.hub.repo, folder, saver, cfg.hub.private)] if hub and cfg.hub.export else []
-    handlers = [SpeedMonitor(window_size=10), LRMonitor(), run_info, WriteMetricsRow(metrics), StopOnSignal(), saver,
-                *export, KeepNewestPeriodic(folder, cfg.keep, early)]
+    handlers = [SpeedMonitor(window_size=10), LRMonitor(), train_metrics, run_info, WriteMetricsRow(metrics),
+                StopOnSignal(), saver, *export, KeepNewestPeriodic(folder, cfg.keep, early)]
 
     loggers: list[LoggerDestination] = [metrics]
     if hub:
@@ -187,7 +193,7 @@ def _optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Opti
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=cfg.fused or None)
 
 
 def make_trainer(plan: Plan, folder: Path) -> Trainer:
@@ -195,7 +201,8 @@ def make_trainer(plan: Plan, folder: Path) -> Trainer:
     cfg, model = plan.cfg, plan.model
     metrics = MetricsFile(folder / "metrics.jsonl")
     run_info = RunInfo(cfg, plan.tokenizer, count_parameters(model.model), folder, metrics)
-    handlers, loggers = callbacks(cfg, folder, run_info, metrics)
+    train_metrics = TrainMetrics(model, plan.train_metrics, cfg.log_interval)
+    handlers, loggers = callbacks(cfg, folder, run_info, metrics, train_metrics)
     interactive = any(isinstance(logger, workarounds.ResumableProgressBar) for logger in loggers)
     train_data = build_dataloader(cfg.data.train, cfg.data, plan.per_device_batch, train=True)
     eval_data = build_dataloader(cfg.data.eval, cfg.data, plan.per_device_batch, train=False)
@@ -223,7 +230,8 @@ def make_trainer(plan: Plan, folder: Path) -> Trainer:
         progress_bar=False,  # the ResumableProgressBar logger instead, when interactive
         log_to_console=not interactive,
         console_log_interval=Time.from_timestring(cfg.log_interval),
-        deterministic_mode=not plan.gpu,
+        deterministic_mode=cfg.deterministic or not plan.gpu,
+        compile_config={} if cfg.compile else None,
         python_log_level="WARNING" if dist.get_global_rank() == 0 else "ERROR",
     )
 

@@ -96,6 +96,18 @@ def test_sigkill_at_any_moment_then_resume_is_bitwise_equal(reference, tmp_path,
     assert [r["batch"] for r in rows] == list(range(1, 17))  # every step once, none lost or doubled
     assert [r["loss/train/total"] for r in rows] == [r["loss/train/total"] for r in ref_rows]
     assert [b for b, r in enumerate(rows, 1) if "metrics/eval/CrossEntropy" in r] == [8, 16]
+    # Train metrics every log_interval (4ba), each over its window, the same after kills mid-window.
+    assert train_metrics(rows) == train_metrics(ref_rows)
+    assert list(train_metrics(rows)) == [4, 8, 12, 16]
+    for batch, values in train_metrics(rows).items():
+        window = [r["loss/train/total"] for r in rows[batch - 4:batch]]  # equal target counts per batch
+        assert values["metrics/train/CrossEntropy"] == pytest.approx(sum(window) / 4, rel=1e-6)
+
+
+def train_metrics(rows: list[dict]) -> dict[int, dict]:
+    """batch -> the train metrics logged at it, for the rows that have them."""
+    picked = {r["batch"]: {k: v for k, v in r.items() if k.startswith("metrics/train/")} for r in rows}
+    return {batch: values for batch, values in picked.items() if values}
 
 
 @pytest.mark.parametrize("torn", ["truncated file", "missing symlink"])
