@@ -8,6 +8,7 @@ import sys
 import warnings
 
 import pytest
+from composer.core import Engine
 from composer.utils import dist
 
 from slm import workarounds
@@ -20,22 +21,30 @@ from conftest import REPO
 def test_importing_train_patches_nothing():
     code = ("import warnings\n"
             "import composer.utils.dist as d; original = d.get_node_signal_file_name\n"
+            "from composer.core import Engine; debug_log = Engine._debug_log\n"
             "import slm.train\n"
             "assert d.get_node_signal_file_name is original, 'Composer patched on import'\n"
+            "assert Engine._debug_log is debug_log, 'Composer patched on import'\n"
             "ours = [f for f in warnings.filters if f[1] and 'ProgressBar' in f[1].pattern]\n"
             "assert not ours, f'warning filters installed on import: {ours}'\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def test_applied_patches_for_the_run_and_restores():
-    original, filters = dist.get_node_signal_file_name, list(warnings.filters)
+def test_applied_patches_for_the_run_and_restores(monkeypatch):
+    monkeypatch.delenv("ENGINE_DEBUG", raising=False)
+    original, filters, debug_log = dist.get_node_signal_file_name, list(warnings.filters), Engine._debug_log
     with workarounds.applied():
         assert dist.get_node_signal_file_name is not original
         assert dist.get_node_signal_file_name().endswith("-node0")
         assert warnings.filters != filters
+        assert Engine._debug_log is not debug_log
     assert dist.get_node_signal_file_name is original
     assert warnings.filters == filters
+    assert Engine._debug_log is debug_log
+    monkeypatch.setenv("ENGINE_DEBUG", "1")  # asked for: Composer's own debug log stays
+    with workarounds.applied():
+        assert Engine._debug_log is debug_log
 
 
 @pytest.mark.parametrize("use", [
