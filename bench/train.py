@@ -53,8 +53,8 @@ from benchlib import REPO, machine, make_data, time_loader
 
 # shape -> models, batch, seq_len, warm-up batches, batches per chunk, chunks per side
 SHAPES = {
-    "floor": {"models": ["llama-50k", "mamba-50k"], "batch": 8, "seq_len": 64, "warmup": 20, "chunk": 20, "chunks": 10},
-    "suite": {"models": ["llama-100k", "llama-1m"], "batch": 256, "seq_len": 512, "warmup": 1, "chunk": 2,
+    "floor": {"models": ["llama-50k", "mamba-50k"], "batch": 8, "seq_len": 64, "warmup": 20, "chunk": 20, "chunks": 15},
+    "suite": {"models": ["llama-100k", "llama-1m"], "batch": 256, "seq_len": 512, "warmup": 2, "chunk": 2,
               "chunks": 3},
     "gpu": {"models": ["llama-100k", "llama-1m", "llama-25m", "mamba-25m"], "batch": 256, "seq_len": 512,
             "warmup": 10, "chunk": 10, "chunks": 6},
@@ -84,7 +84,8 @@ class ChunkClock(Callback):
 
     def fit_end(self, state: State, logger: Logger) -> None:
         sync(self.device)
-        self.per_batch.append((time.perf_counter() - self.start) / (self.batches - 1))
+        if self.batches >= 2:  # a one-batch warm-up times nothing
+            self.per_batch.append((time.perf_counter() - self.start) / (self.batches - 1))
 
 
 class BareLoop:
@@ -136,7 +137,7 @@ def take_turns(cfg, shape: dict, device: str) -> tuple[float, float, float]:
         clock = ChunkClock(device)
         trainer.state.callbacks.insert(0, clock)
         trainer.fit(duration=f"{shape['warmup']}ba")
-        bare.seconds_per_batch(shape["warmup"] + 1)
+        bare.seconds_per_batch(shape["warmup"] + 1)  # its first batch is untimed too
         clock.per_batch.clear()
         bare_times = []
         for _ in range(shape["chunks"]):

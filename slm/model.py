@@ -105,6 +105,7 @@ class CausalLM(HuggingFaceModel):
     def __init__(self, model: PreTrainedModel, tokenizer=None, metrics=None, eval_metrics=None):
         super().__init__(model, tokenizer=tokenizer, use_logits=True, metrics=metrics, eval_metrics=eval_metrics,
                          shift_labels=True)
+        self._flops_per_token: dict[int, float] = {}
 
     def eval_forward(self, batch: dict[str, torch.Tensor], outputs=None) -> dict[str, torch.Tensor]:
         """Logits plus the mean loss over the (shifted) targets, for the metrics to share.
@@ -120,5 +121,8 @@ class CausalLM(HuggingFaceModel):
         return {"logits": logits, "loss": loss}
 
     def flops_per_batch(self, batch: dict[str, torch.Tensor]) -> float:
+        """SpeedMonitor asks every batch; the count walks the modules, so it is kept per sequence length."""
         batch_size, seq_len = batch["input_ids"].shape
-        return flops_per_token(self.model, seq_len) * batch_size * seq_len
+        if seq_len not in self._flops_per_token:
+            self._flops_per_token[seq_len] = flops_per_token(self.model, seq_len)
+        return self._flops_per_token[seq_len] * batch_size * seq_len
