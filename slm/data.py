@@ -48,9 +48,9 @@ class MappedShards(StreamingDataset):
     that take a file lock per sample (~400 us a sample). Here everything that decides which sample
     comes next stays Streaming's: the epoch's shuffled, partitioned sample ids (`_get_work`), the
     epoch counter and mid-epoch resumption (`state_dict` / `load_state_dict`), ranks and workers.
-    Only the read changes: each decompressed shard is mapped once per epoch and a sample is
-    `decode_sample` of its byte range, so the samples and their order are the stock reader's,
-    bit for bit (tests/test_data.py). Shards are still prepared (downloaded, decompressed) by
+    Only the read changes: each decompressed shard is mapped once per epoch and a sample is its
+    byte range, decoded by Streaming's own coders, so the samples and their order are the stock
+    reader's, bit for bit (tests/test_data.py). Shards are still prepared (downloaded, decompressed) by
     Streaming's `prepare_shard`; with a remote, a thread prepares them in order of first use ahead
     of the reads. Anything else (another Streaming version, a non-MDS shard) reads the stock way.
     """
