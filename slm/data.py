@@ -39,6 +39,7 @@ _jitter = random.Random()  # its own state: the global one is the training's
 # MappedShards drives these Streaming internals (_resume_incr_epoch, _get_work, the worlds, the shard
 # readers' fields, _get_coder); with another version of mosaicml-streaming it reads samples the stock way.
 STREAMING_WRITTEN_FOR = "0.13.0"
+_STREAMING_MATCHES = metadata.version("mosaicml-streaming") == STREAMING_WRITTEN_FOR
 
 
 class MappedShards(StreamingDataset):
@@ -56,8 +57,7 @@ class MappedShards(StreamingDataset):
     """
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if metadata.version("mosaicml-streaming") != STREAMING_WRITTEN_FOR or \
-                not all(isinstance(shard, MDSReader) for shard in self.shards):
+        if not _STREAMING_MATCHES or not all(isinstance(shard, MDSReader) for shard in self.shards):
             yield from super().__iter__()
             return
         # What StreamingDataset.__iter__ does before it starts its threads: end the previous epoch's

@@ -46,6 +46,8 @@ def read(cls: type[StreamingDataset], local: Path, workers: int = 0, remote: Pat
 
     ds = dataset()
     first = [b["input_ids"] for b in loader(ds)]
+    if cls is MappedShards and not workers:  # its own read, not the stock fallback (which leaves an _iterator)
+        assert not hasattr(ds, "_iterator")
     batches = iter(loader(ds))
     second = [next(batches)["input_ids"] for _ in range(5)]
     state = ds.state_dict(num_samples=5 * BATCH, from_beginning=False)
