@@ -93,12 +93,6 @@ def hub_repo(key: str, value: Any, owner: Any) -> str | None:
     return f"config key '{key}' = '{value}' is not a Hub repo id: use ORG/NAME"
 
 
-def export_needs_repo(key: str, value: Any, owner: HubConfig) -> str | None:
-    if value and owner.repo is None:
-        return f"config key '{key}' is true but 'hub.repo' is not set: name the repo to export to"
-    return None
-
-
 @dataclass
 class DataSplit:
     local: str | None = ruled(None, shard_folder)  # folder of MDS shards, or the local cache of `remote`
@@ -138,9 +132,12 @@ class SchedulerConfig:
 class HubConfig:
     repo: str | None = ruled(None, hub_repo)  # ORG/NAME model repo for checkpoints (created private); None: local
     private: bool = True
-    export: bool = ruled(False, export_needs_repo)  # also export each checkpoint in HF format to a branch (ba400)
-    retries: int = ruled(5, at_least_one)  # attempts per Hub call on transient errors (connection, 429, 5xx)
-    retry_wait: float = 2.0  # seconds before the first retry; doubles each time
+    export: bool = True  # with repo: each checkpoint also in HF format on a branch named after it (ba400)
+    # Commits to the repo in any budget_window_s seconds, exports included: the Hub refuses more than 128 an hour.
+    max_commits_per_hour: int = ruled(100, at_least_one)
+    budget_window_s: float = ruled(3600.0, positive)  # the Hub's window is an hour; tests shrink it
+    retries: int = ruled(5, at_least_one)  # attempts per Hub call on transient errors (connection, 408, 5xx)
+    retry_wait: float = 2.0  # seconds before the first retry; doubles each time (a 429 waits as the Hub asks)
 
 
 @dataclass

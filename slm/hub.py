@@ -2,24 +2,31 @@
 
 `Hub` wraps the calls slm makes with one error policy: a missing repo, file or branch becomes
 `FileNotFoundError` (so Composer's autoresume falls through to "no checkpoint"); connection
-errors, 408, 429 and 5xx are retried with exponential backoff; anything else, or a transient
-error that outlasts the retries, is a `HubError` with one line naming what failed. The token
-comes from `HF_TOKEN` (read by `huggingface_hub` itself) and is masked in every message.
+errors, 408 and 5xx are retried with exponential backoff; anything else, or a transient error
+that outlasts the retries, is a `HubError` with one line naming what failed. A 429 (rate limit)
+is never a failure: it is waited out for as long as the Hub asks (`Retry-After`, or the "retry in
+N minutes" of its message). Every call that makes a commit first takes a slot of a `CommitBudget`
+(the Hub allows 128 commits an hour per repository). The token comes from `HF_TOKEN` (read by
+`huggingface_hub` itself) and is masked in every message.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
 import requests
-from huggingface_hub import HfApi
+from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -32,7 +39,9 @@ from huggingface_hub.errors import (
 from slm.errors import SlmError
 
 log = logging.getLogger(__name__)
-TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+TRANSIENT_STATUS = {408, 500, 502, 503, 504}
+RATE_LIMITED = 429
+MAX_RATE_LIMIT_WAIT = 3600.0  # seconds; a Retry-After beyond the Hub's own window is not believed
 HF_URI = "hf://"
 
 
@@ -62,6 +71,27 @@ def _is_transient(e: Exception) -> bool:
     return isinstance(e, HfHubHTTPError) and _status(e) in TRANSIENT_STATUS
 
 
+def rate_limit_wait(e: Exception, fallback: float) -> float | None:
+    """Seconds a 429 asks to wait (Retry-After, else the message's "retry ... in N minutes"); None if not a 429."""
+    if _status(e) != RATE_LIMITED:
+        return None
+    header = e.response.headers.get("Retry-After") if e.response is not None else None
+    wait = None
+    if header:
+        try:
+            wait = float(header)
+        except ValueError:
+            try:
+                wait = parsedate_to_datetime(header).timestamp() - time.time()
+            except (TypeError, ValueError):
+                wait = None
+    if wait is None:
+        match = re.search(r"retry this action in (\d+) (second|minute|hour)", str(e))
+        if match:
+            wait = int(match.group(1)) * {"second": 1, "minute": 60, "hour": 3600}[match.group(2)]
+    return min(max(wait if wait is not None else fallback, 1.0), MAX_RATE_LIMIT_WAIT)
+
+
 def _first_line(e: Exception) -> str:
     return redact(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
 
@@ -77,16 +107,47 @@ def parse_hf_uri(uri: str) -> tuple[str, str, str]:
     return repo_type, "/".join(parts[:2]), "/".join(parts[2:])
 
 
-class Hub:
-    """The Hub calls slm makes, each retried on transient errors."""
+class CommitBudget:
+    """At most `max_commits` commits per repository in any `window` seconds (a sliding window, this process's)."""
 
-    def __init__(self, retries: int = 5, retry_wait: float = 2.0, api: HfApi | None = None):
+    def __init__(self, max_commits: int = 100, window: float = 3600.0):
+        self.max_commits, self.window = max_commits, window
+        self._times: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def wait_for_slot(self, repo_id: str) -> None:
+        """Block until a commit to `repo_id` fits in the budget, saying so when it has to wait."""
+        while True:
+            with self._lock:
+                times = self._times.setdefault(repo_id, deque())
+                now = time.monotonic()
+                while times and times[0] <= now - self.window:
+                    times.popleft()
+                if len(times) < self.max_commits:
+                    return
+                wait = times[0] + self.window - now
+            log.warning("commit budget of %d per %.0f s for %s reached: next commit in %.0f s (pending checkpoints "
+                        "wait and go up together)", self.max_commits, self.window, repo_id, wait)
+            time.sleep(wait)
+
+    def spend(self, repo_id: str) -> None:
+        with self._lock:
+            self._times.setdefault(repo_id, deque()).append(time.monotonic())
+
+
+class Hub:
+    """The Hub calls slm makes, each retried on transient errors; commits within a budget."""
+
+    def __init__(self, retries: int = 5, retry_wait: float = 2.0, api: HfApi | None = None,
+                 budget: CommitBudget | None = None):
         self.retries, self.retry_wait = retries, retry_wait
         self.api = api or HfApi()
+        self.budget = budget or CommitBudget()
         self._created: set[tuple[str, str]] = set()
 
     def call(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
-        for attempt in range(1, self.retries + 1):
+        attempt, rate_limited = 1, 0
+        while True:
             try:
                 return fn(**kwargs)
             except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
@@ -94,15 +155,29 @@ class Hub:
                     raise HubError(f"{what} failed: the Hub is unreachable (HF_HUB_OFFLINE is set?)") from e
                 raise FileNotFoundError(f"{what}: not found on the Hub ({_first_line(e)})") from e
             except (OSError, ValueError) as e:  # HfHubHTTPError and requests errors are OSErrors
+                wait = rate_limit_wait(e, fallback=min(self.retry_wait * 2**rate_limited, MAX_RATE_LIMIT_WAIT))
+                if wait is not None:  # the Hub's rate limit: wait as asked, however often
+                    rate_limited += 1
+                    log.warning("%s: the Hub's rate limit (429): waiting %.0f s as it asks, then retrying", what,
+                                wait)
+                    time.sleep(wait)
+                    continue
                 if not _is_transient(e):
                     raise HubError(f"{what} failed: {_first_line(e)}") from e
                 if attempt == self.retries:
                     raise HubError(f"{what} failed after {attempt} attempts: {_first_line(e)}") from e
                 wait = self.retry_wait * 2 ** (attempt - 1)
+                attempt += 1
                 log.warning("%s: %s; retrying in %.1f s (attempt %d of %d)", what, _first_line(e), wait,
-                            attempt + 1, self.retries)
+                            attempt, self.retries)
                 time.sleep(wait)
-        raise AssertionError("unreachable")
+
+    def commit_call(self, what: str, repo: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
+        """`call` for a call that makes one commit to `repo`: it waits for a slot of the budget first."""
+        self.budget.wait_for_slot(repo)
+        result = self.call(what, fn, **kwargs)
+        self.budget.spend(repo)
+        return result
 
     def ensure_repo(self, repo_id: str, repo_type: str = "model", private: bool = True) -> None:
         """Create the repo (private by default) unless it exists; once per process."""
@@ -113,9 +188,19 @@ class Hub:
 
     def upload_file(self, path: Path, repo_id: str, path_in_repo: str, message: str,
                     repo_type: str = "model") -> None:
-        self.call(f"upload of {path_in_repo} to the Hub repo {repo_id}", self.api.upload_file,
-                  path_or_fileobj=str(path), path_in_repo=path_in_repo, repo_id=repo_id, repo_type=repo_type,
-                  commit_message=message)
+        self.commit_call(f"upload of {path_in_repo} to the Hub repo {repo_id}", repo_id, self.api.upload_file,
+                         path_or_fileobj=str(path), path_in_repo=path_in_repo, repo_id=repo_id, repo_type=repo_type,
+                         commit_message=message)
+
+    def commit(self, repo_id: str, files: dict[str, Path | bytes], message: str, repo_type: str = "model",
+               revision: str | None = None) -> None:
+        """One commit adding (or replacing) `files` (path in repo -> local file or content)."""
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(data) if isinstance(data, Path)
+                                         else data) for name, data in files.items()]
+        names = next(iter(files)) + (f" (and {len(files) - 1} more files)" if len(files) > 1 else "")
+        self.commit_call(f"commit of {names} to the Hub repo {repo_id}", repo_id, self.api.create_commit,
+                         repo_id=repo_id, operations=operations, commit_message=message, repo_type=repo_type,
+                         revision=revision)
 
     def download_file(self, repo_id: str, path_in_repo: str, destination: Path, repo_type: str = "model") -> None:
         """Download one file to `destination` (complete or not at all)."""
@@ -125,9 +210,16 @@ class Hub:
                             repo_id=repo_id, filename=path_in_repo, repo_type=repo_type, local_dir=tmp)
             shutil.move(got, destination)
 
-    def list_files(self, repo_id: str, repo_type: str = "model") -> list[str]:
+    def download_revision(self, repo_id: str, revision: str, destination: Path, repo_type: str = "model") -> Path:
+        """Every file of one branch (or tag, or commit) of the repo, into `destination`."""
+        destination.mkdir(parents=True, exist_ok=True)
+        self.call(f"download of revision {revision} of the Hub repo {repo_id}", self.api.snapshot_download,
+                  repo_id=repo_id, revision=revision, repo_type=repo_type, local_dir=str(destination))
+        return destination
+
+    def list_files(self, repo_id: str, repo_type: str = "model", revision: str | None = None) -> list[str]:
         return self.call(f"listing the Hub repo {repo_id}", self.api.list_repo_files, repo_id=repo_id,
-                         repo_type=repo_type)
+                         repo_type=repo_type, revision=revision)
 
     def branches(self, repo_id: str, repo_type: str = "model") -> set[str]:
         refs = self.call(f"listing the branches of the Hub repo {repo_id}", self.api.list_repo_refs,
@@ -142,7 +234,8 @@ class Hub:
         if branch:
             self.call(f"creating branch {branch} of the Hub repo {repo_id}", self.api.create_branch,
                       repo_id=repo_id, branch=branch, repo_type=repo_type, exist_ok=True)
-        self.call(f"upload of {folder} to the Hub repo {repo_id}", self.api.upload_folder, folder_path=str(folder),
-                  repo_id=repo_id, repo_type=repo_type, path_in_repo=path_in_repo or None, revision=branch,
-                  commit_message=message, delete_patterns=delete_patterns)
+        self.commit_call(f"upload of {folder} to the Hub repo {repo_id}", repo_id, self.api.upload_folder,
+                         folder_path=str(folder), repo_id=repo_id, repo_type=repo_type,
+                         path_in_repo=path_in_repo or None, revision=branch, commit_message=message,
+                         delete_patterns=delete_patterns)
 

@@ -1,29 +1,46 @@
-"""Checkpoints on the HuggingFace Hub during training.
+"""Checkpoints on the HuggingFace Hub during training, uploaded in the background within a commit budget.
 
 Composer's `save_folder` only knows fixed URI schemes, so the Hub is reached through a
-`LoggerDestination`: the CheckpointSaver hands it every checkpoint and the
-`latest-rank0.pt.symlink` text file, and autoresume asks it for them when the local folder has
-none. With `hub.export`, `ExportToHub` also publishes each checkpoint in HF format on a branch
-named after its batch, so `AutoModelForCausalLM.from_pretrained(repo, revision="ba400")` works.
-Uploads happen before training goes on, so a checkpoint is never reported saved and then lost;
-a run that starts uploads whatever an earlier, interrupted start could not.
+`LoggerDestination`: the CheckpointSaver hands it every checkpoint, and autoresume asks it for
+the newest one when the local folder has none. On rank 0, each checkpoint is queued, not
+uploaded: `HubPublisher` hard-links it into the run folder's `.hub-pending/` (so pruning cannot
+take it away) and, with `hub.export`, writes its HF export there too (`ba{B}/`). A background
+thread then makes one commit to `main` per round carrying every pending checkpoint, the
+`latest` pointer and the run's data (`metrics.jsonl`, `run.json`, `config.yaml`), and one commit
+per export on a branch `ba{B}`, so `AutoModelForCausalLM.from_pretrained(repo, revision="ba400")`
+works. Training goes on meanwhile; when uploads fall behind, the checkpoints waiting go up
+together. Every commit takes a slot of the Hub client's budget and a 429 is waited out.
+
+The queue is the `.hub-pending/` folder, so a kill loses nothing: the next start uploads what is
+there, and what the repo lacks of the local checkpoints. A finished or stopped run waits for the
+queue to empty before it exits, saying so. A permanent Hub error stops the run at the next batch
+with one line; the local checkpoints stay.
 """
 
 from __future__ import annotations
 
-import tempfile
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
 from pathlib import Path
 
-from composer.callbacks import CheckpointSaver
-from composer.core import Callback, State
+from composer.core import State
 from composer.loggers import Logger, LoggerDestination
-from composer.utils import create_symlink_file, dist
+from composer.utils import dist
 
-from slm.checkpoints import LATEST, checkpoint_name, checkpoints, is_complete
+from slm.checkpoints import CHECKPOINT, LATEST, checkpoints, is_complete
 from slm.export import export_checkpoint
 from slm.hub import Hub, HubError
+from slm.paths import partial_file
 
+log = logging.getLogger(__name__)
 REMOTE_FOLDER = "checkpoints"
+PENDING = ".hub-pending"  # in the run folder: the upload queue (checkpoint hard links, export folders)
+RUN_DATA = ("metrics.jsonl", "run.json", "config.yaml")  # files of the run folder that go up with each checkpoint
+PROGRESS_EVERY = 10.0  # seconds between "waiting for the Hub" lines at the end of a run
 
 
 def remote_name(filename: str) -> str:
@@ -34,49 +51,197 @@ def branch_name(batch: int) -> str:
     return f"ba{batch}"
 
 
+def _batch(path: Path) -> int:
+    return int(CHECKPOINT.match(path.name).group(2))
+
+
 def _keep_local_hint(e: HubError, folder: Path) -> HubError:
     return HubError(f"{e}; the checkpoints stay in {folder}: fix the cause and run again with the same run_name "
                     "to resume (missing uploads are retried at start)")
 
 
-class HubCheckpoints(LoggerDestination):
-    """Every checkpoint of the run, and the `latest` pointer, in the model repo `repo`."""
+def _say(text: str) -> None:
+    print(f"slm train: {text}", file=sys.stderr, flush=True)
 
-    def __init__(self, hub: Hub, repo: str, folder: Path, private: bool = True):
-        self.hub, self.repo, self.folder, self.private = hub, repo, folder, private
 
-    def fit_start(self, state: State, logger: Logger) -> None:
-        if dist.get_global_rank() == 0:
-            self.upload_missing()
+class HubPublisher:
+    """Rank 0's queue of checkpoints and exports for the model repo, and the thread that uploads it."""
 
-    def upload_missing(self) -> None:
-        """Upload local complete checkpoints the repo lacks (an earlier start failed or was killed mid-upload)."""
-        local = [path for _, path in sorted(checkpoints(self.folder).items()) if is_complete(path)]
-        if not local:
+    def __init__(self, hub: Hub, repo: str, folder: Path, private: bool = True, export: bool = True):
+        self.hub, self.repo, self.folder, self.private, self.export = hub, repo, folder, private, export
+        self.pending = folder / PENDING
+        self.newest_uploaded = -1  # the batch `latest` points at in the repo
+        self.error: HubError | None = None
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    # the queue (the .hub-pending folder) -----------------------------------------------------------------------
+    def _queued(self) -> tuple[dict[int, Path], dict[int, Path]]:
+        """(checkpoints waiting for `main`, export folders waiting for their branch), by batch."""
+        if not self.pending.is_dir():
+            return {}, {}
+        files = {_batch(p): p for p in self.pending.iterdir() if CHECKPOINT.match(p.name)}
+        exports = {int(p.name[2:]): p for p in self.pending.iterdir()
+                   if p.is_dir() and p.name.startswith("ba") and p.name[2:].isdigit()}
+        return files, exports
+
+    def _stage_checkpoint(self, path: Path) -> None:
+        self.pending.mkdir(exist_ok=True)
+        with partial_file(self.pending / path.name) as tmp:
+            try:
+                os.link(path, tmp)  # instant, and survives the original being pruned
+            except OSError:
+                shutil.copyfile(path, tmp)
+
+    def _stage_export(self, batch: int, path: Path) -> None:
+        self.pending.mkdir(exist_ok=True)
+        export_checkpoint(path, self.pending / branch_name(batch), overwrite=True)
+
+    def add(self, path: Path) -> None:
+        """Queue a checkpoint just saved (and its export); the thread uploads it."""
+        self.raise_if_failed()
+        self._stage_checkpoint(path)
+        if self.export:
+            self._stage_export(_batch(path), path)
+        self._wake()
+
+    def catch_up(self, up_to_batch: int) -> None:
+        """Queue the local complete checkpoints (up to the resume point) the repo lacks, or lacks as a branch."""
+        local = {b: p for b, p in checkpoints(self.folder).items() if b <= up_to_batch and is_complete(p)}
+        queued_files, queued_exports = self._queued()
+        if not local and not queued_files and not queued_exports:
             return
         try:
             remote = set(self.hub.list_files(self.repo))
+            branches = self.hub.branches(self.repo) if self.export else set()
         except FileNotFoundError:
-            remote = set()
-        missing = [path for path in local if remote_name(path.name) not in remote]
-        for path in missing:
-            self._upload(path, remote_name(path.name), f"{path.name} (uploaded at restart)")
-        if missing:
-            with tempfile.TemporaryDirectory() as tmp:
-                pointer = Path(tmp) / f"{LATEST}.symlink"
-                create_symlink_file(remote_name(local[-1].name), pointer)
-                self._upload(pointer, remote_name(pointer.name), f"latest -> {local[-1].name}")
-
-    def _upload(self, path: Path, name: str, message: str) -> None:
-        try:
-            self.hub.ensure_repo(self.repo, private=self.private)
-            self.hub.upload_file(path, self.repo, name, message)
+            remote, branches = set(), set()
         except HubError as e:
             raise _keep_local_hint(e, self.folder) from e
+        on_hub = [_batch(Path(name)) for name in remote if CHECKPOINT.match(Path(name).name)]
+        self.newest_uploaded = max(on_hub, default=-1)
+        for batch, path in sorted(local.items()):
+            if remote_name(path.name) not in remote and batch not in queued_files:
+                self._stage_checkpoint(path)
+            if self.export and branch_name(batch) not in branches and batch not in queued_exports:
+                self._stage_export(batch, path)
+        files, exports = self._queued()
+        if files or exports:
+            _say(f"{len(files)} checkpoint(s) and {len(exports)} export(s) are not on the Hub yet; uploading them "
+                 "in the background")
+            self._wake()
+
+    # the upload thread -----------------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        """Start the upload thread unless it runs (it stops when it finds the queue empty, under the same lock)."""
+        with self._cond:
+            if self._thread is None and self.error is None:
+                self._thread = threading.Thread(target=self._work, name="hub-uploads", daemon=True)
+                self._thread.start()
+
+    def _work(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    files, exports = self._queued()
+                    if not files and not exports:
+                        return
+                if files:  # checkpoints first: they are what a resume needs
+                    self._commit_checkpoints(files)
+                else:
+                    batch = min(exports)
+                    self._commit_export(batch, exports[batch])
+        except HubError as e:
+            self.error = _keep_local_hint(e, self.folder)
+        except Exception as e:  # noqa: BLE001 - the training thread reports it
+            self.error = HubError(f"uploading to the Hub repo {self.repo} failed: {type(e).__name__}: {e}")
+        finally:
+            with self._cond:
+                self._thread = None
+                self._cond.notify_all()
+
+    def _run_data(self) -> dict[str, bytes]:
+        data = {}
+        for name in RUN_DATA:
+            try:
+                content = (self.folder / name).read_bytes()
+            except FileNotFoundError:
+                continue
+            if name.endswith(".jsonl"):  # the training thread may be appending a line right now
+                content = content[: content.rfind(b"\n") + 1]
+            data[name] = content
+        return data
+
+    def _commit_checkpoints(self, files: dict[int, Path]) -> None:
+        contents: dict[str, Path | bytes] = {remote_name(p.name): p for _, p in sorted(files.items())}
+        newest = max(files)
+        if newest > self.newest_uploaded:  # (a catch-up of older checkpoints leaves the pointer where it is)
+            contents[remote_name(f"{LATEST}.symlink")] = remote_name(files[newest].name).encode()
+        contents.update(self._run_data())
+        names = ", ".join(p.name for _, p in sorted(files.items()))
+        self.hub.ensure_repo(self.repo, private=self.private)
+        self.hub.commit(self.repo, contents, f"{names} and the run's data")
+        self.newest_uploaded = max(newest, self.newest_uploaded)
+        for path in files.values():
+            path.unlink(missing_ok=True)
+
+    def _commit_export(self, batch: int, folder: Path) -> None:
+        self.hub.push_folder(folder, self.repo, f"HF export at batch {batch}", branch=branch_name(batch),
+                             private=self.private, delete_patterns=["*"])
+        shutil.rmtree(folder)
+
+    # the training thread's side --------------------------------------------------------------------------------
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def drain(self) -> None:
+        """Wait until the queue is empty (saying what is left every few seconds), or raise the thread's error."""
+        self._wake()
+        last = -PROGRESS_EVERY  # the first line at once
+        with self._cond:
+            while self._thread is not None:
+                if time.monotonic() - last >= PROGRESS_EVERY:
+                    files, exports = self._queued()
+                    _say(f"waiting for the Hub: {len(files)} checkpoint(s) and {len(exports)} export(s) to upload "
+                         f"to {self.repo} (budget {self.hub.budget.max_commits} commits per "
+                         f"{self.hub.budget.window:.0f} s)")
+                    last = time.monotonic()
+                self._cond.wait(timeout=1.0)
+        self.raise_if_failed()
+        if self.pending.is_dir() and not any(self.pending.iterdir()):
+            self.pending.rmdir()
+
+
+class HubCheckpoints(LoggerDestination):
+    """Every checkpoint of the run, the `latest` pointer and the run's data in the model repo `repo`."""
+
+    def __init__(self, hub: Hub, repo: str, folder: Path, private: bool = True, export: bool = True):
+        self.hub, self.repo, self.folder = hub, repo, folder
+        self.publisher = HubPublisher(hub, repo, folder, private, export) if dist.get_global_rank() == 0 else None
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if self.publisher:
+            self.publisher.catch_up(int(state.timestamp.batch))
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if self.publisher:
+            self.publisher.raise_if_failed()
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        """A finished or stopped run leaves only once everything is on the Hub."""
+        self.finish(state)
+
+    def finish(self, state: State) -> None:
+        if self.publisher:
+            self.publisher.catch_up(int(state.timestamp.batch))
+            self.publisher.drain()
 
     def upload_file(self, state: State, remote_file_name: str, file_path: Path, *, overwrite: bool) -> None:
-        self._upload(Path(file_path), remote_file_name, f"{state.run_name}: {remote_file_name} "
-                                                        f"at batch {int(state.timestamp.batch)}")
+        """The saver's checkpoint is queued; its `latest` pointer file is not needed (each commit writes one)."""
+        path = Path(file_path)
+        if self.publisher and CHECKPOINT.match(path.name):
+            self.publisher.add(path)
 
     def can_upload_files(self) -> bool:
         return True
@@ -84,50 +249,3 @@ class HubCheckpoints(LoggerDestination):
     def download_file(self, remote_file_name: str, destination: str, overwrite: bool = False,
                       progress_bar: bool = True) -> None:
         self.hub.download_file(self.repo, remote_file_name, Path(destination))
-
-
-class ExportToHub(Callback):
-    """After each checkpoint is saved (placed after the CheckpointSaver), its HF export on branch `ba{batch}`."""
-
-    def __init__(self, hub: Hub, repo: str, folder: Path, saver: CheckpointSaver, private: bool = True):
-        self.hub, self.repo, self.folder, self.saver, self.private = hub, repo, folder, saver, private
-        self.exported: set[int] = set()
-
-    def fit_start(self, state: State, logger: Logger) -> None:
-        """Export local checkpoints an earlier start saved but did not get to export."""
-        if dist.get_global_rank() != 0:
-            return
-        local = {b: p for b, p in checkpoints(self.folder).items() if b <= int(state.timestamp.batch)}
-        if not local:
-            return
-        try:
-            self.exported = {int(b[2:]) for b in self.hub.branches(self.repo) if b[2:].isdigit()}
-        except FileNotFoundError:
-            pass
-        for batch, path in sorted(local.items()):
-            if batch not in self.exported and is_complete(path):
-                self.export(batch, path)
-
-    def export(self, batch: int, path: Path) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = export_checkpoint(path, Path(tmp) / "export")
-            try:
-                self.hub.push_folder(out, self.repo, f"HF export of {path.name}", branch=branch_name(batch),
-                                     private=self.private, delete_patterns=[f"{REMOTE_FOLDER}/*"])
-            except HubError as e:
-                raise _keep_local_hint(e, self.folder) from e
-        self.exported.add(batch)
-
-    def _after_checkpoint(self, state: State) -> None:
-        """Export what the saver wrote at this event, if anything (its own record, not a folder scan)."""
-        batch = int(state.timestamp.batch)
-        saved = self.saver.saved_checkpoints
-        if dist.get_global_rank() == 0 and saved and batch not in self.exported \
-                and Path(saved[-1]).name == checkpoint_name(int(state.timestamp.epoch), batch):
-            self.export(batch, Path(saved[-1]))
-
-    def batch_checkpoint(self, state: State, logger: Logger) -> None:
-        self._after_checkpoint(state)
-
-    def epoch_checkpoint(self, state: State, logger: Logger) -> None:
-        self._after_checkpoint(state)

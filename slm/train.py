@@ -49,8 +49,8 @@ from slm.checkpoints import (
 from slm.config import OptimizerConfig, TrainConfig, load_config, save_config
 from slm.data import build_dataloader, check_compatible, split_metadata
 from slm.errors import SlmError, disk_error, run_command
-from slm.hub import Hub
-from slm.hub_store import ExportToHub, HubCheckpoints, remote_name
+from slm.hub import CommitBudget, Hub
+from slm.hub_store import HubCheckpoints, remote_name
 from slm.loggers import MetricsFile, WriteMetricsRow, wandb_run_id
 from slm.metrics import TrainMetrics, build_metrics, byte_lengths
 from slm.model import CausalLM, build_hf_model, count_parameters
@@ -160,9 +160,9 @@ def callbacks(cfg: TrainConfig, folder: Path, run_info: RunInfo, metrics: Metric
     - WriteMetricsRow: the batch's metrics.jsonl row goes to disk before the saver runs, so no
       checkpoint ever holds a batch missing from metrics.jsonl.
     - StopOnSignal: a scheduler's signal ends training at this batch, where the saver, next, sees it.
-    - CheckpointSaver: writes the checkpoint and hands it to every logger's upload_file (the Hub's).
-    - ExportToHub: exports what the saver just wrote (it reads the saver's own record).
-    - KeepNewestPeriodic: prunes last, once the newest checkpoint is written, uploaded and exported.
+    - CheckpointSaver: writes the checkpoint and hands it to every logger's upload_file (the Hub's queues it,
+      with its export, in the run folder's .hub-pending/; a thread uploads it).
+    - KeepNewestPeriodic: prunes last, once the newest checkpoint is written and queued.
     The loggers: metrics.jsonl, then the Hub and W&B, then the terminal's progress bar.
     """
     early = early_batches(cfg.early_checkpoints)
@@ -170,14 +170,14 @@ def callbacks(cfg: TrainConfig, folder: Path, run_info: RunInfo, metrics: Metric
                             save_interval=save_schedule(cfg.save_interval, early), overwrite=True,
                             remote_file_name=remote_name(FILENAME),
                             latest_remote_file_name=remote_name(LATEST_FILENAME))
-    hub = Hub(cfg.hub.retries, cfg.hub.retry_wait) if cfg.hub.repo else None
-    export = [ExportToHub(hub, cfg.hub.repo, folder, saver, cfg.hub.private)] if hub and cfg.hub.export else []
     handlers = [SpeedMonitor(window_size=10), LRMonitor(), train_metrics, run_info, WriteMetricsRow(metrics),
-                StopOnSignal(), saver, *export, KeepNewestPeriodic(folder, cfg.keep, early)]
+                StopOnSignal(), saver, KeepNewestPeriodic(folder, cfg.keep, early)]
 
     loggers: list[LoggerDestination] = [metrics]
-    if hub:
-        loggers.append(HubCheckpoints(hub, cfg.hub.repo, folder, cfg.hub.private))
+    if cfg.hub.repo:
+        hub = Hub(cfg.hub.retries, cfg.hub.retry_wait,
+                  budget=CommitBudget(cfg.hub.max_commits_per_hour, cfg.hub.budget_window_s))
+        loggers.append(HubCheckpoints(hub, cfg.hub.repo, folder, cfg.hub.private, cfg.hub.export))
     w = cfg.logging.wandb
     if w.project:
         loggers.append(workarounds.WandB(project=w.project, entity=w.entity, group=w.group, tags=w.tags or None,
@@ -260,6 +260,9 @@ def train(cfg: TrainConfig) -> int:
         f"{cfg.max_duration}" + ("; already finished (a larger max_duration continues it)" if finished else ""))
     if not finished:  # a resubmitted or requeued job whose run is done has nothing to do, and is no error
         trainer.fit()
+    else:  # ... except uploads an earlier start could not finish
+        for hub in (d for d in trainer.logger.destinations if isinstance(d, HubCheckpoints)):
+            hub.finish(trainer.state)
     trainer.close()
     stop = next(c for c in trainer.state.callbacks if isinstance(c, StopOnSignal))
     if stop.stopped_at is None:

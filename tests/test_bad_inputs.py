@@ -171,7 +171,6 @@ TRAIN_CASES = {
     "auto microbatch on CPU": (["device_microbatch_size=auto"], "device_microbatch_size=auto needs a GPU"),
     "tokenizer not the data's": (["tokenizer={ws}/other_tok"], "is not the one data.train was tokenized with"),
     "hub.repo not a repo id": (["hub.repo=just-a-name"], "config key 'hub.repo' = 'just-a-name' is not a Hub repo id"),
-    "hub.export without hub.repo": (["hub.export=true"], "'hub.export' is true but 'hub.repo' is not set"),
     "hub.retries below 1": (["hub.repo=me/x", "hub.retries=0"], "config key 'hub.retries' must be at least 1"),
     "unknown logging key": (["logging.wandb.projekt=x"], "unknown config key 'logging.wandb.projekt' in the command "
                                                          "line (logging.wandb.projekt=x); did you mean "

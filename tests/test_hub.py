@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ import torch
 from slm.checkpoints import is_complete
 from slm.cli import main
 
-from conftest import assert_bitwise_equal, final_state, resumed_at, run_slm, train, write_yaml
+from conftest import REPO, assert_bitwise_equal, final_state, resumed_at, run_slm, train, train_cmd, write_yaml
 
 TOKEN = "hf_TestTokenThatMustNeverBeWrittenAnywhere"
 
@@ -87,14 +90,18 @@ def test_every_checkpoint_goes_to_the_hub_and_autoresume_finds_it_there(fake_hub
     assert {"ep0-ba12-rank0.pt", "ep0-ba16-rank0.pt"} <= set(hub_checkpoints(fake_hub, "me/tiny"))
 
 
+def commits_with(api, name: str) -> list[dict]:
+    """The commit attempts (create_commit calls) whose files include `name`."""
+    return [c for c in calls(api, "create_commit") if name in c["paths"]]
+
+
 @pytest.mark.train
 def test_transient_errors_are_retried_with_backoff(fake_hub, tmp_path, shards):
-    script_failures(fake_hub, {"method": "upload_file", "status": 503, "times": 2, "match": "ep0-ba4-"},
-                    {"method": "upload_file", "status": "connection", "times": 1, "match": "ep0-ba8-"})
+    script_failures(fake_hub, {"method": "create_commit", "status": 503, "times": 2, "match": "ep0-ba4-"},
+                    {"method": "create_commit", "status": "connection", "times": 1, "match": "ep0-ba8-"})
     config = write_yaml(tmp_path / "tiny.yaml", shards)
     proc = train(config, "run_name=flaky", "hub.repo=me/flaky", "hub.retry_wait=0.01", "max_duration=8ba")
-    uploads = [c["path_in_repo"] for c in calls(fake_hub, "upload_file")]
-    assert uploads.count("checkpoints/ep0-ba4-rank0.pt") == 3 and uploads.count("checkpoints/ep0-ba8-rank0.pt") == 2
+    assert len(commits_with(fake_hub, "ep0-ba4-")) == 3 and len(commits_with(fake_hub, "ep0-ba8-")) == 2
     assert "503 Client Error" in proc.stderr and "retrying in" in proc.stderr
     on_hub = hub_checkpoints(fake_hub, "me/flaky")
     assert {k: v for k, v in on_hub.items() if k.endswith(".pt")} == local_checkpoints(tmp_path / "ckpt" / "flaky")
@@ -102,23 +109,27 @@ def test_transient_errors_are_retried_with_backoff(fake_hub, tmp_path, shards):
 
 @pytest.mark.train
 def test_a_permanent_failure_stops_the_run_keeps_the_checkpoint_and_uploads_it_later(fake_hub, tmp_path, shards):
-    script_failures(fake_hub, {"method": "upload_file", "status": 403, "times": 100, "match": "ep0-ba4-",
+    script_failures(fake_hub, {"method": "create_commit", "status": 403, "times": 100, "match": "ep0-ba4-",
                                "message": "403 Forbidden: you cannot write to me/denied"})
     config = write_yaml(tmp_path / "tiny.yaml", shards)
     local = tmp_path / "ckpt" / "denied"
     proc = train(config, "run_name=denied", "hub.repo=me/denied", "hub.retry_wait=0.01", check=False)
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert errors == [f"slm train: error: upload of checkpoints/ep0-ba4-rank0.pt to the Hub repo me/denied failed: "
-                      f"403 Forbidden: you cannot write to me/denied; the checkpoints stay in {local}: fix the "
-                      "cause and run again with the same run_name to resume (missing uploads are retried at start)"]
+    assert errors == [f"slm train: error: commit of checkpoints/ep0-ba4-rank0.pt (and 4 more files) to the Hub "
+                      f"repo me/denied failed: 403 Forbidden: you cannot write to me/denied; the checkpoints stay in "
+                      f"{local}: fix the cause and run again with the same run_name to resume (missing uploads are "
+                      "retried at start)"]
     assert "Traceback" not in proc.stderr
     assert is_complete(local / "ep0-ba4-rank0.pt")
-    assert len([c for c in calls(fake_hub, "upload_file") if "ba4" in c["path_in_repo"]]) == 1  # 403: no retry
+    assert len(commits_with(fake_hub, "ep0-ba4-")) == 1  # 403: no retry
+    assert "ep0-ba4-rank0.pt" not in hub_checkpoints(fake_hub, "me/denied")
+    stopped_at = max(int(p.name.split("-ba")[1].split("-")[0]) for p in local.glob("ep*-ba*-rank0.pt"))
+    assert stopped_at < 16  # the run stopped early, at the first batch after the upload thread failed
 
     script_failures(fake_hub)
-    proc = train(config, "run_name=denied", "hub.repo=me/denied", "max_duration=8ba")
-    assert resumed_at(proc) == 4
+    proc = train(config, "run_name=denied", "hub.repo=me/denied", "max_duration=16ba")
+    assert resumed_at(proc) == stopped_at
     on_hub = hub_checkpoints(fake_hub, "me/denied")
     assert {k: v for k, v in on_hub.items() if k.endswith(".pt")} == local_checkpoints(local)
 
@@ -128,11 +139,13 @@ def test_hub_export_puts_each_checkpoint_on_a_branch_named_after_it(fake_hub, tm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = write_yaml(tmp_path / "tiny.yaml", shards)
-    train(config, "run_name=exp", "hub.repo=me/exp", "hub.export=true", "max_duration=8ba")
+    train(config, "run_name=exp", "hub.repo=me/exp", "max_duration=8ba")  # hub.export is on by default
     branches = sorted(p.name for p in fake_hub.repo_dir("me/exp").parent.iterdir() if p.is_dir())
     assert branches == ["ba1", "ba2", "ba4", "ba8", "main"]
     branch = fake_hub.repo_dir("me/exp", revision="ba4")  # what from_pretrained(repo, revision="ba4") fetches
-    assert not (branch / "checkpoints").exists()
+    files = sorted(p.relative_to(branch).as_posix() for p in branch.rglob("*") if p.is_file())
+    assert "model.safetensors" in files and "tokenizer.json" in files and ".gitattributes" in files
+    assert not [f for f in files if f.startswith("checkpoints/") or f in ("metrics.jsonl", "run.json")]
     model = AutoModelForCausalLM.from_pretrained(branch)
     assert AutoTokenizer.from_pretrained(branch)("Once upon a time")["input_ids"]
     saved = torch.load(tmp_path / "ckpt" / "exp" / "ep0-ba4-rank0.pt", weights_only=False)["state"]["model"]
@@ -162,17 +175,129 @@ def test_shards_uploaded_to_hf_stream_back_into_training(fake_hub, reference, tm
 @pytest.mark.train
 def test_the_token_is_never_written_anywhere(fake_hub, tmp_path, shards, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    script_failures(fake_hub, {"method": "upload_file", "status": 403, "times": 1, "match": "ep0-ba2-",
+    script_failures(fake_hub, {"method": "create_commit", "status": 403, "times": 1, "match": "ep0-ba2-",
                                "message": f"403 Forbidden: token {TOKEN} cannot write to me/secret"})
     config = write_yaml(tmp_path / "tiny.yaml", shards)
     args = ["run_name=secret", "hub.repo=me/secret", "max_duration=8ba", "logging.wandb.project=slm-test"]
     failed = train(config, *args, check=False)
     assert failed.returncode == 1 and "403 Forbidden: token *** cannot write" in failed.stderr
     done = train(config, *args)
-    assert resumed_at(done) == 2  # the checkpoint whose upload failed was kept
+    assert resumed_at(done) >= 2  # the checkpoint whose upload failed was kept
+    assert "ep0-ba2-rank0.pt" in hub_checkpoints(fake_hub, "me/secret")
     for proc in (failed, done):
         assert TOKEN not in proc.stdout + proc.stderr
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.suffix == ".wandb" for p in written) and any(p.name == "run.json" for p in written)
     leaks = [str(p) for p in written if TOKEN.encode() in p.read_bytes() and p.name not in ("failures.json",)]
     assert leaks == []
+
+
+def set_limits(api, **limits) -> None:
+    """Make the double as strict as the real Hub, scaled down (see tests/hub_double/folder_hub.py)."""
+    (api.root / "limits.json").write_text(json.dumps(limits))
+
+
+def max_in_any_window(times: list[float], window: float) -> int:
+    return max((sum(1 for u in times if t <= u < t + window) for t in times), default=0)
+
+
+def test_a_429_is_waited_out_as_the_hub_asks():
+    import requests
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from slm.hub import rate_limit_wait
+
+    def error(status: int, message: str, retry_after=None) -> HfHubHTTPError:
+        response = requests.Response()
+        response.status_code = status
+        if retry_after is not None:
+            response.headers["Retry-After"] = str(retry_after)
+        return HfHubHTTPError(message, response=response)
+
+    def limited(retry_after=None, message="429 Client Error: Too Many Requests"):
+        return error(429, message, retry_after)
+
+    assert rate_limit_wait(limited(7), fallback=2) == 7
+    assert rate_limit_wait(limited("Wed, 21 Oct 2099 07:28:00 GMT"), fallback=2) == 3600  # capped at the window
+    hub_text = ("You have exceeded the rate limit for repository commits (128 per hour). You can retry this action "
+                "in 43 minutes.")
+    assert rate_limit_wait(limited(message=hub_text), fallback=2) == 43 * 60
+    assert rate_limit_wait(limited(), fallback=2) == 2
+    assert rate_limit_wait(error(503, "503 Server Error"), fallback=2) is None
+
+
+@pytest.mark.train
+def test_a_run_checkpointing_every_batch_stays_within_the_budget_and_gets_everything_up(fake_hub, tmp_path, shards):
+    """The Hub allows 4 commits per 4 s here; slm's budget is 3 per 4 s; one 429 (Retry-After 1) is scripted."""
+    set_limits(fake_hub, max_commits=4, window=4)
+    script_failures(fake_hub, {"method": "create_commit", "status": 429, "retry_after": 1, "times": 1,
+                               "message": "429 Client Error: Too Many Requests"})
+    config = write_yaml(tmp_path / "tiny.yaml", shards)
+    local = tmp_path / "ckpt" / "budget"
+    proc = train(config, "run_name=budget", "hub.repo=me/budget", "max_duration=6ba", "save_interval=1ba",
+                 "hub.max_commits_per_hour=3", "hub.budget_window_s=4")
+    assert "the Hub's rate limit (429): waiting 1 s" in proc.stderr
+    assert "commit budget of 3 per 4 s for me/budget reached" in proc.stderr
+    assert "waiting for the Hub: " in proc.stderr  # the queue drained before the run exited
+    commits = fake_hub.commits()
+    assert max_in_any_window([c["time"] for c in commits], 4) <= 3
+    assert not (fake_hub.root / "refused.jsonl").exists()  # the Hub never had to refuse one
+    on_hub = hub_checkpoints(fake_hub, "me/budget")
+    assert {k: v for k, v in on_hub.items() if k.endswith(".pt")} == local_checkpoints(local)
+    assert len(on_hub) == 7 and on_hub["latest-rank0.pt.symlink"] == b"checkpoints/ep0-ba6-rank0.pt"
+    main = [c for c in commits if c["revision"] == "main"]
+    assert len(main) < 6  # checkpoints that waited for the budget went up together
+    assert all({"metrics.jsonl", "run.json", "config.yaml"} <= set(c["paths"]) for c in main)
+    repo = fake_hub.repo_dir("me/budget")
+    assert (repo / "metrics.jsonl").read_bytes() == (local / "metrics.jsonl").read_bytes()
+    branches = {c["revision"] for c in commits} - {"main"}
+    assert branches == {f"ba{b}" for b in range(1, 7)}
+    assert not (local / ".hub-pending").exists()  # the upload queue is empty, and gone
+
+
+@pytest.mark.train
+def test_slow_uploads_do_not_slow_training(fake_hub, tmp_path, shards):
+    """Each commit takes 2 s: the training loop's own time stays within 1.1x of a run whose commits are instant."""
+    config = write_yaml(tmp_path / "tiny.yaml", shards)
+
+    def train_hours(run: str) -> float:
+        train(config, f"run_name={run}", f"hub.repo=me/{run}", "max_duration=24ba", "save_interval=2ba",
+              "eval_interval=100ba", "hub.export=false")
+        rows = (tmp_path / "ckpt" / run / "metrics.jsonl").read_text().splitlines()
+        return json.loads(rows[-1])["time/train"]
+
+    instant = train_hours("instant")
+    set_limits(fake_hub, latency=2)
+    slow = train_hours("slow")
+    slow_commits = [c for c in fake_hub.commits() if c["repo_id"] == "me/slow"]
+    assert len(slow_commits) >= 3 and sum(len(c["paths"]) - 4 for c in slow_commits) == 13  # 13 checkpoints
+    assert slow <= 1.1 * instant, f"training took {slow * 3600:.1f} s with slow uploads, {instant * 3600:.1f} s without"
+
+
+@pytest.mark.train
+def test_a_kill_during_an_upload_loses_nothing(fake_hub, tmp_path, shards):
+    set_limits(fake_hub, latency=3)
+    config = write_yaml(tmp_path / "tiny.yaml", shards)
+    local = tmp_path / "ckpt" / "killed"
+    args = ["run_name=killed", "hub.repo=me/killed"]
+    proc = subprocess.Popen(train_cmd(config, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=REPO)
+    deadline = time.monotonic() + 120
+    while not calls_file(fake_hub) or "create_commit" not in calls_file(fake_hub).read_text():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    time.sleep(1)  # inside the 3 s the commit takes
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert fake_hub.commits() == []  # it was killed before the Hub took the commit
+    set_limits(fake_hub)
+    train(config, *args)
+    on_hub = hub_checkpoints(fake_hub, "me/killed")
+    assert {k: v for k, v in on_hub.items() if k.endswith(".pt")} == local_checkpoints(local)
+    assert set(local_checkpoints(local)) == {f"ep0-ba{b}-rank0.pt" for b in (1, 2, 4, 8, 12, 16)}
+    assert {c["revision"] for c in fake_hub.commits()} == {"main", "ba1", "ba2", "ba4", "ba8", "ba12", "ba16"}
+
+
+def calls_file(api) -> Path | None:
+    path = api.root / "calls.jsonl"
+    return path if path.exists() else None

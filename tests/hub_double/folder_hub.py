@@ -2,9 +2,13 @@
 
 The Hub is unreachable here, so this object answers at the `HfApi` boundary with the real
 `huggingface_hub` exception types. Repos live in ROOT/{type}/{org}/{name}/{branch}/{path};
-every call is appended to ROOT/calls.jsonl; ROOT/failures.json scripts errors, e.g.
-`[{"method": "upload_file", "status": 503, "times": 2, "match": "ba4"}]` fails the next two
-uploads whose arguments mention "ba4" with a 503 (status "connection": a dropped connection).
+every call is appended to ROOT/calls.jsonl, every commit made to ROOT/commits.jsonl (with its
+time). ROOT/failures.json scripts errors, e.g. `[{"method": "create_commit", "status": 503,
+"times": 2, "match": "ba4"}]` fails the next two commits whose arguments mention "ba4" with a 503
+(status "connection": a dropped connection; "retry_after": a Retry-After header).
+ROOT/limits.json makes it as strict as the real Hub, scaled down: `{"max_commits": 3, "window":
+10, "latency": 2}` answers a commit beyond 3 in any 10 s with the Hub's 429 and its Retry-After,
+and makes every commit take 2 s.
 Subprocesses get it through `sitecustomize.py` beside this file when SLM_TEST_HUB_ROOT is set.
 """
 
@@ -12,17 +16,23 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import shutil
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import requests
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
 
+COMMITS = ("create_commit", "upload_file", "upload_folder")
 
-def _error(cls: type, status: int, message: str) -> Exception:
+
+def _error(cls: type, status: int, message: str, retry_after: float | None = None) -> Exception:
     response = requests.Response()
     response.status_code = status
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
     return cls(message, response=response)
 
 
@@ -37,9 +47,7 @@ class FolderHfApi:
         with open(self.root / "calls.jsonl", "a") as f:
             f.write(json.dumps({"method": method, "args": args}) + "\n")
         failures_file = self.root / "failures.json"
-        if not failures_file.exists():
-            return
-        failures = json.loads(failures_file.read_text())
+        failures = json.loads(failures_file.read_text()) if failures_file.exists() else []
         for failure in failures:
             if failure["method"] == method and failure["times"] > 0 and failure.get("match", "") in json.dumps(args):
                 failure["times"] -= 1
@@ -47,7 +55,34 @@ class FolderHfApi:
                 if failure["status"] == "connection":
                     raise requests.ConnectionError("Connection aborted: RemoteDisconnected")
                 message = failure.get("message", f"{failure['status']} Client Error for url: https://huggingface.co")
-                raise _error(HfHubHTTPError, failure["status"], message)
+                raise _error(HfHubHTTPError, failure["status"], message, failure.get("retry_after"))
+        if method in COMMITS:
+            self._enforce_limits()
+
+    def commits(self) -> list[dict]:
+        path = self.root / "commits.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def _enforce_limits(self) -> None:
+        """The Hub's commit rate limit, and its latency, as ROOT/limits.json scales them."""
+        path = self.root / "limits.json"
+        limits = json.loads(path.read_text()) if path.exists() else {}
+        if "max_commits" in limits:
+            now = time.time()
+            recent = [c["time"] for c in self.commits() if c["time"] > now - limits["window"]]
+            if len(recent) >= limits["max_commits"]:
+                wait = math.ceil(min(recent) + limits["window"] - now)
+                with open(self.root / "refused.jsonl", "a") as f:
+                    f.write(json.dumps({"time": now, "retry_after": wait}) + "\n")
+                raise _error(HfHubHTTPError, 429, f"429 Client Error: Too Many Requests. You have exceeded the rate "
+                             f"limit for repository commits ({limits['max_commits']} per hour). You can retry this "
+                             f"action in {wait} seconds.", retry_after=wait)
+        time.sleep(limits.get("latency", 0))
+
+    def _committed(self, repo_id: str, revision: str | None, paths: list[str]) -> None:
+        with open(self.root / "commits.jsonl", "a") as f:
+            f.write(json.dumps({"time": time.time(), "repo_id": repo_id, "revision": revision or "main",
+                                "paths": paths}) + "\n")
 
     def repo_dir(self, repo_id: str, repo_type: str | None = None, revision: str | None = None) -> Path:
         return self.root / (repo_type or "model") / repo_id / (revision or "main")
@@ -70,6 +105,7 @@ class FolderHfApi:
                 raise _error(HfHubHTTPError, 409, "409 Conflict: repo exists")
             return
         main.mkdir(parents=True)
+        (main / ".gitattributes").write_text("*.pt filter=lfs diff=lfs merge=lfs -text\n")  # the Hub's first commit
         (main.parent / "private").write_text(str(private))
 
     def upload_file(self, *, path_or_fileobj: str, path_in_repo: str, repo_id: str, repo_type: str | None = None,
@@ -78,6 +114,23 @@ class FolderHfApi:
         target = self._existing(repo_id, repo_type, revision) / path_in_repo
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path_or_fileobj, target)
+        self._committed(repo_id, revision, [path_in_repo])
+
+    def create_commit(self, repo_id: str, operations: list, *, commit_message: str, repo_type: str | None = None,
+                      revision: str | None = None, **kwargs) -> None:
+        paths = [op.path_in_repo for op in operations]
+        self._record("create_commit", {"repo_id": repo_id, "revision": revision, "paths": paths,
+                                       "message": commit_message})
+        repo = self._existing(repo_id, repo_type, revision)
+        for op in operations:
+            target = repo / op.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            data = op.path_or_fileobj
+            if isinstance(data, bytes):
+                target.write_bytes(data)
+            else:
+                shutil.copyfile(data, target)
+        self._committed(repo_id, revision, paths)
 
     def upload_folder(self, *, folder_path: str, repo_id: str, repo_type: str | None = None,
                       path_in_repo: str | None = None, revision: str | None = None,
@@ -86,12 +139,15 @@ class FolderHfApi:
                                        "path_in_repo": path_in_repo})
         repo = self._existing(repo_id, repo_type, revision)
         for old in [p for p in repo.rglob("*") if p.is_file()]:
-            if any(fnmatch.fnmatch(old.relative_to(repo).as_posix(), pat) for pat in delete_patterns or []):
+            name = old.relative_to(repo).as_posix()
+            if name != ".gitattributes" and any(fnmatch.fnmatch(name, pat) for pat in delete_patterns or []):
                 old.unlink()
         for folder in sorted((p for p in repo.rglob("*") if p.is_dir()), reverse=True):
             if not any(folder.iterdir()):
                 folder.rmdir()  # git has no empty folders
         shutil.copytree(folder_path, repo / (path_in_repo or ""), dirs_exist_ok=True)
+        self._committed(repo_id, revision, sorted(p.relative_to(folder_path).as_posix()
+                                                  for p in Path(folder_path).rglob("*") if p.is_file()))
 
     def create_branch(self, repo_id: str, *, branch: str, revision: str | None = None,
                       repo_type: str | None = None, exist_ok: bool = False, **kwargs) -> None:
@@ -106,7 +162,7 @@ class FolderHfApi:
 
     def list_repo_files(self, repo_id: str, *, repo_type: str | None = None, revision: str | None = None,
                         **kwargs) -> list[str]:
-        self._record("list_repo_files", {"repo_id": repo_id})
+        self._record("list_repo_files", {"repo_id": repo_id, "revision": revision})
         repo = self._existing(repo_id, repo_type, revision)
         return sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file())
 
@@ -124,6 +180,14 @@ class FolderHfApi:
         target = Path(local_dir or self.root / ".downloads") / filename
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
+        return str(target)
+
+    def snapshot_download(self, repo_id: str, *, revision: str | None = None, repo_type: str | None = None,
+                          local_dir: str | None = None, **kwargs) -> str:
+        self._record("snapshot_download", {"repo_id": repo_id, "revision": revision, "repo_type": repo_type})
+        source = self._existing(repo_id, repo_type, revision)
+        target = Path(local_dir or self.root / ".downloads" / repo_id)
+        shutil.copytree(source, target, dirs_exist_ok=True)
         return str(target)
 
 
