@@ -228,11 +228,12 @@ class HubCheckpoints(LoggerDestination):
         if self.publisher:
             self.publisher.raise_if_failed()
 
-    def fit_end(self, state: State, logger: Logger) -> None:
-        """A finished or stopped run leaves only once everything is on the Hub."""
-        self.finish(state)
-
     def finish(self, state: State) -> None:
+        """Upload what is queued or missing and wait for it: a finished or stopped run leaves only once all is up.
+
+        Called by slm/train.py after `fit`, not at FIT_END: the other ranks go on to collectives (evaluation at
+        FIT_END) that would time out while rank 0 waits here.
+        """
         if self.publisher:
             self.publisher.catch_up(int(state.timestamp.batch))
             self.publisher.drain()

@@ -260,9 +260,8 @@ def train(cfg: TrainConfig) -> int:
         f"{cfg.max_duration}" + ("; already finished (a larger max_duration continues it)" if finished else ""))
     if not finished:  # a resubmitted or requeued job whose run is done has nothing to do, and is no error
         trainer.fit()
-    else:  # ... except uploads an earlier start could not finish
-        for hub in (d for d in trainer.logger.destinations if isinstance(d, HubCheckpoints)):
-            hub.finish(trainer.state)
+    for hub in (d for d in trainer.logger.destinations if isinstance(d, HubCheckpoints)):
+        hub.finish(trainer.state)  # the upload queue drains (an earlier start's too) before the run exits
     trainer.close()
     stop = next(c for c in trainer.state.callbacks if isinstance(c, StopOnSignal))
     if stop.stopped_at is None:
