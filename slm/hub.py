@@ -116,7 +116,8 @@ class CommitBudget:
         self._lock = threading.Lock()
 
     def wait_for_slot(self, repo_id: str) -> None:
-        """Block until a commit to `repo_id` fits in the budget, saying so when it has to wait."""
+        """Block until a commit to `repo_id` fits in the budget, saying so once when it has to wait."""
+        said = False
         while True:
             with self._lock:
                 times = self._times.setdefault(repo_id, deque())
@@ -125,9 +126,11 @@ class CommitBudget:
                     times.popleft()
                 if len(times) < self.max_commits:
                     return
-                wait = times[0] + self.window - now
-            log.warning("commit budget of %d per %.0f s for %s reached: next commit in %.0f s (pending checkpoints "
-                        "wait and go up together)", self.max_commits, self.window, repo_id, wait)
+                wait = times[0] + self.window - now + 0.01
+            if not said:
+                log.warning("commit budget of %d per %.0f s for %s reached: next commit in %.1f s (pending "
+                            "checkpoints wait and go up together)", self.max_commits, self.window, repo_id, wait)
+                said = True
             time.sleep(wait)
 
     def spend(self, repo_id: str) -> None:

@@ -105,12 +105,15 @@ class HubPublisher:
             self._stage_export(_batch(path), path)
         self._wake()
 
-    def catch_up(self, up_to_batch: int) -> None:
-        """Queue the local complete checkpoints (up to the resume point) the repo lacks, or lacks as a branch."""
+    def catch_up(self, up_to_batch: int) -> tuple[int, int]:
+        """Queue the local complete checkpoints (up to `up_to_batch`) the repo lacks, or lacks as a branch.
+
+        Returns how many checkpoints and exports are queued now (an earlier start's leftovers included).
+        """
         local = {b: p for b, p in checkpoints(self.folder).items() if b <= up_to_batch and is_complete(p)}
         queued_files, queued_exports = self._queued()
         if not local and not queued_files and not queued_exports:
-            return
+            return 0, 0
         try:
             remote = set(self.hub.list_files(self.repo))
             branches = self.hub.branches(self.repo) if self.export else set()
@@ -127,9 +130,8 @@ class HubPublisher:
                 self._stage_export(batch, path)
         files, exports = self._queued()
         if files or exports:
-            _say(f"{len(files)} checkpoint(s) and {len(exports)} export(s) are not on the Hub yet; uploading them "
-                 "in the background")
             self._wake()
+        return len(files), len(exports)
 
     # the upload thread -----------------------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -201,8 +203,8 @@ class HubPublisher:
         last = -PROGRESS_EVERY  # the first line at once
         with self._cond:
             while self._thread is not None:
-                if time.monotonic() - last >= PROGRESS_EVERY:
-                    files, exports = self._queued()
+                files, exports = self._queued()
+                if (files or exports) and time.monotonic() - last >= PROGRESS_EVERY:
                     _say(f"waiting for the Hub: {len(files)} checkpoint(s) and {len(exports)} export(s) to upload "
                          f"to {self.repo} (budget {self.hub.budget.max_commits} commits per "
                          f"{self.hub.budget.window:.0f} s)")
@@ -222,7 +224,10 @@ class HubCheckpoints(LoggerDestination):
 
     def fit_start(self, state: State, logger: Logger) -> None:
         if self.publisher:
-            self.publisher.catch_up(int(state.timestamp.batch))
+            files, exports = self.publisher.catch_up(int(state.timestamp.batch))
+            if files or exports:
+                _say(f"{files} checkpoint(s) and {exports} export(s) of an earlier start are not on the Hub yet; "
+                     "uploading them in the background")
 
     def batch_end(self, state: State, logger: Logger) -> None:
         if self.publisher:
