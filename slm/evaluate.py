@@ -15,7 +15,7 @@ from slm.export import model_from_checkpoint, read_checkpoint
 from slm.metrics import build_metrics, byte_lengths
 from slm.model import CausalLM
 from slm.shards import read_metadata
-from slm.tokenizer import load_tokenizer, tokenizer_identity
+from slm.tokenizer import load_tokenizer, mismatch_hint, tokenizer_matches
 
 
 def load_model(path: Path):
@@ -34,8 +34,9 @@ def evaluate(model_path: Path, data: Path, batch_size: int = 16, max_batches: in
     meta = read_metadata(data)
     check_shards(data)
     tokenizer = load_tokenizer(tokenizer_name)
-    if tokenizer_identity(tokenizer, "")["content_hash"] != meta["tokenizer"]["content_hash"]:
-        raise SlmError(f"{data} was tokenized with {meta['tokenizer']['name']}, not with the model's tokenizer")
+    if not tokenizer_matches(tokenizer, meta["tokenizer"]):
+        raise SlmError(f"{data} was tokenized with {meta['tokenizer']['name']}, not with the model's tokenizer"
+                       f"{mismatch_hint(tokenizer, meta['tokenizer'])}")
     check_compatible(meta, meta, model.config.vocab_size, getattr(model.config, "max_position_embeddings", None))
     metrics = build_metrics(byte_lengths(tokenizer))
     wrapper = CausalLM(model, tokenizer, metrics=metrics)

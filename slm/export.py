@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from slm.errors import SlmError
-from slm.model import build_hf_model, count_parameters
+from slm.model import build_hf_model, count_parameters, use_special_tokens
 from slm.paths import partial_folder, refuse_to_clobber
 from slm.tokenizer import load_tokenizer
 
@@ -98,6 +98,9 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, overwrite: bool = False) 
     info = state["callbacks"]["RunInfo"]
     model = model_from_checkpoint(state)
     tokenizer = load_tokenizer(info["tokenizer"])
+    use_special_tokens(model, tokenizer)
+    if hasattr(model.config, "max_position_embeddings"):  # llama has a context limit; mamba has none
+        tokenizer.model_max_length = model.config.max_position_embeddings
     try:
         with partial_folder(out_dir) as partial:
             model.save_pretrained(partial)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import transformers
 from composer.models import HuggingFaceModel
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from slm.errors import SlmError
 
@@ -73,6 +73,22 @@ def build_hf_model(model_cfg: dict[str, Any], seed: int) -> PreTrainedModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return resolve_class(str(model_cfg["class"]))(config)
+
+
+def use_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The tokenizer's bos/eos/pad ids on the model's config and generation config, so HF tooling
+    (`pipeline`, `generate()`) stops at its `<eos>` instead of transformers' per-architecture defaults.
+
+    Call it on a built model: LlamaModel takes `pad_token_id` as its embedding's padding_idx at
+    construction, which would change the initialisation and the gradients of existing runs.
+    Without a pad token, padding uses eos.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": pad}
+    for config in (model.config, model.generation_config):
+        if config is not None:  # models that cannot generate have no generation config
+            for key, value in ids.items():
+                setattr(config, key, value)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -8,6 +8,7 @@ too, as long as it has bos/eos ids (or the user names the tokens).
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -64,8 +65,61 @@ def load_tokenizer(name: str, bos_token: str | None = None, eos_token: str | Non
     return tok
 
 
+# Text whose normalization, pre-tokenization and ids stand for the tokenizer's behaviour in the content hash:
+# ASCII, digits, punctuation, runs of spaces, tabs and newlines, composed and decomposed accents, Greek,
+# Cyrillic, CJK, Hangul, emoji (with a skin tone and a joiner), zero-width characters and special tokens' text.
+PROBE = ("Hello, World! It's 2024: 3.14 + 1,000,000 = x_y-z (a) [b] {c} #@$%^&*~`|\\/<>?;\"'\n"
+         "a  b   c    d\t\te \r\n\n  \n Café cafe\u0301 naïve nai\u0308ve Ωμέγα Привет 日本語のテキスト 中文 한국어 "
+         "😀👍🏽👨\u200d👩\u200d👧 \u200b\ufeff <bos>x<eos> <pad>  ")
+
+
+def _content_hash(tok: PreTrainedTokenizerFast) -> str:
+    """sha256 of what decides the ids (vocabulary, merges or scores, added tokens, normalizer and pre-tokenizer
+    behaviour, the ids of PROBE), not of the JSON text, which changes with library versions for one tokenizer."""
+    backend = tok.backend_tokenizer
+    if backend.truncation or backend.padding:  # they change what encode() returns, not the tokenizer
+        backend = Tokenizer.from_str(backend.to_str())
+        backend.no_truncation()
+        backend.no_padding()
+    model = json.loads(backend.to_str())["model"]
+    pieces = None
+    if model["type"] == "BPE":  # merges are "a b" strings before tokenizers 0.20, ["a", "b"] pairs since
+        pieces = [m.split(" ") if isinstance(m, str) else list(m) for m in model["merges"]]
+    elif model["type"] == "Unigram":
+        pieces = [[piece, score] for piece, score in model["vocab"]]
+    normalizer, pre_tokenizer = backend.normalizer, backend.pre_tokenizer
+    normalized = normalizer.normalize_str(PROBE) if normalizer else PROBE
+    content = {
+        "vocab": sorted((i, t) for t, i in backend.get_vocab(with_added_tokens=True).items()),
+        "model": model["type"], "pieces": pieces,
+        "added": [[i, t.content, t.special] for i, t in sorted(backend.get_added_tokens_decoder().items())],
+        "normalized": normalized,
+        "pre_tokenized": [piece for piece, _ in pre_tokenizer.pre_tokenize_str(normalized)] if pre_tokenizer else None,
+        "ids": backend.encode(PROBE, add_special_tokens=False).ids,
+    }
+    return "sha256:" + hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()
+
+
+def _legacy_content_hash(tok: PreTrainedTokenizerFast) -> str:
+    """The hash slm recorded before the content hash: of the serialized tokenizer, library versions included."""
+    return "sha256:" + hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()
+
+
 def tokenizer_identity(tok: PreTrainedTokenizerFast, name: str) -> dict:
     """What shards and checkpoints record so a mismatched tokenizer is caught later."""
-    content = tok.backend_tokenizer.to_str().encode()
     return {"name": name, "vocab_size": len(tok), "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id,
-            "pad_id": tok.pad_token_id, "content_hash": "sha256:" + hashlib.sha256(content).hexdigest()}
+            "pad_id": tok.pad_token_id, "content_hash": _content_hash(tok)}
+
+
+def tokenizer_matches(tok: PreTrainedTokenizerFast, recorded: dict) -> bool:
+    """Whether `tok` is the tokenizer `recorded` (a tokenizer_identity) names; shards of an older slm recorded the
+    legacy hash, which still matches under the library versions that wrote them."""
+    return recorded["content_hash"] in (_content_hash(tok), _legacy_content_hash(tok))
+
+
+def mismatch_hint(tok: PreTrainedTokenizerFast, recorded: dict) -> str:
+    """What to do about a tokenizer that does not match `recorded`: nothing to add when the sizes already differ."""
+    if recorded["vocab_size"] != len(tok):
+        return ""
+    return ("; if these shards were made with this tokenizer by an older slm under other library versions, "
+            "tokenize them again")

@@ -53,11 +53,11 @@ from slm.hub import CommitBudget, Hub
 from slm.hub_store import HubCheckpoints, remote_name
 from slm.loggers import MetricsFile, WriteMetricsRow, wandb_run_id
 from slm.metrics import TrainMetrics, build_metrics, byte_lengths
-from slm.model import CausalLM, build_hf_model, count_parameters
+from slm.model import CausalLM, build_hf_model, count_parameters, use_special_tokens
 from slm.preemption import EXIT_PREEMPTED, StopOnSignal
 from slm.runinfo import RunInfo
 from slm.shm import clean_stale_shared_memory
-from slm.tokenizer import load_tokenizer, tokenizer_identity
+from slm.tokenizer import load_tokenizer, mismatch_hint, tokenizer_matches
 
 
 @dataclass
@@ -89,10 +89,12 @@ def preflight(cfg: TrainConfig) -> Plan:
     train_meta, eval_meta = split_metadata(cfg.data.train, "train"), split_metadata(cfg.data.eval, "eval")
     tokenizer_name = cfg.tokenizer or train_meta["tokenizer"]["name"]
     tokenizer = load_tokenizer(tokenizer_name)
-    if tokenizer_identity(tokenizer, "")["content_hash"] != train_meta["tokenizer"]["content_hash"]:
-        raise SlmError(f"tokenizer {tokenizer_name} is not the one data.train was tokenized with "
-                       "(content hashes differ)")
+    for split, meta in (("train", train_meta), ("eval", eval_meta)):
+        if not tokenizer_matches(tokenizer, meta["tokenizer"]):
+            raise SlmError(f"tokenizer {tokenizer_name} is not the one data.{split} was tokenized with "
+                           f"(content hashes differ){mismatch_hint(tokenizer, meta['tokenizer'])}")
     hf_model = build_hf_model(cfg.model, cfg.seed)
+    use_special_tokens(hf_model, tokenizer)  # after building: pad_token_id would be llama's padding_idx
     check_compatible(train_meta, eval_meta, hf_model.config.vocab_size,
                      getattr(hf_model.config, "max_position_embeddings", None))
     table = byte_lengths(tokenizer)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,37 @@ def run_slm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"slm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def edited_tokenizer(src: Path, dst: Path, edit: Callable[[dict], None]) -> Path:
+    """A copy of the tokenizer folder `src` at `dst`, its tokenizer.json changed in place by `edit`."""
+    import json
+
+    shutil.copytree(src, dst)
+    spec = json.loads((dst / "tokenizer.json").read_text())
+    edit(spec)
+    (dst / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    return dst
+
+
+def old_merges(spec: dict) -> None:
+    """Merges as tokenizers < 0.20 wrote them: "a b" strings instead of ["a", "b"] pairs."""
+    spec["model"]["merges"] = [" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]]
+
+
+def bos_template(spec: dict) -> None:
+    """A post-processor adding <bos>, as newer transformers add one when they load a folder."""
+    bos = {"SpecialToken": {"id": "<bos>", "type_id": 0}}
+    spec["post_processor"] = {
+        "type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, bos, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<bos>": {"id": "<bos>", "ids": [0], "tokens": ["<bos>"]}}}
+
+
+def swap_a_b(spec: dict) -> None:
+    """The same vocabulary but "a" and "b" trading ids."""
+    vocab = spec["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
 
 
 REPO = Path(__file__).resolve().parent.parent

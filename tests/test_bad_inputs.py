@@ -170,6 +170,10 @@ TRAIN_CASES = {
     "unsafe run_name": (["run_name=../up"], "run_name '../up' is not a safe folder name"),
     "auto microbatch on CPU": (["device_microbatch_size=auto"], "device_microbatch_size=auto needs a GPU"),
     "tokenizer not the data's": (["tokenizer={ws}/other_tok"], "is not the one data.train was tokenized with"),
+    "tokenizer of the data's size, other ids": (["tokenizer={ws}/swapped_tok"], "is not the one data.train was "
+                                                "tokenized with (content hashes differ); if these shards were made "
+                                                "with this tokenizer by an older slm under other library versions, "
+                                                "tokenize them again"),
     "hub.repo not a repo id": (["hub.repo=just-a-name"], "config key 'hub.repo' = 'just-a-name' is not a Hub repo id"),
     "hub.retries below 1": (["hub.repo=me/x", "hub.retries=0"], "config key 'hub.retries' must be at least 1"),
     "unknown logging key": (["logging.wandb.projekt=x"], "unknown config key 'logging.wandb.projekt' in the command "
@@ -214,13 +218,14 @@ def train_ws(tmp_path, shards, tokenizer_dir, other_model_run):
 
     from slm.tokenizer import train_tokenizer
 
-    from conftest import write_yaml
+    from conftest import edited_tokenizer, swap_a_b, write_yaml
 
     config = write_yaml(tmp_path / "tiny.yaml", shards)
     run = tmp_path / "ckpt" / "tiny"
     run.mkdir(parents=True)
     (run / "ep0-ba4-rank0.pt").write_bytes(b"an earlier run's checkpoint")
     train_tokenizer([["some other text entirely"]], 300).save_pretrained(tmp_path / "other_tok")
+    edited_tokenizer(tokenizer_dir, tmp_path / "swapped_tok", swap_a_b)
     (tmp_path / "malformed.yaml").write_text(f"base: {config}\nmax_duration: [16ba\n")
     for name in ("no_samples", "truncated_shard", "corrupt_shard", "truncated_index"):
         shutil.copytree(shards / "train", tmp_path / name, ignore=shutil.ignore_patterns("*.mds"))
@@ -268,6 +273,21 @@ def test_bad_training_config(name, train_ws, capsys, monkeypatch):
     if "full disk" in name:  # what it wrote before the disk filled up stays, beside everything that was there
         after = {k: v for k, v in after.items() if k in before}
     assert after == before
+
+
+def test_training_accepts_the_data_tokenizer_saved_with_a_post_processor(tmp_path, shards, tokenizer_dir):
+    """Newer transformers save the same tokenizer with a post-processor: the shards' tokenizer all the same."""
+    from slm.config import load_config
+    from slm.train import preflight
+
+    from conftest import bos_template, edited_tokenizer, write_yaml
+
+    templated = edited_tokenizer(tokenizer_dir, tmp_path / "templated_tok", bos_template)
+    plan = preflight(load_config(write_yaml(tmp_path / "tiny.yaml", shards), [f"tokenizer={templated}"]))
+    assert plan.tokenizer == str(templated)
+    config = plan.model.model.config  # training's model config carries the tokenizer's special ids
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (0, 1, 2)
+    assert not (tmp_path / "ckpt").exists()
 
 
 @pytest.mark.train

@@ -1,10 +1,14 @@
+import hashlib
+import json
 import random
 
 import pytest
 from transformers import AutoTokenizer
 
 from slm.errors import SlmError
-from slm.tokenizer import load_tokenizer, tokenizer_identity
+from slm.tokenizer import load_tokenizer, tokenizer_identity, tokenizer_matches
+
+from conftest import bos_template, edited_tokenizer, old_merges, swap_a_b
 
 
 def random_unicode(rng: random.Random, n: int) -> str:
@@ -39,10 +43,61 @@ def test_decode_encode_round_trips_any_unicode(tokenizer_dir):
         assert tok.decode(ids) == text
 
 
-def test_content_hash_identifies_the_tokenizer(tokenizer_dir):
+def _hash(folder) -> str:
+    return tokenizer_identity(load_tokenizer(str(folder)), "x")["content_hash"]
+
+
+def _legacy_hash(tok) -> str:
+    """The content hash slm recorded before it hashed what decides the ids: the serialized tokenizer's."""
+    return "sha256:" + hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()
+
+
+def test_content_hash_is_the_same_for_the_same_tokenizer(tokenizer_dir, tmp_path):
     a = tokenizer_identity(load_tokenizer(str(tokenizer_dir)), "x")
     b = tokenizer_identity(load_tokenizer(str(tokenizer_dir)), "x")
     assert a == b and a["content_hash"].startswith("sha256:")
+    old = edited_tokenizer(tokenizer_dir, tmp_path / "old-merges", old_merges)
+    assert isinstance(json.loads((old / "tokenizer.json").read_text())["model"]["merges"][0], str)
+    assert _hash(old) == a["content_hash"]
+    templated = edited_tokenizer(tokenizer_dir, tmp_path / "bos-template", bos_template)
+    tok = load_tokenizer(str(templated))
+    assert tok("hi").input_ids[0] == tok.bos_token_id  # the post-processor is in effect
+    assert _legacy_hash(tok) != _legacy_hash(load_tokenizer(str(tokenizer_dir)))  # what refused such shards
+    assert _hash(templated) == a["content_hash"]
+
+
+def test_content_hash_differs_for_another_vocabulary(tokenizer_dir, tmp_path, corpus):
+    from slm.tokenizer import train_tokenizer
+
+    stories = [json.loads(line)["story"] for line in corpus.read_text().splitlines()]
+    train_tokenizer([stories], 400).save_pretrained(tmp_path / "smaller")
+    swapped = edited_tokenizer(tokenizer_dir, tmp_path / "swapped", swap_a_b)
+    assert load_tokenizer(str(swapped)).convert_tokens_to_ids("a") == \
+        load_tokenizer(str(tokenizer_dir)).convert_tokens_to_ids("b")
+    hashes = {_hash(tokenizer_dir), _hash(tmp_path / "smaller"), _hash(swapped)}
+    assert len(hashes) == 3
+
+
+def test_content_hash_of_a_unigram_tokenizer_covers_its_scores():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    def unigram(score: float) -> PreTrainedTokenizerFast:
+        raw = Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0), ("b", -2.0), ("ab", score)], unk_id=0))
+        raw.pre_tokenizer = pre_tokenizers.Whitespace()
+        return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>")
+
+    assert tokenizer_identity(unigram(-1.5), "")["content_hash"] == tokenizer_identity(unigram(-1.5), "")[
+        "content_hash"] != tokenizer_identity(unigram(-1.25), "")["content_hash"]
+
+
+def test_a_recorded_legacy_hash_still_matches(tokenizer_dir, tmp_path):
+    tok = load_tokenizer(str(tokenizer_dir))
+    assert tokenizer_matches(tok, tokenizer_identity(tok, "x"))
+    assert tokenizer_matches(tok, {"content_hash": _legacy_hash(tok)})
+    swapped = load_tokenizer(str(edited_tokenizer(tokenizer_dir, tmp_path / "swapped", swap_a_b)))
+    assert not tokenizer_matches(swapped, {"content_hash": _legacy_hash(tok)})
+    assert not tokenizer_matches(swapped, tokenizer_identity(tok, "x"))
 
 
 def test_tokenizer_without_bos_eos_needs_them_named(tmp_path):
