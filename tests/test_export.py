@@ -56,6 +56,54 @@ def test_export_folder_is_self_contained(exported):
     assert pipe("Once upon a time", max_new_tokens=5, do_sample=False)[0]["generated_text"].startswith("Once")
 
 
+def test_export_carries_the_tokenizers_special_ids(exported):
+    folder = exported / "hf"
+    config = json.loads((folder / "config.json").read_text())
+    generation = json.loads((folder / "generation_config.json").read_text())
+    for ids in (config, generation):
+        assert (ids["bos_token_id"], ids["eos_token_id"], ids["pad_token_id"]) == (0, 1, 2)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    if config["model_type"] == "llama":
+        assert tok.model_max_length == config["max_position_embeddings"] == 64
+    else:  # mamba has no context limit
+        assert "max_position_embeddings" not in config and tok.model_max_length > 10**9
+
+
+SENTENCE = "One day the girl went under a tree."  # no token twice in it: a one-layer model learns it in 32 batches
+
+
+@pytest.fixture(scope="module", params=["demo-llama.yaml", "demo-mamba.yaml"])
+def says_eos(request, tmp_path_factory, tokenizer_dir):
+    """The export of a model that learnt one sentence and `<eos>` after it: every document is that sentence."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("eos")
+    (root / "one.jsonl").write_text((json.dumps({"story": SENTENCE}) + "\n") * 400)
+    run_slm("tokenize", "-i", str(root / "one.jsonl"), "-f", "story", "-t", str(tokenizer_dir), "-l", "16",
+            "--out-dir", str(root / "mds" / "train"))
+    shutil.copytree(root / "mds" / "train", root / "mds" / "eval")
+    config = write_yaml(root / "run.yaml", root / "mds", base=request.param)
+    train(config, "run_name=eos", "max_duration=32ba", "optimizer.lr=0.02", "save_interval=32ba",
+          "early_checkpoints=0", "eval_interval=32ba", "eval_batches=1")
+    run_slm("export", str(root / "ckpt" / "eos" / "latest-rank0.pt"), "-o", str(root / "hf"))
+    return root / "hf"
+
+
+def test_hf_generation_stops_at_eos_without_being_told(says_eos):
+    tok = transformers.AutoTokenizer.from_pretrained(says_eos)
+    prompt = tok("One day", return_tensors="pt").input_ids
+    limit = 20
+    pipe = transformers.pipeline("text-generation", model=str(says_eos))  # it samples unless told otherwise
+    out = pipe("One day", max_new_tokens=limit, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(says_eos).eval()
+    with torch.no_grad():
+        ids = model.generate(prompt, max_new_tokens=limit)[0].tolist()
+    for generated in (list(out), ids):
+        new = generated[prompt.shape[1]:]
+        assert new[-1] == tok.eos_token_id and tok.eos_token_id not in new[:-1] and len(new) < limit, new
+        assert tok.decode(generated, skip_special_tokens=True) == SENTENCE
+
+
 def test_generate_is_seeded_and_refuses_to_clobber(exported):
     folder = str(exported / "hf")
     a = run_slm("generate", folder, "-p", "One day", "-n", "20", "--seed", "3").stdout
