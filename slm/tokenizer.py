@@ -47,9 +47,16 @@ def load_tokenizer(name: str, bos_token: str | None = None, eos_token: str | Non
     local = Path(name).expanduser()
     if not local.exists() and is_local_path(name):
         raise SlmError(f"tokenizer not found: {name}")
+    source = str(local) if local.exists() else name
     try:
-        tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else name,
-                                            clean_up_tokenization_spaces=False)
+        try:
+            tok = AutoTokenizer.from_pretrained(source, clean_up_tokenization_spaces=False)
+        except ValueError as e:
+            # A folder saved by transformers >= 5 names the class `TokenizersBackend`, unknown to the pinned
+            # transformers; its tokenizer.json and special tokens are all a fast tokenizer needs.
+            if "does not exist or is not currently imported" not in str(e):
+                raise
+            tok = PreTrainedTokenizerFast.from_pretrained(source, clean_up_tokenization_spaces=False)
     except (OSError, ValueError) as e:
         raise SlmError(f"cannot load tokenizer '{name}': {str(e).splitlines()[0]}") from e
     if not isinstance(tok, PreTrainedTokenizerFast):

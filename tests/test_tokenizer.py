@@ -66,6 +66,27 @@ def test_content_hash_is_the_same_for_the_same_tokenizer(tokenizer_dir, tmp_path
     assert _hash(templated) == a["content_hash"]
 
 
+def test_a_folder_resaved_by_transformers_5_loads_and_keeps_its_identity(tokenizer_dir, tmp_path):
+    """What transformers 5.24 / tokenizers 0.23 write when they load and save this folder (observed, not guessed):
+    a class name the pinned transformers does not know, and a post-processor that adds nothing."""
+    def as_transformers_5_saves_it(spec: dict) -> None:
+        sequence = [{"Sequence": {"id": "A", "type_id": 0}}]
+        spec["post_processor"] = {"type": "TemplateProcessing", "single": sequence,
+                                  "pair": sequence + [{"Sequence": {"id": "B", "type_id": 1}}], "special_tokens": {}}
+
+    resaved = edited_tokenizer(tokenizer_dir, tmp_path / "resaved", as_transformers_5_saves_it)
+    (resaved / "tokenizer_config.json").write_text(json.dumps({
+        "backend": "tokenizers", "bos_token": "<bos>", "clean_up_tokenization_spaces": False, "eos_token": "<eos>",
+        "is_local": True, "local_files_only": False, "model_max_length": 1000000000000000019884624838656,
+        "pad_token": "<pad>", "tokenizer_class": "TokenizersBackend"}))
+    (resaved / "special_tokens_map.json").unlink(missing_ok=True)
+    tok = load_tokenizer(str(resaved))
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2)
+    original = load_tokenizer(str(tokenizer_dir))
+    assert tokenizer_matches(tok, tokenizer_identity(original, "x"))
+    assert _legacy_hash(tok) != _legacy_hash(original)
+
+
 def test_content_hash_differs_for_another_vocabulary(tokenizer_dir, tmp_path, corpus):
     from slm.tokenizer import train_tokenizer
 
