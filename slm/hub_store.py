@@ -240,6 +240,7 @@ class HubCheckpoints(LoggerDestination):
         FIT_END) that would time out while rank 0 waits here.
         """
         if self.publisher:
+            self.publisher.drain()  # first, so that the listing catch_up makes is not racing the thread's commits
             self.publisher.catch_up(int(state.timestamp.batch))
             self.publisher.drain()
 
