@@ -138,6 +138,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(evaluate(Path(args.model), Path(args.data), args.batch_size, args.max_batches), indent=2))
 
 
+def cmd_logprobs(args: argparse.Namespace) -> None:
+    from slm.logprobs import write_logprobs
+
+    write_logprobs(args.model, Path(args.data), Path(args.out_dir) if args.out_dir else None, args.out_repo,
+                   args.checkpoints, args.batch_size, args.max_samples)
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     from slm.plot import plot_runs
 
@@ -215,6 +222,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
     p.add_argument("--max-batches", type=int, help="stop after this many batches (default: the whole folder)")
     p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("logprobs", parents=[common], help="per-token log-probs of a split under every checkpoint",
+                       description="For each checkpoint of MODEL, the next-token log-probability of every token of "
+                                   "an MDS split, in the split's order: one Parquet table per checkpoint with the "
+                                   "columns sample (index in the split), token_ids and logprobs (log p(token i | "
+                                   "tokens < i) from float32 log-softmax; NaN at position 0). A checkpoint whose "
+                                   "table is already in every output is skipped. Runs on the GPU if there is one.")
+    p.add_argument("model", help="run folder (its complete ep*-ba*-rank0.pt), checkpoint file (.pt), folder "
+                                 "written by `slm export`, or Hub model repo ORG/NAME (its ba{B} branches)")
+    p.add_argument("-d", "--data", required=True, help="MDS folder written by `slm tokenize`")
+    p.add_argument("--checkpoints", default="all", help="'all' or labels such as ba400,ba800 (default: all)")
+    p.add_argument("--out-dir", help="folder for LABEL.parquet, one per checkpoint")
+    p.add_argument("--out-repo", help="Hub dataset repo to push to: branch LABEL holds logprobs.parquet "
+                                      "(created private if missing)")
+    p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
+    p.add_argument("--max-samples", type=int, help="only the first this many samples (default: the whole split)")
+    p.set_defaults(run=cmd_logprobs)
 
     p = sub.add_parser("plot", parents=[common], help="draw loss, eval loss and lr curves of runs to a PNG",
                        description="Overlay the curves of one or more runs (their save_folder, e.g. "

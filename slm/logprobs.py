@@ -1,0 +1,190 @@
+"""Per-token log-probabilities of a validation split under every checkpoint of a run (`slm logprobs`).
+
+The artefact for studying how predictions change over training: one Parquet table per checkpoint,
+one row per sample of the split, in the split's order, holding the sample's token ids and, at each
+position i, log p(token i | tokens < i) (position 0, the `<bos>`, has no prediction: NaN). Each
+checkpoint is written as a whole or not at all, so a re-run skips what is done and redoes the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from streaming import StreamingDataset
+from tqdm import tqdm
+
+from slm.checkpoints import checkpoints, is_complete
+from slm.data import check_compatible, check_shards, collate
+from slm.errors import SlmError
+from slm.evaluate import load_model
+from slm.export import model_from_checkpoint, read_checkpoint
+from slm.hub import Hub
+from slm.paths import is_local_path, partial_file
+from slm.shards import read_metadata
+from slm.tokenizer import load_tokenizer, mismatch_hint, tokenizer_matches
+
+HUB_FILE = "logprobs.parquet"
+LABEL = re.compile(r"ba(\d+)")
+SCHEMA = pa.schema([("sample", pa.int64()), ("token_ids", pa.list_(pa.int32())), ("logprobs", pa.list_(pa.float32()))])
+# A checkpoint's loader: given a scratch folder that lives while the model is used, (model, tokenizer name).
+Loader = Callable[[Path], tuple[torch.nn.Module, str]]
+
+
+def find_models(model: str) -> dict[str, Loader]:
+    """The checkpoints MODEL names, by label `ba{B}`, in training order; nothing is loaded yet but a lone .pt."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        if is_local_path(model):
+            raise SlmError(f"model not found: {model}")
+        return _hub_models(model)
+    if path.is_file():
+        state = read_checkpoint(path)
+        label = f"ba{state['timestamp']['Timestamp']['batch']}"
+        return {label: lambda _: (model_from_checkpoint(state), state["callbacks"]["RunInfo"]["tokenizer"])}
+    if (path / "config.json").exists():
+        return {_export_label(path): lambda _: load_model(path)}
+    found = {f"ba{batch}": file for batch, file in sorted(checkpoints(path).items()) if is_complete(file)}
+    if not found:
+        raise SlmError(f"{path} holds no complete checkpoint (ep*-ba*-rank0.pt) and is not a folder written by "
+                       "`slm export` (no config.json)")
+    return {label: lambda _, file=file: load_model(file) for label, file in found.items()}
+
+
+def _export_label(folder: Path) -> str:
+    run = folder / "slm-run.json"
+    batch = json.loads(run.read_text()).get("timestamp", {}).get("batch") if run.exists() else None
+    return folder.name if batch is None else f"ba{batch}"
+
+
+def _hub_models(repo: str) -> dict[str, Loader]:
+    """The `ba{B}` branches of a Hub model repo (each an `slm export` folder), downloaded when loaded."""
+    try:
+        branches = Hub().branches(repo)
+    except FileNotFoundError:
+        raise SlmError(f"model not found: {repo} is neither a local path nor a Hub model repo") from None
+    labels = sorted((b for b in branches if LABEL.fullmatch(b)), key=lambda b: int(b[2:]))
+    if not labels:
+        raise SlmError(f"the Hub repo {repo} has no checkpoint branches (ba{{B}}, written by hub.export)")
+    return {label: lambda tmp, label=label: load_model(Hub().download_revision(repo, label, tmp / label))
+            for label in labels}
+
+
+def select(found: dict[str, Loader], wanted: str, model: str) -> dict[str, Loader]:
+    """The checkpoints `--checkpoints` names ('all' or a comma list of labels)."""
+    if wanted == "all":
+        return found
+    labels = [label.strip() for label in wanted.split(",") if label.strip()]
+    unknown = [label for label in labels if label not in found]
+    if unknown or not labels:
+        raise SlmError(f"no checkpoint {', '.join(unknown) or repr(wanted)} in {model}; it has: {', '.join(found)}")
+    return {label: found[label] for label in labels}
+
+
+def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(token i | tokens < i) for every position, from float32 log-softmax; NaN at position 0."""
+    with torch.no_grad():
+        logits = model(input_ids, use_cache=False).logits.float()
+    picked = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
+    return torch.cat([torch.full_like(picked[:, :1], float("nan")), picked], dim=1)
+
+
+def write_table(model: torch.nn.Module, data: StreamingDataset, samples: int, batch_size: int, out: Path,
+                label: str) -> float:
+    """Write the table of the first `samples` samples to `out` (complete or not at all); the mean log p."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with partial_file(out) as tmp, pq.ParquetWriter(tmp, SCHEMA) as writer, \
+            tqdm(total=samples, unit="sample", desc=label) as bar:
+        for start in range(0, samples, batch_size):
+            ids = collate([data[i] for i in range(start, min(start + batch_size, samples))])["input_ids"]
+            logprobs = token_logprobs(model, ids.to(device)).cpu().numpy()
+            total, count = total + float(logprobs[:, 1:].sum(dtype=np.float64)), count + logprobs[:, 1:].size
+            n, length = ids.shape
+            offsets = pa.array(np.arange(0, (n + 1) * length, length, dtype=np.int32))
+            writer.write_batch(pa.record_batch([
+                pa.array(np.arange(start, start + n, dtype=np.int64)),
+                pa.ListArray.from_arrays(offsets, pa.array(ids.numpy().astype(np.int32).ravel())),
+                pa.ListArray.from_arrays(offsets, pa.array(logprobs.astype(np.float32).ravel())),
+            ], schema=SCHEMA))
+            bar.update(n)
+    return total / max(count, 1)
+
+
+def _check_data(model: torch.nn.Module, tokenizer_name: str, data: Path, meta: dict) -> None:
+    """Refuse data the model cannot read, or tokenized with another tokenizer (as `slm eval` does)."""
+    tokenizer = load_tokenizer(tokenizer_name)
+    if not tokenizer_matches(tokenizer, meta["tokenizer"]):
+        raise SlmError(f"{data} was tokenized with {meta['tokenizer']['name']}, not with the model's tokenizer"
+                       f"{mismatch_hint(tokenizer, meta['tokenizer'])}")
+    check_compatible(meta, meta, model.config.vocab_size, getattr(model.config, "max_position_embeddings", None))
+
+
+def _on_hub(hub: Hub, repo: str, labels: list[str]) -> set[str]:
+    """The labels whose branch of the dataset repo already holds the table."""
+    try:
+        branches = hub.branches(repo, "dataset")
+    except FileNotFoundError:
+        return set()
+    return {label for label in labels
+            if label in branches and HUB_FILE in hub.list_files(repo, "dataset", revision=label)}
+
+
+def write_logprobs(model: str, data: Path, out_dir: Path | None = None, out_repo: str | None = None,
+                   wanted: str = "all", batch_size: int = 16, max_samples: int | None = None) -> None:
+    """Write the table of every selected checkpoint of `model` to `out_dir` and/or the dataset repo `out_repo`."""
+    if not (out_dir or out_repo):
+        raise SlmError("give --out-dir, --out-repo, or both")
+    if batch_size < 1 or (max_samples is not None and max_samples < 1):
+        raise SlmError("--batch-size and --max-samples must be at least 1")
+    meta = read_metadata(data)
+    check_shards(data)
+    chosen = select(find_models(model), wanted, model)
+    if out_dir:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SlmError(f"cannot write to {out_dir}: {e.strerror or e}") from e
+    hub = Hub()
+    pushed = _on_hub(hub, out_repo, list(chosen)) if out_repo else set()
+    dataset = StreamingDataset(local=str(data), shuffle=False)  # read by index, in order
+    samples = min(dataset.num_samples, max_samples or dataset.num_samples)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for label, load in chosen.items():
+        local = out_dir / f"{label}.parquet" if out_dir else None
+        todo_local = local is not None and not local.exists()
+        todo_hub = bool(out_repo) and label not in pushed
+        if not (todo_local or todo_hub):
+            where = " and ".join(filter(None, [str(local) if local else None,
+                                               f"hf://datasets/{out_repo}@{label}" if out_repo else None]))
+            print(f"skipped {label} (already in {where})", flush=True)
+            continue
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="slm-logprobs-") as tmp:
+            table = local if local else Path(tmp) / "push" / HUB_FILE
+            summary = f"{label}: taken from {local}"
+            if todo_local or not local:
+                net, tokenizer_name = load(Path(tmp))
+                _check_data(net, tokenizer_name, data, meta)
+                table.parent.mkdir(parents=True, exist_ok=True)
+                mean = write_table(net.to(device), dataset, samples, batch_size, table, label)
+                summary = f"{label}: {samples:,} samples x {meta['seq_len']} tokens, mean log p {mean:.4f} nats"
+            if todo_hub:
+                push = Path(tmp) / "push"
+                if table.parent != push:
+                    push.mkdir(exist_ok=True)
+                    shutil.copyfile(table, push / HUB_FILE)
+                hub.push_folder(push, out_repo, f"next-token log-probs of {model} at {label} on {data} by slm",
+                                  repo_type="dataset", branch=label)
+        where = " and ".join(filter(None, [str(local) if todo_local else None,
+                                           f"hf://datasets/{out_repo}@{label}" if todo_hub else None]))
+        print(f"{summary}; wrote {where} in {time.perf_counter() - start:.1f} s", flush=True)
