@@ -24,9 +24,9 @@ demo: $(STAMP)
 	rm -rf $(DEMO)/checkpoints
 	$(BIN)/slm corpus --out $(DEMO)/stories.jsonl --num-docs 20000 --overwrite
 	$(BIN)/slm tokenizer -i $(DEMO)/stories.jsonl -f story -v 1024 --out-dir $(DEMO)/tokenizer --overwrite
-	$(BIN)/slm tokenize -i $(DEMO)/stories.jsonl -f story -s 'train[:95%]' -t $(DEMO)/tokenizer -l 128 \
+	$(BIN)/slm tokenize -i $(DEMO)/stories.jsonl -f story -s 'train[:95%]' -t $(DEMO)/tokenizer -l 256 \
 		--out-dir $(DEMO)/mds/train --overwrite
-	$(BIN)/slm tokenize -i $(DEMO)/stories.jsonl -f story -s 'train[95%:]' -t $(DEMO)/tokenizer -l 128 \
+	$(BIN)/slm tokenize -i $(DEMO)/stories.jsonl -f story -s 'train[95%:]' -t $(DEMO)/tokenizer -l 256 \
 		--out-dir $(DEMO)/mds/validation --overwrite
 	$(BIN)/python slm/train.py yamls/demo-llama.yaml
 	@echo "== demo-mamba: SIGKILL after 45 s, then the same command again resumes it =="
@@ -36,7 +36,7 @@ demo: $(STAMP)
 	@echo "== demo-llama on the validation shards =="
 	$(BIN)/slm eval $(DEMO)/hf/demo-llama --data $(DEMO)/mds/validation
 	@echo "== a story from demo-llama =="
-	@$(BIN)/slm generate $(DEMO)/hf/demo-llama --prompt "Once upon a time" --max-new-tokens 120 --seed 0
+	@$(BIN)/slm generate $(DEMO)/hf/demo-llama --prompt "Once upon a time" --max-new-tokens 250 --seed 0
 	$(BIN)/slm plot $(DEMO)/checkpoints/demo-llama $(DEMO)/checkpoints/demo-mamba --out $(DEMO)/curves.png
 	@echo "Shards: $(DEMO)/mds/{train,validation}. Checkpoints, metrics.jsonl and run.json:" \
 		"$(DEMO)/checkpoints/demo-{llama,mamba}. Export: $(DEMO)/hf/demo-llama. Curves: $(DEMO)/curves.png."
