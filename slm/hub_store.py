@@ -175,7 +175,8 @@ class HubPublisher:
         return data
 
     def _commit_checkpoints(self, files: dict[int, Path]) -> None:
-        contents: dict[str, Path | bytes] = {remote_name(p.name): p for _, p in sorted(files.items())}
+        # newest first: an error names the commit by its first file, the checkpoint the run saved last
+        contents: dict[str, Path | bytes] = {remote_name(p.name): p for _, p in sorted(files.items(), reverse=True)}
         newest = max(files)
         if newest > self.newest_uploaded:  # (a catch-up of older checkpoints leaves the pointer where it is)
             contents[remote_name(f"{LATEST}.symlink")] = remote_name(files[newest].name).encode()
