@@ -19,7 +19,6 @@ with one line; the local checkpoints stay.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import sys
@@ -36,7 +35,6 @@ from slm.export import export_checkpoint
 from slm.hub import Hub, HubError
 from slm.paths import partial_file
 
-log = logging.getLogger(__name__)
 REMOTE_FOLDER = "checkpoints"
 PENDING = ".hub-pending"  # in the run folder: the upload queue (checkpoint hard links, export folders)
 RUN_DATA = ("metrics.jsonl", "run.json", "config.yaml")  # files of the run folder that go up with each checkpoint
