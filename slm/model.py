@@ -1,8 +1,12 @@
-"""The Composer model: any transformers `*ForCausalLM`, built from `model.class` plus kwargs.
+"""The Composer model: any causal LM transformers knows, built from `model.class` plus kwargs.
 
-`llama`, `mamba` and `mamba2` are short names; any other `XxxForCausalLM` (or `XxxConfig`)
-class name of transformers works too. Mamba runs HF's pure-PyTorch path with the `mambapy`
-parallel scan when the CUDA kernels (`mamba-ssm`, `causal-conv1d`) are not importable.
+`model.class` is a transformers `model_type` (`llama`, `mamba`, `mamba2`, `gpt2`, `gpt_neox`, `opt`,
+`qwen2`, ...) or a class name (`GPT2LMHeadModel`, `LlamaForCausalLM`, `Qwen2Config`), resolved through
+transformers' own tables (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, CONFIG_MAPPING_NAMES): whatever
+`AutoModelForCausalLM` can build, and nothing else. The other keys go to its config class, under their
+own names or the config's aliases (gpt2's `n_embd` or `hidden_size`); unknown ones are refused. Mamba runs
+HF's pure-PyTorch path with the `mambapy` parallel scan when the CUDA kernels (`mamba-ssm`,
+`causal-conv1d`) are not importable.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ import torch
 import transformers
 from composer.models import HuggingFaceModel
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL_LM_NAMES
+from transformers.pytorch_utils import Conv1D
 
 from slm.errors import SlmError
-
-SHORT_NAMES = {"llama": "LlamaForCausalLM", "mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM"}
 
 
 def mamba_kernels_available() -> bool:
@@ -27,17 +32,38 @@ def mamba_kernels_available() -> bool:
             and importlib.util.find_spec("causal_conv1d") is not None)
 
 
+def _causal_class_name(name: str) -> str | None:
+    """The transformers causal-LM class name for a model_type, a causal-LM class name or a config class name."""
+    if name.lower() in CAUSAL_LM_NAMES:  # a model_type: llama, gpt2, gpt_neox, ...
+        return CAUSAL_LM_NAMES[name.lower()]
+    if name in CAUSAL_LM_NAMES.values():  # GPT2LMHeadModel, LlamaForCausalLM, ...
+        return name
+    model_types = [t for t, config in CONFIG_MAPPING_NAMES.items() if config == name]  # Qwen2Config, ...
+    return next((CAUSAL_LM_NAMES[t] for t in model_types if t in CAUSAL_LM_NAMES), None)
+
+
+def _model_type_of(name: str) -> str | None:
+    """The model_type of a transformers model or config class name (BertForMaskedLM: bert), else None."""
+    cls = getattr(transformers, name, None) if name[:1].isupper() else None
+    return getattr(getattr(cls, "config_class", cls), "model_type", None)
+
+
 def resolve_class(name: str) -> type[PreTrainedModel]:
-    full = SHORT_NAMES.get(name.lower(), name)
-    if full.endswith("Config"):
-        full = full[: -len("Config")] + "ForCausalLM"
-    cls = getattr(transformers, full, None) if full.endswith("ForCausalLM") else None
+    """The causal-LM class `model.class` names; anything else is refused with the closest causal name."""
+    full = _causal_class_name(name)
+    cls = getattr(transformers, full, None) if full else None
     if cls is None:
-        known = sorted(SHORT_NAMES) + [n for n in dir(transformers) if n.endswith("ForCausalLM")]
-        close = difflib.get_close_matches(name, known, n=1)
+        family = _model_type_of(name) or (name.lower() if name.lower() in CONFIG_MAPPING_NAMES else None)
+        if family:  # a transformers name, but no causal LM: BertForMaskedLM hints BertLMHeadModel, t5 nothing
+            problem = f"model class '{name}' is not a causal LM in transformers"
+            close = [CAUSAL_LM_NAMES[family]] if family in CAUSAL_LM_NAMES else []
+        else:
+            known = sorted(CAUSAL_LM_NAMES) + sorted(CAUSAL_LM_NAMES.values())
+            problem = f"unknown model class '{name}'"
+            close = difflib.get_close_matches(name, known, n=1) or difflib.get_close_matches(name.lower(), known, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise SlmError(f"unknown model class '{name}': use llama, mamba, mamba2 or a transformers "
-                       f"*ForCausalLM class{hint}")
+        raise SlmError(f"{problem}: use a causal LM's model_type (llama, mamba, gpt2, gpt_neox, "
+                       f"...) or class name (LlamaForCausalLM, GPT2LMHeadModel, ...){hint}")
     return cls
 
 
@@ -67,8 +93,29 @@ def build_config(model_cfg: dict[str, Any]) -> PretrainedConfig:
         raise SlmError(f"bad model config for {config_class.__name__}: {e}") from e
 
 
+def pretrained_model(model_cfg: dict[str, Any]) -> PreTrainedModel:
+    """`model.pretrained` (a folder or Hub id) loaded by `AutoModelForCausalLM`; any other model key must agree
+    with its config (the suite's `vocab_size` from base.yaml, say), since the weights fix the architecture."""
+    source = str(model_cfg["pretrained"])
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise SlmError(f"cannot load model.pretrained {source}: {str(e).splitlines()[0]}") from e
+    for key, value in model_cfg.items():
+        if key == "class":
+            if resolve_class(str(value)) is not type(model):
+                raise SlmError(f"model.class {value} is not the class of model.pretrained {source} "
+                               f"({type(model).__name__}): drop model.class")
+        elif key != "pretrained" and getattr(model.config, key, None) != value:
+            raise SlmError(f"model.{key} = {value} but model.pretrained {source} has "
+                           f"{getattr(model.config, key, 'no such key')}: drop model.{key} (the weights decide it)")
+    return model
+
+
 def build_hf_model(model_cfg: dict[str, Any], seed: int) -> PreTrainedModel:
-    """A freshly initialised model; the same seed gives the same weights."""
+    """A freshly initialised model (the same seed gives the same weights), or `model.pretrained`'s."""
+    if model_cfg.get("pretrained"):
+        return pretrained_model(model_cfg)
     config = build_config(model_cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -96,22 +143,32 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
-    """Training FLOPs (forward + backward = 3x forward) per token.
+def context_length(config: PretrainedConfig) -> int | None:
+    """The longest sequence a model takes: `max_position_embeddings`, read through the config's aliases
+    (gpt2's `n_positions`), or None where there is no limit (mamba, bloom's ALiBi, xlnet's -1)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
 
-    Matmuls: 2 FLOPs per weight of every Linear layer (the LM head included, embedding lookups
-    excluded). Llama adds attention scores and values, 2 * 2 * seq_len * hidden per layer.
-    Mamba adds its depthwise conv (2 * d_inner * kernel) and selective scan (9 * d_inner * state,
-    as in the Mamba paper) per layer.
+
+def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
+    """Training FLOPs (forward + backward = 3x forward) per token, for any model type.
+
+    Matmuls: 2 FLOPs per weight of every Linear layer and every transformers Conv1D (gpt2's
+    transposed Linear), the LM head included, embedding lookups excluded. A model whose config has
+    attention heads (`num_attention_heads`, under any alias: gpt2's `n_head`) adds attention scores
+    and values, 2 * 2 * seq_len * hidden per layer (every layer counted as full attention: hybrid
+    or sliding-window models are over-counted). Mamba and Mamba2 add their depthwise conv
+    (2 * d_inner * kernel) and selective scan (9 * d_inner * state, as in the Mamba paper) per layer.
+    Norms, activations, rotary embeddings and softmax are not counted.
     """
     c = model.config
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    forward = 2.0 * linear
-    if c.model_type == "llama":
-        forward += c.num_hidden_layers * 4.0 * seq_len * c.hidden_size
-    elif c.model_type in ("mamba", "mamba2"):
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D)))
+    forward = 2.0 * matmul
+    if c.model_type in ("mamba", "mamba2"):
         d_inner = c.expand * c.hidden_size
         forward += c.num_hidden_layers * (2.0 * d_inner * c.conv_kernel + 9.0 * d_inner * c.state_size)
+    elif getattr(c, "num_attention_heads", None) and getattr(c, "hidden_size", None):
+        forward += c.num_hidden_layers * 4.0 * seq_len * c.hidden_size
     return 3.0 * forward
 
 
