@@ -1,4 +1,5 @@
-"""Training data: Streaming's `StreamingDataset` over the MDS folders `slm tokenize` writes.
+"""Training data: Streaming's `StreamingDataset` over the MDS folders `slm tokenize` writes (one per split, or
+a mixture: `data.{train,eval}.streams`, each a Streaming `Stream`).
 
 Streaming does the shuffling (seeded, independent of the init seed), the split of each
 global batch across processes, and exact mid-epoch resumption (Composer saves its state
@@ -25,12 +26,12 @@ import numpy as np
 import torch
 from composer.core import DataSpec
 from composer.utils import dist
-from streaming import StreamingDataset
+from streaming import Stream, StreamingDataset
 from streaming.base.format.mds.encodings import _get_coder
 from streaming.base.format.mds.reader import MDSReader
 from torch.utils.data import DataLoader
 
-from slm.config import DataConfig, DataSplit
+from slm.config import DataConfig, DataSplit, StreamConfig
 from slm.errors import SlmError
 from slm.shards import read_metadata
 
@@ -145,21 +146,47 @@ def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     return {"input_ids": tokens, "labels": tokens.clone()}
 
 
-def split_metadata(split: DataSplit, name: str) -> dict:
-    """The split's `slm-dataset.json`, fetched from its remote when only the remote has it."""
-    local = Path(split.local)
-    if split.remote and not (local / "slm-dataset.json").exists():
+def sources(split: DataSplit, name: str) -> list[tuple[str, StreamConfig]]:
+    """(label, folder) of each MDS folder of the split `data.NAME`: the split's own (label `data.NAME`), or each of
+    its streams (label `data.NAME.streams.STREAM`), in config order."""
+    if split.streams:
+        return [(f"data.{name}.streams.{stream}", folder) for stream, folder in split.streams.items()]
+    return [(f"data.{name}", StreamConfig(local=split.local, remote=split.remote))]
+
+
+def describe_split(split: dict) -> str:
+    """A split of a run's config, as run.json keeps it, in a line: its folder, or `web (0.7): PATH, code (0.3): PATH`
+    (a stream's remote when it has one)."""
+    def weight(stream: dict) -> str:
+        if stream.get("proportion") is not None:
+            return f" ({stream['proportion']:g})"
+        return f" (repeat {stream['repeat']:g})" if stream.get("repeat") is not None else ""
+
+    streams = split.get("streams") or {}
+    return ", ".join(f"{name}{weight(s)}: {s.get('remote') or s.get('local')}" for name, s in streams.items()) or \
+        str(split.get("remote") or split.get("local"))
+
+
+def split_metadatas(split: DataSplit, name: str) -> list[tuple[str, dict]]:
+    """(label, slm-dataset.json) of each MDS folder of the split (`sources`), each folder's shards checked."""
+    return [(label, folder_metadata(folder, label)) for label, folder in sources(split, name)]
+
+
+def folder_metadata(folder: StreamConfig, label: str) -> dict:
+    """The folder's `slm-dataset.json`, fetched from its remote when only the remote has it; its shards checked."""
+    local = Path(folder.local)
+    if folder.remote and not (local / "slm-dataset.json").exists():
         from streaming.base.storage import CloudDownloader
 
         local.mkdir(parents=True, exist_ok=True)
         try:
-            CloudDownloader.direct_download(f"{split.remote.rstrip('/')}/slm-dataset.json",
+            CloudDownloader.direct_download(f"{folder.remote.rstrip('/')}/slm-dataset.json",
                                             str(local / "slm-dataset.json"), 60)
         except Exception as e:
-            raise SlmError(f"cannot fetch slm-dataset.json of data.{name} from {split.remote}: {e}") from e
+            raise SlmError(f"cannot fetch slm-dataset.json of {label} from {folder.remote}: {e}") from e
     elif not (local / "index.json").exists():
-        raise SlmError(f"data.{name}.local = {local} holds no MDS shards (no index.json): make them with "
-                       f"`slm tokenize`, or set data.{name}.local to the right folder")
+        raise SlmError(f"{label}.local = {local} holds no MDS shards (no index.json): make them with "
+                       f"`slm tokenize`, or set {label}.local to the right folder")
     if (local / "index.json").exists():
         check_shards(local, hashes=dist.get_local_rank() == 0)  # one reader per node hashes; all check sizes
     return read_metadata(local)
@@ -190,29 +217,43 @@ def check_shards(folder: Path, hashes: bool = True) -> None:
                                "`slm tokenize`")
 
 
-def check_compatible(train_meta: dict, eval_meta: dict, vocab_size: int, max_positions: int | None) -> None:
-    """Refuse data the model cannot read, naming both values (the tokenizer is checked against each split by the
-    caller: shards of an older slm record another kind of hash for the same tokenizer)."""
-    for name, meta in (("train", train_meta), ("eval", eval_meta)):
+def check_compatible(metas: list[tuple[str | Path, dict]], vocab_size: int, max_positions: int | None) -> None:
+    """Refuse data the model cannot read, naming the folder (`split_metadatas`' label) and both values; all
+    folders must share one seq_len. (The tokenizer is checked against each folder by the caller: shards of an
+    older slm record another kind of hash for the same tokenizer.)"""
+    for label, meta in metas:
         data_vocab = meta["tokenizer"]["vocab_size"]
         if data_vocab > vocab_size:
-            raise SlmError(f"data.{name} was tokenized with a {data_vocab}-token tokenizer but model.vocab_size is "
+            raise SlmError(f"{label} was tokenized with a {data_vocab}-token tokenizer but model.vocab_size is "
                            f"{vocab_size}: set model.vocab_size >= {data_vocab} or re-tokenize")
         if max_positions is not None and meta["seq_len"] > max_positions:
-            raise SlmError(f"data.{name} has seq_len {meta['seq_len']} but the model has "
+            raise SlmError(f"{label} has seq_len {meta['seq_len']} but the model has "
                            f"max_position_embeddings {max_positions}: raise model.max_position_embeddings or "
                            f"re-tokenize with --seq-len {max_positions}")
-    if train_meta["seq_len"] != eval_meta["seq_len"]:
-        raise SlmError(f"data.train has seq_len {train_meta['seq_len']} but data.eval has {eval_meta['seq_len']}")
+    (first, first_meta), *others = metas
+    for label, meta in others:
+        if meta["seq_len"] != first_meta["seq_len"]:
+            raise SlmError(f"{first} has seq_len {first_meta['seq_len']} but {label} has {meta['seq_len']}: "
+                           "train, eval and every stream need one seq_len")
 
 
 def build_dataloader(split: DataSplit, data: DataConfig, batch_size: int, train: bool) -> DataSpec:
-    """A DataSpec over one split; `batch_size` is per process."""
+    """A DataSpec over one split; `batch_size` is per process.
+
+    A split of streams is one Streaming dataset over all of them: each epoch draws each stream's share (its
+    proportion or repeat; Streaming's `Stream`), and the shuffle mixes the streams' samples within batches. The
+    draw changes every training epoch; an eval split draws the same samples at every evaluation ("fixed").
+    """
     for attempt in range(SHM_ATTEMPTS):
         try:
-            dataset = MappedShards(local=split.local, remote=split.remote, batch_size=batch_size,
-                                   shuffle=train and data.shuffle, shuffle_seed=data.shuffle_seed,
-                                   shuffle_algo=data.shuffle_algo, num_canonical_nodes=data.num_canonical_nodes)
+            where: dict[str, Any] = {"local": split.local, "remote": split.remote}
+            if split.streams:  # new Streams each attempt: the dataset writes the weights it derives into them
+                where = {"streams": [Stream(local=s.local, remote=s.remote, proportion=s.proportion, repeat=s.repeat)
+                                     for s in split.streams.values()]}
+            dataset = MappedShards(**where, batch_size=batch_size, shuffle=train and data.shuffle,
+                                   shuffle_seed=data.shuffle_seed, shuffle_algo=data.shuffle_algo,
+                                   num_canonical_nodes=data.num_canonical_nodes,
+                                   sampling_method="balanced" if train else "fixed")
             break
         except FileExistsError:
             # Streaming gives each run on a node the first free shared-memory prefix; two runs starting at the
@@ -222,7 +263,8 @@ def build_dataloader(split: DataSplit, data: DataConfig, batch_size: int, train:
                 raise
             time.sleep(_jitter.uniform(0.2, 2.0))
         except (FileNotFoundError, ValueError) as e:
-            raise SlmError(f"cannot open the MDS shards at {split.local}: {str(e).splitlines()[0]}") from e
+            folders = ", ".join(str(s.local) for s in split.streams.values()) if split.streams else split.local
+            raise SlmError(f"cannot open the MDS shards at {folders}: {str(e).splitlines()[0]}") from e
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=data.num_workers,
                         drop_last=train, persistent_workers=data.num_workers > 0)
     return DataSpec(loader, get_num_tokens_in_batch=lambda b: b["input_ids"].numel())

@@ -37,7 +37,7 @@ def evaluate(model_path: Path, data: Path, batch_size: int = 16, max_batches: in
     if not tokenizer_matches(tokenizer, meta["tokenizer"]):
         raise SlmError(f"{data} was tokenized with {meta['tokenizer']['name']}, not with the model's tokenizer"
                        f"{mismatch_hint(tokenizer, meta['tokenizer'])}")
-    check_compatible(meta, meta, model.config.vocab_size, getattr(model.config, "max_position_embeddings", None))
+    check_compatible([(data, meta)], model.config.vocab_size, getattr(model.config, "max_position_embeddings", None))
     metrics = build_metrics(byte_lengths(tokenizer))
     wrapper = CausalLM(model, tokenizer, metrics=metrics)
     loader = DataLoader(StreamingDataset(local=str(data), shuffle=False, batch_size=batch_size),

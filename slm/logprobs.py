@@ -126,7 +126,7 @@ def _check_data(model: torch.nn.Module, tokenizer_name: str, data: Path, meta: d
     if not tokenizer_matches(tokenizer, meta["tokenizer"]):
         raise SlmError(f"{data} was tokenized with {meta['tokenizer']['name']}, not with the model's tokenizer"
                        f"{mismatch_hint(tokenizer, meta['tokenizer'])}")
-    check_compatible(meta, meta, model.config.vocab_size, getattr(model.config, "max_position_embeddings", None))
+    check_compatible([(data, meta)], model.config.vocab_size, getattr(model.config, "max_position_embeddings", None))
 
 
 def _on_hub(hub: Hub, repo: str, labels: list[str]) -> set[str]:
