@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,39 @@ def a_time(key: str, value: Any, owner: Any) -> str | None:
 
 
 def shard_folder(key: str, value: Any, owner: Any) -> str | None:
-    return None if value is not None else f"config key '{key}' is not set: give the folder of the MDS shards"
+    if value is not None or getattr(owner, "streams", None):  # a split of streams has no folder of its own
+        return None
+    return f"config key '{key}' is not set: give the folder of the MDS shards"
+
+
+def stream_mixture(key: str, value: Any, owner: Any) -> str | None:
+    """A split's `streams`: each with its folder; one kind of weight, as Streaming's `Stream` takes them."""
+    if not value:
+        return None
+    split = key.rpartition(".")[0]
+    if owner.local is not None or owner.remote is not None:
+        return (f"config key '{key}' replaces {split}.local and {split}.remote: set them to null (yamls/base.yaml "
+                "sets local), or drop the streams")
+    for name, stream in value.items():
+        if stream.local is None:
+            return (f"config key '{key}.{name}.local' is not set: give the folder of the stream's MDS shards "
+                    "(with a remote, its local cache)")
+        if stream.proportion is not None and stream.repeat is not None:
+            return f"config key '{key}.{name}' sets both proportion and repeat: give one"
+        for weight in ("proportion", "repeat"):
+            if getattr(stream, weight) is not None and getattr(stream, weight) <= 0:
+                return f"config key '{key}.{name}.{weight}' must be positive, got {getattr(stream, weight)}"
+    folders: dict[str, str] = {}  # Streaming refuses two streams in one folder
+    for name, stream in value.items():
+        other = folders.setdefault(str(Path(stream.local).resolve()), name)
+        if other != name:
+            return f"config keys '{key}.{other}.local' and '{key}.{name}.local' name one folder: give each its own"
+    with_proportion = [name for name, stream in value.items() if stream.proportion is not None]
+    if with_proportion and len(with_proportion) < len(value):
+        other = next(name for name in value if name not in with_proportion)
+        return (f"config key '{key}.{other}' has no proportion but '{key}.{with_proportion[0]}' has one: give "
+                "every stream a proportion, or none (repeat, or each sample once an epoch)")
+    return None
 
 
 def safe_run_name(key: str, value: Any, owner: Any) -> str | None:
@@ -82,9 +114,10 @@ def keep_count(key: str, value: Any, owner: Any) -> str | None:
 
 
 def model_class(key: str, value: Any, owner: Any) -> str | None:
-    if "class" in value:
+    if "class" in value or value.get("pretrained"):
         return None
-    return f"config key '{key}.class' is not set: use llama, mamba, mamba2 or a transformers class"
+    return (f"config key '{key}.class' is not set: use a causal LM's model_type (llama, mamba, gpt2, ...) or "
+            f"class name, or {key}.pretrained (a folder or Hub id)")
 
 
 def hub_repo(key: str, value: Any, owner: Any) -> str | None:
@@ -94,9 +127,20 @@ def hub_repo(key: str, value: Any, owner: Any) -> str | None:
 
 
 @dataclass
+class StreamConfig:  # one source of a mixture: Streaming's `Stream`
+    local: str | None = None  # folder of MDS shards, or the local cache of `remote`
+    remote: str | None = None  # hf://datasets/ORG/REPO/PATH, s3://..., or None
+    # At most one weight; proportion on every stream of the split or on none. Neither: each sample once an epoch.
+    proportion: float | None = None  # share of each epoch's samples (relative to the others'; an epoch keeps the
+    # streams' total sample count), drawn with repetition when it exceeds the stream's size
+    repeat: float | None = None  # times each sample is seen an epoch (0.5: a fresh half of them each epoch)
+
+
+@dataclass
 class DataSplit:
     local: str | None = ruled(None, shard_folder)  # folder of MDS shards, or the local cache of `remote`
     remote: str | None = None  # hf://datasets/ORG/REPO/PATH, s3://..., or None
+    streams: dict[str, StreamConfig] = ruled(rule=stream_mixture, factory=dict)  # a mixture, instead of local/remote
 
 
 @dataclass
@@ -122,10 +166,41 @@ class OptimizerConfig:  # AdamW; weight decay on matrices only
     fused: bool = False  # torch's fused AdamW kernel (CUDA): fewer launches, last-bit different numerics
 
 
+def one_of(*choices: str) -> Rule:
+    def rule(key: str, value: Any, owner: Any) -> str | None:
+        return None if value in choices else f"config key '{key}' = '{value}' is not one of {', '.join(choices)}"
+    return rule
+
+
+def optional_time(key: str, value: Any, owner: Any) -> str | None:
+    return None if value is None else a_time(key, value, owner)
+
+
+def a_length(key: str, value: Any, owner: Any) -> str | None:
+    """A fraction of max_duration in (0, 1], or a time."""
+    try:
+        return None if 0 < float(value) <= 1 else f"config key '{key}' = {value}: a fraction must be in (0, 1]"
+    except ValueError:
+        return a_time(key, value, owner)
+
+
 @dataclass
-class SchedulerConfig:
-    warmup: str = ruled("1000ba", a_time)  # linear warmup, then cosine to alpha_f * lr at max_duration
-    alpha_f: float = 0.0
+class SchedulerConfig:  # slm/schedules.py; docs/design.md, "Schedules", has the curves and the rule for continuing
+    name: str = ruled("cosine", one_of("cosine", "linear", "constant", "wsd"))
+    warmup: str = ruled("1000ba", a_time)  # linear from 0, then the schedule
+    alpha_f: float = 0.0  # the final lr, as a fraction of optimizer.lr (cosine, linear, wsd)
+    # cosine, linear: the duration the decay spans; None: max_duration at the run's first start. It is kept when
+    # a run is continued to a larger max_duration (the lr then holds at alpha_f * lr).
+    horizon: str | None = ruled(None, optional_time)
+    decay: str = ruled("0.2", a_length)  # wsd: the decay's length, a fraction of max_duration (0.2) or a time (2000ba)
+    decay_shape: str = ruled("linear", one_of("linear", "cosine", "sqrt"))  # wsd: 1 - x, cos, or 1 - sqrt(x)
+
+
+@dataclass
+class LoadConfig:  # a warm start: a new run branched off another run's checkpoint (docs/design.md, "Warm starts")
+    path: str | None = None  # a checkpoint file, a run folder (its newest checkpoint), or a Hub repo ORG/NAME
+    revision: str | None = None  # Hub repo: the checkpoint's batch (ba400); None: its latest
+    weights_only: bool = True  # False: also the optimizer, schedule, data position and batch count
 
 
 @dataclass
@@ -174,11 +249,15 @@ class TrainConfig:
     log_interval: str = ruled("10ba", a_time)
     tokenizer: str | None = None  # None: the tokenizer recorded in the train shards' slm-dataset.json
     data: DataConfig = field(default_factory=DataConfig)
-    model: dict[str, Any] = ruled(rule=model_class, factory=dict)  # `class` plus kwargs of the transformers config
+    # `class` plus kwargs of the transformers config, or `pretrained: FOLDER_OR_HUB_ID` (its weights and config)
+    model: dict[str, Any] = ruled(rule=model_class, factory=dict)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    load: LoadConfig = field(default_factory=LoadConfig)
     hub: HubConfig = field(default_factory=HubConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sweep: dict[str, Any] = field(default_factory=dict)  # key: [values] for `slm sweep` / jobs/suite.*; not training's
+    configs: list[str] = field(default_factory=list)  # the yaml files merged, in order (set by load_config)
 
     @property
     def folder(self) -> Path:
@@ -189,16 +268,31 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def check(node: Any, prefix: str = "") -> None:
-    """Apply every field's rule, depth first in field order; the first problem is raised."""
+def check(node: Any, prefix: str = "", origins: dict[str, str] | None = None) -> None:
+    """Apply every field's rule, depth first in field order; the first problem is raised, naming where the
+    value was set (`origins`: dotted key -> the file or command line that set it last)."""
     for f in dataclasses.fields(node):
         key, value = prefix + f.name, getattr(node, f.name)
         rule = f.metadata.get("rule")
         problem = rule(key, value, node) if rule else None
         if problem:
-            raise SlmError(problem)
+            origin = next((origins[k] for k in (key, *_parents(key)) if k in (origins or {})), None)
+            raise SlmError(problem + (f" (set in {origin})" if origin else ""))
         if dataclasses.is_dataclass(value):
-            check(value, f"{key}.")
+            check(value, f"{key}.", origins)
+
+
+def _parents(key: str) -> list[str]:
+    parts = key.split(".")
+    return [".".join(parts[:n]) for n in range(len(parts) - 1, 0, -1)]
+
+
+def _leaves(node: Any, prefix: str = "") -> list[str]:
+    """The dotted keys a yaml node sets."""
+    if not isinstance(node, DictConfig):
+        return [prefix.rstrip(".")]
+    keys = [leaf for k, v in node.items_ex(resolve=False) for leaf in _leaves(v, f"{prefix}{k}.")]
+    return keys or [prefix.rstrip(".")]
 
 
 def _valid_keys(schema: DictConfig, dotted: str) -> list[str]:
@@ -241,15 +335,24 @@ def _yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, Dic
     return [*chain, (path, node)]
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    """Merge the yaml chain of `path` and the `key=value` overrides into the schema, then check every value."""
+def load_config(paths: str | Path | Sequence[str | Path], overrides: Sequence[str] = ()) -> TrainConfig:
+    """Merge the yamls left to right (each with its own `base:` chain), then the `key=value` overrides, into the
+    schema, and check every value; an error names the file or override that set the key.
+
+    run_name defaults to the yamls' stems joined by '+'; `configs` records the files merged.
+    """
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    if not paths:
+        raise SlmError("no config file given: name at least one yaml")
     schema = OmegaConf.structured(TrainConfig)
     cfg = schema.copy()
-    for file, node in _yaml_chain(Path(path)):
+    origins: dict[str, str] = {}
+    for file, node in (link for path in paths for link in _yaml_chain(path)):
         try:
             cfg = OmegaConf.merge(cfg, node)
         except OmegaConfBaseException as e:
             raise _explain(e, schema, str(file)) from e
+        origins.update(dict.fromkeys(_leaves(node), str(file)))
     for item in overrides:
         if "=" not in item:
             raise SlmError(f"override '{item}' is not of the form key=value")
@@ -257,10 +360,12 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
             raise _explain(e, schema, f"the command line ({item})") from e
+        origins[item.partition("=")[0].strip()] = f"the command line ({item})"
     cfg.base = None
-    cfg.run_name = cfg.run_name or Path(path).stem
+    cfg.run_name = cfg.run_name or "+".join(p.stem for p in paths)
+    cfg.configs = [str(p) for p in paths]
     config: TrainConfig = OmegaConf.to_object(cfg)
-    check(config)
+    check(config, origins=origins)
     return config
 
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from slm.data import describe_split
 from slm.errors import SlmError
-from slm.model import build_hf_model, count_parameters, use_special_tokens
+from slm.model import build_hf_model, context_length, count_parameters, use_special_tokens
 from slm.paths import partial_folder, refuse_to_clobber
 from slm.tokenizer import load_tokenizer
 
@@ -47,26 +48,38 @@ def _metrics_table(metrics: dict) -> str:
     return "| metric (newest value) | |\n|---|---|\n" + "\n".join(rows)
 
 
-def _model_card(info: dict, state: dict, params: int, checkpoint: Path) -> str:
+def _origin(info: dict) -> str:
+    """Where the run's weights started: a fresh initialisation, a pretrained model, or another run's checkpoint."""
+    warm, pretrained = info.get("warm_start"), info["config"]["model"].get("pretrained")
+    if warm:
+        kind = "its weights" if warm["weights_only"] else "its whole training state"
+        revision = f" @ {warm['revision']}" if warm.get("revision") else ""
+        at = f" at batch {warm['batch']}" if warm.get("batch") is not None else ""
+        return f"branched off `{warm['path']}`{revision}{at} ({kind})"
+    return f"the pretrained model `{pretrained}`" if pretrained else f"initialised with seed {info['config']['seed']}"
+
+
+def _model_card(info: dict, state: dict, params: int, checkpoint: Path, model_type: str) -> str:
     cfg = info["config"]
     ts = state["timestamp"]["Timestamp"]
     start = (info.get("starts") or [{}])[-1]
     hardware = start.get("hardware", {})
     return f"""---
 library_name: transformers
-tags: [slm, {cfg['model']['class']}]
+tags: [slm, {model_type}]
 ---
 # {cfg['run_name']} at batch {ts['batch']}
 
-A {params:,}-parameter {cfg['model']['class']} trained with slm (MosaicML Composer + Streaming),
+A {params:,}-parameter {model_type} trained with slm (MosaicML Composer + Streaming),
 exported from `{checkpoint.name}`.
 
 | | |
 |---|---|
-| architecture | {cfg['model']['class']} |
+| architecture | {cfg['model'].get('class') or model_type} |
+| weights from | {_origin(info)} |
 | parameters (embeddings included) | {params:,} |
 | batches / samples / tokens seen | {ts['batch']:,} / {ts['sample']:,} / {ts['token']:,} |
-| data | {cfg['data']['train']['remote'] or cfg['data']['train']['local']} |
+| data | {describe_split(cfg['data']['train'])} |
 | tokenizer | {info['tokenizer']} |
 | seed / data-order seed | {cfg['seed']} / {cfg['data']['shuffle_seed']} |
 | slm commit | {start.get('git_commit')} |
@@ -99,13 +112,18 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, overwrite: bool = False) 
     model = model_from_checkpoint(state)
     tokenizer = load_tokenizer(info["tokenizer"])
     use_special_tokens(model, tokenizer)
-    if hasattr(model.config, "max_position_embeddings"):  # llama has a context limit; mamba has none
-        tokenizer.model_max_length = model.config.max_position_embeddings
+    if context_length(model.config) is not None:  # llama, gpt2, ... have a context limit; mamba has none
+        tokenizer.model_max_length = context_length(model.config)
+    # Trained on input_ids alone: `model(**tokenizer(text))` must not pass token_type_ids, which gpt2 would add
+    # as embeddings (of token 0) and gpt_neox's generate() refuses.
+    names = [name for name in tokenizer.model_input_names if name != "token_type_ids"]
+    tokenizer.model_input_names = tokenizer.init_kwargs["model_input_names"] = names
     try:
         with partial_folder(out_dir) as partial:
             model.save_pretrained(partial)
             tokenizer.save_pretrained(partial)
-            (partial / "README.md").write_text(_model_card(info, state, count_parameters(model), checkpoint))
+            (partial / "README.md").write_text(_model_card(info, state, count_parameters(model), checkpoint,
+                                                                    model.config.model_type))
             timestamp = {k: v for k, v in state["timestamp"]["Timestamp"].items() if isinstance(v, int)}
             run = {"checkpoint": str(checkpoint), "timestamp": timestamp, **info}
             (partial / "slm-run.json").write_text(json.dumps(run, indent=2) + "\n")

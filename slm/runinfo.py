@@ -68,12 +68,14 @@ def environment() -> dict[str, Any]:
 
 
 class RunInfo(Callback):
-    """Run metadata in every checkpoint and in `run.json`; each start or resume appends to `starts`."""
+    """Run metadata in every checkpoint and in `run.json`; each start or resume appends to `starts`; a run
+    branched off another run's checkpoint records it under `warm_start` (slm/warmstart.py)."""
 
-    def __init__(self, cfg: TrainConfig, tokenizer: str, parameters: int, folder: Path, metrics: MetricsFile):
+    def __init__(self, cfg: TrainConfig, tokenizer: str, parameters: int, folder: Path, metrics: MetricsFile,
+                 warm_start: dict[str, Any] | None = None):
         self.folder, self.metrics = folder, metrics
-        self.info: dict[str, Any] = {"run_name": cfg.run_name, "config": cfg.to_dict(),
-                                     "tokenizer": tokenizer, "parameters": parameters, "starts": []}
+        self.info: dict[str, Any] = {"run_name": cfg.run_name, "config": cfg.to_dict(), "tokenizer": tokenizer,
+                                     "parameters": parameters, "warm_start": warm_start, "starts": []}
 
     def fit_start(self, state: State, logger: Logger) -> None:
         start = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -88,4 +90,5 @@ class RunInfo(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # The config of the run being resumed wins over the one it was saved with; its history is kept.
         self.info["starts"] = state.get("starts", [])
+        self.info["warm_start"] = state.get("warm_start", self.info["warm_start"])  # where the run branched off
         self.metrics.latest = dict(state.get("metrics", {}))

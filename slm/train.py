@@ -1,11 +1,13 @@
 """Train one model with Composer's Trainer.
 
-    python slm/train.py CONFIG.yaml [key=value ...]
-    composer -n N slm/train.py CONFIG.yaml [key=value ...]
+    python slm/train.py CONFIG.yaml [MORE.yaml ...] [key=value ...]
+    composer -n N slm/train.py CONFIG.yaml [MORE.yaml ...] [key=value ...]
 
-Both run this same code. Running again with the same run_name resumes from the newest
-complete checkpoint in checkpoints/RUN_NAME/ (model, optimizer, scheduler, RNG and the exact
-position in the Streaming data order); a larger max_duration continues a finished run.
+Both run this same code. Several yamls merge left to right (each with its own `base:` chain), then
+the overrides; run_name defaults to the yamls' stems joined by '+'. Running again with the same
+run_name resumes from the newest complete checkpoint in checkpoints/RUN_NAME/ (model, optimizer,
+scheduler, RNG and the exact position in the Streaming data order); a larger max_duration continues
+a run, its learning rate continuous (docs/design.md, "Schedules").
 SIGTERM, SIGUSR1 or SIGUSR2 (a scheduler's warning) stops it at the end of the current batch
 with a checkpoint and exit status 75, ready to resume.
 """
@@ -31,7 +33,6 @@ from composer.algorithms import GradientClipping
 from composer.callbacks import CheckpointSaver, LRMonitor, SpeedMonitor
 from composer.core import Callback, Evaluator, Time
 from composer.loggers import LoggerDestination
-from composer.optim import CosineAnnealingWithWarmupScheduler
 from composer.utils import dist
 from torchmetrics import Metric
 from transformers import PreTrainedModel
@@ -47,17 +48,19 @@ from slm.checkpoints import (
     save_schedule,
 )
 from slm.config import OptimizerConfig, TrainConfig, load_config, save_config
-from slm.data import build_dataloader, check_compatible, split_metadata
+from slm.data import build_dataloader, check_compatible, split_metadatas
 from slm.errors import SlmError, disk_error, run_command
 from slm.hub import CommitBudget, Hub
 from slm.hub_store import HubCheckpoints, remote_name
 from slm.loggers import MetricsFile, WriteMetricsRow, wandb_run_id
 from slm.metrics import TrainMetrics, build_metrics, byte_lengths
-from slm.model import CausalLM, build_hf_model, count_parameters, use_special_tokens
+from slm.model import CausalLM, build_hf_model, context_length, count_parameters, use_special_tokens
 from slm.preemption import EXIT_PREEMPTED, StopOnSignal
 from slm.runinfo import RunInfo
+from slm.schedules import Schedule
 from slm.shm import clean_stale_shared_memory
 from slm.tokenizer import load_tokenizer, mismatch_hint, tokenizer_matches
+from slm.warmstart import IGNORE_KEYS, check_fits, describe, warm_start_checkpoint
 
 
 @dataclass
@@ -86,17 +89,16 @@ def preflight(cfg: TrainConfig) -> Plan:
     if cfg.global_batch_size % world:
         raise SlmError(f"global_batch_size {cfg.global_batch_size} is not divisible by the {world} processes")
 
-    train_meta, eval_meta = split_metadata(cfg.data.train, "train"), split_metadata(cfg.data.eval, "eval")
-    tokenizer_name = cfg.tokenizer or train_meta["tokenizer"]["name"]
+    metas = split_metadatas(cfg.data.train, "train") + split_metadatas(cfg.data.eval, "eval")  # each folder/stream
+    tokenizer_name = cfg.tokenizer or metas[0][1]["tokenizer"]["name"]  # the (first) train folder's
     tokenizer = load_tokenizer(tokenizer_name)
-    for split, meta in (("train", train_meta), ("eval", eval_meta)):
+    for label, meta in metas:
         if not tokenizer_matches(tokenizer, meta["tokenizer"]):
-            raise SlmError(f"tokenizer {tokenizer_name} is not the one data.{split} was tokenized with "
+            raise SlmError(f"tokenizer {tokenizer_name} is not the one {label} was tokenized with "
                            f"(content hashes differ){mismatch_hint(tokenizer, meta['tokenizer'])}")
     hf_model = build_hf_model(cfg.model, cfg.seed)
     use_special_tokens(hf_model, tokenizer)  # after building: pad_token_id would be llama's padding_idx
-    check_compatible(train_meta, eval_meta, hf_model.config.vocab_size,
-                     getattr(hf_model.config, "max_position_embeddings", None))
+    check_compatible(metas, hf_model.config.vocab_size, context_length(hf_model.config))
     table = byte_lengths(tokenizer)
     model = CausalLM(hf_model, tokenizer, eval_metrics=build_metrics(table))
     return Plan(cfg, gpu, cfg.global_batch_size // world, tokenizer_name, model, build_metrics(table, sync=world > 1))
@@ -125,7 +127,7 @@ def refuse_another_model(folder: Path, cfg: TrainConfig, model: PreTrainedModel)
     """Resuming a run folder with another model config would fail deep in Composer: name the difference.
 
     run.json names the model config; a folder without one (an older slm, a copied checkpoint) is
-    compared tensor by tensor with its newest complete checkpoint, read memory-mapped.
+    compared tensor by tensor with its newest complete checkpoint.
     """
     hint = "use another run_name or save_folder, or this run's model config to resume it"
     try:
@@ -140,15 +142,8 @@ def refuse_another_model(folder: Path, cfg: TrainConfig, model: PreTrainedModel)
                            f"{cfg.model.get(k)} here): {hint}")
         return
     newest = newest_complete(folder)
-    if newest is None:
-        return
-    saved = torch.load(newest, map_location="cpu", weights_only=False, mmap=True)["state"]["model"]
-    there = {k.removeprefix("model."): tuple(v.shape) for k, v in saved.items()}
-    here = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    for key in sorted(set(there) | set(here)):
-        if there.get(key) != here.get(key):
-            raise SlmError(f"the checkpoint in {folder} does not fit this model (size mismatch for {key}: "
-                           f"{there.get(key, 'absent')} there, {here.get(key, 'absent')} here): {hint}")
+    if newest is not None:
+        check_fits(newest, model, hint)
 
 
 def callbacks(cfg: TrainConfig, folder: Path, run_info: RunInfo, metrics: MetricsFile, train_metrics: TrainMetrics
@@ -158,7 +153,8 @@ def callbacks(cfg: TrainConfig, folder: Path, run_info: RunInfo, metrics: Metric
     Composer runs the callbacks in list order at every event, before the loggers (except at
     INIT). So, at each BATCH_CHECKPOINT:
     - SpeedMonitor, LRMonitor, TrainMetrics, RunInfo: log and record first (TrainMetrics logs its window
-      at BATCH_END); the state of the last two rides in every checkpoint.
+      at BATCH_END); the state of the last two rides in every checkpoint, as does the Schedule's (the lr
+      schedule, also handed to the Trainer as its scheduler: it answers no event).
     - WriteMetricsRow: the batch's metrics.jsonl row goes to disk before the saver runs, so no
       checkpoint ever holds a batch missing from metrics.jsonl.
     - StopOnSignal: a scheduler's signal ends training at this batch, where the saver, next, sees it.
@@ -172,7 +168,8 @@ def callbacks(cfg: TrainConfig, folder: Path, run_info: RunInfo, metrics: Metric
                             save_interval=save_schedule(cfg.save_interval, early), overwrite=True,
                             remote_file_name=remote_name(FILENAME),
                             latest_remote_file_name=remote_name(LATEST_FILENAME))
-    handlers = [SpeedMonitor(window_size=10), LRMonitor(), train_metrics, run_info, WriteMetricsRow(metrics),
+    handlers = [SpeedMonitor(window_size=10), LRMonitor(), Schedule(cfg.scheduler), train_metrics, run_info,
+                WriteMetricsRow(metrics),
                 StopOnSignal(), saver, KeepNewestPeriodic(folder, cfg.keep, early)]
 
     loggers: list[LoggerDestination] = [metrics]
@@ -198,11 +195,13 @@ def _optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=cfg.fused or None)
 
 
-def make_trainer(plan: Plan, folder: Path) -> Trainer:
-    """Composer's Trainer over the checked plan; it autoresumes from the run folder (or the Hub)."""
+def make_trainer(plan: Plan, folder: Path, warm_start: Path | None = None) -> Trainer:
+    """Composer's Trainer over the checked plan; it autoresumes from the run folder (or the Hub), and a new run
+    starts from `warm_start` (a checkpoint file) when given."""
     cfg, model = plan.cfg, plan.model
     metrics = MetricsFile(folder / "metrics.jsonl")
-    run_info = RunInfo(cfg, plan.tokenizer, count_parameters(model.model), folder, metrics)
+    run_info = RunInfo(cfg, plan.tokenizer, count_parameters(model.model), folder, metrics,
+                       describe(cfg.load, warm_start) if warm_start else None)
     train_metrics = TrainMetrics(model, plan.train_metrics, cfg.log_interval)
     handlers, loggers = callbacks(cfg, folder, run_info, metrics, train_metrics)
     interactive = any(isinstance(logger, workarounds.ResumableProgressBar) for logger in loggers)
@@ -221,13 +220,15 @@ def make_trainer(plan: Plan, folder: Path) -> Trainer:
         eval_subset_num_batches=cfg.eval_batches,
         device_train_microbatch_size=cfg.device_microbatch_size or plan.per_device_batch,
         optimizers=_optimizer(model.model, cfg.optimizer),
-        schedulers=CosineAnnealingWithWarmupScheduler(t_warmup=Time.from_timestring(cfg.scheduler.warmup),
-                                                      alpha_f=cfg.scheduler.alpha_f),
+        schedulers=next(c for c in handlers if isinstance(c, Schedule)),
         algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=cfg.grad_clip)] if cfg.grad_clip else [],
         callbacks=handlers,
         loggers=loggers,
         save_folder=str(folder),
         autoresume=True,
+        load_path=str(warm_start) if warm_start else None,
+        load_weights_only=cfg.load.weights_only,
+        load_ignore_keys=None if cfg.load.weights_only else IGNORE_KEYS,
         spin_dataloaders=False,  # Streaming restores its own position
         progress_bar=False,  # the ResumableProgressBar logger instead, when interactive
         log_to_console=not interactive,
@@ -242,7 +243,12 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     """Preflight, then the run folder, then the Trainer; config.yaml only once a start is accepted."""
     plan = preflight(cfg)
     folder = prepare_run_folder(cfg, plan.model.model)
-    trainer = make_trainer(plan, folder)
+    warm_start = warm_start_checkpoint(cfg.load, folder)
+    if warm_start:
+        check_fits(warm_start, plan.model.model, "load.path must be a checkpoint of a model with this model config")
+    trainer = make_trainer(plan, folder, warm_start)
+    schedule = next(c for c in trainer.state.callbacks if isinstance(c, Schedule))
+    schedule.refuse_idle_continuation(trainer.state, str(folder))  # after autoresume: the ends it committed to
     if dist.get_global_rank() == 0:
         save_config(cfg, folder / "config.yaml")  # only now: a refused start leaves the folder as it was
     return trainer
@@ -254,12 +260,17 @@ def say(text: str) -> None:
 
 
 def train(cfg: TrainConfig) -> int:
-    """Start or resume the run and train it to max_duration; the exit status (EXIT_PREEMPTED: stopped by a signal)."""
+    """Start or resume the run and train it to max_duration; the exit status (EXIT_PREEMPTED: stopped by a signal,
+    EXIT_INTERRUPTED: by Ctrl-C)."""
     trainer = build_trainer(cfg)
     finished = trainer.state.get_elapsed_duration() >= 1
     batch = int(trainer.state.timestamp.batch)
-    say(f"{cfg.run_name}: " + (f"resumed at batch {batch}" if batch else "starting at batch 0") + f" of "
-        f"{cfg.max_duration}" + ("; already finished (a larger max_duration continues it)" if finished else ""))
+    loaded = Path(trainer.state.load_path) if trainer.state.load_path else None
+    branched = (f", branched off {loaded} ({'its weights' if cfg.load.weights_only else 'its whole state'})"
+                if loaded and loaded.parent != cfg.folder else "")
+    started = "resumed" if batch and not branched else "starting"
+    say(f"{cfg.run_name}: {started} at batch {batch} of {cfg.max_duration}{branched}"
+        + ("; already finished (a larger max_duration continues it)" if finished else ""))
     if not finished:  # a resubmitted or requeued job whose run is done has nothing to do, and is no error
         trainer.fit()
     for hub in (d for d in trainer.logger.destinations if isinstance(d, HubCheckpoints)):
@@ -270,19 +281,23 @@ def train(cfg: TrainConfig) -> int:
         return 0
     say(f"{cfg.run_name}: stopped at batch {stop.stopped_at} on {stop.received}, checkpoint saved; the same command "
         "resumes it")
-    return EXIT_PREEMPTED
+    return stop.exit_status if stop.interrupted else EXIT_PREEMPTED  # Ctrl-C: 130, never requeued
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slm/train.py", description=__doc__,
+                                     usage="%(prog)s [--debug] CONFIG.yaml [MORE.yaml ...] [key=value ...]",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="yaml file, e.g. yamls/mamba-100k.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_duration=50ba")
+    parser.add_argument("args", nargs="+", metavar="ARG",
+                        help="yaml files, merged left to right (e.g. yamls/mamba-100k.yaml cooldown.yaml), then "
+                             "config overrides (e.g. max_duration=50ba)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
+    overrides = [a for a in args.args if "=" in a]
+    configs = [a for a in args.args if "=" not in a]
 
     def run() -> int:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(configs, overrides)
         try:
             with workarounds.applied():
                 return train(cfg)

@@ -170,6 +170,17 @@ def train(config: Path, *overrides: str, procs: int = 1, check: bool = True) -> 
     return proc
 
 
+def train_here(capfd: pytest.CaptureFixture, *args: str, status: int = 0) -> str:
+    """slm/train.py's main in this process: the same code as `python slm/train.py ARGS`, without seconds of
+    start-up per run (for tests that train many short runs). Its stderr."""
+    from slm.train import main
+
+    require_train_mark()
+    capfd.readouterr()
+    assert main([str(arg) for arg in args]) == status, capfd.readouterr().err[-3000:]
+    return capfd.readouterr().err
+
+
 def final_state(folder: Path) -> dict:
     """The state in the checkpoint `latest-rank0.pt` points at."""
     import torch

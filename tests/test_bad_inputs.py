@@ -192,8 +192,8 @@ TRAIN_CASES = {
                              "{ws}/truncated_index/index.json is truncated or corrupt"),
     "run folder of another model": (["run_name=other"], "{ws}/ckpt/other holds a run of another model "
                                                         "(model.hidden_size is 16 there, 32 here)"),
-    "checkpoint of another model": (["run_name=foreign"], "the checkpoint in {ws}/ckpt/foreign does not fit this "
-                                                          "model (size mismatch for"),
+    "checkpoint of another model": (["run_name=foreign"], "the checkpoint {ws}/ckpt/foreign/ep0-ba2-rank0.pt does "
+                                                          "not fit this model (size mismatch for"),
     "W&B on without a login": (["logging.wandb.project=slm-test"], "logging.wandb.project is slm-test but there is "
                                                                    "no W&B login for api.wandb.ai: run `wandb login`"),
     "checkpoints onto a full disk": (["save_folder={ws}/full/{{run_name}}"],

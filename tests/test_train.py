@@ -127,20 +127,6 @@ def test_resume_after_a_torn_checkpoint_write(reference, tmp_path, torn):
     assert_bitwise_equal(final_state(ref), final_state(folder))
 
 
-def test_larger_max_duration_continues_a_finished_run(tmp_path, shards):
-    config = write_yaml(tmp_path / "tiny.yaml", shards)
-    train(config, "run_name=grow", "max_duration=8ba")
-    first = final_state(tmp_path / "ckpt" / "grow")
-    proc = train(config, "run_name=grow", "max_duration=12ba")
-    state = final_state(tmp_path / "ckpt" / "grow")
-    assert first["timestamp"]["Timestamp"]["batch"] == 8 and state["timestamp"]["Timestamp"]["batch"] == 12
-    assert resumed_at(proc) == 8
-    files = {p.name: p.read_bytes() for p in (tmp_path / "ckpt" / "grow").glob("*.pt")}
-    again = train(config, "run_name=grow", "max_duration=12ba")  # a resubmitted job whose run is done
-    assert "resumed at batch 12 of 12ba; already finished" in again.stderr
-    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt" / "grow").glob("*.pt")} == files
-
-
 def test_two_processes_then_resume_on_one_keeps_the_sample_order(tmp_path, shards):
     """composer -n 2 for 8 batches, then 1 process to 16, against 1 process throughout.
 

@@ -1,0 +1,102 @@
+"""Learning-rate schedules: cosine, linear, constant and warmup-stable-decay, and how each continues.
+
+A `Schedule` is a Composer scheduler (Composer calls it with the trainer's state for the multiplier
+of `optimizer.lr`, through `compile_composer_scheduler`) and a Composer callback, so the ends it has
+committed to ride in every checkpoint. That is what keeps the curve continuous when a run is resumed
+or continued with a larger `max_duration` (docs/design.md, "Schedules"):
+
+- cosine, linear: the decay spans `scheduler.horizon`, or the `max_duration` of the run's first
+  start; past it the lr holds at `alpha_f * lr`.
+- wsd: warmup, stable at `lr`, then a decay over the last `scheduler.decay` of `max_duration`.
+  Until the decay starts, a larger `max_duration` moves it to the new end (the stable phase
+  extends); once it has started, it keeps its start and end.
+- constant: warmup, then `lr`.
+
+Continuing past an end where the lr is 0 would train nothing: `refuse_idle_continuation` says so.
+Times are in batches or epochs (converted to batches the way Composer's schedulers do).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from composer.core import Callback, State, Time, TimeUnit
+from composer.optim.scheduler import _convert_time  # Composer's own ep -> ba conversion for its schedulers
+
+from slm.config import SchedulerConfig
+from slm.errors import SlmError
+
+SHAPES = {"linear": lambda x: 1.0 - x, "cosine": lambda x: (1.0 + math.cos(math.pi * x)) / 2.0,
+          "sqrt": lambda x: 1.0 - math.sqrt(x)}
+
+
+def batches(time: str | Time, state: State, what: str) -> int:
+    """`time` in batches; tokens and samples are refused (a batch's tokens are not known ahead)."""
+    converted = _convert_time(time, state)
+    if converted.unit != TimeUnit.BATCH:
+        raise SlmError(f"{what} = {time} is in {converted.unit.value}s: learning-rate schedules take batches or "
+                       "epochs (e.g. 2000ba, 1ep)")
+    return int(converted.value)
+
+
+class Schedule(Callback):
+    """`scheduler.*` as a Composer scheduler whose committed ends are checkpointed with the run."""
+
+    def __init__(self, cfg: SchedulerConfig):
+        self.cfg = cfg
+        self.decay_start: int | None = None  # batches; fixed once known (see the module docstring)
+        self.decay_end: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay_start": self.decay_start, "decay_end": self.decay_end}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.decay_start, self.decay_end = state.get("decay_start"), state.get("decay_end")
+
+    def _commit(self, state: State) -> None:
+        """Fix the decay's ends when the schedule says they are fixed (first call, or the decay's start)."""
+        cfg, now = self.cfg, int(state.timestamp.batch)
+        if self.decay_end is not None or cfg.name == "constant":
+            return
+        warmup = batches(cfg.warmup, state, "scheduler.warmup")
+        if cfg.name in ("cosine", "linear"):
+            self.decay_start = warmup
+            self.decay_end = batches(cfg.horizon or state.max_duration, state, "scheduler.horizon or max_duration")
+            return
+        total = batches(state.max_duration, state, "max_duration")
+        try:
+            length = round(float(cfg.decay) * total)
+        except ValueError:
+            length = batches(cfg.decay, state, "scheduler.decay")
+        if now >= total - length:  # wsd: the decay starts now, at the end max_duration gives today
+            self.decay_start, self.decay_end = max(total - length, warmup), total
+
+    def __call__(self, state: State, ssr: float = 1.0) -> float:
+        """The lr multiplier after `state.timestamp.batch` batches."""
+        self._commit(state)
+        cfg, now = self.cfg, int(state.timestamp.batch)
+        warmup = batches(cfg.warmup, state, "scheduler.warmup")
+        if now < warmup:
+            return now / warmup
+        if self.decay_end is None:  # constant, or wsd before its decay
+            return 1.0
+        x = min(max((now - self.decay_start) / max(self.decay_end - self.decay_start, 1), 0.0), 1.0)
+        shape = SHAPES["cosine" if cfg.name == "cosine" else "linear" if cfg.name == "linear" else cfg.decay_shape]
+        return cfg.alpha_f + (1.0 - cfg.alpha_f) * shape(x)
+
+    def refuse_idle_continuation(self, state: State, folder: str) -> None:
+        """A run that would train on past the end of its decay at lr 0 learns nothing: one line on what to do."""
+        if self.decay_end is None or self.cfg.alpha_f > 0:
+            return
+        total = batches(state.max_duration, state, "max_duration")
+        if total <= self.decay_end:
+            return
+        done = int(state.timestamp.batch)
+        since = "ended" if done >= self.decay_end else "ends"
+        branch = ("branch a run off a checkpoint of its stable phase (load.path=CHECKPOINT "
+                  "load.weights_only=false, a new run_name), where the decay moves to the new end"
+                  if self.cfg.name == "wsd" else "branch a new run off its checkpoint (load.path, a new run_name)")
+        raise SlmError(f"the {self.cfg.name} schedule of {folder} {since} at batch {self.decay_end} with lr 0 "
+                       f"(scheduler.alpha_f=0), so batches {self.decay_end}-{total} would train nothing: {branch}, "
+                       "or give runs meant to be continued scheduler.alpha_f > 0 (or scheduler.name=constant)")
