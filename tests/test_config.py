@@ -102,3 +102,37 @@ def test_load_config_returns_the_typed_config():
     assert isinstance(cfg, TrainConfig) and isinstance(cfg.data.train, DataSplit)
     assert type(cfg.model) is dict and type(cfg.optimizer.betas) is list
     assert cfg.eval_interval == "1000ba" and cfg.folder == Path("checkpoints/llama-1m")
+
+
+def test_yamls_compose_left_to_right_each_with_its_base_chain(tmp_path):
+    (tmp_path / "parent.yaml").write_text(f"base: {REPO}/yamls/demo-llama.yaml\nseed: 1\noptimizer: {{lr: 0.01}}\n")
+    (tmp_path / "arch.yaml").write_text("base: parent.yaml\nmodel: {hidden_size: 8}\n")
+    (tmp_path / "cooldown-base.yaml").write_text("scheduler: {name: wsd, decay: 0.5}\nseed: 5\n")
+    (tmp_path / "cooldown.yaml").write_text("base: cooldown-base.yaml\noptimizer: {lr: 0.002}\n")
+    cfg = load_config([tmp_path / "arch.yaml", tmp_path / "cooldown.yaml"], ["seed=9"])
+    assert cfg.model["hidden_size"] == 8 and cfg.model["class"] == "llama"  # arch's chain
+    assert cfg.scheduler.name == "wsd" and cfg.optimizer.lr == 0.002  # cooldown's chain wins where both set a key
+    assert cfg.seed == 9 and cfg.run_name == "arch+cooldown"
+    assert cfg.configs == [str(tmp_path / "arch.yaml"), str(tmp_path / "cooldown.yaml")]
+
+    from slm.config import save_config
+
+    save_config(cfg, tmp_path / "resolved.yaml")  # what the run folder's config.yaml records
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again.configs == [str(tmp_path / "resolved.yaml")] and again.scheduler == cfg.scheduler
+    text = (tmp_path / "resolved.yaml").read_text()
+    assert "configs:" in text and "arch.yaml" in text
+
+
+def test_a_bad_value_names_the_file_that_set_it(tmp_path):
+    (tmp_path / "a.yaml").write_text(f"base: {REPO}/yamls/demo-llama.yaml\n")
+    (tmp_path / "b-base.yaml").write_text("optimizer: {lr: -1}\n")
+    (tmp_path / "b.yaml").write_text("base: b-base.yaml\n")
+    with pytest.raises(SlmError, match=re.escape(f"'optimizer.lr' must be positive, got -1.0 (set in "
+                                                 f"{tmp_path / 'b-base.yaml'})")):
+        load_config([tmp_path / "a.yaml", tmp_path / "b.yaml"])
+    with pytest.raises(SlmError, match=re.escape("(set in the command line (scheduler.name=cosin))")):
+        load_config([tmp_path / "a.yaml"], ["scheduler.name=cosin"])
+    with pytest.raises(SlmError, match=re.escape(f"unknown config key 'optimizer.lrr' in {tmp_path / 'c.yaml'}")):
+        (tmp_path / "c.yaml").write_text("optimizer: {lrr: 1}\n")
+        load_config([tmp_path / "a.yaml", tmp_path / "c.yaml"])
