@@ -43,16 +43,19 @@ def test_a_branch_off_a_run_folder_starts_from_its_newest_weights(source, tmp_pa
     expected = weights(folder / "ep0-ba16-rank0.pt")
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
 
-    err = train_here(capfd, config, "run_name=cooldown", "scheduler.name=linear", *run)
+    recipe = tmp_path / "cooldown.yaml"  # a second yaml composed over the run's own, as a cooldown recipe would be
+    recipe.write_text("scheduler: {name: linear, warmup: 0ba}\noptimizer: {lr: 1.0e-3}\n")
+    err = train_here(capfd, config, recipe, "run_name=cooldown", *run)
     assert f"cooldown: starting at batch 0 of 4ba, branched off {folder}/ep0-ba16-rank0.pt (its weights)" in err
     info = json.loads((tmp_path / "cooldown" / "run.json").read_text())
     assert info["warm_start"] == {"path": str(folder), "revision": None, "checkpoint": f"{folder}/ep0-ba16-rank0.pt",
                                   "batch": 16, "weights_only": True}
+    assert info["config"]["configs"] == [str(config), str(recipe)] and info["config"]["scheduler"]["name"] == "linear"
     state = final_state(tmp_path / "cooldown")
     assert state["timestamp"]["Timestamp"]["batch"] == 4  # its own count
     assert state["callbacks"]["RunInfo"]["warm_start"]["batch"] == 16  # in every checkpoint, so in every export
     # restarted, the branch resumes itself, not the source
-    again = train_here(capfd, config, "run_name=cooldown", "scheduler.name=linear", *run)
+    again = train_here(capfd, config, recipe, "run_name=cooldown", *run)
     assert "cooldown: resumed at batch 4 of 4ba; already finished" in again and "branched" not in again
 
 
