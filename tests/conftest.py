@@ -188,6 +188,18 @@ def final_state(folder: Path) -> dict:
     return torch.load(folder / "latest-rank0.pt", weights_only=False, map_location="cpu")["state"]
 
 
+def newest_loadable(folder: Path) -> int:
+    """The newest checkpoint torch.load can read (before the final run rewrites anything)."""
+    import torch
+
+    for path in sorted(folder.glob("ep0-ba*-rank0.pt"), key=lambda p: -int(p.name.split("-ba")[1].split("-")[0])):
+        try:
+            return torch.load(path, weights_only=False, map_location="cpu")["state"]["timestamp"]["Timestamp"]["batch"]
+        except Exception:
+            continue
+    return 0
+
+
 def assert_bitwise_equal(a: dict, b: dict) -> None:
     """Every model tensor and every optimizer tensor identical, at the same batch."""
     import torch

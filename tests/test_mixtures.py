@@ -26,7 +26,7 @@ from slm.config import DataConfig, DataSplit, StreamConfig, load_config
 from slm.data import MappedShards, build_dataloader, collate, describe_split
 from slm.errors import SlmError
 
-from conftest import REPO, assert_bitwise_equal, final_state, resumed_at, train, train_cmd, write_yaml
+from conftest import REPO, assert_bitwise_equal, final_state, newest_loadable, resumed_at, train, train_cmd, write_yaml
 
 BATCH = 8
 
@@ -248,15 +248,6 @@ def mixture(tmp_path_factory, shards) -> tuple[Path, Path]:
 
 def metric_rows(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
-
-def newest_loadable(folder: Path) -> int:
-    for path in sorted(folder.glob("ep0-ba*-rank0.pt"), key=lambda p: -int(p.name.split("-ba")[1].split("-")[0])):
-        try:
-            return torch.load(path, weights_only=False, map_location="cpu")["state"]["timestamp"]["Timestamp"]["batch"]
-        except Exception:
-            continue
-    return 0
 
 
 @pytest.mark.train

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, assert_bitwise_equal, final_state, resumed_at, train, train_cmd, write_yaml
+from conftest import REPO, assert_bitwise_equal, final_state, newest_loadable, resumed_at, train, train_cmd, write_yaml
 
 pytestmark = pytest.mark.train
 
@@ -58,16 +58,6 @@ def wait_for(predicate, timeout: float = 120.0, interval: float = 0.005) -> None
 
 def metric_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def newest_loadable(folder: Path) -> int:
-    """The newest checkpoint torch.load can read (before the final run rewrites anything)."""
-    for path in sorted(folder.glob("ep0-ba*-rank0.pt"), key=lambda p: -int(p.name.split("-ba")[1].split("-")[0])):
-        try:
-            return torch.load(path, weights_only=False, map_location="cpu")["state"]["timestamp"]["Timestamp"]["batch"]
-        except Exception:
-            continue
-    return 0
 
 
 def test_sigkill_at_any_moment_then_resume_is_bitwise_equal(reference, tmp_path, shards):
