@@ -20,6 +20,27 @@ slm_job_setup() {
     echo "slm job: $SLM_JOB_ID on $(hostname) at $(date -Is): python -m slm.launch slm/train.py $*"
 }
 
+# The suite scripts' checks (jobs/suite.sbatch, jobs/suite.sh): a yaml among the arguments (else the usage line,
+# $SLM_JOB_USAGE) and .venv in the submission folder, exit 2 otherwise; with --dry-run, print the tasks and exit.
+# The tasks themselves come from slm/sweep.py (.venv/bin/python -m slm.sweep --count / --task N ARGS).
+slm_suite_setup() {
+    local arg yaml=""
+    for arg in "$@"; do
+        if [[ "$arg" != *=* && "$arg" == *.y*ml ]]; then yaml=1; fi
+    done
+    if [ -z "$yaml" ]; then
+        echo "slm suite: usage: $SLM_JOB_USAGE" >&2
+        exit 2
+    fi
+    if [ ! -x .venv/bin/python ]; then
+        echo "slm suite: no .venv in $PWD: submit from the repository root, after 'make venv' there" >&2
+        exit 2
+    fi
+    for arg in "$@"; do
+        if [ "$arg" = --dry-run ]; then exec .venv/bin/python -m slm.sweep "$@"; fi
+    done
+}
+
 # Wait for the background process $1 and return its exit status. `wait` also returns when a trapped
 # signal arrives, so wait again while it runs; bash keeps the status for the last `wait`.
 slm_wait() {

@@ -1,10 +1,18 @@
 #!/bin/bash
-# Train a suite on SGE, one array task per yaml, each run as jobs/train.sh runs one:
+# Train a suite on SGE, one array task per yaml and combination of grid values, each run as
+# jobs/train.sh runs one:
 #
 #   bash jobs/suite.sh yamls/mamba-*.yaml [key=value ...]         submits the array for you
-#   qsub -t 1-4 jobs/suite.sh yamls/mamba-*.yaml [key=value ...]  the same, by hand
+#   bash jobs/suite.sh --grid optimizer.lr=1e-3,3e-3 --grid seed=0,1 yamls/mamba-100k.yaml
+#                                                                 a 2 x 2 grid: 4 tasks
+#   bash jobs/suite.sh --dry-run [...]                            prints the tasks, submits nothing
+#   qsub -t 1-4 jobs/suite.sh [...]                               the same array, by hand
 #
-# key=value overrides apply to every yaml. Each task resumes, checkpoints on USR1/USR2 and is
+# key=value overrides apply to every task. Each --grid KEY=V1,V2,... is one axis; a yaml's `sweep:`
+# block (KEY: [V1, V2]) adds axes to its tasks. A task's run_name is the yaml's stem (or run_name=...)
+# plus its combination, mamba-100k_lr1e-3_seed0, so submitting the same command again resumes every
+# run (slm/sweep.py has the rules; `slm sweep --help`). On submission every task's config is loaded
+# first: a typo fails here, not in the array. Each task resumes, checkpoints on USR1/USR2 and is
 # requeued alone. Resources per task as in jobs/train.sh (same overrides); logs in
 # logs/slm-suite.oJOBID.TASK.
 #$ -N slm-suite
@@ -20,20 +28,18 @@
 #$ -j y
 #$ -o logs/
 
-configs=() overrides=()
-for arg in "$@"; do
-    if [[ "$arg" == *=* ]]; then overrides+=("$arg"); else configs+=("$arg"); fi
-done
-if [ ${#configs[@]} -eq 0 ]; then
-    echo "slm suite: usage: qsub -t 1-N jobs/suite.sh CONFIG.yaml... [key=value ...]" >&2
-    exit 2
-fi
+SLM_JOB_USAGE="bash jobs/suite.sh [--dry-run] [--grid KEY=V1,V2,...]... CONFIG.yaml... [key=value ...]"
+source jobs/common.sh || exit 2
+slm_suite_setup "$@"
 if [ -z "${JOB_ID:-}" ]; then  # run with bash: submit this file as an array of the right size
-    exec qsub -t 1-${#configs[@]} "$0" "$@"
+    count=$(.venv/bin/python -m slm.sweep --count "$@") || exit 2
+    exec qsub -t 1-"$count" "$0" "$@"
 fi
 task=${SGE_TASK_ID:-undefined}
-if [ "$task" = undefined ] || [ "$task" -gt ${#configs[@]} ]; then
-    echo "slm suite: task '${task}' has no yaml: submit with -t 1-${#configs[@]}" >&2
+if [ "$task" = undefined ]; then
+    echo "slm suite: not an array task: submit with bash jobs/suite.sh, or qsub -t 1-N" >&2
     exit 2
 fi
-exec bash jobs/train.sh "${configs[$((task - 1))]}" "${overrides[@]}"
+task_args=$(.venv/bin/python -m slm.sweep --task "$((task - 1))" "$@") || exit 2  # SGE counts from 1
+mapfile -t task_args <<< "$task_args"
+exec bash jobs/train.sh "${task_args[@]}"

@@ -152,6 +152,12 @@ def cmd_plot(args: argparse.Namespace) -> None:
     print(f"plotted {len(args.run_dirs)} run(s) to {out}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from slm.sweep import main
+
+    return main(args.argv, prog="slm sweep", debug=args.debug)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -246,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folder holding metrics.jsonl and run.json")
     p.add_argument("-o", "--out", default="curves.png", help="PNG file to write (default: curves.png)")
     p.set_defaults(run=cmd_plot)
+
+    # slm.sweep parses its own arguments (options and configs in any order, which a subparser cannot): this one
+    # takes everything after `sweep` as it is (no prefix character anyone types, so no option of its own).
+    p = sub.add_parser("sweep", prefix_chars="\0", add_help=False, help="list the tasks of a grid sweep, "
+                       "as jobs/suite.sbatch and jobs/suite.sh run them (slm sweep --help)")
+    p.add_argument("argv", nargs=argparse.REMAINDER)
+    p.set_defaults(run=cmd_sweep)
     return parser
 
 

@@ -123,6 +123,8 @@ CASES = {
     "generate from a missing model": (["generate", "{ws}/nope", "--prompt", "Once"], "model folder not found"),
     "eval of a missing model": (["eval", "{ws}/nope", "--data", "{ws}/existing"],
                                 "{ws}/nope is neither a checkpoint file nor an exported model folder"),
+    "sweep of a missing yaml": (["sweep", "--grid", "seed=0,1", "{ws}/nope.yaml"],
+                                "config file not found: {ws}/nope.yaml"),
 }
 
 

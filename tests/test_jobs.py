@@ -1,5 +1,5 @@
 """The job scripts on real one-node Slurm and SGE clusters (tests/clusters.py): a training job, resubmission,
-preemption and requeue ending bitwise equal to an uninterrupted run, and a two-yaml suite array."""
+preemption and requeue ending bitwise equal to an uninterrupted run, and a 2 x 2 grid run as a 4-task suite array."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from clusters import wait_until
+from omegaconf import OmegaConf
 
 from conftest import REPO, assert_bitwise_equal, final_state, train, write_yaml
 
@@ -41,12 +42,33 @@ def read_and_remove(log: Path) -> str:
     return text
 
 
+# The suites' 2 x 2 grid, seed=42,7 x optimizer.lr=3e-3,1e-3, in task order (the first axis slowest). Seed 42 and
+# lr 3e-3 are the reference run's own values (the schema's seed, demo-llama's lr): that task trains it again.
+GRID_RUNS = {"seed42_lr3e-3": (42, 3e-3), "seed42_lr1e-3": (42, 1e-3), "seed7_lr3e-3": (7, 3e-3),
+             "seed7_lr1e-3": (7, 1e-3)}
+
+
+def assert_grid_trained(ckpt: Path, stem: str, logs: list[str], reference: Path) -> None:
+    """Four run folders named after their combinations, each trained to the end with its combination (its log,
+    its config.yaml), and the reference's combination bitwise equal to the reference trained directly."""
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(f"{stem}_{run}" for run in GRID_RUNS)
+    for (run, (seed, lr)), log in zip(GRID_RUNS.items(), logs, strict=True):
+        folder = ckpt / f"{stem}_{run}"
+        assert f"slm train: {folder.name}: starting at batch 0 of 16ba" in log, log[-3000:]
+        saved = OmegaConf.load(folder / "config.yaml")
+        assert (saved.run_name, saved.seed, saved.optimizer.lr) == (folder.name, seed, lr)
+        assert final_state(folder)["timestamp"]["Timestamp"]["batch"] == 16
+    assert_bitwise_equal(final_state(reference / "ref"), final_state(ckpt / f"{stem}_seed42_lr3e-3"))
+
+
 @pytest.mark.parametrize("script, args, message", [
     ("jobs/train.sbatch", [], "usage: sbatch jobs/train.sbatch CONFIG.yaml"),
     ("jobs/train.sh", ["yamls/no-such.yaml"], "config yamls/no-such.yaml not found in"),
     ("jobs/train.sh", ["max_duration=5ba"], "usage: qsub jobs/train.sh CONFIG.yaml"),
-    ("jobs/suite.sbatch", ["max_duration=5ba"], "usage: sbatch --array=0-N jobs/suite.sbatch CONFIG.yaml..."),
-    ("jobs/suite.sh", [], "usage: qsub -t 1-N jobs/suite.sh CONFIG.yaml..."),
+    ("jobs/suite.sbatch", ["max_duration=5ba"], "usage: bash jobs/suite.sbatch [--dry-run] [--grid KEY=V1,V2,...]... "
+                                                "CONFIG.yaml... [key=value ...]"),
+    ("jobs/suite.sh", [], "usage: bash jobs/suite.sh [--dry-run] [--grid KEY=V1,V2,...]... CONFIG.yaml..."),
+    ("jobs/suite.sbatch", ["--grid", "seed", "yamls/demo-llama.yaml"], "slm sweep: error: --grid 'seed' is not KEY="),
 ])
 def test_job_scripts_refuse_bad_arguments_in_one_line(script, args, message):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SGE_"))} | {"JOB_ID": "1"}
@@ -99,22 +121,18 @@ def test_slurm_time_limit_signal_then_preemption_resume_bitwise(slurm, reference
     assert_bitwise_equal(final_state(reference / "ref-slow"), final_state(folder))
 
 
-def test_slurm_suite_array_one_task_per_yaml(slurm, tmp_path, shards):
-    configs = [write_yaml(tmp_path / "suite-llama.yaml", shards),
-               write_yaml(tmp_path / "suite-mamba.yaml", shards, base="demo-mamba.yaml")]
-    submitted = subprocess.run(["bash", "jobs/suite.sbatch", *map(str, configs), "max_duration=8ba"], cwd=REPO,
-                               env=slurm.env, capture_output=True, text=True)
+def test_slurm_suite_runs_a_2x2_grid_as_a_4_task_array(slurm, reference, tmp_path, shards):
+    config = write_yaml(tmp_path / "grid.yaml", shards)
+    submitted = subprocess.run(["bash", "jobs/suite.sbatch", "--grid", "seed=42,7", "--grid", "optimizer.lr=3e-3,1e-3",
+                                str(config)], cwd=REPO, env=slurm.env, capture_output=True, text=True, timeout=120)
     assert submitted.returncode == 0, submitted.stderr
     array = int(re.search(r"Submitted batch job (\d+)", submitted.stdout).group(1))
-    for task in (0, 1):
+    logs = []
+    for task in range(4):
         info = wait_until(lambda: slurm_finished(slurm, f"{array}_{task}"), 300, f"array task {task}")  # noqa: B023
-        log = read_and_remove(REPO / "logs" / f"slm-suite-{array}_{task}.out")
-        assert info["JobState"] == "COMPLETED", log[-3000:]
-        run = configs[task].stem
-        assert f"slm train: {run}: starting at batch 0 of 8ba" in log
-        assert final_state(tmp_path / "ckpt" / run)["timestamp"]["Timestamp"]["batch"] == 8
-        run_info = json.loads((tmp_path / "ckpt" / run / "run.json").read_text())
-        assert run_info["config"]["model"]["class"] == run.split("-")[-1]
+        logs.append(read_and_remove(REPO / "logs" / f"slm-suite-{array}_{task}.out"))
+        assert info["JobState"] == "COMPLETED", logs[-1][-3000:]
+    assert_grid_trained(tmp_path / "ckpt", "grid", logs, reference)
 
 
 # ---------------------------------------------------------------- SGE
@@ -149,14 +167,29 @@ def test_sge_soft_time_limit_signal_requeues_and_resumes_bitwise(sge, reference,
     assert_bitwise_equal(final_state(reference / "ref-slow"), final_state(folder))
 
 
-def test_sge_suite_array_one_task_per_yaml(sge, tmp_path, shards):
-    configs = [write_yaml(tmp_path / "sge-suite-llama.yaml", shards),
-               write_yaml(tmp_path / "sge-suite-mamba.yaml", shards, base="demo-mamba.yaml")]
-    job = sge.submit("-t", "1-2", "jobs/suite.sh", *map(str, configs), "max_duration=8ba", cwd=REPO)
-    wait_until(lambda: not sge.in_queue(job), 300, f"SGE array job {job}")
-    for task, config in enumerate(configs, 1):
-        log = read_and_remove(REPO / "logs" / f"slm-suite.o{job}.{task}")
-        assert f"slm train: {config.stem}: starting at batch 0 of 8ba" in log, log[-3000:]
-        assert final_state(tmp_path / "ckpt" / config.stem)["timestamp"]["Timestamp"]["batch"] == 8
-        run_info = json.loads((tmp_path / "ckpt" / config.stem / "run.json").read_text())
-        assert run_info["config"]["model"]["class"] == config.stem.split("-")[-1]
+def sge_exit_statuses(sge, job: int) -> dict[int, int]:
+    """Each finished task's exit status, from SGE's accounting."""
+    out = subprocess.run(["qacct", "-j", str(job)], env=sge.env, capture_output=True, text=True).stdout
+    tasks = re.findall(r"(?m)^taskid\s+(\d+)\s*$", out)
+    return dict(zip(map(int, tasks), map(int, re.findall(r"(?m)^exit_status\s+(\d+)", out)), strict=True))
+
+
+def test_sge_suite_runs_a_2x2_grid_as_a_4_task_array(sge, reference, tmp_path, shards):
+    config = write_yaml(tmp_path / "sge-grid.yaml", shards)
+    with config.open("a") as f:
+        f.write("sweep: {seed: [42, 7]}\n")  # one axis in the yaml, the other on the command line
+    args = ["--grid", "optimizer.lr=3e-3,1e-3", str(config)]
+    dry = subprocess.run(["bash", "jobs/suite.sh", "--dry-run", *args], cwd=REPO, env=sge.env, capture_output=True,
+                         text=True, timeout=120)
+    assert dry.returncode == 0 and dry.stdout.splitlines()[0] == "4 tasks (Slurm: sbatch --array=0-3; SGE: qsub -t 1-4)"
+    assert [line.split()[1] for line in dry.stdout.splitlines()[2:]] == [f"sge-grid_{run}" for run in GRID_RUNS]
+    assert not sge.qstat().strip(), "--dry-run submitted a job"
+    submitted = subprocess.run(["bash", "jobs/suite.sh", *args], cwd=REPO, env=sge.env, capture_output=True,
+                               text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr
+    job = int(re.search(r"job-array (\d+)\.1-4:1 ", submitted.stdout).group(1))
+    wait_until(lambda: not sge.in_queue(job), 600, f"SGE array job {job}")
+    logs = [read_and_remove(REPO / "logs" / f"slm-suite.o{job}.{task}") for task in range(1, 5)]
+    statuses = wait_until(lambda: len(sge_exit_statuses(sge, job)) == 4 and sge_exit_statuses(sge, job), 60, "qacct")
+    assert statuses == {1: 0, 2: 0, 3: 0, 4: 0}, "\n".join(log[-2000:] for log in logs)
+    assert_grid_trained(tmp_path / "ckpt", "sge-grid", logs, reference)
