@@ -39,6 +39,7 @@ NEAR = 10
 def overrides(root: Path, run_name: str, max_batches: int) -> list[str]:
     return [f"run_name={run_name}", f"save_folder={root}/ckpt/{{run_name}}", f"max_duration={max_batches}ba",
             "global_batch_size=1", "eval_interval=0ba", "early_checkpoints=0", "log_interval=100000ba",
+            "scheduler.name=constant",  # the stopped run is continued one batch: a schedule decayed to 0 is refused
             f"save_interval={max_batches}ba", f"data.train.local={root}/mds/train",
             f"data.eval.local={root}/mds/validation"]
 

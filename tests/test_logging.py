@@ -48,7 +48,7 @@ def wandb_records(run_dir: Path) -> dict:
 def test_wandb_offline_run_continues_under_the_same_id(tmp_path, shards):
     config = write_yaml(tmp_path / "tiny.yaml", shards)
     args = ["run_name=watched", "logging.wandb.project=slm-test", "logging.wandb.tags=[tiny,test]"]
-    train(config, *args, "max_duration=8ba")
+    train(config, *args, "max_duration=8ba", "scheduler.horizon=16ba")  # a 16-batch schedule, stopped at 8
     train(config, *args)  # continues the finished run to 16 batches: a resume
     runs = sorted((tmp_path / "ckpt" / "watched" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2
@@ -90,7 +90,7 @@ def run_in_terminal(cmd: list[str]) -> tuple[int, str]:
 @pytest.mark.train
 def test_progress_bar_after_autoresume_starts_at_the_resumed_batch(tmp_path, shards):
     config = write_yaml(tmp_path / "tiny.yaml", shards)
-    train(config, "run_name=bar", "max_duration=8ba")  # not a terminal: no bar state in the checkpoint
+    train(config, "run_name=bar", "max_duration=8ba", "scheduler.horizon=16ba")  # not a terminal: no bar state
     code, screen = run_in_terminal(train_cmd(config, "run_name=bar", "max_duration=16ba"))
     assert code == 0, screen[-2000:]
     frames = re.findall(r"train +\d+%\|[^|]*\| *(\d+)/(\d+)", screen)
@@ -104,7 +104,7 @@ def test_progress_bar_after_autoresume_starts_at_the_resumed_batch(tmp_path, sha
 @pytest.mark.train
 def test_run_json_records_what_ran_where_and_each_start(tmp_path, shards):
     config = write_yaml(tmp_path / "tiny.yaml", shards)
-    train(config, "run_name=meta", "max_duration=8ba")
+    train(config, "run_name=meta", "max_duration=8ba", "scheduler.horizon=16ba")
     train(config, "run_name=meta")
     run = json.loads((tmp_path / "ckpt" / "meta" / "run.json").read_text())
     assert run["config"]["max_duration"] == "16ba" and run["parameters"] > 0

@@ -124,11 +124,11 @@ def test_two_processes_then_resume_on_one_keeps_the_sample_order(tmp_path, shard
     two half-batch gradients); another data order moves them by orders of magnitude more.
     """
     config = write_yaml(tmp_path / "tiny.yaml", shards)
-    train(config, "run_name=two", "max_duration=8ba", procs=2)
+    train(config, "run_name=two", "max_duration=8ba", "scheduler.horizon=16ba", procs=2)
     assert final_state(tmp_path / "ckpt" / "two")["timestamp"]["Timestamp"]["batch"] == 8
     assert resumed_at(train(config, "run_name=two", "max_duration=16ba")) == 8
     for name, extra in (("one", []), ("shuffled", ["data.shuffle_seed=7"])):
-        train(config, f"run_name={name}", "max_duration=8ba", *extra)
+        train(config, f"run_name={name}", "max_duration=8ba", "scheduler.horizon=16ba", *extra)
         train(config, f"run_name={name}", "max_duration=16ba", *extra)
 
     def max_diff(a: str, b: str) -> float:
