@@ -3,14 +3,14 @@
 # jobs/train.sh runs one:
 #
 #   bash jobs/suite.sh yamls/mamba-*.yaml [key=value ...]         submits the array for you
-#   bash jobs/suite.sh --grid optimizer.lr=1e-3,3e-3 --grid seed=0,1 yamls/mamba-100k.yaml
+#   bash jobs/suite.sh yamls/mamba-100k.yaml --grid optimizer.lr=1e-3,3e-3 seed=0,1
 #                                                                 a 2 x 2 grid: 4 tasks
 #   bash jobs/suite.sh --dry-run [...]                            prints the tasks, submits nothing
 #   qsub -t 1-4 jobs/suite.sh [...]                               the same array, by hand
 #
-# key=value overrides apply to every task. Each --grid KEY=V1,V2,... is one axis; a yaml's `sweep:`
-# block (KEY: [V1, V2]) adds axes to its tasks. A task's run_name is the yaml's stem (or run_name=...)
-# plus its combination, mamba-100k_lr1e-3_seed0, so submitting the same command again resumes every
+# key=value overrides apply to every task. --grid KEY=V1,V2,... is an axis, as is each KEY=V1,V2,...
+# right after it; a yaml's `sweep:` block (KEY: [V1, V2]) adds axes to its tasks. A task's run_name
+# is the yaml's stem (or run_name=...) plus its combination, mamba-100k_lr1e-3_seed0, so submitting the same command again resumes every
 # run (slm/sweep.py has the rules; `slm sweep --help`). On submission every task's config is loaded
 # first: a typo fails here, not in the array. Each task resumes, checkpoints on USR1/USR2 and is
 # requeued alone. Resources per task as in jobs/train.sh (same overrides); logs in

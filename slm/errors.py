@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 
@@ -45,7 +47,12 @@ def run_command(prog: str, action: Callable[[], int | None], debug: bool = False
     Runs `action` and returns its exit status. Any error becomes one line, `PROG: error: ...`, and
     status 1; with `debug` (the `--debug` flag) the full traceback, causes included, comes first.
     Of several processes of one run only rank 0 says the line: they all fail alike.
+    Ctrl-C says "interrupted" and returns 130; importing Composer replaces Python's Ctrl-C handling with a silent
+    exit, so it is put back first (training answers Ctrl-C its own way once it starts: slm/preemption.py).
     """
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) not in (
+            signal.SIG_IGN, signal.SIG_DFL, None):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return action() or 0
     except KeyboardInterrupt:

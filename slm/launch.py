@@ -3,12 +3,15 @@
     python -m slm.launch [--print] [--debug] slm/train.py CONFIG.yaml [key=value ...]
 
 runs `composer -n NPROC --world_size W --node_rank R --master_addr HOST --master_port PORT ...`
-with the numbers taken from the environment: Slurm (`SLURM_*`, one launcher per node via
-`srun`), SGE (`$PE_HOSTFILE` of a parallel environment), or a single node. NPROC is the number
+(Composer's launcher, in this process) with the numbers taken from the environment: Slurm
+(`SLURM_*`, one launcher per node via `srun`), SGE (`$PE_HOSTFILE` of a parallel environment), or
+a single node. NPROC is the number
 of GPUs this node was given, or 1 on a CPU-only node. `--print` shows the command instead;
 `--debug` shows the full traceback of an error.
 The launcher ignores SIGTERM/SIGUSR1/SIGUSR2, which the training processes answer with a
-checkpoint and exit status 75 (slm/preemption.py), and exits with their status.
+checkpoint and exit status 75 (slm/preemption.py), and exits with their status. It leaves the first
+Ctrl-C to them as well (a checkpoint at the batch end, exit 130), however long that batch takes; at a
+second it stops them as Composer's launcher does (SIGTERM, SIGKILL 30 s later or at a third).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ DEFAULT_PORT = 29500
 # and stop", and a run stopped that way exits with EX_TEMPFAIL, which jobs/* turn into a requeue.
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 EXIT_PREEMPTED = 75
+# A run stopped by Ctrl-C (SIGINT) after saving a checkpoint: the shell's status for an interrupt, never requeued.
+EXIT_INTERRUPTED = 130
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def launch(args: list[str], show: bool) -> int:
-    """Print or exec the composer launcher for this node."""
+    """Print, or run, the composer launcher for this node; its exit status."""
     gpus = gpus_on_this_node(os.environ)
     plan = from_environment(os.environ, gpus, socket.gethostname())
     command = [str(Path(sys.executable).parent / "composer"), *plan.composer_args(), *args]
@@ -122,12 +127,32 @@ def launch(args: list[str], show: bool) -> int:
         return 0
     print(f"slm launch: node {plan.node_rank + 1} of {plan.nodes} ({socket.gethostname()}): {plan.nproc} "
           f"training process(es) on {f'{gpus} GPU(s)' if gpus else 'the CPU'}", file=sys.stderr, flush=True)
+    # Composer's launcher, run in this process. Importing composer sets its own SIGTERM and SIGINT handlers
+    # (sys.exit, after which the launcher kills the training processes 30 s later): ours replace them.
+    from composer.cli import launcher
+
     # Schedulers signal every process of the job: the training processes checkpoint and stop
     # (slm.preemption); the launcher must outlive them, so it ignores the signals (they inherit that
     # until they install their own handlers, which keeps a signal during start-up from killing them).
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-    os.execv(command[0], command)
+    # Ctrl-C reaches the training processes too. The first is theirs to answer (they start with Python's
+    # default handling: a handled signal is reset at exec); at a second, Composer's launcher stops them.
+    signal.signal(signal.SIGINT, _second_ctrl_c)
+    os.environ["SLM_LAUNCH"] = "1"  # tells the training processes that their launcher waits for them
+    sys.argv = command
+    return launcher.main()
+
+
+_ctrl_c = 0
+
+
+def _second_ctrl_c(signum: int, frame: object) -> None:
+    global _ctrl_c
+    _ctrl_c += 1
+    if _ctrl_c > 1:
+        raise KeyboardInterrupt  # Composer's launcher: SIGTERM to the training processes, SIGKILL at the next
+
 
 if __name__ == "__main__":
     sys.exit(main())

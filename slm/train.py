@@ -55,7 +55,7 @@ from slm.hub_store import HubCheckpoints, remote_name
 from slm.loggers import MetricsFile, WriteMetricsRow, wandb_run_id
 from slm.metrics import TrainMetrics, build_metrics, byte_lengths
 from slm.model import CausalLM, build_hf_model, context_length, count_parameters, use_special_tokens
-from slm.preemption import EXIT_PREEMPTED, StopOnSignal
+from slm.preemption import StopOnSignal
 from slm.runinfo import RunInfo
 from slm.schedules import Schedule
 from slm.shm import clean_stale_shared_memory
@@ -281,7 +281,7 @@ def train(cfg: TrainConfig) -> int:
         return 0
     say(f"{cfg.run_name}: stopped at batch {stop.stopped_at} on {stop.received}, checkpoint saved; the same command "
         "resumes it")
-    return stop.exit_status if stop.interrupted else EXIT_PREEMPTED  # Ctrl-C: 130, never requeued
+    return stop.exit_status  # 75 (requeued by jobs/*), or 130 after a Ctrl-C
 
 
 def main(argv: list[str] | None = None) -> int:

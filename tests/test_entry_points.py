@@ -1,11 +1,13 @@
 """The three entry points (`slm`, `slm/train.py`, `python -m slm.launch`) share one error path: one line and exit 1,
 or with --debug the full traceback, the cause included, before that line. And `slm/train.py` run as a script
-does not leave slm/ on sys.path."""
+does not leave slm/ on sys.path. `make data` makes what the suite's yamls train on."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +15,7 @@ from slm.cli import main as slm_main
 from slm.launch import main as launch_main
 from slm.train import main as train_main
 
-from conftest import REPO
+from conftest import REPO, final_state, train
 
 
 def error_lines(err: str) -> list[str]:
@@ -83,3 +85,29 @@ def test_train_script_does_not_leave_its_folder_on_sys_path():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage: slm/train.py" in proc.stdout
+
+
+@pytest.mark.train
+def test_make_data_makes_what_the_suite_yamls_train_on(tmp_path):
+    """The real `make data` (1,000 stories into a temp folder instead of 20,000 into data/) makes the folders
+    yamls/base.yaml names with the suite's tokenizer settings, and a second `make data` does nothing; mamba-100k.yaml
+    trains on them (2 batches of 8 instead of 256, for time)."""
+    data, tokenizer, stamp = tmp_path / "data", tmp_path / "data" / "tokenizer", tmp_path / "installed"
+    stamp.touch()  # the venv running these tests: nothing for make to install
+    make = ["make", "--no-print-directory", "-C", str(REPO), "data", f"DATA={data}", f"TOKENIZER={tokenizer}",
+            "NUM_DOCS=1000", f"BIN={Path(sys.executable).parent}", f"STAMP={stamp}"]
+    first = subprocess.run(make, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    for split in ("train", "validation"):
+        meta = json.loads((data / "mds" / split / "slm-dataset.json").read_text())
+        assert meta["seq_len"] == 512 and meta["tokenizer"]["name"] == str(tokenizer), meta
+    assert "not 4,096" in first.stderr  # asked for the suite's vocabulary (the corpus gives fewer tokens)
+    again = subprocess.run(make, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "Nothing to be done for 'data'" in again.stdout, again.stdout + again.stderr
+
+    base = (REPO / "yamls" / "base.yaml").read_text()
+    assert "local: data/mds/train" in base and "local: data/mds/validation" in base and "vocab_size: 4096" in base
+    train(REPO / "yamls" / "mamba-100k.yaml", f"data.train.local={data / 'mds' / 'train'}",
+          f"data.eval.local={data / 'mds' / 'validation'}", "max_duration=2ba", "global_batch_size=8", "eval_batches=1",
+          f"save_folder={tmp_path / 'ckpt' / '{run_name}'}")
+    assert final_state(tmp_path / "ckpt" / "mamba-100k")["timestamp"]["Timestamp"]["batch"] == 2

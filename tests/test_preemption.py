@@ -1,5 +1,7 @@
 """A signal to one rank: every rank stops at the same batch end with a checkpoint, exits 75, and the next
-start resumes bitwise. (One process, and the signals as the schedulers send them: tests/test_jobs.py.)"""
+start resumes bitwise. (One process, and the signals as the schedulers send them: tests/test_jobs.py.)
+Ctrl-C, as a terminal sends it (SIGINT to the whole process group), in the three ways a user starts training:
+the first stops at the batch end with a checkpoint and exit 130, a second at once."""
 
 from __future__ import annotations
 
@@ -7,14 +9,19 @@ import os
 import re
 import signal
 import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 from test_train import metric_rows, wait_for
 
+from slm.checkpoints import checkpoints, newest_complete
+
 from conftest import REPO, assert_bitwise_equal, final_state, resumed_at, train, train_cmd, write_yaml
 
 EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130
 
 pytestmark = pytest.mark.train
 
@@ -59,3 +66,103 @@ def test_signal_to_one_rank_stops_all_at_one_checkpoint_and_resumes_bitwise(tmp_
     rows = metric_rows(folder / "metrics.jsonl")
     assert [r["batch"] for r in rows] == list(range(1, 17))
     assert [r["batch"] for r in rows if "metrics/eval/CrossEntropy" in r] == [8, 16]
+
+
+class Terminal:
+    """A command started as a terminal's foreground job (its own process group), its stderr read as it comes."""
+
+    def __init__(self, cmd: list[str], **env: str):
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True, env={**os.environ, **env})
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for_line(self, text: str) -> None:
+        wait_for(lambda: text in self.stderr or self.proc.poll() is not None)
+
+    def ctrl_c(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGINT)
+
+    def finish(self) -> int:
+        try:
+            self.proc.wait(timeout=300)
+            self._reader.join(timeout=10)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        return self.proc.returncode
+
+
+def stopped_by_ctrl_c(run: Terminal, folder: Path) -> int:
+    """The batch a Ctrl-C stopped the run at: announced at once, the checkpoint of that batch saved, exit 130."""
+    assert run.finish() == EXIT_INTERRUPTED, run.stderr[-3000:]
+    announced = re.search(r"slm train: Ctrl-C: stopping at the end of batch (\d+) with a checkpoint.*; Ctrl-C again "
+                          r"to stop at once", run.stderr)
+    stopped = re.search(r"slm train: \S+: stopped at batch (\d+) on SIGINT, checkpoint saved; the same command "
+                        r"resumes it", run.stderr)
+    assert announced and stopped, run.stderr[-3000:]
+    batch = int(stopped.group(1))
+    assert int(announced.group(1)) == batch
+    assert final_state(folder)["timestamp"]["Timestamp"]["batch"] == batch
+    return batch
+
+
+def test_ctrl_c_once_checkpoints_twice_stops_at_once_and_the_run_ends_bitwise(tmp_path, shards):
+    """A model slow enough (a batch takes tenths of a second) that a second Ctrl-C comes before the batch ends.
+    Twice, under `python -m slm.launch`: training and launcher stop at once, 130, no checkpoint of the batch under
+    way. Once, to `python slm/train.py`: the rerun resumes from the newest checkpoint, stops at the batch end with a
+    checkpoint, 130. The next rerun ends bitwise equal to an uninterrupted run."""
+    config = write_yaml(tmp_path / "slow.yaml", shards, hidden_size=256, intermediate_size=1024, num_hidden_layers=2)
+    overrides = ["global_batch_size=16", "max_duration=4ba", "eval_interval=4ba", "save_interval=1ba"]
+    train(config, "run_name=ref", *overrides)
+    folder = tmp_path / "ckpt" / "pre"
+    cmd = train_cmd(config, "run_name=pre", *overrides)
+
+    twice = Terminal([sys.executable, "-m", "slm.launch", *cmd[1:]], CUDA_VISIBLE_DEVICES="")
+    wait_for(lambda: (folder / "ep0-ba1-rank0.pt").exists() or twice.proc.poll() is not None)
+    twice.ctrl_c()
+    twice.wait_for_line("Ctrl-C again to stop at once")
+    twice.ctrl_c()
+    assert twice.finish() == EXIT_INTERRUPTED, twice.stderr[-3000:]
+    announced = re.search(r"stopping at the end of batch (\d+)", twice.stderr)
+    assert announced and "slm train: interrupted" in twice.stderr and "stopped at batch" not in twice.stderr, \
+        twice.stderr[-3000:]
+    assert "Composer's launcher allows" not in twice.stderr  # slm.launch waits for the batch end, however long
+    # a checkpoint being written when the second Ctrl-C came is finished first: the newest is whole
+    assert sorted(checkpoints(folder)) == list(range(1, int(announced.group(1))))
+    assert newest_complete(folder) == checkpoints(folder)[int(announced.group(1)) - 1]
+
+    once = Terminal(cmd)  # Ctrl-C once the batch that was under way is saved this time
+    wait_for(lambda: (folder / f"ep0-ba{announced.group(1)}-rank0.pt").exists() or once.proc.poll() is not None)
+    once.ctrl_c()
+    batch = stopped_by_ctrl_c(once, folder)
+    assert resumed_at(once) == int(announced.group(1)) - 1
+    assert [r["batch"] for r in metric_rows(folder / "metrics.jsonl")] == list(range(1, batch + 1))
+
+    last = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert last.returncode == 0, last.stderr[-3000:]
+    assert resumed_at(last) == batch
+    assert_bitwise_equal(final_state(tmp_path / "ckpt" / "ref"), final_state(folder))
+
+
+def test_ctrl_c_to_composer_and_its_ranks_checkpoints(tmp_path, shards):
+    """`composer -n 2`, two data-loader workers each (they inherit the handlers and leave Ctrl-C to their rank): the
+    ranks get the Ctrl-C, and Composer's launcher, which also gets it, sends them SIGTERM (and SIGKILL 30 s later):
+    they stop at one batch end with a checkpoint, and the launcher exits 130."""
+    config = write_yaml(tmp_path / "tiny.yaml", shards)
+    folder = tmp_path / "ckpt" / "two"
+    run = Terminal(train_cmd(config, "run_name=two", "data.num_workers=2", procs=2))
+    wait_for(lambda: (folder / "ep0-ba4-rank0.pt").exists() and len(ranks_of(run.proc)) == 2
+             or run.proc.poll() is not None)
+    run.ctrl_c()
+    assert 4 <= stopped_by_ctrl_c(run, folder) < 16
+    assert "with a checkpoint (if within the 30 s Composer's launcher allows" in run.stderr
