@@ -123,8 +123,9 @@ def test_slurm_time_limit_signal_then_preemption_resume_bitwise(slurm, reference
 
 def test_slurm_suite_runs_a_2x2_grid_as_a_4_task_array(slurm, reference, tmp_path, shards):
     config = write_yaml(tmp_path / "grid.yaml", shards)
-    submitted = subprocess.run(["bash", "jobs/suite.sbatch", str(config), "--grid", "seed=42,7", "optimizer.lr=3e-3,1e-3"],
-                               cwd=REPO, env=slurm.env, capture_output=True, text=True, timeout=120)
+    grid = ["--grid", "seed=42,7", "optimizer.lr=3e-3,1e-3"]  # two axes after one --grid, as the issue spells it
+    submitted = subprocess.run(["bash", "jobs/suite.sbatch", str(config), *grid], cwd=REPO, env=slurm.env,
+                               capture_output=True, text=True, timeout=120)
     assert submitted.returncode == 0, submitted.stderr
     array = int(re.search(r"Submitted batch job (\d+)", submitted.stdout).group(1))
     logs = []
