@@ -75,7 +75,7 @@ lint: $(STAMP)
 test: lint
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q
 
-# The tests that train no model, need no scheduler and no root: under 2 minutes, for the edit-test loop.
+# The tests that train no model, need no scheduler and no root: about 2 minutes, for the edit-test loop.
 test-fast: lint
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q -m "not train and not cluster and not root"
 
