@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     parser = argparse.ArgumentParser(prog="slm", parents=[common],
-                                     description="Train suites of small llama and mamba language models.")
+                                     description="Train suites of small language models (llama, mamba, any causal LM).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("corpus", parents=[common], help="write the embedded default corpus (children's stories)",
