@@ -35,8 +35,8 @@ def batches(time: str | Time, state: State, what: str) -> int:
     """`time` in batches; tokens and samples are refused (a batch's tokens are not known ahead)."""
     converted = _convert_time(time, state)
     if converted.unit != TimeUnit.BATCH:
-        raise SlmError(f"{what} = {time} is in {converted.unit.value}s: learning-rate schedules take batches or "
-                       "epochs (e.g. 2000ba, 1ep)")
+        raise SlmError(f"{what} = {time} is not in batches or epochs, which the lr schedules count: give e.g. "
+                       "2000ba or 1ep (scheduler.name=constant takes a max_duration in any unit)")
     return int(converted.value)
 
 

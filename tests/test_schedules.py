@@ -82,3 +82,6 @@ def test_continuing_past_a_decay_to_zero_is_refused_and_changes_nothing(tmp_path
     assert err.startswith(f"slm train: error: the cosine schedule of {folder} ended at batch 8 with lr 0"), err
     assert "load.path" in err and len(err.splitlines()) == 1
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+
+    err = train_here(capfd, config, "run_name=tokens", "max_duration=4096tok", status=1)  # a decay counts batches
+    assert "max_duration = 4096tok is not in batches or epochs, which the lr schedules count" in err
