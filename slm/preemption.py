@@ -84,11 +84,15 @@ class StopOnSignal(Callback):
                     self._interrupt = True  # at the next event, once the checkpoint is written
                     return
                 raise KeyboardInterrupt
+            # Recorded before saying so: Composer's launcher answers the same Ctrl-C with SIGTERM, whose handler can
+            # run inside this one; the Ctrl-C is still what stopped the run.
+            self._kind, self.received = CTRL_C, "SIGINT"
             self._say("Ctrl-C: training is over, finishing the uploads; Ctrl-C again to stop at once (the next start "
                       "uploads the rest)" if self._over else
                       f"Ctrl-C: stopping at the end of batch {self._next_end} with a checkpoint{_launcher_note()}; "
                       "Ctrl-C again to stop at once")
-        self._kind = max(self._kind, CTRL_C if signum == signal.SIGINT else SCHEDULER)
+            return
+        self._kind = max(self._kind, SCHEDULER)
         self.received = self.received or signal.Signals(signum).name
 
     @staticmethod

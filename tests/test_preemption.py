@@ -12,11 +12,13 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from test_train import metric_rows, wait_for
 
 from slm.checkpoints import checkpoints, newest_complete
+from slm.preemption import StopOnSignal
 
 from conftest import REPO, assert_bitwise_equal, final_state, resumed_at, train, train_cmd, write_yaml
 
@@ -166,3 +168,22 @@ def test_ctrl_c_to_composer_and_its_ranks_checkpoints(tmp_path, shards):
     run.ctrl_c()
     assert 4 <= stopped_by_ctrl_c(run, folder) < 16
     assert "with a checkpoint (if within the 30 s Composer's launcher allows" in run.stderr
+
+
+@pytest.mark.parametrize("after", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_ctrl_c_is_what_stopped_the_run_whatever_came_before_or_after_it(after):
+    """Composer's launcher answers a Ctrl-C with SIGTERM, which can reach a rank before its own SIGINT is handled (or
+    inside that handler): the run still stops as a Ctrl-C's (130) and says SIGINT, in either order."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    try:
+        for first, second in ((after, signal.SIGINT), (signal.SIGINT, after)):
+            stop = StopOnSignal()
+            state = SimpleNamespace(timestamp=SimpleNamespace(batch=3), max_duration="16ba", stop_training=lambda: None)
+            stop.fit_start(state, None)
+            os.kill(os.getpid(), first)
+            os.kill(os.getpid(), second)
+            stop.batch_checkpoint(state, None)
+            assert (stop.stopped_at, stop.received, stop.exit_status) == (3, "SIGINT", EXIT_INTERRUPTED)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
