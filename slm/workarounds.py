@@ -11,6 +11,7 @@ code named in its docstring, adapt or drop the workaround, and update `WRITTEN_F
 from __future__ import annotations
 
 import functools
+import gc
 import netrc
 import os
 import warnings
@@ -29,7 +30,7 @@ from composer.utils import dist
 from slm.errors import SlmError
 
 # Package -> the version (or version prefix) whose behaviour the workarounds below were written against.
-WRITTEN_FOR = {"mosaicml": "0.32.1", "wandb": "0.18"}
+WRITTEN_FOR = {"mosaicml": "0.32.1", "mosaicml-streaming": "0.13.0", "wandb": "0.18"}
 
 
 def require(package: str, workaround: str) -> None:
@@ -98,6 +99,31 @@ def applied() -> Iterator[None]:
     """The process-wide workarounds, for the duration of a training run; Composer is as installed afterwards."""
     with per_node_signal_file(), quiet_composer_warnings(), engine_debug_log_when_asked():
         yield
+
+
+def release_shared_memory(state: State) -> None:
+    """Let go of the shared memory of a finished run's datasets, so that runs one after another in one process (a
+    notebook, tests) do not run out of file descriptors.
+
+    Streaming (streaming/base/shared/memory.py) closes a block only at exit, through an atexit hook per block, and
+    a new dataset looking for a free prefix (shared/prefix.py, `_check_and_find`) attaches to the blocks of the
+    earlier ones and never closes them: each run held some forty more descriptors. Those hooks are the only other
+    reference to the blocks, so they are found through the garbage collector: every block of these datasets'
+    prefixes is closed, and removed where this process made it. Every process waits for the others first (a
+    block's name is shared by the node's processes).
+    """
+    require("mosaicml-streaming", "Streaming's shared memory held until exit")
+    from streaming.base.shared import SharedMemory
+
+    datasets = [state.train_dataloader.dataset] if state.train_dataloader is not None else []
+    datasets += [evaluator.dataloader.dataloader.dataset for evaluator in state.evaluators]
+    prefixes = tuple(f"{d._shm_prefix_int:06}_" for d in datasets if hasattr(d, "_shm_prefix_int"))
+    if not prefixes:
+        return
+    dist.barrier()
+    for block in gc.get_objects():
+        if type(block) is SharedMemory and block.shm is not None and block.shm.name.startswith(prefixes):
+            block.cleanup()
 
 
 class ResumableProgressBar(ProgressBarLogger):

@@ -170,14 +170,15 @@ def train(config: Path, *overrides: str, procs: int = 1, check: bool = True) -> 
     return proc
 
 
-def train_stderr(*args: str | Path, status: int = 0) -> str:
-    """`python slm/train.py ARGS` in its own process (Streaming keeps each dataset's shared memory open until the
-    process exits, and each new dataset opens the earlier ones: in-process runs pile up descriptors); its stderr,
-    checked against `status`."""
-    proc = subprocess.run(train_cmd(Path(args[0]), *map(str, args[1:])), capture_output=True, text=True, timeout=600,
-                          cwd=REPO)
-    assert proc.returncode == status, proc.stderr[-3000:]
-    return proc.stderr
+def train_here(capfd: pytest.CaptureFixture, *args: str, status: int = 0) -> str:
+    """slm/train.py's main in this process: the same code as `python slm/train.py ARGS`, without seconds of
+    start-up per run (for tests that train many short runs). Its stderr."""
+    from slm.train import main
+
+    require_train_mark()
+    capfd.readouterr()
+    assert main([str(arg) for arg in args]) == status, capfd.readouterr().err[-3000:]
+    return capfd.readouterr().err
 
 
 def final_state(folder: Path) -> dict:

@@ -1,7 +1,12 @@
+import os
 from multiprocessing import shared_memory
 from pathlib import Path
 
+import pytest
+
 from slm.shm import clean_stale_shared_memory
+
+from conftest import write_yaml
 
 
 def test_removes_only_blocks_no_living_process_maps(tmp_path):
@@ -41,3 +46,20 @@ def test_the_top_level_script_spares_a_live_block(tmp_path):
         alive.close()
         alive.unlink()
         stale.unlink(missing_ok=True)
+
+
+@pytest.mark.train
+def test_runs_one_after_another_in_one_process_hold_no_more_descriptors(tmp_path, shards, capfd):
+    """Streaming keeps a dataset's shared memory open until the process exits, and each new dataset opens the
+    blocks of the earlier ones: a notebook (or a test) training run after run in one process ran out of file
+    descriptors. A finished run lets go of its datasets' blocks, so the count stays where the first run left it."""
+    from slm.train import main as train_main
+
+    config = write_yaml(tmp_path / "tiny.yaml", shards)
+    held = []
+    for run in range(4):
+        assert train_main([str(config), f"run_name=r{run}", "max_duration=2ba", "save_interval=2ba",
+                           "eval_interval=2ba"]) == 0, capfd.readouterr().err[-3000:]
+        held.append(len(os.listdir("/proc/self/fd")))
+    print(held)
+    assert held[-1] <= held[0], held
