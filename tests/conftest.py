@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -162,22 +165,74 @@ def train_cmd(config: Path, *overrides: str, procs: int = 1) -> list[str]:
     return [sys.executable, script, str(config), *overrides]
 
 
-def train(config: Path, *overrides: str, procs: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(train_cmd(config, *overrides, procs=procs), capture_output=True, text=True, timeout=600,
-                          cwd=REPO)
+def train(config: Path, *overrides: str, procs: int = 1, check: bool = True,
+          own_process: bool = False) -> subprocess.CompletedProcess:
+    """`python slm/train.py CONFIG OVERRIDES` (or `composer -n procs ...`), run to its end: its exit status and
+    output. A single process runs in this one, through slm/train.py's main (seconds of start-up saved per run),
+    unless asked not to, or from a thread or with capture off (-s), where its output could not be told apart."""
+    argv = [str(config), *overrides]
+    if procs == 1 and not own_process and threading.current_thread() is threading.main_thread() and _capture():
+        proc = _train_in_this_process(argv)
+    else:
+        proc = subprocess.run(train_cmd(config, *overrides, procs=procs), capture_output=True, text=True,
+                              timeout=600, cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
 
 
+_config: list[pytest.Config] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _config[:] = [config]
+
+
+def _capture():
+    """pytest's capture manager, while its own capture (not a test's capfd or capsys) takes this process's output."""
+    capman = _config[0].pluginmanager.getplugin("capturemanager") if _config else None
+    return capman if capman is not None and capman.is_capturing() == "global" and not capman._capture_fixture else None
+
+
+def _train_in_this_process(argv: list[str]) -> subprocess.CompletedProcess:
+    """slm/train.py's main here, as a process would run it: from the repo root, its output and warnings captured;
+    the signal handlers a run leaves (it ignores the schedulers' signals once trained) are put back, so that the
+    processes later tests start do not inherit them."""
+    from slm.train import main
+
+    require_train_mark()
+    capman = _capture()
+    capman.read_global_capture()  # what came before belongs to the test
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    # A process's warnings reach stderr through logging's last resort; pytest's own handlers stand in its way here.
+    logging.root.addHandler(logging.lastResort)
+    try:
+        status = main(argv)
+    except SystemExit as e:  # argparse
+        status = e.code if isinstance(e.code, int) else 1
+    finally:
+        logging.root.removeHandler(logging.lastResort)
+        os.chdir(cwd)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        out, err = capman.read_global_capture()
+    return subprocess.CompletedProcess(["slm/train.py", *argv], status, out, err)
+
+
 def train_here(capfd: pytest.CaptureFixture, *args: str, status: int = 0) -> str:
-    """slm/train.py's main in this process: the same code as `python slm/train.py ARGS`, without seconds of
-    start-up per run (for tests that train many short runs). Its stderr."""
+    """slm/train.py's main in this process (see `train`), with the test's own capfd: its stderr."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
     from slm.train import main
 
     require_train_mark()
     capfd.readouterr()
-    assert main([str(arg) for arg in args]) == status, capfd.readouterr().err[-3000:]
+    try:
+        assert main([str(arg) for arg in args]) == status, capfd.readouterr().err[-3000:]
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return capfd.readouterr().err
 
 
