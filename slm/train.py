@@ -276,7 +276,6 @@ def train(cfg: TrainConfig) -> int:
     for hub in (d for d in trainer.logger.destinations if isinstance(d, HubCheckpoints)):
         hub.finish(trainer.state)  # the upload queue drains (an earlier start's too) before the run exits
     trainer.close()
-    workarounds.release_shared_memory(trainer.state)
     stop = next(c for c in trainer.state.callbacks if isinstance(c, StopOnSignal))
     if stop.stopped_at is None:
         return 0

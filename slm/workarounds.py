@@ -97,33 +97,39 @@ def engine_debug_log_when_asked() -> Iterator[None]:
 @contextmanager
 def applied() -> Iterator[None]:
     """The process-wide workarounds, for the duration of a training run; Composer is as installed afterwards."""
-    with per_node_signal_file(), quiet_composer_warnings(), engine_debug_log_when_asked():
+    with per_node_signal_file(), quiet_composer_warnings(), engine_debug_log_when_asked(), shared_memory_released():
         yield
 
 
-def release_shared_memory(state: State) -> None:
-    """Let go of the shared memory of a finished run's datasets, so that runs one after another in one process (a
-    notebook, tests) do not run out of file descriptors.
-
-    Streaming (streaming/base/shared/memory.py) closes a block only at exit, through an atexit hook per block, and
-    a new dataset looking for a free prefix (shared/prefix.py, `_check_and_find`) attaches to the blocks of the
-    earlier ones and never closes them: each run held some forty more descriptors. Those hooks are the only other
-    reference to the blocks, so they are found through the garbage collector: every block of these datasets'
-    prefixes is closed, and removed where this process made it. Every process waits for the others first (a
-    block's name is shared by the node's processes).
-    """
-    require("mosaicml-streaming", "Streaming's shared memory held until exit")
+def _streaming_blocks() -> list[Any]:
+    """Every Streaming shared-memory block object alive in this process."""
     from streaming.base.shared import SharedMemory
 
-    datasets = [state.train_dataloader.dataset] if state.train_dataloader is not None else []
-    datasets += [evaluator.dataloader.dataloader.dataset for evaluator in state.evaluators]
-    prefixes = tuple(f"{d._shm_prefix_int:06}_" for d in datasets if hasattr(d, "_shm_prefix_int"))
-    if not prefixes:
-        return
-    dist.barrier()
-    for block in gc.get_objects():
-        if type(block) is SharedMemory and block.shm is not None and block.shm.name.startswith(prefixes):
-            block.cleanup()
+    return [o for o in gc.get_objects() if type(o) is SharedMemory]  # type(): isinstance wakes lazy modules
+
+
+@contextmanager
+def shared_memory_released() -> Iterator[None]:
+    """Let go of the Streaming shared memory a run opened, once it is over (finished or failed), so that runs one
+    after another in one process (a notebook, tests) do not run out of file descriptors.
+
+    Streaming (streaming/base/shared/memory.py) closes a block only at exit, through an atexit hook per block, and
+    a new dataset looking for a free prefix (shared/prefix.py, `_check_and_find`) attaches to the blocks of every
+    earlier one and never closes them: each run held some forty more descriptors, and more with every dataset
+    left open. The hooks are the only other reference to those objects, so they are found through the garbage
+    collector: each one made during the run is closed, and its block removed where this process made it. After a
+    run that ended well every process waits for the others first (a block's name is shared by the node's
+    processes; a failed run's processes are stopping anyway).
+    """
+    require("mosaicml-streaming", "Streaming's shared memory held until exit")
+    before = {id(block) for block in _streaming_blocks()}
+    try:
+        yield
+        dist.barrier()
+    finally:
+        for block in _streaming_blocks():
+            if id(block) not in before:
+                block.cleanup()
 
 
 class ResumableProgressBar(ProgressBarLogger):
