@@ -25,6 +25,8 @@ if __name__ == "__main__":
 import argparse
 import json
 import os
+import signal
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +57,7 @@ from slm.hub_store import HubCheckpoints, remote_name
 from slm.loggers import MetricsFile, WriteMetricsRow, wandb_run_id
 from slm.metrics import TrainMetrics, build_metrics, byte_lengths
 from slm.model import CausalLM, build_hf_model, context_length, count_parameters, use_special_tokens
-from slm.preemption import StopOnSignal
+from slm.preemption import SIGNALS, StopOnSignal
 from slm.runinfo import RunInfo
 from slm.schedules import Schedule
 from slm.shm import clean_stale_shared_memory
@@ -307,7 +309,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise SlmError(problem) from e
             raise
 
-    return run_command("slm train", run, args.debug)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, *SIGNALS)}
+    try:
+        return run_command("slm train", run, args.debug)
+    finally:
+        # Called from Python (a notebook, tests), the process goes on: its Ctrl-C and the schedulers' signals
+        # are its own again. As the script, the run ignores those signals until exit (slm/preemption.py).
+        if argv is not None and threading.current_thread() is threading.main_thread():
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

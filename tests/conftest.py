@@ -6,7 +6,6 @@ import atexit
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -195,15 +194,12 @@ def _capture():
 
 
 def _train_in_this_process(argv: list[str]) -> subprocess.CompletedProcess:
-    """slm/train.py's main here, as a process would run it: from the repo root, its output and warnings captured;
-    the signal handlers a run leaves (it ignores the schedulers' signals once trained) are put back, so that the
-    processes later tests start do not inherit them."""
+    """slm/train.py's main here, as a process would run it: from the repo root, its output and warnings captured."""
     from slm.train import main
 
     require_train_mark()
     capman = _capture()
     capman.read_global_capture()  # what came before belongs to the test
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
     cwd = os.getcwd()
     os.chdir(REPO)
     # A process's warnings reach stderr through logging's last resort; pytest's own handlers stand in its way here.
@@ -215,24 +211,17 @@ def _train_in_this_process(argv: list[str]) -> subprocess.CompletedProcess:
     finally:
         logging.root.removeHandler(logging.lastResort)
         os.chdir(cwd)
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
         out, err = capman.read_global_capture()
     return subprocess.CompletedProcess(["slm/train.py", *argv], status, out, err)
 
 
 def train_here(capfd: pytest.CaptureFixture, *args: str, status: int = 0) -> str:
     """slm/train.py's main in this process (see `train`), with the test's own capfd: its stderr."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
     from slm.train import main
 
     require_train_mark()
     capfd.readouterr()
-    try:
-        assert main([str(arg) for arg in args]) == status, capfd.readouterr().err[-3000:]
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    assert main([str(arg) for arg in args]) == status, capfd.readouterr().err[-3000:]
     return capfd.readouterr().err
 
 

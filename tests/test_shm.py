@@ -1,4 +1,5 @@
 import os
+import signal
 from multiprocessing import shared_memory
 from pathlib import Path
 
@@ -53,13 +54,15 @@ def test_runs_one_after_another_in_one_process_hold_no_more_descriptors(tmp_path
     """Streaming keeps a dataset's shared memory open until the process exits, and each new dataset opens the
     blocks of every earlier one: a notebook (or a test) training run after run in one process ran out of file
     descriptors. A run lets go of what it opened, finished or failed, so the count stays where the first run left
-    it, even beside a dataset this process keeps open."""
+    it, even beside a dataset this process keeps open. And the notebook's Ctrl-C and signals are its own again."""
     from streaming import StreamingDataset
 
     from slm.train import main as train_main
 
     kept = StreamingDataset(local=str(shards / "train"), batch_size=1)  # noqa: F841 (a user's own dataset, open)
     config = write_yaml(tmp_path / "tiny.yaml", shards)
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    handlers = {sig: signal.getsignal(sig) for sig in signals}
     held = []
     for run in range(4):
         assert train_main([str(config), f"run_name=r{run}", "max_duration=2ba", "save_interval=2ba",
@@ -68,3 +71,4 @@ def test_runs_one_after_another_in_one_process_hold_no_more_descriptors(tmp_path
     assert train_main([str(config), "run_name=bad", "data.train.local=/nowhere"]) == 1  # a run that fails
     held.append(len(os.listdir("/proc/self/fd")))
     assert max(held) <= held[0], held
+    assert {sig: signal.getsignal(sig) for sig in signals} == handlers
