@@ -169,9 +169,10 @@ def train(config: Path, *overrides: str, procs: int = 1, check: bool = True,
     """`python slm/train.py CONFIG OVERRIDES` (or `composer -n procs ...`), run to its end: its exit status and
     output. A single process runs in this one, through slm/train.py's main (seconds of start-up saved per run),
     unless asked not to, or from a thread or with capture off (-s), where its output could not be told apart."""
-    argv = [str(config), *overrides]
-    if procs == 1 and not own_process and threading.current_thread() is threading.main_thread() and _capture():
-        proc = _train_in_this_process(argv)
+    here = procs == 1 and not own_process and threading.current_thread() is threading.main_thread()
+    capman = _capture() if here else None
+    if capman:
+        proc = _train_in_this_process([str(config), *overrides], capman)
     else:
         proc = subprocess.run(train_cmd(config, *overrides, procs=procs), capture_output=True, text=True,
                               timeout=600, cwd=REPO)
@@ -193,12 +194,11 @@ def _capture():
     return capman if capman is not None and capman.is_capturing() == "global" and not capman._capture_fixture else None
 
 
-def _train_in_this_process(argv: list[str]) -> subprocess.CompletedProcess:
+def _train_in_this_process(argv: list[str], capman) -> subprocess.CompletedProcess:
     """slm/train.py's main here, as a process would run it: from the repo root, its output and warnings captured."""
     from slm.train import main
 
     require_train_mark()
-    capman = _capture()
     capman.read_global_capture()  # what came before belongs to the test
     cwd = os.getcwd()
     os.chdir(REPO)
@@ -215,14 +215,11 @@ def _train_in_this_process(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["slm/train.py", *argv], status, out, err)
 
 
-def train_here(capfd: pytest.CaptureFixture, *args: str, status: int = 0) -> str:
-    """slm/train.py's main in this process (see `train`), with the test's own capfd: its stderr."""
-    from slm.train import main
-
-    require_train_mark()
-    capfd.readouterr()
-    assert main([str(arg) for arg in args]) == status, capfd.readouterr().err[-3000:]
-    return capfd.readouterr().err
+def train_stderr(config: Path, *overrides: str | Path, status: int = 0) -> str:
+    """`train` ending with exit status `status`: its stderr."""
+    proc = train(config, *map(str, overrides), check=False)
+    assert proc.returncode == status, proc.stderr[-3000:]
+    return proc.stderr
 
 
 def final_state(folder: Path) -> dict:
