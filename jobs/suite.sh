@@ -10,11 +10,11 @@
 #
 # key=value overrides apply to every task. --grid KEY=V1,V2,... is an axis, as is each KEY=V1,V2,...
 # right after it; a yaml's `sweep:` block (KEY: [V1, V2]) adds axes to its tasks. A task's run_name
-# is the yaml's stem (or run_name=...) plus its combination, mamba-100k_lr1e-3_seed0, so submitting the same command again resumes every
-# run (slm/sweep.py has the rules; `slm sweep --help`). On submission every task's config is loaded
-# first: a typo fails here, not in the array. Each task resumes, checkpoints on USR1/USR2 and is
-# requeued alone. Resources per task as in jobs/train.sh (same overrides); logs in
-# logs/slm-suite.oJOBID.TASK.
+# is the yaml's stem (or run_name=...) plus its combination, mamba-100k_lr1e-3_seed0, so submitting
+# the same command again resumes every run (slm/sweep.py has the rules; `slm sweep --help`). On
+# submission every task's config is loaded first: a typo fails here, not in the array. Each task
+# resumes, checkpoints on USR1/USR2 and is requeued alone. Resources per task as in jobs/train.sh
+# (same overrides); logs in logs/slm-suite.oJOBID.TASK.
 #$ -N slm-suite
 #$ -S /bin/bash
 #$ -cwd

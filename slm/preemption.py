@@ -56,7 +56,7 @@ class StopOnSignal(Callback):
     """
 
     def __init__(self) -> None:
-        self.received: str | None = None  # the first signal's name, or what another process got
+        self.received: str | None = None  # SIGINT after a Ctrl-C, else the first signal's name, or another process's
         self.stopped_at: int | None = None
         self.interrupted = False  # the stop is a Ctrl-C's (on any process): exit 130, not 75
         self._kind = 0  # the largest kind this process received
