@@ -259,7 +259,8 @@ def test_a_run_checkpointing_every_batch_stays_within_the_budget_and_gets_everyt
 
 @pytest.mark.train
 def test_slow_uploads_do_not_slow_training(fake_hub, tmp_path, shards):
-    """Each commit takes 2 s: the training loop's own time stays within 1.1x of a run whose commits are instant.
+    """Each commit takes 2 s: the training loop's own time exceeds a run's whose commits are instant by less than
+    one commit's wait (a ratio failed on noise: the loop is ~1.3 s, and 10 % of it is a hiccup of this VM).
 
     The two runs train at the same time, a thread each, each against its own Hub double, so that both see the same
     machine (this VM's speed drifts by tens of percent between runs a minute apart). On the training thread, the
@@ -284,7 +285,7 @@ def test_slow_uploads_do_not_slow_training(fake_hub, tmp_path, shards):
     uploaded = [p for c in hubs["slow"].commits() for p in c["paths"] if p.endswith("-rank0.pt")]
     assert sorted(uploaded) == sorted(f"checkpoints/{name}" for name in local_checkpoints(tmp_path / "ckpt" / "slow"))
     assert len(uploaded) == 14 and len(hubs["slow"].commits()) >= 2  # 28 s of uploads had they gone one by one
-    assert seconds["slow"] <= 1.1 * seconds["instant"], seconds
+    assert seconds["slow"] - seconds["instant"] < 2, seconds  # one upload waited on would add 2 s
 
 
 @pytest.mark.train
