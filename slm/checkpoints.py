@@ -2,20 +2,28 @@
 
 Composer saves `ep{E}-ba{B}-rank0.pt` and points `latest-rank0.pt` at it. It writes the file
 in place and replaces the symlink by remove-then-create, so a kill at the wrong moment leaves
-a truncated file or no symlink at all. Before the Trainer starts, `repair_latest` points the
-symlink at the newest *complete* checkpoint (torch.save writes a zip whose central directory
-comes last, so a truncated file is detectable without loading it), and the run saves with
-overwrite on, so files from beyond the resume point are simply rewritten.
+a torn file or no symlink at all. Before the Trainer starts, `repair_latest` points the
+symlink at the newest *whole* checkpoint (`is_complete`), and the run saves with overwrite on,
+so files from beyond the resume point are simply rewritten; until then pruning leaves them out.
+
+A file is whole when every tensor storage its pickle refers to is in the zip with its full size.
+A readable zip is not enough: torch.save writes the pickle first and the storages after it, and an
+exception between two of them (a second Ctrl-C, a full disk) still closes the zip, storages missing;
+a kill leaves no central directory at all. Only the pickle is read, with stand-ins for every class,
+so the check costs milliseconds whatever the model's size.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from composer.utils import dist
@@ -62,12 +70,64 @@ def checkpoints(folder: Path) -> dict[int, Path]:
     return found
 
 
+class _AnyObject:
+    """Stands in for every class a checkpoint's pickle names: takes any arguments, state and items."""
+
+    def __new__(cls, *args: object, **kwargs: object) -> _AnyObject:
+        return object.__new__(cls)
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+    def __setitem__(self, key: object, value: object) -> None:
+        pass
+
+    def append(self, item: object) -> None:
+        pass
+
+    def extend(self, items: object) -> None:
+        pass
+
+
+class _StorageSizes(pickle.Unpickler):
+    """Reads a torch.save pickle for the storages it refers to, {key: bytes}, building nothing else."""
+
+    def __init__(self, file: object) -> None:
+        super().__init__(file)
+        self.sizes: dict[str, int] = {}
+
+    def find_class(self, module: str, name: str) -> type:
+        if module == "torch" and name.endswith("Storage"):
+            return getattr(torch, name)
+        return _AnyObject
+
+    def persistent_load(self, pid: tuple) -> _AnyObject:
+        _, storage_type, key, _, numel = pid  # ("storage", torch.FloatStorage, "0", "cpu", numel): torch.save's
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TypedStorage is deprecated
+            dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        self.sizes[key] = numel * torch.empty(0, dtype=dtype).element_size()
+        return _AnyObject()
+
+
 def is_complete(path: Path) -> bool:
+    """The checkpoint file is whole: its pickle and every storage it refers to, each with its full size."""
     try:
         with zipfile.ZipFile(path) as z:
-            return bool(z.namelist())
-    except (zipfile.BadZipFile, OSError):
+            records = {info.filename: info.file_size for info in z.infolist()}
+            pickles = [name for name in records if name.endswith("/data.pkl")]
+            if len(pickles) != 1:
+                return False
+            root = pickles[0].removesuffix("data.pkl")
+            with z.open(pickles[0]) as f:
+                reader = _StorageSizes(f)
+                reader.load()
+    except Exception:  # noqa: BLE001 - anything unreadable is not whole
         return False
+    return all(records.get(f"{root}data/{key}") == size for key, size in reader.sizes.items())
 
 
 def newest_complete(folder: Path) -> Path | None:
@@ -78,21 +138,22 @@ def newest_complete(folder: Path) -> Path | None:
     return None
 
 
-def repair_latest(folder: Path) -> Path | None:
-    """Point `latest-rank0.pt` at the newest complete checkpoint and return it (None: there is none)."""
-    path, link = newest_complete(folder), folder / LATEST
+def repair_latest(folder: Path, path: Path | None) -> None:
+    """Point `latest-rank0.pt` at `path`, the folder's newest whole checkpoint (None: there is none)."""
+    link = folder / LATEST
     if path is None:
         link.unlink(missing_ok=True)  # dangling or pointing at a torn file
     elif not (link.is_symlink() and os.readlink(link) == path.name):
         with partial_file(link) as tmp:
             tmp.symlink_to(path.name)
-    return path
 
 
 class KeepNewestPeriodic(Callback):
     """Delete all but the newest `keep` periodic checkpoints; early (log-spaced) ones always stay.
 
-    Runs after Composer's CheckpointSaver (it is placed after it in the callback list).
+    Runs after Composer's CheckpointSaver (it is placed after it in the callback list), so `latest` points at
+    the newest checkpoint of this run; files beyond it are an earlier start's, torn or abandoned at a kill, and
+    are rewritten when the run gets there: they are not counted (a torn one would push out a whole one).
     """
 
     def __init__(self, folder: Path, keep: int, early: set[int]):
@@ -101,12 +162,14 @@ class KeepNewestPeriodic(Callback):
     def _prune(self) -> None:
         if self.keep < 0 or dist.get_global_rank() != 0:
             return
-        latest = (self.folder / LATEST).resolve()
+        latest = self.folder / LATEST
+        newest = CHECKPOINT.match(os.readlink(latest)) if latest.is_symlink() else None
+        if newest is None:
+            return
         found = checkpoints(self.folder)
-        periodic = sorted(b for b in found if b not in self.early)
+        periodic = sorted(b for b in found if b not in self.early and b <= int(newest.group(2)))
         for batch in periodic[: max(0, len(periodic) - self.keep)]:
-            if found[batch].resolve() != latest:
-                found[batch].unlink(missing_ok=True)
+            found[batch].unlink(missing_ok=True)
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
         self._prune()

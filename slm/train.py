@@ -106,30 +106,31 @@ def preflight(cfg: TrainConfig) -> Plan:
     return Plan(cfg, gpu, cfg.global_batch_size // world, tokenizer_name, model, build_metrics(table, sync=world > 1))
 
 
-def prepare_run_folder(cfg: TrainConfig, model: PreTrainedModel) -> Path:
-    """The run folder, ready to start or resume in, on every process.
+def prepare_run_folder(cfg: TrainConfig, model: PreTrainedModel) -> Path | None:
+    """The run folder, ready to start or resume in, on every process; its newest whole checkpoint (None: a new run).
 
     Streaming shared memory that killed runs left on this node is removed (only blocks no living
     process maps); a folder holding another model's run is refused before anything in it changes;
     rank 0 creates the folder (W&B, set up inside Trainer(), writes into it) and points `latest`
-    at the newest complete checkpoint (a kill can leave a torn file or no symlink); the others wait.
+    at the newest whole checkpoint (a kill can leave a torn file or no symlink); the others wait.
     """
     folder = cfg.folder
     if dist.get_local_rank() == 0:
         clean_stale_shared_memory()
-    refuse_another_model(folder, cfg, model)
+    newest = newest_complete(folder)  # once: the check reads each candidate's pickle
+    refuse_another_model(folder, cfg, model, newest)
     if dist.get_global_rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
-        repair_latest(folder)
+        repair_latest(folder, newest)
     dist.barrier()
-    return folder
+    return newest
 
 
-def refuse_another_model(folder: Path, cfg: TrainConfig, model: PreTrainedModel) -> None:
+def refuse_another_model(folder: Path, cfg: TrainConfig, model: PreTrainedModel, newest: Path | None) -> None:
     """Resuming a run folder with another model config would fail deep in Composer: name the difference.
 
     run.json names the model config; a folder without one (an older slm, a copied checkpoint) is
-    compared tensor by tensor with its newest complete checkpoint.
+    compared tensor by tensor with its newest whole checkpoint, `newest`.
     """
     hint = "use another run_name or save_folder, or this run's model config to resume it"
     try:
@@ -143,7 +144,6 @@ def refuse_another_model(folder: Path, cfg: TrainConfig, model: PreTrainedModel)
             raise SlmError(f"{folder} holds a run of another model (model.{k} is {before.get(k)} there, "
                            f"{cfg.model.get(k)} here): {hint}")
         return
-    newest = newest_complete(folder)
     if newest is not None:
         check_fits(newest, model, hint)
 
@@ -244,8 +244,9 @@ def make_trainer(plan: Plan, folder: Path, warm_start: Path | None = None) -> Tr
 def build_trainer(cfg: TrainConfig) -> Trainer:
     """Preflight, then the run folder, then the Trainer; config.yaml only once a start is accepted."""
     plan = preflight(cfg)
-    folder = prepare_run_folder(cfg, plan.model.model)
-    warm_start = warm_start_checkpoint(cfg.load, folder)
+    folder = cfg.folder
+    own = prepare_run_folder(cfg, plan.model.model)
+    warm_start = warm_start_checkpoint(cfg.load, folder, resumes=own is not None)
     if warm_start:
         check_fits(warm_start, plan.model.model, "load.path must be a checkpoint of a model with this model config")
     trainer = make_trainer(plan, folder, warm_start)

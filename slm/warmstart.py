@@ -66,16 +66,16 @@ def _from_hub(load: LoadConfig, folder: Path) -> Path:
     return local
 
 
-def warm_start_checkpoint(load: LoadConfig, folder: Path) -> Path | None:
+def warm_start_checkpoint(load: LoadConfig, folder: Path, resumes: bool) -> Path | None:
     """The checkpoint file `load` names (downloaded on rank 0 when on the Hub); None without a `load.path` or
-    when the run folder has a checkpoint of its own (the run resumes itself). The run's own folder is refused."""
+    when the run resumes itself (`resumes`: its folder has a whole checkpoint). The run's own folder is refused."""
     if load.path is None:
         return None
     source = Path(load.path).expanduser()
     if source.exists() and (source.resolve() == folder.resolve() or folder.resolve() in source.resolve().parents):
         raise SlmError(f"load.path {load.path} is in this run's own folder: a warm start makes a new run, so give "
                        "it another run_name (to resume this run, drop load.path)")
-    if newest_complete(folder):
+    if resumes:
         return None
     if source.is_dir():
         newest = newest_complete(source)
