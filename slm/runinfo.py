@@ -63,8 +63,9 @@ def environment() -> dict[str, Any]:
             pass
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return {"versions": versions, "git_commit": git_commit(), "host": socket.gethostname(),
-            "hardware": {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "gpu": gpus[0] if gpus else None,
-                         "gpu_count": len(gpus), "processes": dist.get_world_size()}}
+            "hardware": {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "cpu_threads": torch.get_num_threads(),
+                         "gpu": gpus[0] if gpus else None, "gpu_count": len(gpus),
+                         "processes": dist.get_world_size()}}
 
 
 class RunInfo(Callback):

@@ -27,6 +27,8 @@ import json
 import os
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -287,6 +289,27 @@ def train(cfg: TrainConfig) -> int:
     return stop.exit_status  # 75 (requeued by jobs/*), or 130 after a Ctrl-C
 
 
+@contextmanager
+def same_numerics_in_any_process() -> Iterator[None]:
+    """The process-wide settings a run's arithmetic depends on, set the same way whatever the process did before
+    (a notebook or a test session runs many things before a run), and put back afterwards.
+
+    CPU threads: a new process lets MKL use fewer threads than torch's count where it sees fit (MKL_DYNAMIC); any
+    `torch.set_num_threads` call turns that off for the rest of the process. On CPUs where MKL's GEMM results
+    depend on the threads it used (Intel's AVX-512 ones), the same run computed other bits in a process that had
+    called it once than as a fresh script, and the bitwise resume test failed after tests that had. Setting the
+    count the process has (OMP_NUM_THREADS, torch's default, or the caller's) turns it off for every run alike;
+    it stays off afterwards, as after any call. The default dtype: the model is built in float32.
+    """
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(dtype)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slm/train.py", description=__doc__,
                                      usage="%(prog)s [--debug] CONFIG.yaml [MORE.yaml ...] [key=value ...]",
@@ -302,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         cfg = load_config(configs, overrides)
         try:
-            with workarounds.applied():
+            with workarounds.applied(), same_numerics_in_any_process():
                 return train(cfg)
         except Exception as e:  # a full disk: name the run folder when the error does not name a file
             problem = disk_error(e, where=str(cfg.folder))
