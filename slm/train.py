@@ -270,10 +270,13 @@ def train(cfg: TrainConfig) -> int:
     trainer = build_trainer(cfg)
     finished = trainer.state.get_elapsed_duration() >= 1
     batch = int(trainer.state.timestamp.batch)
-    loaded = Path(trainer.state.load_path) if trainer.state.load_path else None
+    # What Composer loaded: the run's own latest (autoresume, from the folder or downloaded into it from the Hub),
+    # else a warm start's checkpoint, which is never in the run folder (slm/warmstart.py). Compared as real paths:
+    # Composer's is absolute, save_folder may be relative or reached through a symlink.
+    loaded = trainer.state.load_path
     branched = (f", branched off {loaded} ({'its weights' if cfg.load.weights_only else 'its whole state'})"
-                if loaded and loaded.parent != cfg.folder else "")
-    started = "resumed" if batch and not branched else "starting"
+                if loaded and Path(loaded).resolve().parent != cfg.folder.resolve() else "")
+    started = "resumed" if loaded and not branched else "starting"
     say(f"{cfg.run_name}: {started} at batch {batch} of {cfg.max_duration}{branched}"
         + ("; already finished (a larger max_duration continues it)" if finished else ""))
     if not finished:  # a resubmitted or requeued job whose run is done has nothing to do, and is no error

@@ -86,7 +86,7 @@ def test_every_checkpoint_goes_to_the_hub_and_autoresume_finds_it_there(fake_hub
         (repo / f"ep0-ba{batch}-rank0.pt").unlink()
     (repo / "latest-rank0.pt.symlink").write_text("checkpoints/ep0-ba8-rank0.pt")
     proc = train(config, "run_name=hubrun", "hub.repo=me/tiny")
-    assert resumed_at(proc) == 8
+    assert resumed_at(proc) == 8 and "hubrun: resumed at batch 8 of 16ba" in proc.stderr
     assert_bitwise_equal(final_state(reference), final_state(local))
     assert {"ep0-ba12-rank0.pt", "ep0-ba16-rank0.pt"} <= set(hub_checkpoints(fake_hub, "me/tiny"))
 

@@ -134,6 +134,20 @@ def test_resume_after_a_torn_checkpoint_write(reference, tmp_path, torn):
     assert_bitwise_equal(final_state(ref), final_state(folder))
 
 
+def test_a_relative_save_folder_through_a_symlink_resumes_and_says_so(tmp_path, shards):
+    """make demo's case: save_folder relative to where training is started (here also reached through a symlink),
+    while Composer resumes from an absolute path."""
+    config = write_yaml(tmp_path / "tiny.yaml", shards)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    cmd = train_cmd(config, "run_name=rel", "max_duration=4ba", "save_folder=link/ckpt/{run_name}")
+    for said in ("starting at batch 0 of 4ba", "resumed at batch 4 of 4ba; already finished"):
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"slm train: rel: {said}" in proc.stderr and "branched" not in proc.stderr, proc.stderr[-3000:]
+    assert (tmp_path / "real" / "ckpt" / "rel" / "ep0-ba4-rank0.pt").exists()
+
+
 def test_two_processes_then_resume_on_one_keeps_the_sample_order(tmp_path, shards):
     """composer -n 2 for 8 batches, then 1 process to 16, against 1 process throughout.
 
