@@ -7,6 +7,8 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,6 +33,19 @@ def make_data(root: Path, docs: int, vocab: int, seq_len: int) -> None:
     for name, split in (("train", "train[:95%]"), ("validation", "train[95%:]")):
         slm("tokenize", "-i", str(root / "stories.jsonl"), "-f", "story", "-s", split, "-t", str(root / "tok"),
             "-l", str(seq_len), "--out-dir", str(root / "mds" / name))
+
+
+@contextmanager
+def cpus_kept_busy(processes: int) -> Iterator[None]:
+    """`processes` other processes spinning on the CPU for the duration: a loaded machine, as users run slm beside
+    other jobs (bench/chaos.py --busy, pytest --busy)."""
+    spinning = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for proc in spinning:
+            proc.kill()
+            proc.wait()
 
 
 def machine() -> str:

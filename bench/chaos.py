@@ -1,5 +1,5 @@
 """Chaos resume: SIGKILL a training run again and again, restart it each time with the same run_name,
-and check it ends tensor for tensor equal to a run never interrupted.
+and check it ends tensor for tensor equal to a run never interrupted; then the same with Ctrl-C twice.
 
 The kills cycle through four moments: right after start, the instant a checkpoint file appears
 (inside its write), inside an evaluation, and at a random time once training has begun. With --procs 2 the run is
@@ -9,7 +9,14 @@ the script checks that no process of the run is left, lists Streaming shared mem
 checkpoints found corrupt at the end (must be 0), batches lost per kill (at most the work since
 the newest complete checkpoint), and whether the final weights equal the uninterrupted run's.
 
-    python bench/chaos.py [--kills 20] [--procs 1|2] [--config yamls/demo-llama.yaml] [key=value ...]
+--ctrl-c N interrupts a second run N times as a terminal does (SIGINT to its process group), twice each time: the
+first at a random moment of training, the second at once, the instant the stop's checkpoint file appears (inside
+its write), or a random moment later. Each must exit 130 at once and leave every checkpoint whole (a checkpoint
+being written is finished first); the next start resumes from the newest, and the end is bitwise the same.
+--busy N keeps N other processes spinning on the CPU meanwhile (the uninterrupted run included): a loaded machine.
+
+    python bench/chaos.py [--kills 20] [--ctrl-c 10] [--busy 2] [--procs 1|2] [--config yamls/demo-llama.yaml]
+                          [key=value ...]
 """
 
 from __future__ import annotations
@@ -32,9 +39,10 @@ import torch
 from slm.checkpoints import checkpoints, is_complete
 from slm.shm import stale_shared_memory
 
-from benchlib import BIN, REPO, make_data
+from benchlib import BIN, REPO, cpus_kept_busy, make_data
 
 MOMENTS = ["start", "checkpoint", "eval", "random"]
+SECOND_CTRL_C = ["at once", "inside the stop's checkpoint write", "random"]
 
 
 class Run:
@@ -60,6 +68,9 @@ class Run:
         except OSError:
             return []
         return [int(c) for c in children if "slm/train.py" in Path(f"/proc/{c}/cmdline").read_text()] or []
+
+    def said(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
 
     def resumed_at(self) -> int | None:
         for line in self.lines:
@@ -126,6 +137,49 @@ def kill_at(run: Run, moment: str, folder: Path, procs: int, rng: random.Random)
     return "one rank" if procs > 1 and ranks else "the process"
 
 
+def ctrl_c_twice(run: Run, moment: str, folder: Path, rng: random.Random) -> int | None:
+    """Ctrl-C at a random moment of training, then again at `moment`; the exit status (None: it never stopped)."""
+    wait_for(lambda: run.resumed_at() is not None or run.proc.poll() is not None, 600)
+    time.sleep(rng.uniform(0.3, 4.0))
+    seen = set(checkpoints(folder))
+    if run.proc.poll() is None:
+        os.killpg(run.proc.pid, signal.SIGINT)
+        try:
+            wait_for(lambda: run.said("Ctrl-C again") or run.proc.poll() is not None, 120)
+            if moment == "inside the stop's checkpoint write":
+                wait_for(lambda: set(checkpoints(folder)) - seen or run.proc.poll() is not None, 120, 0.001)
+            elif moment == "random":
+                time.sleep(rng.uniform(0.0, 0.5))
+        except TimeoutError:
+            pass
+        if run.proc.poll() is None:
+            os.killpg(run.proc.pid, signal.SIGINT)
+    try:
+        return run.proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.proc.pid, signal.SIGKILL)
+        run.proc.wait()
+        return None
+
+
+def ctrl_c_rounds(base: list[str], folder: Path, rounds: int, rng: random.Random) -> list[dict]:
+    """`rounds` starts of one run, each stopped by Ctrl-C twice; what each left behind."""
+    records = []
+    for i in range(rounds):
+        moment = SECOND_CTRL_C[i % len(SECOND_CTRL_C)]
+        before = newest_complete(folder)
+        run = Run([*base, f"run_name={folder.name}"])
+        status = ctrl_c_twice(run, moment, folder, rng)
+        records.append({"round": i + 1, "second": moment, "exit": status, "resumed_at": run.resumed_at(),
+                        "complete_before": before, "reached": last_batch(folder),
+                        "newest_complete": newest_complete(folder),
+                        "torn": sorted(p.name for p in checkpoints(folder).values() if not is_complete(p)),
+                        "left_running": run_alive(f"run_name={folder.name}"), "stale_shm": len(stale_shared_memory())})
+        if status == 0:  # finished before the first Ctrl-C
+            break
+    return records
+
+
 def equal_states(a: Path, b: Path) -> bool:
     sa, sb = (torch.load(p / "latest-rank0.pt", map_location="cpu", weights_only=False)["state"] for p in (a, b))
     model = sa["model"].keys() == sb["model"].keys() and all(torch.equal(sa["model"][k], sb["model"][k])
@@ -135,12 +189,12 @@ def equal_states(a: Path, b: Path) -> bool:
     return model and optim and sa["timestamp"]["Timestamp"]["batch"] == sb["timestamp"]["Timestamp"]["batch"]
 
 
-def wait_for(predicate, timeout: float) -> None:
+def wait_for(predicate, timeout: float, interval: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             raise TimeoutError
-        time.sleep(0.1)
+        time.sleep(interval)
 
 
 def corrupt_checkpoints(folder: Path) -> list[str]:
@@ -153,13 +207,28 @@ def corrupt_checkpoints(folder: Path) -> list[str]:
     return bad
 
 
-def chaos(work: Path, config: str, overrides: list[str], kills: int, procs: int, seed: int) -> dict:
+def chaos(work: Path, config: str, overrides: list[str], kills: int, procs: int, seed: int, ctrl_c: int = 0) -> dict:
     rng = random.Random(seed)
     train = [str(BIN / "composer"), "-n", str(procs)] if procs > 1 else [sys.executable]
     base = [*train, "slm/train.py", config, f"save_folder={work}/ckpt/{{run_name}}", *overrides]
     reference = subprocess.run([*base, "run_name=reference"], cwd=REPO, capture_output=True, text=True)
     if reference.returncode:
         raise SystemExit(f"the uninterrupted run failed:\n{reference.stdout[-3000:]}{reference.stderr[-3000:]}")
+    result = {"procs": procs, **sigkills(work, base, kills, procs, rng)}
+    if ctrl_c:
+        folder = work / "ckpt" / f"ctrl-c-{os.getpid()}"
+        records = ctrl_c_rounds(base, folder, ctrl_c, rng)
+        last = Run([*base, f"run_name={folder.name}"])
+        last.proc.wait()
+        result["ctrl_c"] = {"rounds": len(records), "records": records, "final_exit": last.proc.returncode,
+                            "final_resumed_at": last.resumed_at(),
+                            "bitwise_equal": last.proc.returncode == 0 and equal_states(work / "ckpt" / "reference",
+                                                                                        folder)}
+    return result
+
+
+def sigkills(work: Path, base: list[str], kills: int, procs: int, rng: random.Random) -> dict:
+    """`kills` starts of one run, each SIGKILLed at one of MOMENTS, then a last start to the end."""
     tag = f"run_name=chaos-{os.getpid()}"
     folder = work / "ckpt" / tag.split("=")[1]
     records = []
@@ -188,7 +257,7 @@ def chaos(work: Path, config: str, overrides: list[str], kills: int, procs: int,
         record["lost"] = record["reached"] - record["newest_complete"]
         record["resumed_ok"] = record["resumed_at"] in (None, record["complete_before"])
     final_ok = last.proc.returncode == 0 and last.resumed_at() == expected_final
-    return {"procs": procs, "kills": len(records), "final_exit": last.proc.returncode,
+    return {"kills": len(records), "final_exit": last.proc.returncode,
             "final_resumed_at": last.resumed_at(),
             "survived": final_ok and all(r["resumed_ok"] for r in records),
             "corrupt": corrupt_checkpoints(folder), "bitwise_equal": last.proc.returncode == 0 and equal_states(
@@ -213,12 +282,42 @@ def report(result: dict) -> str:
         f"- batches lost per kill: max {max(lost, default=0)}, mean {sum(lost) / max(len(lost), 1):.1f}",
         f"- processes of the run left after a kill: {len(result['left_running'])}",
         f"- final weights and optimizer state equal to the uninterrupted run, tensor for tensor: "
-        f"{result['bitwise_equal']}"])
+        f"{result['bitwise_equal']}", *ctrl_c_report(result.get("ctrl_c"))])
+
+
+def ctrl_c_report(result: dict | None) -> list[str]:
+    if result is None:
+        return []
+    rows = [f"| {r['round']} | {r['second']} | {r['complete_before']} | "
+            f"{'-' if r['resumed_at'] is None else r['resumed_at']} | {r['exit']} | {r['reached']} | "
+            f"{r['newest_complete']} | {len(r['torn'])} | {r['stale_shm']} |" for r in result["records"]]
+    return ["", f"### Ctrl-C twice, {result['rounds']} rounds",
+            "| round | second Ctrl-C | newest complete checkpoint at start | resumed at | exit | batch reached "
+            "| newest complete checkpoint after | torn checkpoints | stale shm blocks left |",
+            "|---|---|---|---|---|---|---|---|---|", *rows, "",
+            f"- the final start resumed at batch {result['final_resumed_at']} and finished "
+            f"(exit {result['final_exit']})",
+            f"- final weights and optimizer state equal to the uninterrupted run, tensor for tensor: "
+            f"{result['bitwise_equal']}"]
+
+
+def ctrl_c_ok(result: dict | None) -> bool:
+    """Every round stopped as asked (130, or 0 if the run had finished), left nothing torn or running, and resumed
+    from the newest checkpoint; the end is bitwise the uninterrupted run's."""
+    if result is None:
+        return True
+    return result["bitwise_equal"] and all(
+        r["exit"] in (0, 130) and not r["torn"] and not r["left_running"]
+        and r["resumed_at"] in (None, r["complete_before"]) for r in result["records"])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--ctrl-c", type=int, default=0, metavar="ROUNDS",
+                        help="then ROUNDS starts of another run, each stopped by Ctrl-C twice")
+    parser.add_argument("--busy", type=int, default=0, metavar="N",
+                        help="keep N other processes spinning on the CPU meanwhile")
     parser.add_argument("--procs", type=int, default=1, choices=[1, 2])
     parser.add_argument("--config", default="yamls/demo-llama.yaml")
     parser.add_argument("--seed", type=int, default=0, help="for the random kill times")
@@ -233,12 +332,15 @@ def main() -> int:
         data = [f"data.train.local={work}/data/mds/train", f"data.eval.local={work}/data/mds/validation"]
         # checkpoints and evaluations often enough that the kills find them before the run ends
         often = ["save_interval=25ba", "eval_interval=50ba"]
-        result = chaos(work, args.config, [*data, *often, *args.overrides], args.kills, args.procs, args.seed)
+        with cpus_kept_busy(args.busy):
+            result = chaos(work, args.config, [*data, *often, *args.overrides], args.kills, args.procs, args.seed,
+                           args.ctrl_c)
+    result["busy"] = args.busy
     print(report(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     ok = result["survived"] and not result["corrupt"] and result["bitwise_equal"] and not result["left_running"]
-    return 0 if ok else 1
+    return 0 if ok and ctrl_c_ok(result.get("ctrl_c")) else 1
 
 
 if __name__ == "__main__":

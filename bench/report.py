@@ -8,7 +8,8 @@ with the machine, the date and the commit.
   loader       slm's data path against Streaming's stock reader and the raw-memmap limit, 0 and 2 workers
   resume       resume time at batch 10,000 against batch 10
   memory       peak memory of tokenizing a 4x corpus against a 1x one
-  chaos        20 SIGKILLs over one run, then 8 over a `composer -n 2` run (one rank killed each time)
+  chaos        20 SIGKILLs over one run and 10 double Ctrl-Cs over another, with 2 other processes keeping the CPUs
+               busy; then 8 SIGKILLs over a `composer -n 2` run (one rank killed each time)
 
 Each runs as its own process (its output and figures go to bench/logs/NAME.log and .json); a failed one is reported
 as failed and the others still run. Takes about 25 minutes on a 2-core machine; --quick runs every
@@ -40,7 +41,8 @@ BENCHES = {
     "loader": (["bench/loader.py"], ["bench/loader.py", "--docs", "3000"]),
     "resume": (["bench/resume.py"], ["bench/resume.py", "--far", "300", "--docs", "4000", "--repeats", "1"]),
     "memory": (["bench/memory.py"], ["bench/memory.py", "--num-docs", "5000"]),
-    "chaos": (["bench/chaos.py", "--kills", "20"], ["bench/chaos.py", "--kills", "4", "--docs", "600"]),
+    "chaos": (["bench/chaos.py", "--kills", "20", "--ctrl-c", "10", "--busy", "2"],
+              ["bench/chaos.py", "--kills", "4", "--ctrl-c", "2", "--busy", "2", "--docs", "600"]),
     "chaos-n2": (["bench/chaos.py", "--procs", "2", "--kills", "8", "max_duration=150ba"],
                  ["bench/chaos.py", "--procs", "2", "--kills", "2", "--docs", "600", "max_duration=60ba"]),
 }
@@ -199,6 +201,8 @@ def memory_rows(r: dict) -> tuple[list[str], list[str]]:
 def chaos_rows(r: dict) -> tuple[list[str], list[str]]:
     lost = [k["lost"] for k in r["records"]]
     who = "`composer -n 2`, one rank killed each time" if r["procs"] == 2 else "one process"
+    if r.get("busy"):
+        who += f", {r['busy']} other processes keeping the CPUs busy"
     worst = max(lost, default=0)
     ok = r["survived"] and not r["corrupt"] and r["bitwise_equal"] and not r["left_running"] and \
         worst <= CHAOS_SAVE_INTERVAL
@@ -215,6 +219,33 @@ def chaos_rows(r: dict) -> tuple[list[str], list[str]]:
     detail += ["", f"The final start resumed at batch {r['final_resumed_at']} and exited {r['final_exit']}; every "
                f"start resumed from the newest complete checkpoint: {'yes' if r['survived'] else 'no'}. "
                "(- : killed before it said where it resumed.)"]
+    if r.get("ctrl_c"):
+        more_summary, more_detail = ctrl_c_rows(r["ctrl_c"], who)
+        summary += more_summary
+        detail += more_detail
+    return summary, detail
+
+
+def ctrl_c_rows(c: dict, who: str) -> tuple[list[str], list[str]]:
+    """The double-Ctrl-C rounds of bench/chaos.py --ctrl-c."""
+    records = c["records"]
+    torn = sum(len(k["torn"]) for k in records)
+    exits = sorted({k["exit"] for k in records}, key=str)
+    ok = c["bitwise_equal"] and not torn and set(exits) <= {0, 130} and not any(k["left_running"] for k in records) \
+        and all(k["resumed_at"] in (None, k["complete_before"]) for k in records)
+    summary = [f"| chaos: {c['rounds']} double Ctrl-Cs, {who}: torn checkpoints / exit statuses / final weights "
+               f"equal to an uninterrupted run | {torn} / {', '.join(map(str, exits))} / "
+               f"{'equal' if c['bitwise_equal'] else 'DIFFERENT'} | the uninterrupted run | | 0 / 130 / equal "
+               f"| {met(ok)} |"]
+    detail = ["", "Ctrl-C twice (SIGINT to the run's process group, as a terminal sends it), the first at a random "
+              "moment of training:", "", "| round | second Ctrl-C | newest complete checkpoint at start | resumed at "
+              "| exit | batch reached | newest complete checkpoint after | torn checkpoints |",
+              "|---|---|---|---|---|---|---|---|"]
+    for k in records:
+        detail.append(f"| {k['round']} | {k['second']} | {k['complete_before']} | "
+                      f"{'-' if k['resumed_at'] is None else k['resumed_at']} | {k['exit']} | {k['reached']} | "
+                      f"{k['newest_complete']} | {len(k['torn'])} |")
+    detail += ["", f"The final start resumed at batch {c['final_resumed_at']} and exited {c['final_exit']}."]
     return summary, detail
 
 

@@ -131,6 +131,26 @@ def write_yaml(path: Path, shards: Path, base: str = "demo-llama.yaml", **model)
     return path
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--busy", type=int, default=0, metavar="N",
+                     help="keep N other processes spinning on the CPU for the whole session (the interruption "
+                          "tests under load, as on a shared machine)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _busy_cpus(request: pytest.FixtureRequest):
+    busy = request.config.getoption("--busy")
+    if not busy:
+        yield
+        return
+    sys.path.insert(0, str(REPO / "bench"))
+    from benchlib import cpus_kept_busy
+
+    sys.path.remove(str(REPO / "bench"))
+    with cpus_kept_busy(busy):
+        yield
+
+
 _running: list[pytest.Item] = []  # the test now running
 
 
