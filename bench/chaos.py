@@ -9,10 +9,11 @@ the script checks that no process of the run is left, lists Streaming shared mem
 checkpoints found corrupt at the end (must be 0), batches lost per kill (at most the work since
 the newest complete checkpoint), and whether the final weights equal the uninterrupted run's.
 
---ctrl-c N interrupts a second run N times as a terminal does (SIGINT to its process group), twice each time: the
-first at a random moment of training, the second at once, the instant the stop's checkpoint file appears (inside
-its write), or a random moment later. Each must exit 130 at once and leave every checkpoint whole (a checkpoint
-being written is finished first); the next start resumes from the newest, and the end is bitwise the same.
+--ctrl-c N interrupts a second run N times as a terminal does (SIGINT to its process group), twice each time:
+the first at a random moment 1 to 8 batches into training, the second at once, the instant the stop's checkpoint
+file appears (inside its write), or a random moment later. Each must exit 130 at once and leave every checkpoint
+whole (a checkpoint being written is finished first); the next start resumes from the newest, and the end is
+bitwise the same.
 --busy N keeps N other processes spinning on the CPU meanwhile (the uninterrupted run included): a loaded machine.
 
     python bench/chaos.py [--kills 20] [--ctrl-c 10] [--busy 2] [--procs 1|2] [--config yamls/demo-llama.yaml]
@@ -138,9 +139,12 @@ def kill_at(run: Run, moment: str, folder: Path, procs: int, rng: random.Random)
 
 
 def ctrl_c_twice(run: Run, moment: str, folder: Path, rng: random.Random) -> int | None:
-    """Ctrl-C at a random moment of training, then again at `moment`; the exit status (None: it never stopped)."""
+    """Ctrl-C at a random moment of training (1 to 8 batches in), then again at `moment`; the exit status (None: it
+    never stopped)."""
     wait_for(lambda: run.resumed_at() is not None or run.proc.poll() is not None, 600)
-    time.sleep(rng.uniform(0.3, 4.0))
+    trained_to = (run.resumed_at() or 0) + rng.randint(1, 8)
+    wait_for(lambda: last_batch(folder) >= trained_to or run.proc.poll() is not None, 600, 0.01)
+    time.sleep(rng.uniform(0.0, 0.2))
     seen = set(checkpoints(folder))
     if run.proc.poll() is None:
         os.killpg(run.proc.pid, signal.SIGINT)
