@@ -271,7 +271,7 @@ def train(cfg: TrainConfig) -> int:
     finished = trainer.state.get_elapsed_duration() >= 1
     batch = int(trainer.state.timestamp.batch)
     # What Composer loaded: the run's own latest (autoresume, from the folder or downloaded into it from the Hub),
-    # else a warm start's checkpoint, which is never in the run folder (slm/warmstart.py). Compared as real paths:
+    # else a warm start's checkpoint, never directly in the run folder (slm/warmstart.py). Compared as real paths:
     # Composer's is absolute, save_folder may be relative or reached through a symlink.
     loaded = trainer.state.load_path
     branched = (f", branched off {loaded} ({'its weights' if cfg.load.weights_only else 'its whole state'})"
