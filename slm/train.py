@@ -341,10 +341,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_command("slm train", run, args.debug)
     finally:
         # Called from Python (a notebook, tests), the process goes on: its Ctrl-C and the schedulers' signals
-        # are its own again. As the script, the run ignores those signals until exit (slm/preemption.py).
+        # are its own again. As the script, the run ignores those signals until exit (slm/preemption.py), Ctrl-C
+        # too once its status is settled: Python resets a signal it handles to the default (death) while the
+        # interpreter shuts down, and a second Ctrl-C then killed the process (status -2, not 130).
         if argv is not None and threading.current_thread() is threading.main_thread():
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+        elif argv is None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

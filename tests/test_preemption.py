@@ -170,6 +170,19 @@ def test_ctrl_c_to_composer_and_its_ranks_checkpoints(tmp_path, shards):
     assert "with a checkpoint (if within the 30 s Composer's launcher allows" in run.stderr
 
 
+def test_as_the_script_a_ctrl_c_after_the_run_cannot_kill_it_on_its_way_out(tmp_path, shards):
+    """Once the script's status is settled, Ctrl-C is ignored: Python resets the signals it handles to the default
+    (death) while the interpreter shuts down, and a second Ctrl-C then ended the process by the signal (-2)."""
+    config = write_yaml(tmp_path / "tiny.yaml", shards)
+    code = ("import signal, sys; from slm.train import main; status = main(); "
+            "print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN); sys.exit(status)")
+    cmd = train_cmd(config, "run_name=out", "max_duration=2ba")
+    proc = subprocess.run([sys.executable, "-c", code, *cmd[2:]], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == "True"
+
+
 @pytest.mark.parametrize("after", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_ctrl_c_is_what_stopped_the_run_whatever_came_before_or_after_it(after):
     """Composer's launcher answers a Ctrl-C with SIGTERM, which can reach a rank before its own SIGINT is handled (or
