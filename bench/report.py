@@ -238,7 +238,8 @@ def ctrl_c_rows(c: dict, who: str) -> tuple[list[str], list[str]]:
                f"{'equal' if c['bitwise_equal'] else 'DIFFERENT'} | the uninterrupted run | | 0 / 130 / equal "
                f"| {met(ok)} |"]
     detail = ["", "Ctrl-C twice (SIGINT to the run's process group, as a terminal sends it), the first at a random "
-              "moment of training:", "", "| round | second Ctrl-C | newest complete checkpoint at start | resumed at "
+              "moment 1 to 8 batches into training:", "",
+              "| round | second Ctrl-C | newest complete checkpoint at start | resumed at "
               "| exit | batch reached | newest complete checkpoint after | torn checkpoints |",
               "|---|---|---|---|---|---|---|---|"]
     for k in records:
