@@ -73,9 +73,6 @@ def checkpoints(folder: Path) -> dict[int, Path]:
 class _AnyObject:
     """Stands in for every class a checkpoint's pickle names: takes any arguments, state and items."""
 
-    def __new__(cls, *args: object, **kwargs: object) -> _AnyObject:
-        return object.__new__(cls)
-
     def __init__(self, *args: object, **kwargs: object) -> None:
         pass
 
@@ -109,7 +106,7 @@ class _StorageSizes(pickle.Unpickler):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TypedStorage is deprecated
             dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
-        self.sizes[key] = numel * torch.empty(0, dtype=dtype).element_size()
+        self.sizes[key] = numel * dtype.itemsize
         return _AnyObject()
 
 
