@@ -14,7 +14,13 @@ from omegaconf import OmegaConf
 
 from slm.data import describe_split
 from slm.errors import SlmError
-from slm.model import build_hf_model, context_length, count_parameters, use_special_tokens
+from slm.model import (
+    build_hf_model,
+    context_length,
+    count_parameters,
+    use_special_tokens,
+    with_transformers_4_rope_keys,
+)
 from slm.paths import partial_folder, refuse_to_clobber
 from slm.tokenizer import load_tokenizer
 
@@ -121,6 +127,9 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, overwrite: bool = False) 
     try:
         with partial_folder(out_dir) as partial:
             model.save_pretrained(partial)
+            config = partial / "config.json"
+            config.write_text(json.dumps(with_transformers_4_rope_keys(json.loads(config.read_text())), indent=2,
+                                         sort_keys=True) + "\n")
             tokenizer.save_pretrained(partial)
             (partial / "README.md").write_text(_model_card(info, state, count_parameters(model), checkpoint,
                                                                     model.config.model_type))

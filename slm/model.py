@@ -67,11 +67,40 @@ def resolve_class(name: str) -> type[PreTrainedModel]:
     return cls
 
 
+# transformers 5 folds these into one `rope_parameters` argument, and still takes them as keywords (a config.json
+# written by transformers 4 has them): RotaryEmbeddingConfigMixin.convert_rope_params_to_dict.
+ROPE_KEYWORDS = {"rope_theta", "rope_scaling", "partial_rotary_factor"}
+
+
 def _config_keys(config_class: type[PretrainedConfig]) -> set[str]:
     keys = set(inspect.signature(config_class.__init__).parameters)
     keys |= set(inspect.signature(PretrainedConfig.__init__).parameters)
     keys |= set(getattr(config_class, "attribute_map", {}))
+    if "rope_parameters" in keys:
+        keys |= ROPE_KEYWORDS
     return keys - {"self", "kwargs"}
+
+
+def with_transformers_4_rope_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """A config.json dict that transformers 4 reads with the same rope as transformers 5 does.
+
+    transformers 5 writes only `rope_parameters`, which transformers 4 ignores: it would rebuild the rotary
+    embedding with its default theta, silently. Adding `rope_theta` and `rope_scaling` beside it keeps both
+    readers right (transformers 5 takes `rope_parameters` first)."""
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope or "rope_theta" in config:
+        return config
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return {**config, "rope_theta": rope["rope_theta"],
+            "rope_scaling": None if scaling.get("rope_type", "default") == "default" else scaling}
+
+
+def config_value(config: PretrainedConfig, key: str) -> Any:
+    """`config.key`, also for a rope keyword that transformers 5 keeps inside `config.rope_parameters`."""
+    value = getattr(config, key, None)
+    if value is None and key in ROPE_KEYWORDS:
+        value = (getattr(config, "rope_parameters", None) or {}).get(key)
+    return value
 
 
 def build_config(model_cfg: dict[str, Any]) -> PretrainedConfig:
@@ -106,9 +135,9 @@ def pretrained_model(model_cfg: dict[str, Any]) -> PreTrainedModel:
             if resolve_class(str(value)) is not type(model):
                 raise SlmError(f"model.class {value} is not the class of model.pretrained {source} "
                                f"({type(model).__name__}): drop model.class")
-        elif key != "pretrained" and getattr(model.config, key, None) != value:
+        elif key != "pretrained" and config_value(model.config, key) != value:
             raise SlmError(f"model.{key} = {value} but model.pretrained {source} has "
-                           f"{getattr(model.config, key, 'no such key')}: drop model.{key} (the weights decide it)")
+                           f"{config_value(model.config, key)}: drop model.{key} (the weights decide it)")
     return model
 
 
