@@ -3,9 +3,11 @@ what it does, and each refuses, in one line, a version of the package it was not
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import warnings
+from importlib import metadata
 
 import pytest
 from composer.core import Engine
@@ -53,7 +55,7 @@ def test_applied_patches_for_the_run_and_restores(monkeypatch):
     lambda: workarounds.WandB(project="x"),
 ], ids=["applied", "progress bar", "wandb logger"])
 def test_another_composer_version_is_refused_in_one_line(monkeypatch, use):
-    monkeypatch.setitem(workarounds.WRITTEN_FOR, "mosaicml", "0.31.0")
+    monkeypatch.setitem(workarounds.WRITTEN_FOR, "mosaicml", ("0.31.0",))
     with pytest.raises(SlmError, match=r"written for mosaicml 0.31.0, but 0.32.1 is installed") as err:
         use()
     assert "\n" not in str(err.value)
@@ -61,13 +63,20 @@ def test_another_composer_version_is_refused_in_one_line(monkeypatch, use):
 
 
 def test_another_wandb_version_is_refused(monkeypatch):
-    monkeypatch.setitem(workarounds.WRITTEN_FOR, "wandb", "0.17")
-    with pytest.raises(SlmError, match=r"W&B login check .* written for wandb 0.17, but 0.18.\d+ is installed"):
+    monkeypatch.setitem(workarounds.WRITTEN_FOR, "wandb", ("0.17", "0.19"))
+    installed = re.escape(metadata.version("wandb"))
+    with pytest.raises(SlmError, match=rf"W&B login check .* written for wandb 0.17 or 0.19, but {installed} is "
+                                       "installed: install wandb 0.17,"):
         workarounds.check_wandb_login("p")
 
 
+@pytest.mark.parametrize("package", sorted(workarounds.WRITTEN_FOR))
+def test_the_installed_versions_are_the_ones_written_for(package):
+    workarounds.require(package, "this test")  # each stack's lock file (stacks/) installs one of them
+
+
 def test_train_says_so_before_anything_starts(monkeypatch, capsys):
-    monkeypatch.setitem(workarounds.WRITTEN_FOR, "mosaicml", "0.31.0")
+    monkeypatch.setitem(workarounds.WRITTEN_FOR, "mosaicml", ("0.31.0",))
     assert train_main([str(REPO / "yamls" / "demo-llama.yaml")]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("slm train: error: slm's workaround for the node signal file")
