@@ -11,6 +11,7 @@ import struct
 import subprocess
 import termios
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,15 +19,34 @@ import pytest
 from conftest import REPO, run_slm, train, train_cmd, write_yaml
 
 
+def transaction_log(path: Path) -> Iterator[bytes]:
+    """The records of a W&B transaction log (`run-*.wandb`), read here because wandb 0.19 dropped its reader: a
+    7-byte `:W&B` header, then the leveldb log format (github.com/google/leveldb, doc/log_format.md) in 32 KiB
+    blocks, each record a 7-byte header (crc32, length, FULL/FIRST/MIDDLE/LAST) and a piece of its data."""
+    block, data = 32768, path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    pos, pieces = 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's trailer: too short for a header
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:  # zero padding: the rest of the block (or the file) is empty
+            pos += block - pos % block
+            continue
+        pieces += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST
+            yield pieces
+            pieces = b""
+
+
 def wandb_records(run_dir: Path) -> dict:
     """The run id, config and history steps W&B wrote to an offline run folder."""
     from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
 
-    store = datastore.DataStore()
-    store.open_for_scan(str(next(run_dir.glob("run-*.wandb"))))
     found = {"id": None, "config": {}, "steps": [], "keys": set()}
-    while (data := store.scan_data()) is not None:
+    for data in transaction_log(next(run_dir.glob("run-*.wandb"))):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(data)
         kind = record.WhichOneof("record_type")

@@ -3,6 +3,7 @@ import json
 import random
 
 import pytest
+import transformers
 from transformers import AutoTokenizer
 
 from slm.errors import SlmError
@@ -84,7 +85,8 @@ def test_a_folder_resaved_by_transformers_5_loads_and_keeps_its_identity(tokeniz
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2)
     original = load_tokenizer(str(tokenizer_dir))
     assert tokenizer_matches(tok, tokenizer_identity(original, "x"))
-    assert _legacy_hash(tok) != _legacy_hash(original)
+    if transformers.__version__.startswith("4."):  # transformers 5 gives the original that post-processor too
+        assert _legacy_hash(tok) != _legacy_hash(original)
 
 
 def test_content_hash_differs_for_another_vocabulary(tokenizer_dir, tmp_path, corpus):
