@@ -209,12 +209,20 @@ class CausalLM(HuggingFaceModel):
                          shift_labels=True)
         self._flops_per_token: dict[int, float] = {}
 
+    def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return outputs["loss"]  # Composer's asks `config.use_return_dict`, deprecated in transformers 5
+
     def eval_forward(self, batch: dict[str, torch.Tensor], outputs=None) -> dict[str, torch.Tensor]:
         """Logits plus the mean loss over the (shifted) targets, for the metrics to share.
 
-        In training `outputs` holds the forward's own loss; in evaluation it is computed once here.
+        In training `outputs` holds the forward's own loss; in evaluation it is computed once here. The labels are
+        popped into `self.labels` and shifted as Composer's HuggingFaceModel.eval_forward does (the metrics read
+        them there), without its `config.use_return_dict`.
         """
-        logits = super().eval_forward(batch, outputs)  # pops the labels into self.labels, shifted
+        self.labels = batch.pop("labels")
+        self.labels[:, :-1] = self.labels[:, 1:].clone()  # HF causal LMs shift inside; the metrics need it here
+        self.labels[:, -1] = -100
+        logits = (outputs if outputs else self.forward(batch))["logits"]
         if outputs is not None and outputs.get("loss") is not None:
             loss = outputs["loss"]
         else:
