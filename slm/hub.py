@@ -12,6 +12,7 @@ N minutes" of its message). Every call that makes a commit first takes a slot of
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -63,10 +64,25 @@ def _status(e: Exception) -> int | None:
     return getattr(response, "status_code", None)
 
 
+def _network_errors() -> tuple[type[Exception], ...]:
+    """Connection and timeout errors of the HTTP library huggingface_hub talks through: requests before 1.0,
+    httpx in 1.x, httpx2 in 2.x. The httpx ones are no OSErrors."""
+    errors: list[type[Exception]] = [requests.ConnectionError, requests.Timeout]
+    for name in ("httpx", "httpx2"):
+        try:
+            errors.append(importlib.import_module(name).TransportError)
+        except ImportError:
+            pass
+    return tuple(errors)
+
+
+NETWORK_ERRORS = _network_errors()
+
+
 def _is_transient(e: Exception) -> bool:
     if isinstance(e, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
         return False  # HF_HUB_OFFLINE is set: waiting will not help
-    if isinstance(e, (requests.ConnectionError, requests.Timeout)):
+    if isinstance(e, NETWORK_ERRORS):
         return True
     return isinstance(e, HfHubHTTPError) and _status(e) in TRANSIENT_STATUS
 
@@ -157,7 +173,7 @@ class Hub:
                 if isinstance(e, LocalEntryNotFoundError):
                     raise HubError(f"{what} failed: the Hub is unreachable (HF_HUB_OFFLINE is set?)") from e
                 raise FileNotFoundError(f"{what}: not found on the Hub ({_first_line(e)})") from e
-            except (OSError, ValueError) as e:  # HfHubHTTPError and requests errors are OSErrors
+            except (OSError, ValueError, *NETWORK_ERRORS) as e:  # HfHubHTTPError is an OSError
                 wait = rate_limit_wait(e, fallback=min(self.retry_wait * 2**rate_limited, MAX_RATE_LIMIT_WAIT))
                 if wait is not None:  # the Hub's rate limit: wait as asked, however often
                     rate_limited += 1

@@ -203,18 +203,14 @@ def max_in_any_window(times: list[float], window: float) -> int:
     return max((sum(1 for u in times if t <= u < t + window) for t in times), default=0)
 
 
-def test_a_429_is_waited_out_as_the_hub_asks():
-    import requests
+def test_a_429_is_waited_out_as_the_hub_asks(fake_hub):
+    from folder_hub import hub_error
     from huggingface_hub.errors import HfHubHTTPError
 
     from slm.hub import rate_limit_wait
 
     def error(status: int, message: str, retry_after=None) -> HfHubHTTPError:
-        response = requests.Response()
-        response.status_code = status
-        if retry_after is not None:
-            response.headers["Retry-After"] = str(retry_after)
-        return HfHubHTTPError(message, response=response)
+        return hub_error(HfHubHTTPError, status, message, retry_after)
 
     def limited(retry_after=None, message="429 Client Error: Too Many Requests"):
         return error(429, message, retry_after)
@@ -226,6 +222,24 @@ def test_a_429_is_waited_out_as_the_hub_asks():
     assert rate_limit_wait(limited(message=hub_text), fallback=2) == 43 * 60
     assert rate_limit_wait(limited(), fallback=2) == 2
     assert rate_limit_wait(error(503, "503 Server Error"), fallback=2) is None
+
+
+def test_a_dropped_connection_of_the_hubs_http_library_is_retried(fake_hub, caplog):
+    """huggingface-hub 1.x and 2.x talk through httpx / httpx2, whose connection errors are no OSErrors."""
+    from folder_hub import connection_error
+
+    from slm.hub import Hub
+
+    answers = [connection_error(), "done"]
+
+    def flaky() -> str:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert Hub(retry_wait=0.01).call("upload", flaky) == "done"
+    assert "upload: Connection aborted: RemoteDisconnected; retrying in" in caplog.text
 
 
 @pytest.mark.train

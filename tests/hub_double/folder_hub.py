@@ -15,6 +15,7 @@ Subprocesses get it through `sitecustomize.py` beside this file when SLM_TEST_HU
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import json
 import math
 import shutil
@@ -28,11 +29,30 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, Repositor
 COMMITS = ("create_commit", "upload_file", "upload_folder")
 
 
-def _error(cls: type, status: int, message: str, retry_after: float | None = None) -> Exception:
-    response = requests.Response()
-    response.status_code = status
-    if retry_after is not None:
-        response.headers["Retry-After"] = str(retry_after)
+def http_library():
+    """The HTTP library the installed huggingface_hub talks through (requests before 1.0, httpx or httpx2 after):
+    the double's errors are that library's, as the Hub's would be."""
+    from huggingface_hub.utils import get_session
+
+    return importlib.import_module(type(get_session()).__module__.split(".")[0])
+
+
+def connection_error() -> Exception:
+    library = http_library()
+    if library is requests:
+        return requests.ConnectionError("Connection aborted: RemoteDisconnected")
+    return library.ConnectError("Connection aborted: RemoteDisconnected")
+
+
+def hub_error(cls: type, status: int, message: str, retry_after: float | None = None) -> Exception:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+    library = http_library()
+    if library is requests:
+        response = requests.Response()
+        response.status_code = status
+        response.headers.update(headers)
+    else:
+        response = library.Response(status, headers=headers, request=library.Request("POST", "https://huggingface.co"))
     return cls(message, response=response)
 
 
@@ -53,9 +73,9 @@ class FolderHfApi:
                 failure["times"] -= 1
                 failures_file.write_text(json.dumps(failures))
                 if failure["status"] == "connection":
-                    raise requests.ConnectionError("Connection aborted: RemoteDisconnected")
+                    raise connection_error()
                 message = failure.get("message", f"{failure['status']} Client Error for url: https://huggingface.co")
-                raise _error(HfHubHTTPError, failure["status"], message, failure.get("retry_after"))
+                raise hub_error(HfHubHTTPError, failure["status"], message, failure.get("retry_after"))
         if method in COMMITS:
             self._enforce_limits()
 
@@ -74,7 +94,7 @@ class FolderHfApi:
                 wait = math.ceil(min(recent) + limits["window"] - now)
                 with open(self.root / "refused.jsonl", "a") as f:
                     f.write(json.dumps({"time": now, "retry_after": wait}) + "\n")
-                raise _error(HfHubHTTPError, 429, f"429 Client Error: Too Many Requests. You have exceeded the rate "
+                raise hub_error(HfHubHTTPError, 429, f"429 Client Error: Too Many Requests. You have exceeded the rate "
                              f"limit for repository commits ({limits['max_commits']} per hour). You can retry this "
                              f"action in {wait} seconds.", retry_after=wait)
         time.sleep(limits.get("latency", 0))
@@ -90,9 +110,9 @@ class FolderHfApi:
     def _existing(self, repo_id: str, repo_type: str | None, revision: str | None = None) -> Path:
         path = self.repo_dir(repo_id, repo_type, revision)
         if not path.parent.is_dir():
-            raise _error(RepositoryNotFoundError, 404, f"404 Client Error. Repository Not Found for url: {repo_id}")
+            raise hub_error(RepositoryNotFoundError, 404, f"404 Client Error. Repository Not Found for url: {repo_id}")
         if not path.is_dir():
-            raise _error(HfHubHTTPError, 404, f"404 Client Error. Revision Not Found: {revision}")
+            raise hub_error(HfHubHTTPError, 404, f"404 Client Error. Revision Not Found: {revision}")
         return path
 
     # the HfApi calls ---------------------------------------------------------------------------
@@ -102,7 +122,7 @@ class FolderHfApi:
         main = self.repo_dir(repo_id, repo_type)
         if main.is_dir():
             if not exist_ok:
-                raise _error(HfHubHTTPError, 409, "409 Conflict: repo exists")
+                raise hub_error(HfHubHTTPError, 409, "409 Conflict: repo exists")
             return
         main.mkdir(parents=True)
         (main / ".gitattributes").write_text("*.pt filter=lfs diff=lfs merge=lfs -text\n")  # the Hub's first commit
@@ -156,7 +176,7 @@ class FolderHfApi:
         target = self.repo_dir(repo_id, repo_type, branch)
         if target.exists():
             if not exist_ok:
-                raise _error(HfHubHTTPError, 409, f"409 Conflict: branch {branch} exists")
+                raise hub_error(HfHubHTTPError, 409, f"409 Conflict: branch {branch} exists")
             return
         shutil.copytree(source, target)
 
@@ -176,7 +196,7 @@ class FolderHfApi:
         self._record("hf_hub_download", {"repo_id": repo_id, "filename": filename, "repo_type": repo_type})
         source = self._existing(repo_id, repo_type, revision) / filename
         if not source.is_file():
-            raise _error(EntryNotFoundError, 404, f"404 Client Error. Entry Not Found for url: {repo_id}/{filename}")
+            raise hub_error(EntryNotFoundError, 404, f"404 Client Error. Entry Not Found for url: {repo_id}/{filename}")
         target = Path(local_dir or self.root / ".downloads") / filename
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
