@@ -1,14 +1,18 @@
 # Sourced by the job scripts (not a job itself): the repository's environment and the wait for training.
 
-# Activate .venv in the submission folder (the repository root) and check the config exists; one line
+# The stack the jobs run on: .venv (pinned, `make venv`), or SLM_VENV=.venv-current (`make venv STACK=current`),
+# set at submission (sbatch and `qsub -V` pass it on).
+SLM_VENV="${SLM_VENV:-.venv}"
+
+# Activate $SLM_VENV in the submission folder (the repository root) and check the config exists; one line
 # and exit 2 otherwise, before anything starts.
 slm_job_setup() {
     if [ $# -lt 1 ] || [[ "$1" != *.y*ml ]]; then
         echo "slm job: usage: $SLM_JOB_USAGE" >&2
         exit 2
     fi
-    if [ ! -x .venv/bin/python ]; then
-        echo "slm job: no .venv in $PWD: submit from the repository root, after 'make venv' there" >&2
+    if [ ! -x "$SLM_VENV/bin/python" ]; then
+        echo "slm job: no $SLM_VENV in $PWD: submit from the repository root, after 'make venv' there" >&2
         exit 2
     fi
     if [ ! -f "$1" ]; then
@@ -16,13 +20,13 @@ slm_job_setup() {
         exit 2
     fi
     # shellcheck disable=SC1091
-    source .venv/bin/activate
+    source "$SLM_VENV/bin/activate"
     echo "slm job: $SLM_JOB_ID on $(hostname) at $(date -Is): python -m slm.launch slm/train.py $*"
 }
 
 # The suite scripts' checks (jobs/suite.sbatch, jobs/suite.sh): a yaml among the arguments (else the usage line,
-# $SLM_JOB_USAGE) and .venv in the submission folder, exit 2 otherwise; with --dry-run, print the tasks and exit.
-# The tasks themselves come from slm/sweep.py (.venv/bin/python -m slm.sweep --count / --task N ARGS).
+# $SLM_JOB_USAGE) and $SLM_VENV in the submission folder, exit 2 otherwise; with --dry-run, print the tasks and
+# exit. The tasks themselves come from slm/sweep.py ($SLM_VENV/bin/python -m slm.sweep --count / --task N ARGS).
 slm_suite_setup() {
     local arg yaml=""
     for arg in "$@"; do
@@ -32,12 +36,12 @@ slm_suite_setup() {
         echo "slm suite: usage: $SLM_JOB_USAGE" >&2
         exit 2
     fi
-    if [ ! -x .venv/bin/python ]; then
-        echo "slm suite: no .venv in $PWD: submit from the repository root, after 'make venv' there" >&2
+    if [ ! -x "$SLM_VENV/bin/python" ]; then
+        echo "slm suite: no $SLM_VENV in $PWD: submit from the repository root, after 'make venv' there" >&2
         exit 2
     fi
     for arg in "$@"; do
-        if [ "$arg" = --dry-run ]; then exec .venv/bin/python -m slm.sweep "$@"; fi
+        if [ "$arg" = --dry-run ]; then exec "$SLM_VENV/bin/python" -m slm.sweep "$@"; fi
     done
 }
 

@@ -32,7 +32,7 @@ SLM_JOB_USAGE="bash jobs/suite.sh [--dry-run] [--grid KEY=V1,V2,...]... CONFIG.y
 source jobs/common.sh || exit 2
 slm_suite_setup "$@"
 if [ -z "${JOB_ID:-}" ]; then  # run with bash: submit this file as an array of the right size
-    count=$(.venv/bin/python -m slm.sweep --count "$@") || exit 2
+    count=$("$SLM_VENV/bin/python" -m slm.sweep --count "$@") || exit 2
     exec qsub -t 1-"$count" "$0" "$@"
 fi
 task=${SGE_TASK_ID:-undefined}
@@ -40,6 +40,6 @@ if [ "$task" = undefined ]; then
     echo "slm suite: not an array task: submit with bash jobs/suite.sh, or qsub -t 1-N" >&2
     exit 2
 fi
-task_args=$(.venv/bin/python -m slm.sweep --task "$((task - 1))" "$@") || exit 2  # SGE counts from 1
+task_args=$("$SLM_VENV/bin/python" -m slm.sweep --task "$((task - 1))" "$@") || exit 2  # SGE counts from 1
 mapfile -t task_args <<< "$task_args"
 exec bash jobs/train.sh "${task_args[@]}"

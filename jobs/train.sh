@@ -3,8 +3,9 @@
 #
 #   qsub jobs/train.sh yamls/mamba-100k.yaml [key=value ...]
 #
-# Submit from the repository root after `make venv`: the job activates .venv there. run_name is the
-# yaml's stem unless given (run_name=...), so submitting the same command again resumes the run.
+# Submit from the repository root after `make venv`: the job activates .venv there (SLM_VENV=.venv-current:
+# that one). run_name is the yaml's stem unless given (run_name=...), so submitting the same command again
+# resumes the run.
 #
 # Resources, each overridable on the qsub command line (qsub -l gpu=4 -pe smp 16 jobs/train.sh ...):
 #   -l gpu=1              GPUs, as the per-job consumable complex sites define for them; one training

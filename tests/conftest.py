@@ -86,6 +86,8 @@ def swap_a_b(spec: dict) -> None:
 
 REPO = Path(__file__).resolve().parent.parent
 HUB_DOUBLE = Path(__file__).resolve().parent / "hub_double"
+if Path(sys.prefix).resolve().parent == REPO:  # the job scripts activate the venv (stack) of this session
+    os.environ["SLM_VENV"] = Path(sys.prefix).name
 
 
 @pytest.fixture
@@ -289,8 +291,9 @@ def _cluster(kind: str, tmp_path_factory: pytest.TempPathFactory):
     """Start a one-node cluster of `kind` for the session; skip only when the schedulers cannot be installed."""
     from clusters import SGE, Slurm, install_schedulers
 
-    if not (REPO / ".venv" / "bin" / "python").exists():
-        pytest.skip("the job scripts activate the repository's .venv, which does not exist (run make venv)")
+    if not (REPO / os.environ.get("SLM_VENV", ".venv") / "bin" / "python").exists():
+        pytest.skip("the job scripts activate a venv of the repository's (make venv), and this session runs in "
+                    f"none: {sys.prefix}")
     reason = install_schedulers()
     if reason:
         pytest.skip(reason)
