@@ -24,7 +24,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import requests
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub import errors
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+# What the Hub raises for a missing file: EntryNotFoundError before huggingface-hub 1.0, RemoteEntryNotFoundError
+# (an HfHubHTTPError and an EntryNotFoundError, which is no longer one) since.
+EntryNotFoundError = getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError)
 
 COMMITS = ("create_commit", "upload_file", "upload_folder")
 
@@ -216,6 +221,13 @@ def install(root: str | Path) -> FolderHfApi:
     import huggingface_hub
 
     api = FolderHfApi(root)
-    huggingface_hub.HfApi = lambda *args, **kwargs: api
+
+    class HfApi:
+        """`HfApi(...)` gives the double; still a class, as transformers 5 writes `HfApi | None` at import."""
+
+        def __new__(cls, *args, **kwargs) -> FolderHfApi:
+            return api
+
+    huggingface_hub.HfApi = HfApi
     huggingface_hub.hf_hub_download = api.hf_hub_download
     return api
