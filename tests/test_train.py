@@ -77,6 +77,7 @@ def metric_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.stack
 def test_sigkill_at_any_moment_then_resume_is_bitwise_equal(reference, tmp_path, shards):
     config, ref = reference
     config = write_yaml(tmp_path / "tiny.yaml", shards)
@@ -170,17 +171,23 @@ def test_two_processes_then_resume_on_one_keeps_the_sample_order(tmp_path, shard
     assert max_diff("shuffled", "one") > 1e-3
 
 
-def test_mamba_trains_and_resumes_bitwise(tmp_path, shards):
+@pytest.mark.stack
+def test_mamba_killed_mid_run_resumes_bitwise(tmp_path, shards):
     config = write_yaml(tmp_path / "mamba.yaml", shards, base="demo-mamba.yaml")
-    train(config, "run_name=m", "max_duration=6ba", "save_interval=3ba", "eval_interval=6ba")
+    args = ("max_duration=6ba", "save_interval=3ba", "eval_interval=6ba")
+    train(config, "run_name=m", *args)
     straight = final_state(tmp_path / "ckpt" / "m")
     folder = tmp_path / "ckpt" / "m2"
-    train(config, "run_name=m2", "max_duration=6ba", "save_interval=3ba", "eval_interval=6ba")
-    for batch in (4, 6):  # back to the state right after batch 3: resume must redo 4..6 exactly
-        (folder / f"ep0-ba{batch}-rank0.pt").unlink(missing_ok=True)
-    (folder / "latest-rank0.pt").unlink()
-    proc = train(config, "run_name=m2", "max_duration=6ba", "save_interval=3ba", "eval_interval=6ba")
-    assert resumed_at(proc) == 3
+    cmd = train_cmd(config, "run_name=m2", *args)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:  # the instant the batch-3 checkpoint appears: mid-write, or just after
+        wait_for(lambda: (folder / "ep0-ba3-rank0.pt").exists() or proc.poll() is not None)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    expected = newest_loadable(folder)
+    proc = train(config, "run_name=m2", *args)
+    assert resumed_at(proc) == expected > 0
     assert_bitwise_equal(straight, final_state(folder))
     assert torch.isfinite(next(iter(straight["model"].values()))).all()
 
