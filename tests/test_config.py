@@ -11,6 +11,8 @@ from slm.model import build_hf_model, count_parameters
 
 from conftest import REPO
 
+pytestmark = pytest.mark.stack  # CI runs this module on the current stack too (make test-stack)
+
 
 def test_base_chain_overrides_and_default_run_name(tmp_path):
     (tmp_path / "parent.yaml").write_text(f"base: {REPO}/yamls/base.yaml\nseed: 1\noptimizer: {{lr: 0.01}}\n")

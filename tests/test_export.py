@@ -24,6 +24,7 @@ def exported(request, tmp_path_factory, shards):
     return root
 
 
+@pytest.mark.stack
 def test_exported_logits_equal_the_composer_models(exported, tokenizer_dir):
     state = final_state(exported / "ckpt" / "exp")
     info = state["callbacks"]["RunInfo"]
@@ -39,6 +40,7 @@ def test_exported_logits_equal_the_composer_models(exported, tokenizer_dir):
         assert torch.equal(model_from_checkpoint(state)(input_ids=ids).logits, composer_logits)
 
 
+@pytest.mark.stack
 def test_export_folder_is_self_contained(exported):
     folder = exported / "hf"
     tok = transformers.AutoTokenizer.from_pretrained(folder)
@@ -56,6 +58,7 @@ def test_export_folder_is_self_contained(exported):
     assert pipe("Once upon a time", max_new_tokens=5, do_sample=False)[0]["generated_text"].startswith("Once")
 
 
+@pytest.mark.stack
 def test_export_carries_the_tokenizers_special_ids(exported):
     folder = exported / "hf"
     config = json.loads((folder / "config.json").read_text())

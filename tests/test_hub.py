@@ -48,6 +48,7 @@ def reference(tmp_path_factory, shards):
     return root / "ckpt" / "ref"
 
 
+@pytest.mark.stack
 @pytest.mark.parametrize("local", [True, False])
 def test_tokenizer_out_repo_pushes_the_saved_folder(fake_hub, tmp_path, corpus, local):
     out = ["--out-dir", str(tmp_path / "tok")] if local else []
@@ -59,6 +60,7 @@ def test_tokenizer_out_repo_pushes_the_saved_folder(fake_hub, tmp_path, corpus, 
         assert (repo / "tokenizer.json").read_bytes() == (tmp_path / "tok" / "tokenizer.json").read_bytes()
 
 
+@pytest.mark.stack
 def test_refused_upload_is_one_clear_line(fake_hub, corpus, capsys):
     script_failures(fake_hub, {"method": "create_repo", "status": 401, "times": 1,
                                "message": "401 Client Error: Unauthorized for url: https://huggingface.co/api/repos"})
@@ -69,6 +71,7 @@ def test_refused_upload_is_one_clear_line(fake_hub, corpus, capsys):
     assert len(calls(fake_hub, "create_repo")) == 1  # a 401 is not retried
 
 
+@pytest.mark.stack
 @pytest.mark.train
 def test_every_checkpoint_goes_to_the_hub_and_autoresume_finds_it_there(fake_hub, reference, tmp_path, shards):
     config = write_yaml(tmp_path / "tiny.yaml", shards)
@@ -96,6 +99,7 @@ def commits_with(api, name: str) -> list[dict]:
     return [c for c in calls(api, "create_commit") if name in c["paths"]]
 
 
+@pytest.mark.stack
 @pytest.mark.train
 def test_transient_errors_are_retried_with_backoff(fake_hub, tmp_path, shards):
     script_failures(fake_hub, {"method": "create_commit", "status": 503, "times": 2, "match": "ep0-ba4-"},
@@ -108,6 +112,7 @@ def test_transient_errors_are_retried_with_backoff(fake_hub, tmp_path, shards):
     assert {k: v for k, v in on_hub.items() if k.endswith(".pt")} == local_checkpoints(tmp_path / "ckpt" / "flaky")
 
 
+@pytest.mark.stack
 @pytest.mark.train
 def test_a_permanent_failure_stops_the_run_keeps_the_checkpoint_and_uploads_it_later(fake_hub, tmp_path, shards):
     script_failures(fake_hub, {"method": "create_commit", "status": 403, "times": 100, "match": "ep0-ba4-",
@@ -135,6 +140,7 @@ def test_a_permanent_failure_stops_the_run_keeps_the_checkpoint_and_uploads_it_l
     assert {k: v for k, v in on_hub.items() if k.endswith(".pt")} == local_checkpoints(local)
 
 
+@pytest.mark.stack
 @pytest.mark.train
 def test_hub_export_puts_each_checkpoint_on_a_branch_named_after_it(fake_hub, tmp_path, shards):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -156,6 +162,7 @@ def test_hub_export_puts_each_checkpoint_on_a_branch_named_after_it(fake_hub, tm
     assert run["timestamp"]["batch"] == 4 and run["config"]["hub"]["repo"] == "me/exp"
 
 
+@pytest.mark.stack
 @pytest.mark.train
 def test_shards_uploaded_to_hf_stream_back_into_training(fake_hub, reference, tmp_path, corpus, tokenizer_dir,
                                                          shards):
@@ -203,6 +210,7 @@ def max_in_any_window(times: list[float], window: float) -> int:
     return max((sum(1 for u in times if t <= u < t + window) for t in times), default=0)
 
 
+@pytest.mark.stack
 def test_a_429_is_waited_out_as_the_hub_asks(fake_hub):
     from folder_hub import hub_error
     from huggingface_hub.errors import HfHubHTTPError
@@ -224,6 +232,7 @@ def test_a_429_is_waited_out_as_the_hub_asks(fake_hub):
     assert rate_limit_wait(error(503, "503 Server Error"), fallback=2) is None
 
 
+@pytest.mark.stack
 def test_a_dropped_connection_of_the_hubs_http_library_is_retried(fake_hub, caplog):
     """huggingface-hub 1.x and 2.x talk through httpx / httpx2, whose connection errors are no OSErrors."""
     from folder_hub import connection_error

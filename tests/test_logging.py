@@ -65,6 +65,7 @@ def wandb_records(run_dir: Path) -> dict:
 
 
 @pytest.mark.train
+@pytest.mark.stack
 def test_wandb_offline_run_continues_under_the_same_id(tmp_path, shards):
     config = write_yaml(tmp_path / "tiny.yaml", shards)
     args = ["run_name=watched", "logging.wandb.project=slm-test", "logging.wandb.tags=[tiny,test]"]

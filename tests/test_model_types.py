@@ -19,6 +19,7 @@ TINY = {  # hidden 32, one layer, two heads, vocab 512, 64 positions: the sessio
 }
 
 
+@pytest.mark.stack
 @pytest.mark.parametrize("name, cls", [("gpt2", "GPT2LMHeadModel"), ("gpt_neox", "GPTNeoXForCausalLM"),
                                        ("opt", "OPTForCausalLM"), ("qwen2", "Qwen2ForCausalLM"),
                                        ("llama", "LlamaForCausalLM"), ("mamba2", "Mamba2ForCausalLM"),
@@ -28,6 +29,7 @@ def test_model_types_and_class_names_resolve(name, cls):
     assert resolve_class(name).__name__ == cls
 
 
+@pytest.mark.stack
 @pytest.mark.parametrize("name, message", [
     ("gtp2", "unknown model class 'gtp2': use a causal LM's model_type (llama, mamba, gpt2, gpt_neox, ...) or "
              "class name (LlamaForCausalLM, GPT2LMHeadModel, ...); did you mean 'gpt2'?"),
@@ -45,6 +47,7 @@ def test_other_names_are_refused_in_one_line(name, message):
         assert str(e.value).endswith("did you mean 'BertLMHeadModel'?")
 
 
+@pytest.mark.stack
 def test_config_kwargs_by_their_own_names_or_aliases():
     own = build_config({"class": "gpt2", **TINY["gpt2"]})
     alias = build_config({"class": "gpt2", "vocab_size": 512, "hidden_size": 32, "num_hidden_layers": 1,
@@ -58,12 +61,14 @@ def test_config_kwargs_by_their_own_names_or_aliases():
         build_config({"class": "gpt_neox", "n_embd": 32})
 
 
+@pytest.mark.stack
 @pytest.mark.parametrize("kind, limit", [("gpt2", 64), ("gpt_neox", 64), ("opt", 64), ("mamba", None)])
 def test_context_length_under_any_name(kind, limit):
     kwargs = {"gpt2": {"n_positions": 64}, "mamba": {}}.get(kind, {"max_position_embeddings": 64})
     assert context_length(build_config({"class": kind, **kwargs})) == limit
 
 
+@pytest.mark.stack
 def test_generic_flops_for_gpt2_count_its_conv1d_weights():
     model = build_hf_model({"class": "gpt2", **TINY["gpt2"]}, seed=0)
     h, layers, vocab, seq_len = 32, 1, 512, 10
@@ -72,6 +77,7 @@ def test_generic_flops_for_gpt2_count_its_conv1d_weights():
     assert flops_per_token(model, seq_len) == 3 * forward
 
 
+@pytest.mark.stack
 def test_special_tokens_reach_gpt2s_configs():
     class Tok:
         bos_token_id, eos_token_id, pad_token_id = 0, 1, None

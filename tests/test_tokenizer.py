@@ -11,6 +11,8 @@ from slm.tokenizer import load_tokenizer, tokenizer_identity, tokenizer_matches
 
 from conftest import bos_template, edited_tokenizer, old_merges, swap_a_b
 
+pytestmark = pytest.mark.stack  # CI runs this module on the current stack too (make test-stack)
+
 
 def random_unicode(rng: random.Random, n: int) -> str:
     ranges = [(0x20, 0x7E), (0x00A0, 0x024F), (0x0370, 0x03FF), (0x0400, 0x04FF), (0x0590, 0x06FF),

@@ -19,6 +19,8 @@ from slm.train import main as train_main
 
 from conftest import REPO
 
+pytestmark = pytest.mark.stack  # CI runs this module on the current stack too (make test-stack)
+
 
 def test_importing_train_patches_nothing():
     code = ("import warnings\n"
