@@ -90,19 +90,28 @@ lint: $(STAMP)
 	$(BIN)/ruff check slm tests bench clean_shared_memory.py
 	for job in jobs/*; do bash -n $$job || exit 1; done
 
-# The full gate (what CI runs): every test, the training, cluster and root ones included.
+PYTEST := HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q
+
+# The full gate (what CI runs): every test, the training, cluster and root ones included. The cluster tests,
+# which spend most of their time waiting on the schedulers, run in a second pytest session beside the others
+# (with temporary folders of its own); their report follows.
 # BUSY=N keeps N other processes spinning on the CPU meanwhile: the suite as on a shared machine.
 BUSY ?= 0
 test: lint
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q --busy $(BUSY)
+	@log=$$(mktemp); TMPDIR=$$(mktemp -d) $(PYTEST) -m cluster >$$log 2>&1 & cluster=$$!; \
+	echo "$(PYTEST) -m 'not cluster' --busy $(BUSY), and beside it: $(PYTEST) -m cluster"; \
+	$(PYTEST) -m "not cluster" --busy $(BUSY); status=$$?; \
+	wait $$cluster || status=1; \
+	echo "== the cluster tests, beside the others: $(PYTEST) -m cluster =="; cat $$log; rm -f $$log; \
+	exit $$status
 
 # The tests of what differs between the stacks (pytest -m stack): CI runs them on the current stack.
 test-stack: lint
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q -m stack
+	$(PYTEST) -m stack
 
 # The tests that train no model, need no scheduler and no root: about 2 minutes, for the edit-test loop.
 test-fast: lint
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q -m "not train and not cluster and not root"
+	$(PYTEST) -m "not train and not cluster and not root"
 
 # Every benchmark (about 30 minutes on 2 cores) -> bench/RESULTS.md.
 bench: export HF_HUB_OFFLINE = 1
