@@ -16,12 +16,13 @@ endif
 
 .PHONY: venv lock data demo test test-fast test-stack lint bench clean
 
-# pip brings uv (the version the lock names), uv installs the lock exactly and removes what it does not name.
-# Again only when the lock or the package metadata changed: a second `make venv` takes a second.
+# pip brings uv (the version the lock names), uv installs the lock exactly and removes what it does not name,
+# compiled to bytecode as pip does (with PYTHONDONTWRITEBYTECODE set, every process would compile torch and
+# transformers again: twice the start-up). Again only when the lock or the package metadata changed.
 $(STAMP): $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$$(grep '^uv==' $(LOCK))"
-	$(BIN)/uv pip sync --quiet --python $(BIN)/python $(LOCK)
+	$(BIN)/uv pip sync --quiet --compile-bytecode --python $(BIN)/python $(LOCK)
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $(STAMP)
 
@@ -93,12 +94,12 @@ lint: $(STAMP)
 PYTEST := HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q
 
 # The full gate (what CI runs): every test, the training, cluster and root ones included. The cluster tests,
-# which spend most of their time waiting on the schedulers, run in a second pytest session beside the others
-# (with temporary folders of its own); their report follows.
+# which spend much of their time waiting on the schedulers, run in a second pytest session beside the others
+# (one thread a process, temporary folders of its own); their report follows.
 # BUSY=N keeps N other processes spinning on the CPU meanwhile: the suite as on a shared machine.
 BUSY ?= 0
 test: lint
-	@log=$$(mktemp); TMPDIR=$$(mktemp -d) $(PYTEST) -m cluster >$$log 2>&1 & cluster=$$!; \
+	@log=$$(mktemp); OMP_NUM_THREADS=1 TMPDIR=$$(mktemp -d) $(PYTEST) -m cluster >$$log 2>&1 & cluster=$$!; \
 	echo "$(PYTEST) -m 'not cluster' --busy $(BUSY), and beside it: $(PYTEST) -m cluster"; \
 	$(PYTEST) -m "not cluster" --busy $(BUSY); status=$$?; \
 	wait $$cluster || status=1; \

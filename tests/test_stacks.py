@@ -19,8 +19,6 @@ from slm.export import export_checkpoint
 
 from conftest import REPO, train, write_yaml
 
-pytestmark = pytest.mark.stack  # CI runs this module on the current stack too (make test-stack)
-
 STACKS = REPO / "stacks"
 
 
@@ -45,6 +43,7 @@ def project_requirements() -> list[Requirement]:
     return [r for r in wanted if r.marker is None or r.marker.evaluate({"extra": "dev"})]
 
 
+@pytest.mark.stack
 @pytest.mark.parametrize("stack", ["pinned", "current"])
 def test_each_lock_file_pins_what_its_stack_asks_for(stack):
     """After a change to pyproject.toml or stacks/current-overrides.txt without `make lock`, this fails."""
@@ -87,7 +86,8 @@ print(json.dumps({"transformers": transformers.__version__, "inv_freq": model.mo
 
 @pytest.mark.train
 def test_an_export_loads_the_same_model_in_the_other_stack(tmp_path, shards):
-    """A non-default rope theta is what transformers 4 would silently drop from a transformers 5 config.json."""
+    """A non-default rope theta is what transformers 4 would silently drop from a transformers 5 config.json.
+    Both directions in one run, so CI runs it once, in the pinned suite (not marked `stack`)."""
     python = other_stack()
     config = write_yaml(tmp_path / "run.yaml", shards, rope_theta=2500.0)
     train(config, "run_name=cross", "max_duration=4ba", "eval_interval=4ba")
