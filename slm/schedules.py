@@ -14,6 +14,12 @@ or continued with a larger `max_duration` (docs/design.md, "Schedules"):
 
 Continuing past an end where the lr is 0 would train nothing: `refuse_idle_continuation` says so.
 Times are in batches or epochs (converted to batches the way Composer's schedulers do).
+
+Step j trains with the multiplier after j - 1 batches (the first at 0, warming up from 0). Composer
+steps its schedulers inside a batch, before it advances the timestamp, so a scheduler reading the
+timestamp there gives step j the multiplier after j - 2 batches: the first two steps of a warmup
+from 0 would both train at lr 0, leaving the checkpoints of batches 1 and 2 with the initial weights
+(`slm verify` finds such identical checkpoints). Inside a batch, `Schedule` counts that batch done.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import math
 from typing import Any
 
 from composer.core import Callback, State, Time, TimeUnit
+from composer.loggers import Logger
 from composer.optim.scheduler import _convert_time  # Composer's own ep -> ba conversion for its schedulers
 
 from slm.config import SchedulerConfig
@@ -47,6 +54,17 @@ class Schedule(Callback):
         self.cfg = cfg
         self.decay_start: int | None = None  # batches; fixed once known (see the module docstring)
         self.decay_end: int | None = None
+        self._in_batch = False  # Composer steps the schedulers inside the batch, its timestamp not yet advanced
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        self._in_batch = True
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        self._in_batch = False
+
+    def _done(self, state: State) -> int:
+        """Batches trained, the one Composer is finishing counted."""
+        return int(state.timestamp.batch) + self._in_batch
 
     def state_dict(self) -> dict[str, Any]:
         return {"decay_start": self.decay_start, "decay_end": self.decay_end}
@@ -56,7 +74,7 @@ class Schedule(Callback):
 
     def _commit(self, state: State) -> None:
         """Fix the decay's ends when the schedule says they are fixed (first call, or the decay's start)."""
-        cfg, now = self.cfg, int(state.timestamp.batch)
+        cfg, now = self.cfg, self._done(state)
         if self.decay_end is not None or cfg.name == "constant":
             return
         warmup = batches(cfg.warmup, state, "scheduler.warmup")
@@ -73,9 +91,9 @@ class Schedule(Callback):
             self.decay_start, self.decay_end = max(total - length, warmup), total
 
     def __call__(self, state: State, ssr: float = 1.0) -> float:
-        """The lr multiplier after `state.timestamp.batch` batches."""
+        """The lr multiplier of the next step: the one after the batches done."""
         self._commit(state)
-        cfg, now = self.cfg, int(state.timestamp.batch)
+        cfg, now = self.cfg, self._done(state)
         warmup = batches(cfg.warmup, state, "scheduler.warmup")
         if now < warmup:
             return now / warmup

@@ -21,8 +21,8 @@ def lrs(folder: Path) -> dict[int, float]:
 
 
 def expected(name: str, batch: int, end: int, alpha_f: float, decay_start: int | None = None) -> float:
-    """The schedule as docs/design.md draws it; metrics.jsonl's row for batch b logs the lr set after b - 1."""
-    t = batch - 1
+    """The schedule as docs/design.md draws it; metrics.jsonl's row for batch b logs the lr set after it."""
+    t = batch
     if t < WARMUP:
         return LR * t / WARMUP
     if name == "constant" or (name == "wsd" and t < decay_start):
