@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from slm.data import describe_split
 from slm.errors import SlmError
+from slm.manifest import file_record, weights_digest
 from slm.model import (
     build_hf_model,
     context_length,
@@ -111,7 +112,8 @@ tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER_OR_REPO")
 
 
 def export_checkpoint(checkpoint: Path, out_dir: Path, overwrite: bool = False) -> Path:
-    """Write `out_dir` with the model, its tokenizer, a model card and slm-run.json."""
+    """Write `out_dir` with the model, its tokenizer, a model card and slm-run.json (the run's config and history,
+    the checkpoint's sha256 and timestamp, and the weights digest of slm/manifest.py)."""
     refuse_to_clobber(out_dir, overwrite)
     state = read_checkpoint(checkpoint)
     info = state["callbacks"]["RunInfo"]
@@ -134,7 +136,8 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, overwrite: bool = False) 
             (partial / "README.md").write_text(_model_card(info, state, count_parameters(model), checkpoint,
                                                                     model.config.model_type))
             timestamp = {k: v for k, v in state["timestamp"]["Timestamp"].items() if isinstance(v, int)}
-            run = {"checkpoint": str(checkpoint), "timestamp": timestamp, **info}
+            run = {"checkpoint": str(checkpoint), "checkpoint_sha256": file_record(checkpoint)["sha256"],
+                   "weights_sha256": weights_digest(model.state_dict()), "timestamp": timestamp, **info}
             (partial / "slm-run.json").write_text(json.dumps(run, indent=2) + "\n")
     except OSError as e:
         raise SlmError(f"cannot write {out_dir}: {e.strerror or e}") from e

@@ -221,13 +221,22 @@ class Hub:
                          repo_id=repo_id, operations=operations, commit_message=message, repo_type=repo_type,
                          revision=revision)
 
-    def download_file(self, repo_id: str, path_in_repo: str, destination: Path, repo_type: str = "model") -> None:
+    def download_file(self, repo_id: str, path_in_repo: str, destination: Path, repo_type: str = "model",
+                      revision: str | None = None) -> None:
         """Download one file to `destination` (complete or not at all)."""
         destination.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".download-") as tmp:
             got = self.call(f"download of {path_in_repo} from the Hub repo {repo_id}", self.api.hf_hub_download,
-                            repo_id=repo_id, filename=path_in_repo, repo_type=repo_type, local_dir=tmp)
+                            repo_id=repo_id, filename=path_in_repo, repo_type=repo_type, revision=revision,
+                            local_dir=tmp)
             shutil.move(got, destination)
+
+    def read_file(self, repo_id: str, path_in_repo: str, revision: str | None = None) -> bytes:
+        """The content of one (small) file of the repo."""
+        with tempfile.TemporaryDirectory(prefix="slm-hub-") as tmp:
+            destination = Path(tmp) / "file"
+            self.download_file(repo_id, path_in_repo, destination, revision=revision)
+            return destination.read_bytes()
 
     def download_revision(self, repo_id: str, revision: str, destination: Path, repo_type: str = "model") -> Path:
         """Every file of one branch (or tag, or commit) of the repo, into `destination`."""
@@ -239,6 +248,22 @@ class Hub:
     def list_files(self, repo_id: str, repo_type: str = "model", revision: str | None = None) -> list[str]:
         return self.call(f"listing the Hub repo {repo_id}", self.api.list_repo_files, repo_id=repo_id,
                          repo_type=repo_type, revision=revision)
+
+    def files_info(self, repo_id: str, paths: list[str], revision: str | None = None,
+                   repo_type: str = "model") -> dict[str, Any]:
+        """What the Hub holds at `paths` (a `RepoFile` each: size, git blob id, LFS sha256); absent paths left out."""
+        infos = self.call(f"asking the Hub repo {repo_id} what it holds", self.api.get_paths_info, repo_id=repo_id,
+                          paths=paths, revision=revision, repo_type=repo_type)
+        return {info.path: info for info in infos if hasattr(info, "blob_id")}
+
+    def tree(self, repo_id: str, revision: str | None = None, repo_type: str = "model") -> dict[str, Any]:
+        """Every file of one revision of the repo, as `files_info` describes them."""
+        def listing(**kwargs: Any) -> list:
+            return list(self.api.list_repo_tree(**kwargs))  # the pages are fetched while iterating
+
+        infos = self.call(f"listing the files of {revision or 'main'} of the Hub repo {repo_id}", listing,
+                          repo_id=repo_id, recursive=True, revision=revision, repo_type=repo_type)
+        return {info.path: info for info in infos if hasattr(info, "blob_id")}
 
     def branches(self, repo_id: str, repo_type: str = "model") -> set[str]:
         refs = self.call(f"listing the branches of the Hub repo {repo_id}", self.api.list_repo_refs,

@@ -11,6 +11,12 @@ per export on a branch `ba{B}`, so `AutoModelForCausalLM.from_pretrained(repo, r
 works. Training goes on meanwhile; when uploads fall behind, the checkpoints waiting go up
 together. Every commit takes a slot of the Hub client's budget and a 429 is waited out.
 
+Each commit to `main` also carries the manifest (slm/manifest.py) with the new checkpoints' entries.
+After every commit the Hub is asked what it now holds at the paths just sent; a file it lists
+with another hash or size, or not at all, is sent again (within the budget), said in one line, and
+a repo that still differs after a few tries stops the run: it never ends reporting success with a
+repo that differs from its run folder.
+
 The queue is the `.hub-pending/` folder, so a kill loses nothing: the next start uploads what is
 there, and what the repo lacks of the local checkpoints. A finished or stopped run waits for the
 queue to empty before it exits, saying so. A permanent Hub error stops the run at the next batch
@@ -30,23 +36,26 @@ from composer.core import State
 from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
 
-from slm.checkpoints import CHECKPOINT, LATEST, checkpoints, is_complete
+from slm.checkpoints import CHECKPOINT, checkpoints, is_complete
 from slm.export import export_checkpoint
 from slm.hub import Hub, HubError
-from slm.paths import partial_file
+from slm.manifest import (
+    LATEST_POINTER,
+    MANIFEST,
+    Manifest,
+    branch_name,
+    checkpoint_entry,
+    file_record,
+    folder_records,
+    matches,
+    remote_name,
+)
+from slm.paths import partial_file, write_atomically
 
-REMOTE_FOLDER = "checkpoints"
 PENDING = ".hub-pending"  # in the run folder: the upload queue (checkpoint hard links, export folders)
 RUN_DATA = ("metrics.jsonl", "run.json", "config.yaml")  # files of the run folder that go up with each checkpoint
 PROGRESS_EVERY = 10.0  # seconds between "waiting for the Hub" lines at the end of a run
-
-
-def remote_name(filename: str) -> str:
-    return f"{REMOTE_FOLDER}/{filename}"
-
-
-def branch_name(batch: int) -> str:
-    return f"ba{batch}"
+REPAIRS = 3  # uploads of a file the Hub keeps holding differently before the run stops
 
 
 def _batch(path: Path) -> int:
@@ -65,10 +74,15 @@ def _say(text: str) -> None:
 class HubPublisher:
     """Rank 0's queue of checkpoints and exports for the model repo, and the thread that uploads it."""
 
-    def __init__(self, hub: Hub, repo: str, folder: Path, private: bool = True, export: bool = True):
+    def __init__(self, hub: Hub, repo: str, folder: Path, private: bool = True, export: bool = True,
+                 run_name: str | None = None):
         self.hub, self.repo, self.folder, self.private, self.export = hub, repo, folder, private, export
+        self.run_name = run_name or folder.name
         self.pending = folder / PENDING
         self.newest_uploaded = -1  # the batch `latest` points at in the repo
+        self._manifest: Manifest | None = None  # the thread's; read from the run folder (or the Hub) when first needed
+        self._manifest_behind = False  # an export's record changed after the manifest went up
+        self._exported: dict[int, dict] = {}  # records of exports that went up before their checkpoint
         self.error: HubError | None = None
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -96,11 +110,11 @@ class HubPublisher:
         export_checkpoint(path, self.pending / branch_name(batch), overwrite=True)
 
     def add(self, path: Path) -> None:
-        """Queue a checkpoint just saved (and its export); the thread uploads it."""
+        """Queue a checkpoint just saved (and its export, first: the checkpoint's manifest entry records it)."""
         self.raise_if_failed()
-        self._stage_checkpoint(path)
         if self.export:
             self._stage_export(_batch(path), path)
+        self._stage_checkpoint(path)
         self._wake()
 
     def catch_up(self, up_to_batch: int) -> tuple[int, int]:
@@ -144,10 +158,12 @@ class HubPublisher:
             while True:
                 with self._cond:
                     files, exports = self._queued()
-                    if not files and not exports:
+                    if not files and not exports and not self._manifest_behind:
                         return
                 if files:  # checkpoints first: they are what a resume needs
-                    self._commit_checkpoints(files)
+                    self._commit_checkpoints(files, exports)
+                elif not exports:
+                    self._commit_main({}, "the manifest, with the exports' records")
                 else:
                     batch = min(exports)
                     self._commit_export(batch, exports[batch])
@@ -172,24 +188,85 @@ class HubPublisher:
             data[name] = content
         return data
 
-    def _commit_checkpoints(self, files: dict[int, Path]) -> None:
+    def _manifest_now(self) -> Manifest:
+        """The manifest as uploaded so far: the run folder's copy, else the repo's (a run resumed elsewhere)."""
+        if self._manifest is None:
+            local = self.folder / MANIFEST
+            try:
+                text, where = local.read_bytes(), str(local)
+            except FileNotFoundError:
+                try:
+                    text, where = self.hub.read_file(self.repo, MANIFEST), f"{MANIFEST} of the Hub repo {self.repo}"
+                except FileNotFoundError:
+                    text = None
+            try:
+                self._manifest = Manifest.parse(text, where) if text else Manifest(self.run_name)
+            except ValueError as e:
+                raise HubError(f"{e}: move it away and run again (the manifest is rebuilt from what is uploaded "
+                               "from then on)") from e
+        return self._manifest
+
+    def _commit_checkpoints(self, files: dict[int, Path], exports: dict[int, Path]) -> None:
+        manifest = self._manifest_now()
+        for batch, path in files.items():
+            entry = checkpoint_entry(path, exports.get(batch))
+            old = manifest.entries.get(batch) or {}
+            if entry["export"] is None and (self._exported.get(batch) or old.get("export")):
+                entry["branch"], entry["export"] = branch_name(batch), self._exported.get(batch) or old["export"]
+            manifest.entries[batch] = entry
         # newest first: an error names the commit by its first file, the checkpoint the run saved last
         contents: dict[str, Path | bytes] = {remote_name(p.name): p for _, p in sorted(files.items(), reverse=True)}
         newest = max(files)
         if newest > self.newest_uploaded:  # (a catch-up of older checkpoints leaves the pointer where it is)
-            contents[remote_name(f"{LATEST}.symlink")] = remote_name(files[newest].name).encode()
-        contents.update(self._run_data())
-        names = ", ".join(p.name for _, p in sorted(files.items()))
-        self.hub.ensure_repo(self.repo, private=self.private)
-        self.hub.commit(self.repo, contents, f"{names} and the run's data")
+            contents[LATEST_POINTER] = remote_name(files[newest].name).encode()
+        self._commit_main(contents, ", ".join(p.name for _, p in sorted(files.items())) + " and the run's data")
         self.newest_uploaded = max(newest, self.newest_uploaded)
-        for path in files.values():
+        for batch, path in files.items():
+            self._exported.pop(batch, None)
             path.unlink(missing_ok=True)
 
+    def _commit_main(self, contents: dict[str, Path | bytes], message: str) -> None:
+        """One commit to `main` of `contents`, the run's data and the manifest, checked."""
+        manifest = self._manifest_now()
+        contents = {**contents, **self._run_data(), MANIFEST: manifest.to_bytes()}
+        self.hub.ensure_repo(self.repo, private=self.private)
+        self.hub.commit(self.repo, contents, message)
+        self._check_and_repair(contents, None, message)
+        self._manifest_behind = False
+        write_atomically(self.folder / MANIFEST, contents[MANIFEST].decode())
+
     def _commit_export(self, batch: int, folder: Path) -> None:
-        self.hub.push_folder(folder, self.repo, f"HF export at batch {batch}", branch=branch_name(batch),
+        branch = branch_name(batch)
+        self.hub.push_folder(folder, self.repo, f"HF export at batch {batch}", branch=branch,
                              private=self.private, delete_patterns=["*"])
+        records = folder_records(folder)
+        self._check_and_repair({name: folder / name for name in records}, branch, f"HF export at batch {batch}")
+        entry = self._manifest_now().entries.get(batch)
+        if entry is None:  # its checkpoint is still queued: its entry will take these records
+            self._exported[batch] = records
+        elif (entry["branch"], entry["export"]) != (branch, records):  # an export made again after a kill
+            entry["branch"], entry["export"] = branch, records
+            self._manifest_behind = True
         shutil.rmtree(folder)
+
+    def _check_and_repair(self, sent: dict[str, Path | bytes], revision: str | None, message: str) -> None:
+        """Ask the Hub what it holds at the paths just sent; send again what it lacks or holds differently."""
+        records = {name: file_record(data) for name, data in sent.items()}
+        where = f"{self.repo}@{revision or 'main'}"
+        for attempt in range(REPAIRS + 1):
+            held = self.hub.files_info(self.repo, list(records), revision=revision)
+            wrong = [name for name, record in records.items() if name not in held or not matches(held[name], record)]
+            if not wrong:
+                return
+            first = wrong[0]
+            found = (f"a different {first} ({held[first].size:,} bytes, sent {records[first]['size']:,})"
+                     if first in held else f"no {first}")
+            others = f" (and {len(wrong) - 1} more files)" if len(wrong) > 1 else ""
+            if attempt == REPAIRS:
+                raise HubError(f"the Hub repo {where} still holds {found}{others} after {REPAIRS} uploads again")
+            _say(f"the Hub repo {where} holds {found}{others} after the commit: uploading it again")
+            self.hub.commit(self.repo, {name: sent[name] for name in wrong}, f"{message} (again: the Hub held a "
+                            "different copy)", revision=revision)
 
     # the training thread's side --------------------------------------------------------------------------------
     def raise_if_failed(self) -> None:
@@ -217,9 +294,11 @@ class HubPublisher:
 class HubCheckpoints(LoggerDestination):
     """Every checkpoint of the run, the `latest` pointer and the run's data in the model repo `repo`."""
 
-    def __init__(self, hub: Hub, repo: str, folder: Path, private: bool = True, export: bool = True):
+    def __init__(self, hub: Hub, repo: str, folder: Path, private: bool = True, export: bool = True,
+                 run_name: str | None = None):
         self.hub, self.repo, self.folder = hub, repo, folder
-        self.publisher = HubPublisher(hub, repo, folder, private, export) if dist.get_global_rank() == 0 else None
+        self.publisher = (HubPublisher(hub, repo, folder, private, export, run_name)
+                          if dist.get_global_rank() == 0 else None)
 
     def fit_start(self, state: State, logger: Logger) -> None:
         if self.publisher:

@@ -55,8 +55,9 @@ from slm.config import OptimizerConfig, TrainConfig, load_config, save_config
 from slm.data import build_dataloader, check_compatible, split_metadatas
 from slm.errors import SlmError, disk_error, run_command
 from slm.hub import CommitBudget, Hub
-from slm.hub_store import HubCheckpoints, remote_name
+from slm.hub_store import HubCheckpoints
 from slm.loggers import MetricsFile, WriteMetricsRow, wandb_run_id
+from slm.manifest import remote_name
 from slm.metrics import TrainMetrics, build_metrics, byte_lengths
 from slm.model import CausalLM, build_hf_model, context_length, count_parameters, use_special_tokens
 from slm.preemption import SIGNALS, StopOnSignal
@@ -180,7 +181,7 @@ def callbacks(cfg: TrainConfig, folder: Path, run_info: RunInfo, metrics: Metric
     if cfg.hub.repo:
         hub = Hub(cfg.hub.retries, cfg.hub.retry_wait,
                   budget=CommitBudget(cfg.hub.max_commits_per_hour, cfg.hub.budget_window_s))
-        loggers.append(HubCheckpoints(hub, cfg.hub.repo, folder, cfg.hub.private, cfg.hub.export))
+        loggers.append(HubCheckpoints(hub, cfg.hub.repo, folder, cfg.hub.private, cfg.hub.export, cfg.run_name))
     w = cfg.logging.wandb
     if w.project:
         loggers.append(workarounds.WandB(project=w.project, entity=w.entity, group=w.group, tags=w.tags or None,

@@ -23,7 +23,7 @@ from slm.checkpoints import CHECKPOINT, checkpoints, is_complete, newest_complet
 from slm.config import HUB_REPO, LoadConfig
 from slm.errors import SlmError
 from slm.hub import Hub
-from slm.hub_store import REMOTE_FOLDER
+from slm.manifest import REMOTE_FOLDER
 
 DOWNLOADS = "warm-start"  # in the run folder: a checkpoint fetched from the Hub
 # What a warm start with the whole state leaves behind: the branch's own history and metrics.

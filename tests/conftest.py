@@ -90,21 +90,25 @@ if Path(sys.prefix).resolve().parent == REPO:  # the job scripts activate the ve
     os.environ["SLM_VENV"] = Path(sys.prefix).name
 
 
-@pytest.fixture
-def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """The folder-backed HfApi double, in this process and in every subprocess the test starts."""
+def hub_double(root: Path, monkeypatch: pytest.MonkeyPatch):
+    """The folder-backed HfApi double on `root`, in this process and in every subprocess started from here on."""
     sys.path.insert(0, str(HUB_DOUBLE))
     from folder_hub import FolderHfApi
 
     import slm.hub
 
     sys.path.remove(str(HUB_DOUBLE))
-    root = tmp_path / "hub"
     api = FolderHfApi(root)
     monkeypatch.setattr(slm.hub, "HfApi", lambda *args, **kwargs: api)
     monkeypatch.setenv("SLM_TEST_HUB_ROOT", str(root))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(HUB_DOUBLE), os.environ.get("PYTHONPATH")])))
     return api
+
+
+@pytest.fixture
+def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The folder-backed HfApi double, in this process and in every subprocess the test starts."""
+    return hub_double(tmp_path / "hub", monkeypatch)
 
 
 @pytest.fixture(scope="session")

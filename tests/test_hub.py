@@ -122,7 +122,7 @@ def test_a_permanent_failure_stops_the_run_keeps_the_checkpoint_and_uploads_it_l
     proc = train(config, "run_name=denied", "hub.repo=me/denied", "hub.retry_wait=0.01", check=False)
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert errors == [f"slm train: error: commit of checkpoints/ep0-ba4-rank0.pt (and 4 more files) to the Hub "
+    assert errors == [f"slm train: error: commit of checkpoints/ep0-ba4-rank0.pt (and 5 more files) to the Hub "
                       f"repo me/denied failed: 403 Forbidden: you cannot write to me/denied; the checkpoints stay in "
                       f"{local}: fix the cause and run again with the same run_name to resume (missing uploads are "
                       "retried at start)"]

@@ -8,13 +8,18 @@ time). ROOT/failures.json scripts errors, e.g. `[{"method": "create_commit", "st
 (status "connection": a dropped connection; "retry_after": a Retry-After header).
 ROOT/limits.json makes it as strict as the real Hub, scaled down: `{"max_commits": 3, "window":
 10, "latency": 2}` answers a commit beyond 3 in any 10 s with the Hub's 429 and its Retry-After,
-and makes every commit take 2 s.
+and makes every commit take 2 s. ROOT/corruptions.json makes it keep a torn copy of a file a commit
+sends: `[{"match": "ep0-ba4-", "times": 1}]` halves the next file committed whose path holds "ep0-ba4-"
+(`"revision": "ba2"`: only in a commit to that branch).
+`get_paths_info` and `list_repo_tree` answer as the Hub does: `RepoFile`s with the size, the git
+blob id, and for a file the repo's .gitattributes sends to LFS (or one over 10 MB) its LFS sha256.
 Subprocesses get it through `sitecustomize.py` beside this file when SLM_TEST_HUB_ROOT is set.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import importlib
 import json
 import math
@@ -26,12 +31,18 @@ from types import SimpleNamespace
 import requests
 from huggingface_hub import errors
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.hf_api import RepoFile, RepoFolder
 
 # What the Hub raises for a missing file: EntryNotFoundError before huggingface-hub 1.0, RemoteEntryNotFoundError
 # (an HfHubHTTPError and an EntryNotFoundError, which is no longer one) since.
 EntryNotFoundError = getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError)
 
 COMMITS = ("create_commit", "upload_file", "upload_folder")
+# The first lines of the .gitattributes the Hub writes into a new model repo.
+GITATTRIBUTES = "".join(f"{pattern} filter=lfs diff=lfs merge=lfs -text\n" for pattern in (
+    "*.7z", "*.arrow", "*.bin", "*.ckpt", "*.gz", "*.h5", "*.msgpack", "*.npy", "*.onnx", "*.parquet", "*.pickle",
+    "*.pkl", "*.pt", "*.pth", "*.safetensors", "*.tar", "*.zip", "*.zst", "*tfevents*"))
+LFS_ABOVE = 10 * 1024 * 1024  # bytes: the Hub keeps a bigger file in LFS whatever .gitattributes says
 
 
 def http_library():
@@ -105,9 +116,38 @@ class FolderHfApi:
         time.sleep(limits.get("latency", 0))
 
     def _committed(self, repo_id: str, revision: str | None, paths: list[str]) -> None:
+        self._corrupt(self.repo_dir(repo_id, None, revision), revision or "main", paths)
         with open(self.root / "commits.jsonl", "a") as f:
             f.write(json.dumps({"time": time.time(), "repo_id": repo_id, "revision": revision or "main",
                                 "paths": paths}) + "\n")
+
+    def _corrupt(self, repo: Path, revision: str, paths: list[str]) -> None:
+        """Keep half of a file just committed, as ROOT/corruptions.json asks."""
+        path = self.root / "corruptions.json"
+        if not path.exists():
+            return
+        corruptions = json.loads(path.read_text())
+        for corruption in corruptions:
+            for name in paths:
+                if (corruption["times"] > 0 and corruption["match"] in name and (repo / name).is_file()
+                        and corruption.get("revision", revision) == revision):
+                    corruption["times"] -= 1
+                    data = (repo / name).read_bytes()
+                    (repo / name).write_bytes(data[: len(data) // 2])
+        path.write_text(json.dumps(corruptions))
+
+    def _file_info(self, repo: Path, name: str) -> RepoFile:
+        """A file as the Hub's API describes it."""
+        data = (repo / name).read_bytes()
+        attributes = (repo / ".gitattributes").read_text() if (repo / ".gitattributes").is_file() else ""
+        patterns = [line.split()[0] for line in attributes.splitlines() if "filter=lfs" in line]
+        base = name.rsplit("/", 1)[-1]
+        if len(data) > LFS_ABOVE or any(fnmatch.fnmatch(base, pattern) for pattern in patterns):
+            sha256 = hashlib.sha256(data).hexdigest()
+            pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {len(data)}\n".encode()
+            return RepoFile(path=name, size=len(data), oid=git_blob_id(pointer),
+                            lfs={"size": len(data), "oid": sha256, "pointerSize": len(pointer)})
+        return RepoFile(path=name, size=len(data), oid=git_blob_id(data))
 
     def repo_dir(self, repo_id: str, repo_type: str | None = None, revision: str | None = None) -> Path:
         return self.root / (repo_type or "model") / repo_id / (revision or "main")
@@ -130,7 +170,7 @@ class FolderHfApi:
                 raise hub_error(HfHubHTTPError, 409, "409 Conflict: repo exists")
             return
         main.mkdir(parents=True)
-        (main / ".gitattributes").write_text("*.pt filter=lfs diff=lfs merge=lfs -text\n")  # the Hub's first commit
+        (main / ".gitattributes").write_text(GITATTRIBUTES)  # the Hub's first commit
         (main.parent / "private").write_text(str(private))
 
     def upload_file(self, *, path_or_fileobj: str, path_in_repo: str, repo_id: str, repo_type: str | None = None,
@@ -191,6 +231,23 @@ class FolderHfApi:
         repo = self._existing(repo_id, repo_type, revision)
         return sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file())
 
+    def get_paths_info(self, repo_id: str, paths: list[str] | str, *, revision: str | None = None,
+                       repo_type: str | None = None, **kwargs) -> list[RepoFile | RepoFolder]:
+        self._record("get_paths_info", {"repo_id": repo_id, "revision": revision, "paths": paths})
+        repo = self._existing(repo_id, repo_type, revision)
+        wanted = [paths] if isinstance(paths, str) else paths
+        return [self._file_info(repo, name) if (repo / name).is_file() else RepoFolder(path=name, oid="0" * 40)
+                for name in wanted if (repo / name).exists()]
+
+    def list_repo_tree(self, repo_id: str, path_in_repo: str | None = None, *, recursive: bool = False,
+                       revision: str | None = None, repo_type: str | None = None, **kwargs):
+        self._record("list_repo_tree", {"repo_id": repo_id, "revision": revision, "path_in_repo": path_in_repo})
+        repo = self._existing(repo_id, repo_type, revision)
+        top = repo / (path_in_repo or "")
+        for path in sorted(top.rglob("*") if recursive else top.iterdir()):
+            name = path.relative_to(repo).as_posix()
+            yield self._file_info(repo, name) if path.is_file() else RepoFolder(path=name, oid="0" * 40)
+
     def list_repo_refs(self, repo_id: str, *, repo_type: str | None = None, **kwargs) -> SimpleNamespace:
         self._record("list_repo_refs", {"repo_id": repo_id})
         repo = self._existing(repo_id, repo_type).parent
@@ -214,6 +271,10 @@ class FolderHfApi:
         target = Path(local_dir or self.root / ".downloads" / repo_id)
         shutil.copytree(source, target, dirs_exist_ok=True)
         return str(target)
+
+
+def git_blob_id(data: bytes) -> str:
+    return hashlib.sha1(f"blob {len(data)}\0".encode() + data).hexdigest()
 
 
 def install(root: str | Path) -> FolderHfApi:
