@@ -152,6 +152,29 @@ def cmd_plot(args: argparse.Namespace) -> None:
     print(f"plotted {len(args.run_dirs)} run(s) to {out}")
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from slm.verify import verify
+
+    target, run = args.target, Path(args.run_folder) if args.run_folder else None
+    if Path(target).is_dir():  # a run folder: its repo, and its checkpoints
+        config = Path(target) / "config.yaml"
+        if not config.is_file():
+            raise SlmError(f"{target} is no run folder (no config.yaml): give a Hub repo ORG/NAME or a run folder")
+        run = run or Path(target)
+        target = OmegaConf.load(config).get("hub", {}).get("repo")
+        if not target:
+            raise SlmError(f"{config} has no hub.repo: give the Hub repo, e.g. slm verify ORG/NAME --run {args.target}")
+    elif target.count("/") != 1:
+        raise SlmError(f"{target} is neither a run folder nor a Hub model repo ORG/NAME")
+    if run is not None and not run.is_dir():
+        raise SlmError(f"--run {run}: no such run folder")
+    report = verify(target, args.revision, run, args.deep)
+    print(report.to_json() if args.json else report.to_text())
+    return 0 if report.ok else 1
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from slm.sweep import main
 
@@ -252,6 +275,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folder holding metrics.jsonl and run.json")
     p.add_argument("-o", "--out", default="curves.png", help="PNG file to write (default: curves.png)")
     p.set_defaults(run=cmd_plot)
+
+    p = sub.add_parser("verify", parents=[common], help="check that a run's Hub repo serves what was trained",
+                       description="Compare what a run's Hub model repo serves (file sizes and hashes, as the Hub "
+                                   "lists them) with its manifest (slm-manifest.json on main) and, with --run, with "
+                                   "the run folder's checkpoints. Faults: branches serving another batch's weights "
+                                   "or identical weights, a file whose hash or size differs, a checkpoint without "
+                                   "its branch or a branch without its entry, a stale latest pointer, a local "
+                                   "checkpoint missing on the Hub, and with --deep an export whose weights differ "
+                                   "from its checkpoint. Exit status 1 if any is found.")
+    p.add_argument("target", metavar="REPO_OR_RUN_FOLDER",
+                   help="Hub model repo ORG/NAME, or a run folder (the hub.repo of its config.yaml, checked against "
+                        "its checkpoints)")
+    p.add_argument("--revision", help="commit (or branch) of main to check (default: main)")
+    p.add_argument("--run", dest="run_folder", metavar="RUN_FOLDER",
+                   help="run folder whose complete checkpoints the repo must hold, byte for byte")
+    p.add_argument("--deep", action="store_true", help="download every checkpoint and export and recompute their "
+                                                       "weights digests")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(run=cmd_verify)
 
     # slm.sweep parses its own arguments (options and configs in any order, which a subparser cannot): this one
     # takes everything after `sweep` as it is (no prefix character anyone types, so no option of its own).
