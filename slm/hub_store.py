@@ -25,6 +25,7 @@ with one line; the local checkpoints stay.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -49,6 +50,7 @@ from slm.manifest import (
     folder_records,
     matches,
     remote_name,
+    weights_record,
 )
 from slm.paths import partial_file, write_atomically
 
@@ -98,12 +100,20 @@ class HubPublisher:
         return files, exports
 
     def _stage_checkpoint(self, path: Path) -> None:
+        """A hard link of the checkpoint, and beside it (first) its weights record, made here on the training
+        thread: loading tensors from the upload thread upset torch's tensor bookkeeping."""
         self.pending.mkdir(exist_ok=True)
+        export = self.pending / branch_name(_batch(path))
+        record = weights_record(path, export if export.is_dir() else None)
+        write_atomically(self._record_file(path), json.dumps(record) + "\n")
         with partial_file(self.pending / path.name) as tmp:
             try:
                 os.link(path, tmp)  # instant, and survives the original being pruned
             except OSError:
                 shutil.copyfile(path, tmp)
+
+    def _record_file(self, queued: Path) -> Path:
+        return self.pending / f"{queued.name}.json"
 
     def _stage_export(self, batch: int, path: Path) -> None:
         self.pending.mkdir(exist_ok=True)
@@ -136,10 +146,13 @@ class HubPublisher:
         on_hub = [_batch(Path(name)) for name in remote if CHECKPOINT.match(Path(name).name)]
         self.newest_uploaded = max(on_hub, default=-1)
         for batch, path in sorted(local.items()):
-            if remote_name(path.name) not in remote and batch not in queued_files:
-                self._stage_checkpoint(path)
             if self.export and branch_name(batch) not in branches and batch not in queued_exports:
                 self._stage_export(batch, path)
+            if remote_name(path.name) not in remote and batch not in queued_files:
+                self._stage_checkpoint(path)
+        for batch, queued in queued_files.items():  # a kill between an earlier start's record and its link
+            if not self._record_file(queued).exists():
+                self._stage_checkpoint(local.get(batch, queued))
         files, exports = self._queued()
         if files or exports:
             self._wake()
@@ -209,7 +222,7 @@ class HubPublisher:
     def _commit_checkpoints(self, files: dict[int, Path], exports: dict[int, Path]) -> None:
         manifest = self._manifest_now()
         for batch, path in files.items():
-            entry = checkpoint_entry(path, exports.get(batch))
+            entry = checkpoint_entry(path, json.loads(self._record_file(path).read_text()), exports.get(batch))
             old = manifest.entries.get(batch) or {}
             if entry["export"] is None and (self._exported.get(batch) or old.get("export")):
                 entry["branch"], entry["export"] = branch_name(batch), self._exported.get(batch) or old["export"]
@@ -224,6 +237,7 @@ class HubPublisher:
         for batch, path in files.items():
             self._exported.pop(batch, None)
             path.unlink(missing_ok=True)
+            self._record_file(path).unlink(missing_ok=True)
 
     def _commit_main(self, contents: dict[str, Path | bytes], message: str) -> None:
         """One commit to `main` of `contents`, the run's data and the manifest, checked."""

@@ -92,15 +92,25 @@ def checkpoint_weights(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return {name.removeprefix("model."): tensor for name, tensor in state["model"].items()}
 
 
-def checkpoint_entry(path: Path, export: Path | None) -> dict[str, Any]:
-    """The manifest entry of a checkpoint file, and of its export folder (if it has one)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)["state"]
-    timestamp = state["timestamp"]["Timestamp"]
-    entry = {"batch": timestamp["batch"], "epoch": timestamp["epoch"], "tokens": timestamp["token"],
-             "samples": timestamp["sample"], "checkpoint": {"path": remote_name(path.name), **file_record(path)},
-             "weights_sha256": weights_digest(checkpoint_weights(state)), "branch": None, "export": None}
+def weights_record(checkpoint: Path, export: Path | None = None) -> dict[str, Any]:
+    """Batch, epoch, tokens, samples and weights digest of a checkpoint: from its export's slm-run.json when there
+    is one, else from the file. (It loads tensors: call it where the training may, not from another thread.)"""
     if export is not None:
-        entry["branch"], entry["export"] = branch_name(timestamp["batch"]), folder_records(export)
+        run = json.loads((export / "slm-run.json").read_text())
+        timestamp, digest = run["timestamp"], run["weights_sha256"]
+    else:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state"]
+        timestamp, digest = state["timestamp"]["Timestamp"], weights_digest(checkpoint_weights(state))
+    return {"batch": timestamp["batch"], "epoch": timestamp["epoch"], "tokens": timestamp["token"],
+            "samples": timestamp["sample"], "weights_sha256": digest}
+
+
+def checkpoint_entry(path: Path, weights: dict[str, Any], export: Path | None) -> dict[str, Any]:
+    """The manifest entry of a checkpoint file with its `weights_record`, and of its export folder (if any)."""
+    entry = {**weights, "checkpoint": {"path": remote_name(path.name), **file_record(path)}, "branch": None,
+             "export": None}
+    if export is not None:
+        entry["branch"], entry["export"] = branch_name(weights["batch"]), folder_records(export)
     return entry
 
 
