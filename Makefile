@@ -62,7 +62,8 @@ $(DATA)/mds/validation/index.json: $(DATA)/stories.jsonl $(TOKENIZER)/tokenizer.
 
 # The main job on the embedded corpus: stories -> tokenizer -> MDS shards -> train demo-llama and
 # demo-mamba (killed mid-run, then resumed with the same run_name) -> export demo-llama, evaluate it,
-# sample a story from it, and plot both runs' curves. Everything lands in $(DEMO)/; `make data` first.
+# sample a story from it, plot both runs' curves, show their status and one step's samples.
+# Everything lands in $(DEMO)/; `make data` first.
 demo: export HF_HUB_OFFLINE = 1
 demo: $(STAMP) data
 	rm -rf $(DEMO)/checkpoints
@@ -75,6 +76,7 @@ demo: $(STAMP) data
 	$(BIN)/python slm/train.py yamls/demo-llama.yaml
 	@echo "== demo-mamba: SIGKILL after 45 s, then the same command again resumes it =="
 	-timeout -s KILL 45 $(BIN)/python slm/train.py yamls/demo-mamba.yaml
+	$(BIN)/slm status $(DEMO)/checkpoints/demo-mamba
 	$(BIN)/python slm/train.py yamls/demo-mamba.yaml
 	$(BIN)/slm export $(DEMO)/checkpoints/demo-llama/latest-rank0.pt --out-dir $(DEMO)/hf/demo-llama --overwrite
 	@echo "== demo-llama on the validation shards =="
@@ -82,6 +84,10 @@ demo: $(STAMP) data
 	@echo "== a story from demo-llama =="
 	@$(BIN)/slm generate $(DEMO)/hf/demo-llama --prompt "Once upon a time" --max-new-tokens 250 --seed 0
 	$(BIN)/slm plot $(DEMO)/checkpoints/demo-llama $(DEMO)/checkpoints/demo-mamba --out $(DEMO)/curves.png
+	@echo "== the two runs =="
+	$(BIN)/slm status $(DEMO)/checkpoints/demo-llama $(DEMO)/checkpoints/demo-mamba
+	@echo "== the samples demo-llama trained on at step 300, and the stories (by index) each was cut from =="
+	$(BIN)/slm batches $(DEMO)/checkpoints/demo-llama --steps 300 --documents
 	@echo "Shards: $(DEMO)/mds/{train,validation}. Checkpoints, metrics.jsonl and run.json:" \
 		"$(DEMO)/checkpoints/demo-{llama,mamba}. Export: $(DEMO)/hf/demo-llama. Curves: $(DEMO)/curves.png."
 	@echo "The suite's data: $(DATA)/mds/{train,validation} (tokenizer $(TOKENIZER), 512 tokens a sample), which" \

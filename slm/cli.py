@@ -131,11 +131,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     import json
 
-    from slm.evaluate import evaluate
+    from slm.evaluate import evaluate, evaluate_runs
 
     if args.batch_size < 1:
         raise SlmError(f"--batch-size must be at least 1, got {args.batch_size}")
-    print(json.dumps(evaluate(Path(args.model), Path(args.data), args.batch_size, args.max_batches), indent=2))
+    if args.out:
+        done, skipped = evaluate_runs(args.models, Path(args.data), Path(args.out), args.checkpoints, args.batch_size,
+                                      args.max_batches)
+        print(f"evaluated {done} checkpoint(s) into {args.out}" + (f" ({skipped} already there)" if skipped else ""))
+        return
+    from slm.paths import is_local_path
+
+    single = Path(args.models[0])
+    a_run = single.is_dir() and not (single / "config.json").exists()
+    if len(args.models) > 1 or a_run or not (single.exists() or is_local_path(args.models[0])):
+        raise SlmError("several checkpoints (a run folder, a Hub repo, several models) go into a table: give "
+                       "--out FILE.parquet or FILE.csv")
+    print(json.dumps(evaluate(single, Path(args.data), args.batch_size, args.max_batches), indent=2))
 
 
 def cmd_logprobs(args: argparse.Namespace) -> None:
@@ -146,10 +158,90 @@ def cmd_logprobs(args: argparse.Namespace) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
-    from slm.plot import plot_runs
+    from slm.plot import plot_runs, plot_table
 
+    if bool(args.run_dirs) == bool(args.table):
+        raise SlmError("give run folders, or --table EVAL_TABLE (written by `slm eval --out`)")
+    if args.table:
+        out = plot_table(Path(args.table), Path(args.out))
+        print(f"plotted {args.table} to {out}")
+        return
     out = plot_runs([Path(f) for f in args.run_dirs], Path(args.out))
     print(f"plotted {len(args.run_dirs)} run(s) to {out}")
+
+
+def cmd_batches(args: argparse.Namespace) -> None:
+    from slm.batches import Batches, Processes, parse_steps, run_config
+
+    target = Path(args.target)
+    if not target.exists():
+        raise SlmError(f"{target}: no such run folder or config yaml")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        if out.suffix != ".parquet":
+            raise SlmError(f"--out {out}: write a .parquet file")
+        refuse_to_clobber(out, args.overwrite)
+    cfg, recorded = run_config(target)
+    ranks = args.world_size or recorded or 1
+    if ranks % args.nodes:
+        raise SlmError(f"--world-size {ranks} does not split over --nodes {args.nodes}")
+    batches = Batches(cfg, Processes(args.nodes, ranks // args.nodes, max(cfg.data.num_workers, 1)))
+    first, last = parse_steps(args.steps, batches.max_steps())
+    if args.rank is not None and not 0 <= args.rank < ranks:
+        raise SlmError(f"--rank {args.rank}: the run has ranks 0-{ranks - 1}")
+    rows = list(batches.rows(first, last, [args.rank] if args.rank is not None else list(range(ranks))))
+    documents = args.documents or args.text
+    texts = {}
+    for row in rows:
+        if args.tokens:
+            row["tokens"] = batches.tokens(row["global_id"]).tolist()
+        if documents:
+            row["documents"] = batches.documents(row)
+    if documents and any(row["documents"] is None for row in rows):
+        print("slm batches: note: shards written before slm recorded documents (no slm-documents.npz): "
+              "samples only; re-run `slm tokenize` for documents", file=sys.stderr)
+    if args.text:
+        texts = _document_texts(batches, rows)
+    if out is not None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist([{k: v for k, v in row.items() if k != "global_id"} for row in rows]),
+                       out)
+        print(f"wrote {len(rows):,} samples of steps {first}-{last} to {out}")
+        return
+    for row in rows:
+        print(f"step {row['step']} rank {row['rank']} [{row['position']}]: {row['stream']} sample {row['sample']} "
+              f"(shard {row['shard']}, row {row['row']}, epoch {row['epoch']})"
+              + (f" documents {', '.join(map(str, row['documents']))}" if row.get("documents") else ""))
+        if args.tokens:
+            print("  tokens: " + " ".join(map(str, row["tokens"])))
+        for document in (row.get("documents") or []) if args.text else []:
+            print(f"  document {document}: {texts[(row['stream'], document)]}")
+
+
+def _document_texts(batches, rows: list[dict]) -> dict[tuple[str, int], str]:
+    """The text of each document the rows name, read from the source `slm tokenize` recorded."""
+    from slm.shards import read_metadata
+    from slm.sources import load_documents
+
+    texts = {}
+    for stream in sorted({row["stream"] for row in rows if row.get("documents")}):
+        source = read_metadata(batches.stream_folder(stream)).get("source") or {}
+        if not source.get("dataset"):
+            raise SlmError(f"the shards of {stream} do not record their source dataset: --text cannot find the text")
+        ds = load_documents(source["dataset"], source["feature"], source["split"])
+        for row in rows:
+            for document in (row.get("documents") or []) if row["stream"] == stream else []:
+                texts[(stream, document)] = ds[document][source["feature"]]
+    return texts
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from slm.status import format_status, run_status
+
+    print(format_status([run_status(Path(target)) for target in args.targets], args.json))
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -243,10 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1, help="(default: %(default)s)")
     p.set_defaults(run=cmd_generate)
 
-    p = sub.add_parser("eval", parents=[common], help="evaluate a model on MDS shards (metrics as JSON)",
-                       description="Cross-entropy (nats), perplexity, next-token accuracy and bits per byte of a "
-                                   "checkpoint or exported model on an MDS folder, printed as JSON.")
-    p.add_argument("model", help="checkpoint file of slm/train.py, or a folder written by `slm export`")
+    p = sub.add_parser("eval", parents=[common], help="evaluate models or every checkpoint of runs on MDS shards",
+                       description="Cross-entropy (nats), perplexity, next-token accuracy and bits per byte on an "
+                                   "MDS folder: of one checkpoint or exported model, printed as JSON; or, with "
+                                   "--out, of every checkpoint of each MODEL (run folders, Hub repos) into one "
+                                   "table with a row per (model, run, batch, tokens, parameters, metric), "
+                                   "skipping checkpoints already in it.")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="checkpoint file of slm/train.py, folder written by `slm export`, run folder (its complete "
+                        "checkpoints) or Hub model repo ORG/NAME (its ba{B} branches)")
+    p.add_argument("--out", help="table to write or extend: FILE.parquet or FILE.csv")
+    p.add_argument("--checkpoints", default="all", help="with --out: 'all' or labels such as ba400,ba800 "
+                                                        "(default: all)")
     p.add_argument("-d", "--data", required=True, help="MDS folder written by `slm tokenize`")
     p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
     p.add_argument("--max-batches", type=int, help="stop after this many batches (default: the whole folder)")
@@ -272,9 +372,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", parents=[common], help="draw loss, eval loss and lr curves of runs to a PNG",
                        description="Overlay the curves of one or more runs (their save_folder, e.g. "
                                    "checkpoints/llama-1m) and, for a suite, last eval loss against parameters.")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folder holding metrics.jsonl and run.json")
+    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="run folder holding metrics.jsonl and run.json")
+    p.add_argument("--table", help="instead: an eval table of `slm eval --out`: every checkpoint's eval loss over "
+                                   "tokens, and the final loss against parameters with a power-law fit per "
+                                   "architecture")
     p.add_argument("-o", "--out", default="curves.png", help="PNG file to write (default: curves.png)")
     p.set_defaults(run=cmd_plot)
+
+    p = sub.add_parser("batches", parents=[common], help="the exact samples each rank trains on at each step",
+                       description="For each step of a run (or of a config, before it runs), the samples every "
+                                   "rank trains on: the stream, the sample's index in it, its shard and row, "
+                                   "computed from the config and the shards with Streaming's own partitioning, "
+                                   "without training; optionally their tokens and the source documents they hold.")
+    p.add_argument("target", metavar="RUN_FOLDER_OR_CONFIG", help="run folder (its config.yaml and world size) or "
+                                                                  "a training yaml")
+    p.add_argument("--steps", default="1", help="A:B (inclusive, from 1), A: (to max_duration) or A (default: 1)")
+    p.add_argument("--rank", type=int, help="only this rank (default: every rank)")
+    p.add_argument("--world-size", type=int, help="training processes (default: the run's, else 1)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes the processes are on (default: %(default)s)")
+    p.add_argument("--tokens", action="store_true", help="also each sample's token ids")
+    p.add_argument("--documents", action="store_true", help="also the source documents each sample holds "
+                                                            "(their index in the split slm tokenize read)")
+    p.add_argument("--text", action="store_true", help="also the text of those documents (implies --documents)")
+    p.add_argument("--out", help="write a Parquet table (one row per sample) instead of printing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(run=cmd_batches)
+
+    p = sub.add_parser("status", parents=[common], help="where each run of a suite stands",
+                       description="One row per run: model, parameters, batch reached of max_duration, tokens, the "
+                                   "last train and eval loss, the newest checkpoint and its age, Hub uploads "
+                                   "pending, and whether it finished, stopped (preempted or Ctrl-C), failed, was "
+                                   "killed, is running, or never started.")
+    p.add_argument("targets", nargs="+", metavar="RUN_FOLDER_OR_CONFIG",
+                   help="run folders, or the yamls of a suite (their run folders, started or not)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(run=cmd_status)
 
     p = sub.add_parser("verify", parents=[common], help="check that a run's Hub repo serves what was trained",
                        description="Compare what a run's Hub model repo serves (file sizes and hashes, as the Hub "

@@ -237,8 +237,8 @@ def check_compatible(metas: list[tuple[str | Path, dict]], vocab_size: int, max_
                            "train, eval and every stream need one seq_len")
 
 
-def build_dataloader(split: DataSplit, data: DataConfig, batch_size: int, train: bool) -> DataSpec:
-    """A DataSpec over one split; `batch_size` is per process.
+def build_dataset(split: DataSplit, data: DataConfig, batch_size: int, train: bool) -> MappedShards:
+    """The Streaming dataset of one split; `batch_size` is per process.
 
     A split of streams is one Streaming dataset over all of them: each epoch draws each stream's share (its
     proportion or repeat; Streaming's `Stream`), and the shuffle mixes the streams' samples within batches. The
@@ -265,6 +265,12 @@ def build_dataloader(split: DataSplit, data: DataConfig, batch_size: int, train:
         except (FileNotFoundError, ValueError) as e:
             folders = ", ".join(str(s.local) for s in split.streams.values()) if split.streams else split.local
             raise SlmError(f"cannot open the MDS shards at {folders}: {str(e).splitlines()[0]}") from e
+    return dataset
+
+
+def build_dataloader(split: DataSplit, data: DataConfig, batch_size: int, train: bool) -> DataSpec:
+    """A DataSpec over one split (`build_dataset`); `batch_size` is per process, the last short batch dropped."""
+    dataset = build_dataset(split, data, batch_size, train)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=data.num_workers,
                         drop_last=train, persistent_workers=data.num_workers > 0)
     return DataSpec(loader, get_num_tokens_in_batch=lambda b: b["input_ids"].numel())

@@ -1,39 +1,39 @@
-"""Evaluating a checkpoint or exported model on MDS shards (`slm eval`): the training metrics, as JSON."""
+"""Evaluating models on MDS shards (`slm eval`): the training metrics of one checkpoint as JSON, or of every
+checkpoint of runs (run folders, Hub repos) as one table with a row per (run, batch, metric)."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
 import torch
 from streaming import StreamingDataset
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM
+from tqdm import tqdm
 
 from slm.data import check_compatible, check_shards, collate
 from slm.errors import SlmError
-from slm.export import model_from_checkpoint, read_checkpoint
 from slm.metrics import build_metrics, byte_lengths
-from slm.model import CausalLM
+from slm.model import CausalLM, count_parameters
+from slm.models import Loaded, find_models, load_model, select
+from slm.paths import partial_file
 from slm.shards import read_metadata
 from slm.tokenizer import load_tokenizer, mismatch_hint, tokenizer_matches
 
-
-def load_model(path: Path):
-    """(model, tokenizer name) from a checkpoint file of slm/train.py or a `slm export` folder."""
-    if path.is_file():
-        state = read_checkpoint(path)
-        return model_from_checkpoint(state), state["callbacks"]["RunInfo"]["tokenizer"]
-    if not (path / "config.json").exists():
-        raise SlmError(f"{path} is neither a checkpoint file nor an exported model folder (no config.json)")
-    return AutoModelForCausalLM.from_pretrained(path).eval(), str(path)
+COLUMNS = ("model", "run", "architecture", "label", "batch", "tokens", "parameters", "data", "samples", "metric",
+           "value")
 
 
-def evaluate(model_path: Path, data: Path, batch_size: int = 16, max_batches: int | None = None) -> dict:
-    """Cross-entropy, perplexity, accuracy and bits per byte of the model on the shards at `data`."""
-    model, tokenizer_name = load_model(model_path)
+def evaluate_loaded(loaded: Loaded, data: Path, batch_size: int = 16, max_batches: int | None = None) -> dict:
+    """Cross-entropy, perplexity, accuracy and bits per byte of a loaded model on the shards at `data`, and the
+    number of samples read."""
+    model = loaded.model
     meta = read_metadata(data)
     check_shards(data)
-    tokenizer = load_tokenizer(tokenizer_name)
+    tokenizer = load_tokenizer(loaded.tokenizer)
     if not tokenizer_matches(tokenizer, meta["tokenizer"]):
         raise SlmError(f"{data} was tokenized with {meta['tokenizer']['name']}, not with the model's tokenizer"
                        f"{mismatch_hint(tokenizer, meta['tokenizer'])}")
@@ -51,5 +51,59 @@ def evaluate(model_path: Path, data: Path, batch_size: int = 16, max_batches: in
             outputs = wrapper.eval_forward(batch)
             for metric in metrics:
                 metric.update(outputs, wrapper.labels)
-    result = {type(m).__name__: m.compute().item() for m in metrics}
-    return {"model": str(model_path), "data": str(data), "samples": samples, **result}
+    return {"samples": samples, **{type(m).__name__: m.compute().item() for m in metrics}}
+
+
+def evaluate(model_path: Path, data: Path, batch_size: int = 16, max_batches: int | None = None) -> dict:
+    """The metrics of one checkpoint file or `slm export` folder."""
+    return {"model": str(model_path), "data": str(data),
+            **evaluate_loaded(load_model(model_path), data, batch_size, max_batches)}
+
+
+def read_table(path: Path) -> list[dict]:
+    """The rows of an eval table written before (none if there is no file)."""
+    if not path.exists():
+        return []
+    try:
+        table = pq.read_table(path) if path.suffix == ".parquet" else pcsv.read_csv(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise SlmError(f"{path} is no eval table ({str(e).splitlines()[0]}): move it away or give another --out") from e
+    missing = set(COLUMNS) - set(table.column_names)
+    if missing:
+        raise SlmError(f"{path} is no eval table of slm (no column {', '.join(sorted(missing))})")
+    return table.to_pylist()
+
+
+def _write_table(rows: list[dict], path: Path) -> None:
+    table = pa.Table.from_pylist(rows, schema=pa.schema([
+        ("model", pa.string()), ("run", pa.string()), ("architecture", pa.string()), ("label", pa.string()),
+        ("batch", pa.int64()),
+        ("tokens", pa.int64()), ("parameters", pa.int64()), ("data", pa.string()), ("samples", pa.int64()),
+        ("metric", pa.string()), ("value", pa.float64())]))
+    with partial_file(path) as tmp:
+        (pq.write_table if path.suffix == ".parquet" else pcsv.write_csv)(table, str(tmp))
+
+
+def evaluate_runs(models: list[str], data: Path, out: Path, wanted: str = "all", batch_size: int = 16,
+                  max_batches: int | None = None) -> tuple[int, int]:
+    """Evaluate every selected checkpoint of each MODEL into the table `out`, skipping those already in it; the
+    table is rewritten after each checkpoint, so an interrupted call keeps what it did. (done, skipped)."""
+    if out.suffix not in (".parquet", ".csv"):
+        raise SlmError(f"--out {out}: write a .parquet or .csv table")
+    rows = read_table(out)
+    have = {(row["model"], row["label"], row["data"]) for row in rows}
+    todo = [(model, label, load) for model in models for label, load in select(find_models(model), wanted,
+                                                                                model).items()]
+    skipped = sum((model, label, str(data)) in have for model, label, _ in todo)
+    todo = [item for item in todo if (item[0], item[1], str(data)) not in have]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for model, label, load in tqdm(todo, desc="Evaluating", unit="checkpoint"):
+        with tempfile.TemporaryDirectory(prefix="slm-eval-") as tmp:
+            loaded = load(Path(tmp))
+            result = evaluate_loaded(loaded, data, batch_size, max_batches)
+        common = {"model": model, "run": loaded.run, "architecture": loaded.model.config.model_type,
+                  "label": label, "batch": loaded.batch, "tokens": loaded.tokens,
+                  "parameters": count_parameters(loaded.model), "data": str(data), "samples": result.pop("samples")}
+        rows += [{**common, "metric": metric, "value": value} for metric, value in result.items()]
+        _write_table(rows, out)
+    return len(todo), skipped

@@ -8,12 +8,9 @@ checkpoint is written as a whole or not at all, so a re-run skips what is done a
 
 from __future__ import annotations
 
-import json
-import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,71 +20,16 @@ import torch
 from streaming import StreamingDataset
 from tqdm import tqdm
 
-from slm.checkpoints import checkpoints, is_complete
 from slm.data import check_compatible, check_shards, collate
 from slm.errors import SlmError
-from slm.evaluate import load_model
-from slm.export import model_from_checkpoint, read_checkpoint
 from slm.hub import Hub
-from slm.paths import is_local_path, partial_file
+from slm.models import find_models, select
+from slm.paths import partial_file
 from slm.shards import read_metadata
 from slm.tokenizer import load_tokenizer, mismatch_hint, tokenizer_matches
 
 HUB_FILE = "logprobs.parquet"
-LABEL = re.compile(r"ba(\d+)")
 SCHEMA = pa.schema([("sample", pa.int64()), ("token_ids", pa.list_(pa.int32())), ("logprobs", pa.list_(pa.float32()))])
-# A checkpoint's loader: given a scratch folder that lives while the model is used, (model, tokenizer name).
-Loader = Callable[[Path], tuple[torch.nn.Module, str]]
-
-
-def find_models(model: str) -> dict[str, Loader]:
-    """The checkpoints MODEL names, by label `ba{B}`, in training order; nothing is loaded yet but a lone .pt."""
-    path = Path(model).expanduser()
-    if not path.exists():
-        if is_local_path(model):
-            raise SlmError(f"model not found: {model}")
-        return _hub_models(model)
-    if path.is_file():
-        state = read_checkpoint(path)
-        label = f"ba{state['timestamp']['Timestamp']['batch']}"
-        return {label: lambda _: (model_from_checkpoint(state), state["callbacks"]["RunInfo"]["tokenizer"])}
-    if (path / "config.json").exists():
-        return {_export_label(path): lambda _: load_model(path)}
-    found = {f"ba{batch}": file for batch, file in sorted(checkpoints(path).items()) if is_complete(file)}
-    if not found:
-        raise SlmError(f"{path} holds no complete checkpoint (ep*-ba*-rank0.pt) and is not a folder written by "
-                       "`slm export` (no config.json)")
-    return {label: lambda _, file=file: load_model(file) for label, file in found.items()}
-
-
-def _export_label(folder: Path) -> str:
-    run = folder / "slm-run.json"
-    batch = json.loads(run.read_text()).get("timestamp", {}).get("batch") if run.exists() else None
-    return folder.name if batch is None else f"ba{batch}"
-
-
-def _hub_models(repo: str) -> dict[str, Loader]:
-    """The `ba{B}` branches of a Hub model repo (each an `slm export` folder), downloaded when loaded."""
-    try:
-        branches = Hub().branches(repo)
-    except FileNotFoundError:
-        raise SlmError(f"model not found: {repo} is neither a local path nor a Hub model repo") from None
-    labels = sorted((b for b in branches if LABEL.fullmatch(b)), key=lambda b: int(b[2:]))
-    if not labels:
-        raise SlmError(f"the Hub repo {repo} has no checkpoint branches (ba{{B}}, written by hub.export)")
-    return {label: lambda tmp, label=label: load_model(Hub().download_revision(repo, label, tmp / label))
-            for label in labels}
-
-
-def select(found: dict[str, Loader], wanted: str, model: str) -> dict[str, Loader]:
-    """The checkpoints `--checkpoints` names ('all' or a comma list of labels)."""
-    if wanted == "all":
-        return found
-    labels = [label.strip() for label in wanted.split(",") if label.strip()]
-    unknown = [label for label in labels if label not in found]
-    if unknown or not labels:
-        raise SlmError(f"no checkpoint {', '.join(unknown) or repr(wanted)} in {model}; it has: {', '.join(found)}")
-    return {label: found[label] for label in labels}
 
 
 def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -173,7 +115,8 @@ def write_logprobs(model: str, data: Path, out_dir: Path | None = None, out_repo
             table = local if local else Path(tmp) / "push" / HUB_FILE
             summary = f"{label}: taken from {local}"
             if todo_local or not local:
-                net, tokenizer_name = load(Path(tmp))
+                loaded = load(Path(tmp))
+                net, tokenizer_name = loaded.model, loaded.tokenizer
                 _check_data(net, tokenizer_name, data, meta)
                 table.parent.mkdir(parents=True, exist_ok=True)
                 mean = write_table(net.to(device), dataset, samples, batch_size, table, label)

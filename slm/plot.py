@@ -1,7 +1,10 @@
 """`slm plot`: the curves of one or more runs, read from their `metrics.jsonl` and `run.json`, as one PNG.
 
 Four panels: train loss and eval loss against tokens seen (log tokens), the learning rate, and, for
-a suite, the last eval loss of each run against its parameter count.
+a suite, the last eval loss of each run against its parameter count. From an eval table of
+`slm eval --out` instead (`plot_table`): every checkpoint's eval loss against tokens (time), and
+each run's final loss against parameters on log-log axes, one line per architecture with the fitted
+power law loss = a * N^b and its exponent b (scale).
 """
 
 from __future__ import annotations
@@ -92,6 +95,65 @@ def plot_runs(folders: list[Path], out: Path) -> Path:
                 va="center", transform=ax.transAxes)
     ax.set(title="last eval loss vs parameters", xlabel="parameters (embeddings included)", ylabel="eval loss")
 
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with partial_file(out) as tmp:
+            fig.savefig(tmp, dpi=110)
+    except OSError as e:
+        raise SlmError(f"cannot write {out}: {e.strerror or e}") from e
+    finally:
+        plt.close(fig)
+    return out
+
+
+def power_law(parameters: list[float], losses: list[float]) -> tuple[float, float]:
+    """(a, b) of loss = a * parameters^b, fitted by least squares in log-log space."""
+    import numpy as np
+
+    b, log_a = np.polyfit(np.log(parameters), np.log(losses), 1)
+    return float(np.exp(log_a)), float(b)
+
+
+def plot_table(table: Path, out: Path, metric: str = "CrossEntropy") -> Path:
+    """Draw the eval table's time and scale panels into the PNG `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from slm.evaluate import read_table
+
+    rows = [row for row in read_table(table) if row["metric"] == metric and row["tokens"] is not None]
+    if not rows:
+        raise SlmError(f"{table} has no {metric} rows with tokens: fill it with `slm eval RUN... --out {table}`")
+    runs: dict[str, list[dict]] = {}
+    for row in rows:
+        runs.setdefault(row["run"] or row["model"], []).append(row)
+    fig, (time_ax, scale_ax) = plt.subplots(1, 2, figsize=(13, 5))
+    for run, points in sorted(runs.items()):
+        points.sort(key=lambda r: r["tokens"])
+        time_ax.plot([r["tokens"] for r in points], [r["value"] for r in points], marker="o", markersize=3,
+                     label=f"{run} ({points[-1]['parameters'] / 1e6:.3g}M)")
+    time_ax.set(title=f"eval {metric} over training", xlabel="tokens seen", ylabel=metric, xscale="log")
+    time_ax.grid(True, which="both", alpha=0.3)
+    time_ax.legend(fontsize="small")
+    families: dict[str, list[tuple[int, float]]] = {}
+    for points in runs.values():
+        final = max(points, key=lambda r: r["tokens"])
+        families.setdefault(final["architecture"] or "?", []).append((final["parameters"], final["value"]))
+    for family, points in sorted(families.items()):
+        points.sort()
+        params, losses = [p for p, _ in points], [v for _, v in points]
+        line = scale_ax.plot(params, losses, marker="o", linestyle="", label=family)[0]
+        if len(points) >= 2:
+            a, b = power_law(params, losses)
+            scale_ax.plot(params, [a * n**b for n in params], color=line.get_color(),
+                          label=f"{family}: {a:.3g} N^{b:.3f}")
+    scale_ax.set(title=f"final {metric} vs parameters", xlabel="parameters (embeddings included)", ylabel=metric,
+                 xscale="log", yscale="log")
+    scale_ax.grid(True, which="both", alpha=0.3)
+    scale_ax.legend(fontsize="small")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     try:

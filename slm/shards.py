@@ -6,7 +6,10 @@ tokens and put `<bos>` in front of each piece. Every sample is exactly `seq_len`
 tokens; the last short piece is dropped; no padding.
 
 Documents stream through in batches (Rust-side threads do the encoding), samples stream
-into `streaming.MDSWriter`, so memory does not grow with the corpus.
+into `streaming.MDSWriter`, so memory does not grow with the corpus (but for one length per
+document). Beside the shards, `slm-documents.npz` records where every sample came from: the
+source document of its first token and the offset of that token in it, and every document's
+length in tokens (with its <eos>), which name every document a sample holds.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from slm.paths import partial_folder, refuse_to_clobber
 
 CHUNKING_RULE = "slm-v1"
 METADATA_FILE = "slm-dataset.json"
+DOCUMENTS_FILE = "slm-documents.npz"
+DOCUMENTS_FORMAT = 1
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -61,6 +66,55 @@ class Chunker:
 def chunk(docs: Iterable[list[int]], seq_len: int, bos_id: int, eos_id: int) -> np.ndarray:
     """The whole rule at once, for small inputs and tests."""
     return Chunker(seq_len, bos_id, eos_id, np.dtype(np.uint32)).add(docs)
+
+
+@dataclass
+class Documents:
+    """Where each sample of a shard folder came from (`slm-documents.npz`, format 1)."""
+
+    sample_document: np.ndarray  # int64 per sample: index in the source split of the document of its first token
+    sample_offset: np.ndarray  # int64 per sample: that token's offset in the document
+    document_tokens: np.ndarray  # int64 per document: its tokens, its <eos> included
+    seq_len: int
+
+    @classmethod
+    def of_lengths(cls, document_tokens: np.ndarray, samples: int, seq_len: int) -> Documents:
+        """The record of a folder of `samples` samples cut from documents of these lengths by the chunking rule."""
+        starts = np.arange(samples, dtype=np.int64) * (seq_len - 1)  # in the concatenated tokens, <bos> aside
+        ends = np.cumsum(document_tokens)
+        first = np.searchsorted(ends, starts, side="right")
+        return cls(first, starts - (ends[first] - document_tokens[first]), document_tokens, seq_len)
+
+    def of_sample(self, sample: int) -> list[int]:
+        """The documents sample `sample` holds tokens of, in order."""
+        document = int(self.sample_document[sample])
+        left = self.seq_len - 1 - (int(self.document_tokens[document]) - int(self.sample_offset[sample]))
+        held = [document]
+        while left > 0 and document + 1 < len(self.document_tokens):
+            document += 1
+            held.append(document)
+            left -= int(self.document_tokens[document])
+        return held
+
+    def save(self, folder: Path) -> None:
+        np.savez(folder / DOCUMENTS_FILE, format=np.int64(DOCUMENTS_FORMAT), seq_len=np.int64(self.seq_len),
+                 sample_document=self.sample_document, sample_offset=self.sample_offset,
+                 document_tokens=self.document_tokens)
+
+
+def read_documents(folder: Path) -> Documents | None:
+    """The folder's document record; None for shards written before slm kept one."""
+    path = Path(folder) / DOCUMENTS_FILE
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as data:
+            if int(data["format"]) != DOCUMENTS_FORMAT:
+                raise SlmError(f"{path} is format {int(data['format'])}; this slm reads format {DOCUMENTS_FORMAT}")
+            return Documents(data["sample_document"], data["sample_offset"], data["document_tokens"],
+                             int(data["seq_len"]))
+    except (OSError, KeyError, ValueError) as e:
+        raise SlmError(f"{path} is truncated or corrupt ({e}): re-run `slm tokenize`") from e
 
 
 @dataclass
@@ -105,6 +159,7 @@ def write_shards(batches: Iterable[list[str]], tokenizer, identity: dict, seq_le
         if out_dir.is_file():
             raise SlmError(f"output {out_dir} is a file, not a folder")
     stats = ShardStats()
+    lengths: list[np.ndarray] = []  # per batch: each document's tokens, its <eos> included
     start = time.perf_counter()
     with partial_folder(out_dir) if out_dir else nullcontext() as partial:
         out = (str(partial), out_remote) if partial and out_remote else str(partial or out_remote)
@@ -116,8 +171,9 @@ def write_shards(batches: Iterable[list[str]], tokenizer, identity: dict, seq_le
                 samples = chunker.add(ids)
                 for sample in samples:
                     writer.write({"tokens": sample})
+                lengths.append(np.fromiter(map(len, ids), np.int64, n_docs) + 1)
                 stats.documents += n_docs
-                stats.tokens += sum(map(len, ids)) + n_docs
+                stats.tokens += int(lengths[-1].sum())
                 stats.samples += len(samples)
                 bar.update(n_docs)
                 bar.set_postfix(tokens=f"{stats.tokens:,}",
@@ -127,8 +183,10 @@ def write_shards(batches: Iterable[list[str]], tokenizer, identity: dict, seq_le
             stats.dropped_tail_tokens = len(chunker.pending)
             stats.seconds = time.perf_counter() - start
             _write_metadata(Path(writer.local), identity, seq_len, dtype, stats, source or {})
+            Documents.of_lengths(np.concatenate(lengths), stats.samples, seq_len).save(Path(writer.local))
             if writer.remote:
                 writer.cloud_writer.upload_file(METADATA_FILE)
+                writer.cloud_writer.upload_file(DOCUMENTS_FILE)
     return stats
 
 
@@ -143,6 +201,7 @@ def _write_metadata(folder: Path, identity: dict, seq_len: int, dtype: np.dtype,
                     source: dict) -> None:
     meta = {"chunking_rule": CHUNKING_RULE, "tokenizer": identity, "seq_len": seq_len, "dtype": dtype.name,
             "column": "tokens", "source": source,
+            "document_record": {"file": DOCUMENTS_FILE, "format": DOCUMENTS_FORMAT},
             **{k: v for k, v in asdict(stats).items() if k != "seconds"}}
     (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 

@@ -54,6 +54,7 @@ from slm.checkpoints import (
 from slm.config import OptimizerConfig, TrainConfig, load_config, save_config
 from slm.data import build_dataloader, check_compatible, split_metadatas
 from slm.errors import SlmError, disk_error, run_command
+from slm.errors import describe as describe_error
 from slm.hub import CommitBudget, Hub
 from slm.hub_store import HubCheckpoints
 from slm.loggers import MetricsFile, WriteMetricsRow, wandb_run_id
@@ -64,6 +65,7 @@ from slm.preemption import SIGNALS, StopOnSignal
 from slm.runinfo import RunInfo
 from slm.schedules import Schedule
 from slm.shm import clean_stale_shared_memory
+from slm.status import record_state
 from slm.tokenizer import load_tokenizer, mismatch_hint, tokenizer_matches
 from slm.warmstart import IGNORE_KEYS, check_fits, describe, warm_start_checkpoint
 
@@ -280,14 +282,26 @@ def train(cfg: TrainConfig) -> int:
     started = "resumed" if loaded and not branched else "starting"
     say(f"{cfg.run_name}: {started} at batch {batch} of {cfg.max_duration}{branched}"
         + ("; already finished (a larger max_duration continues it)" if finished else ""))
-    if not finished:  # a resubmitted or requeued job whose run is done has nothing to do, and is no error
-        trainer.fit()
-    for hub in (d for d in trainer.logger.destinations if isinstance(d, HubCheckpoints)):
-        hub.finish(trainer.state)  # the upload queue drains (an earlier start's too) before the run exits
-    trainer.close()
+    record_state(cfg.folder, "running", batch=batch)
+    try:
+        if not finished:  # a resubmitted or requeued job whose run is done has nothing to do, and is no error
+            trainer.fit()
+        for hub in (d for d in trainer.logger.destinations if isinstance(d, HubCheckpoints)):
+            hub.finish(trainer.state)  # the upload queue drains (an earlier start's too) before the run exits
+        trainer.close()
+    except KeyboardInterrupt:
+        record_state(cfg.folder, "stopped", detail="a second Ctrl-C stopped it at once")
+        raise
+    except Exception as e:
+        record_state(cfg.folder, "failed", detail=describe_error(e))
+        raise
     stop = next(c for c in trainer.state.callbacks if isinstance(c, StopOnSignal))
+    batch = int(trainer.state.timestamp.batch)
     if stop.stopped_at is None:
+        record_state(cfg.folder, "finished", batch=batch, detail=f"at batch {batch}")
         return 0
+    record_state(cfg.folder, "stopped", batch=batch, detail=f"at batch {stop.stopped_at} on {stop.received}",
+                 exit_status=stop.exit_status)
     say(f"{cfg.run_name}: stopped at batch {stop.stopped_at} on {stop.received}, checkpoint saved; the same command "
         "resumes it")
     return stop.exit_status  # 75 (requeued by jobs/*), or 130 after a Ctrl-C

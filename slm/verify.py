@@ -232,8 +232,8 @@ class _Check:
 
     def deep(self) -> None:
         """Download each checkpoint and export, recompute the weights digests, compare."""
-        from slm.evaluate import load_model
         from slm.export import read_checkpoint
+        from slm.models import load_export
 
         for i, row in enumerate(self.report.rows, 1):
             print(f"slm verify: downloading batch {row.batch} ({i} of {len(self.report.rows)})", file=sys.stderr,
@@ -253,7 +253,7 @@ class _Check:
                     row.weights = computed
                 if row.batch in self.branches:
                     folder = self.hub.download_revision(self.repo, branch_name(row.batch), Path(tmp) / "export")
-                    exported = weights_digest(load_model(folder)[0].state_dict())
+                    exported = weights_digest(load_export(folder).model.state_dict())
                     reference = computed or recorded
                     if reference and exported != reference:
                         self.report.fault("export_mismatch", f"branch {branch_name(row.batch)} serves other weights "

@@ -170,7 +170,7 @@ def test_shards_uploaded_to_hf_stream_back_into_training(fake_hub, reference, tm
             "--out-remote", "hf://datasets/me/stories/train")
     uploaded = fake_hub.repo_dir("me/stories", "dataset") / "train"
     names = sorted(p.name for p in uploaded.iterdir())
-    assert names == ["index.json", "shard.00000.mds.zstd", "slm-dataset.json"]
+    assert names == ["index.json", "shard.00000.mds.zstd", "slm-dataset.json", "slm-documents.npz"]
     for name in names:  # (the local folder also holds shards Streaming decompressed while training)
         assert (uploaded / name).read_bytes() == (shards / "train" / name).read_bytes(), name
     config = write_yaml(tmp_path / "tiny.yaml", shards)

@@ -60,10 +60,12 @@ def test_signal_to_one_rank_stops_all_at_one_checkpoint_and_resumes_bitwise(tmp_
     rows = metric_rows(folder / "metrics.jsonl")
     assert [r["batch"] for r in rows] == list(range(1, batch + 1))
     assert [r["batch"] for r in rows if "metrics/eval/CrossEntropy" in r] == [8] * (batch >= 8)  # no early final eval
+    assert run_state(folder) == ("stopped", f"at batch {batch} on a signal to another process")
 
     last = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert last.returncode == 0, last.stderr[-3000:]
     assert resumed_at(last) == batch
+    assert run_state(folder) == ("finished", "at batch 16")
     assert_bitwise_equal(final_state(tmp_path / "ckpt" / "ref"), final_state(folder))
     rows = metric_rows(folder / "metrics.jsonl")
     assert [r["batch"] for r in rows] == list(range(1, 17))
@@ -142,17 +144,20 @@ def test_ctrl_c_once_checkpoints_twice_stops_at_once_and_the_run_ends_bitwise(tm
     # a checkpoint being written when the second Ctrl-C came is finished first: the newest is whole
     assert sorted(checkpoints(folder)) == list(range(1, int(announced.group(1))))
     assert newest_complete(folder) == checkpoints(folder)[int(announced.group(1)) - 1]
+    assert run_state(folder) == ("stopped", "a second Ctrl-C stopped it at once")
 
     once = Terminal(cmd)  # Ctrl-C once the batch that was under way is saved this time
     wait_for(lambda: (folder / f"ep0-ba{announced.group(1)}-rank0.pt").exists() or once.proc.poll() is not None)
     once.ctrl_c()
     batch = stopped_by_ctrl_c(once, folder)
+    assert run_state(folder) == ("stopped", f"at batch {batch} on SIGINT")
     assert resumed_at(once) == int(announced.group(1)) - 1
     assert [r["batch"] for r in metric_rows(folder / "metrics.jsonl")] == list(range(1, batch + 1))
 
     last = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert last.returncode == 0, last.stderr[-3000:]
     assert resumed_at(last) == batch
+    assert run_state(folder) == ("finished", "at batch 4")
     assert_bitwise_equal(final_state(tmp_path / "ckpt" / "ref"), final_state(folder))
 
 
@@ -200,3 +205,11 @@ def test_a_ctrl_c_is_what_stopped_the_run_whatever_came_before_or_after_it(after
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+def run_state(folder: Path) -> tuple[str, str]:
+    """What `slm status` says of the run: its state and the detail, without the time."""
+    from slm.status import run_status
+
+    status = run_status(folder)
+    return status.state, status.detail.rsplit(" (", 1)[0]
