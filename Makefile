@@ -99,17 +99,18 @@ lint: $(STAMP)
 
 PYTEST := HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q
 
-# The full gate (what CI runs): every test, the training, cluster and root ones included. The cluster tests,
-# which spend much of their time waiting on the schedulers, run in a second pytest session beside the others
-# (one thread a process, temporary folders of its own); their report follows.
+# The full gate (what CI runs): every test, the training, cluster and root ones included. The cluster tests and
+# those marked `beside`, which spend much of their time waiting on schedulers or training subprocesses, run in a
+# second pytest session beside the others (one thread a process, temporary folders of its own); its report follows.
 # BUSY=N keeps N other processes spinning on the CPU meanwhile: the suite as on a shared machine.
 BUSY ?= 0
 test: lint
-	@log=$$(mktemp); OMP_NUM_THREADS=1 TMPDIR=$$(mktemp -d) $(PYTEST) -m cluster >$$log 2>&1 & cluster=$$!; \
-	echo "$(PYTEST) -m 'not cluster' --busy $(BUSY), and beside it: $(PYTEST) -m cluster"; \
-	$(PYTEST) -m "not cluster" --busy $(BUSY); status=$$?; \
-	wait $$cluster || status=1; \
-	echo "== the cluster tests, beside the others: $(PYTEST) -m cluster =="; cat $$log; rm -f $$log; \
+	@log=$$(mktemp); OMP_NUM_THREADS=1 TMPDIR=$$(mktemp -d) $(PYTEST) -m "cluster or beside" >$$log 2>&1 & \
+	second=$$!; \
+	echo "$(PYTEST) -m 'not cluster and not beside' --busy $(BUSY), and beside it: $(PYTEST) -m 'cluster or beside'"; \
+	$(PYTEST) -m "not cluster and not beside" --busy $(BUSY); status=$$?; \
+	wait $$second || status=1; \
+	echo "== the second session: $(PYTEST) -m 'cluster or beside' =="; cat $$log; rm -f $$log; \
 	exit $$status
 
 # The tests of what differs between the stacks (pytest -m stack): CI runs them on the current stack.

@@ -13,7 +13,7 @@ from slm.plot import power_law
 
 from conftest import train, write_yaml
 
-pytestmark = pytest.mark.train
+pytestmark = [pytest.mark.train, pytest.mark.beside]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from slm.cli import main
 
 from conftest import REPO, train_cmd, write_yaml
 
-pytestmark = pytest.mark.train
+pytestmark = [pytest.mark.train, pytest.mark.beside]
 RECORDER = Path(__file__).resolve().parent / "recorder"
 BATCH = 64
 
