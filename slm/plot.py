@@ -50,6 +50,22 @@ def read_run(folder: Path) -> Run:
     return Run(info.get("run_name", folder.name), rows, info)
 
 
+def _save(fig, out: Path) -> Path:
+    """The figure as the PNG `out`, written whole or not at all."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with partial_file(out) as tmp:
+            fig.savefig(tmp, dpi=110)
+    except OSError as e:
+        raise SlmError(f"cannot write {out}: {e.strerror or e}") from e
+    finally:
+        plt.close(fig)
+    return out
+
+
 def _label(run: Run) -> str:
     return f"{run.name} ({run.parameters / 1e6:.3g}M)" if run.parameters else run.name
 
@@ -95,16 +111,7 @@ def plot_runs(folders: list[Path], out: Path) -> Path:
                 va="center", transform=ax.transAxes)
     ax.set(title="last eval loss vs parameters", xlabel="parameters (embeddings included)", ylabel="eval loss")
 
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with partial_file(out) as tmp:
-            fig.savefig(tmp, dpi=110)
-    except OSError as e:
-        raise SlmError(f"cannot write {out}: {e.strerror or e}") from e
-    finally:
-        plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def power_law(parameters: list[float], losses: list[float]) -> tuple[float, float]:
@@ -154,13 +161,4 @@ def plot_table(table: Path, out: Path, metric: str = "CrossEntropy") -> Path:
                  xscale="log", yscale="log")
     scale_ax.grid(True, which="both", alpha=0.3)
     scale_ax.legend(fontsize="small")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with partial_file(out) as tmp:
-            fig.savefig(tmp, dpi=110)
-    except OSError as e:
-        raise SlmError(f"cannot write {out}: {e.strerror or e}") from e
-    finally:
-        plt.close(fig)
-    return out
+    return _save(fig, out)

@@ -21,7 +21,7 @@ from slm.manifest import MANIFEST, file_record, weights_digest
 
 from conftest import hub_double, train, write_yaml
 
-pytestmark = [pytest.mark.stack, pytest.mark.train]
+pytestmark = [pytest.mark.train, pytest.mark.beside]
 REPO_ID = "me/published"
 BATCHES = (1, 2, 4, 8)
 
