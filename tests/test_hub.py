@@ -252,6 +252,7 @@ def test_a_dropped_connection_of_the_hubs_http_library_is_retried(fake_hub, capl
 
 
 @pytest.mark.train
+@pytest.mark.beside  # waits on the double's latency and windows
 def test_a_run_checkpointing_every_batch_stays_within_the_budget_and_gets_everything_up(fake_hub, tmp_path, shards):
     """The Hub allows 4 commits per 4 s here; slm's budget is 3 per 4 s; one 429 (Retry-After 1) is scripted."""
     set_limits(fake_hub, max_commits=4, window=4)
@@ -281,6 +282,7 @@ def test_a_run_checkpointing_every_batch_stays_within_the_budget_and_gets_everyt
 
 
 @pytest.mark.train
+@pytest.mark.beside  # waits on the double's latency and windows
 def test_slow_uploads_do_not_slow_training(fake_hub, tmp_path, shards):
     """Each commit takes 2 s: the training loop's own time exceeds a run's whose commits are instant by less than
     one commit's wait (a ratio failed on noise: the loop is ~1.3 s, and 10 % of it is a hiccup of this VM).
@@ -312,6 +314,7 @@ def test_slow_uploads_do_not_slow_training(fake_hub, tmp_path, shards):
 
 
 @pytest.mark.train
+@pytest.mark.beside  # waits on the double's latency and windows
 def test_a_kill_during_an_upload_loses_nothing(fake_hub, tmp_path, shards):
     set_limits(fake_hub, latency=3)
     config = write_yaml(tmp_path / "tiny.yaml", shards)

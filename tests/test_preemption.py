@@ -25,7 +25,7 @@ from conftest import REPO, assert_bitwise_equal, final_state, resumed_at, train,
 EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130
 
-pytestmark = pytest.mark.train
+pytestmark = [pytest.mark.train, pytest.mark.beside]  # training subprocesses and their signals
 
 
 def ranks_of(launcher: subprocess.Popen) -> dict[int, int]:
