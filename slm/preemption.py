@@ -37,7 +37,7 @@ from slm.launch import EXIT_INTERRUPTED, EXIT_PREEMPTED, SIGNALS
 __all__ = ["EXIT_INTERRUPTED", "EXIT_PREEMPTED", "SIGNALS", "StopOnSignal"]
 
 SCHEDULER, CTRL_C = 1, 2  # what a process received, as the all-reduce compares it (the larger wins)
-SAVES = (Event.BATCH_CHECKPOINT, Event.EPOCH_CHECKPOINT, Event.ITERATION_CHECKPOINT)  # the saver may write at these
+SAVES = frozenset((Event.BATCH_CHECKPOINT, Event.EPOCH_CHECKPOINT, Event.ITERATION_CHECKPOINT))  # the saver may write
 
 
 def _launcher_note() -> str:

@@ -15,6 +15,7 @@ import gc
 import netrc
 import os
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
@@ -23,8 +24,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 import tqdm.auto
-from composer.core import Engine, State, TimeUnit
-from composer.loggers import Logger, ProgressBarLogger, WandBLogger
+from composer.core import Callback, Engine, Event, State, TimeUnit
+from composer.core.event import _AFTER_EVENTS, _BEFORE_EVENTS
+from composer.loggers import Logger, LoggerDestination, ProgressBarLogger, WandBLogger
+from composer.trainer import Trainer
 from composer.utils import dist
 
 from slm.errors import SlmError
@@ -97,9 +100,113 @@ def engine_debug_log_when_asked() -> Iterator[None]:
 
 
 @contextmanager
+def _replaced(*replacements: tuple[Any, str, Any]) -> Iterator[None]:
+    """Each (owner, name, value): `owner.name = value` for the duration, then the original again."""
+    originals = [(owner, name, owner.__dict__[name]) for owner, name, _ in replacements]
+    for owner, name, value in replacements:
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for owner, name, value in originals:
+            setattr(owner, name, value)
+
+
+@functools.cache
+def _answers(cls: type, event_name: str) -> bool:
+    """Whether a callback class does anything at an event: its method for it, or its run_event, is its own."""
+    return (cls.run_event is not Callback.run_event
+            or getattr(cls, event_name, None) is not getattr(Callback, event_name, None))
+
+
+def _dispatch(engine: Engine, event: Event, loggers: bool) -> None:
+    """Run the loggers' (or the other callbacks') answers to `event`, in state.callbacks' order."""
+    callbacks = engine.state.callbacks
+    key = (event, loggers, tuple(map(id, callbacks)))
+    cache = engine.__dict__.setdefault("_slm_answering", {})
+    if key not in cache:  # a new event, or state.callbacks changed (same list of the same objects: same answer)
+        if len(cache) > 1024:
+            cache.clear()
+        cache[key] = [cb for cb in callbacks
+                      if isinstance(cb, LoggerDestination) == loggers and _answers(type(cb), event.value)]
+    for callback in cache[key]:
+        callback.run_event(event, engine.state, engine.logger)
+
+
+@contextmanager
+def quick_event_dispatch() -> Iterator[None]:
+    """Composer's Engine (composer/core/engine.py) spends ~37 us on each of a batch's 13 events before anything
+    happens: `Event.is_before_event` / `is_after_event` look the event up in tuples of 15 through StringEnum's
+    Python `__eq__`, `_run_loggers` and `_run_nonlogger_callbacks` rebuild their lists with isinstance, every
+    callback is called (most with Callback's empty method), and `_run_algorithms` orders and traces an empty list.
+    Here the same callbacks run in the same order, only those whose class answers the event (its method or its
+    run_event overridden), their lists kept while state.callbacks holds the same objects; membership is a set
+    lookup; with no matching algorithm there is no pass and no trace. With a profiler (whose markers need every
+    call) or ENGINE_DEBUG set, Composer's own dispatch runs."""
+    require("mosaicml", "the cost of Composer's event dispatch")
+    if os.environ.get("ENGINE_DEBUG"):
+        yield
+        return
+    originals = {name: getattr(Engine, name) for name in ("_run_loggers", "_run_nonlogger_callbacks",
+                                                          "_run_algorithms")}
+    before, after = frozenset(_BEFORE_EVENTS), frozenset(_AFTER_EVENTS)
+
+    def run_loggers(self: Engine, event: Event | str) -> None:
+        if self.state.profiler is not None:
+            return originals["_run_loggers"](self, event)
+        _dispatch(self, Event(event), loggers=True)
+
+    def run_nonlogger_callbacks(self: Engine, event: Event | str) -> None:
+        if self.state.profiler is not None:
+            return originals["_run_nonlogger_callbacks"](self, event)
+        _dispatch(self, Event(event), loggers=False)
+
+    def run_algorithms(self: Engine, event: Event) -> Any:
+        if self.state.profiler is None and not any(a.match(event, self.state) for a in self.state.algorithms):
+            return OrderedDict()  # the Traces of no algorithm
+        return originals["_run_algorithms"](self, event)
+
+    with _replaced((Engine, "_run_loggers", run_loggers), (Engine, "_run_nonlogger_callbacks", run_nonlogger_callbacks),
+                   (Engine, "_run_algorithms", run_algorithms),
+                   (Event, "is_before_event", property(lambda event: event in before)),
+                   (Event, "is_after_event", property(lambda event: event in after))):
+        yield
+
+
+@contextmanager
+def single_process_collectives() -> Iterator[None]:
+    """In one process, Composer still runs five collectives a batch through its `dist` (composer/utils/dist.py:
+    the data loader's end, the batch size, the loss, SpeedMonitor's FLOPs, the time) on a one-process gloo group,
+    and `Trainer._accumulate_time_across_ranks` builds two tensors a batch and reads them back with three
+    `.item()` calls (host syncs on a GPU). At world size 1 an all-reduce or broadcast leaves its tensor as it is,
+    so here it returns at once, and the batch's samples, tokens and time are taken as they are."""
+    require("mosaicml", "Composer's collectives in one process")
+    all_reduce, broadcast = dist.all_reduce, dist.broadcast
+    accumulate = Trainer._accumulate_time_across_ranks
+
+    def all_reduce_in_one(tensor: Any, reduce_operation: str = "SUM", group: Any = None) -> None:
+        if dist.get_world_size() > 1:
+            all_reduce(tensor, reduce_operation, group)
+
+    def broadcast_in_one(tensor: Any, src: int, group: Any = None) -> None:
+        if dist.get_world_size() > 1:
+            broadcast(tensor, src, group)
+
+    def accumulate_in_one(self: Trainer, num_samples: Any, num_tokens: int, batch_time: Any) -> Any:
+        if dist.get_world_size() == 1 and isinstance(num_samples, int):
+            return num_samples, int(num_tokens), batch_time
+        return accumulate(self, num_samples, num_tokens, batch_time)
+
+    with _replaced((dist, "all_reduce", all_reduce_in_one), (dist, "broadcast", broadcast_in_one),
+                   (Trainer, "_accumulate_time_across_ranks", accumulate_in_one)):
+        yield
+
+
+@contextmanager
 def applied() -> Iterator[None]:
     """The process-wide workarounds, for the duration of a training run; Composer is as installed afterwards."""
-    with per_node_signal_file(), quiet_composer_warnings(), engine_debug_log_when_asked(), shared_memory_released():
+    with (per_node_signal_file(), quiet_composer_warnings(), engine_debug_log_when_asked(), quick_event_dispatch(),
+          single_process_collectives(), shared_memory_released()):
         yield
 
 

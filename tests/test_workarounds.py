@@ -7,10 +7,14 @@ import re
 import subprocess
 import sys
 import warnings
+from datetime import timedelta
 from importlib import metadata
+from types import SimpleNamespace
 
 import pytest
-from composer.core import Engine
+import torch
+from composer.core import Callback, Engine, Event
+from composer.trainer import Trainer
 from composer.utils import dist
 
 from slm import workarounds
@@ -20,6 +24,8 @@ from slm.train import main as train_main
 from conftest import REPO
 
 pytestmark = pytest.mark.stack  # CI runs this module on the current stack too (make test-stack)
+
+DISPATCH = ("_run_loggers", "_run_nonlogger_callbacks", "_run_algorithms")
 
 
 def test_importing_train_patches_nothing():
@@ -38,7 +44,9 @@ def test_importing_train_patches_nothing():
 def test_applied_patches_for_the_run_and_restores(monkeypatch):
     monkeypatch.delenv("ENGINE_DEBUG", raising=False)
     original, filters, debug_log = dist.get_node_signal_file_name, list(warnings.filters), Engine._debug_log
+    dispatch, all_reduce = [getattr(Engine, n) for n in DISPATCH], dist.all_reduce
     with workarounds.applied():
+        assert [getattr(Engine, n) for n in DISPATCH] != dispatch and dist.all_reduce is not all_reduce
         assert dist.get_node_signal_file_name is not original
         assert dist.get_node_signal_file_name().endswith("-node0")
         assert warnings.filters != filters
@@ -46,9 +54,54 @@ def test_applied_patches_for_the_run_and_restores(monkeypatch):
     assert dist.get_node_signal_file_name is original
     assert warnings.filters == filters
     assert Engine._debug_log is debug_log
-    monkeypatch.setenv("ENGINE_DEBUG", "1")  # asked for: Composer's own debug log stays
+    assert [getattr(Engine, n) for n in DISPATCH] == dispatch and dist.all_reduce is all_reduce
+    monkeypatch.setenv("ENGINE_DEBUG", "1")  # asked for: Composer's own debug log and dispatch stay
     with workarounds.applied():
         assert Engine._debug_log is debug_log
+        assert [getattr(Engine, n) for n in DISPATCH] == dispatch
+
+
+class Answers(Callback):
+    def __init__(self, calls: list, name: str):
+        self.calls, self.name = calls, name
+
+    def batch_end(self, state, logger):
+        self.calls.append(self.name)
+
+
+class Every(Callback):
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def run_event(self, event, state, logger):
+        self.calls.append(f"every {event.value}")
+
+
+def test_quick_dispatch_runs_the_same_callbacks_in_the_same_order():
+    """Only callbacks that answer an event are called, in state.callbacks' order, and a change to that list is seen."""
+    calls: list = []
+    first, every, last = Answers(calls, "first"), Every(calls), Answers(calls, "last")
+    state = SimpleNamespace(callbacks=[first, Callback(), every, last], profiler=None, algorithms=[])
+    engine = SimpleNamespace(state=state, logger=None)
+    with workarounds.quick_event_dispatch():
+        for event in (Event.BATCH_END, Event.BEFORE_LOSS):
+            Engine._run_nonlogger_callbacks(engine, event)
+        state.callbacks.remove(first)
+        Engine._run_nonlogger_callbacks(engine, Event.BATCH_END)
+        assert Event.AFTER_LOSS.is_after_event and not Event.AFTER_LOSS.is_before_event
+        assert Event.BEFORE_LOSS.is_before_event and not Event.BATCH_END.is_before_event
+        assert Engine._run_algorithms(engine, Event.BATCH_END) == {}
+    assert calls == ["first", "every batch_end", "last", "every before_loss", "every batch_end", "last"]
+
+
+def test_collectives_in_one_process_leave_their_tensors_as_they_are():
+    tensor = torch.tensor([3.0, 4.0])
+    with workarounds.single_process_collectives():
+        dist.all_reduce(tensor, "MAX")
+        dist.broadcast(tensor, src=0)
+        assert Trainer._accumulate_time_across_ranks(None, 8, 512, timedelta(seconds=0.5)) == (
+            8, 512, timedelta(seconds=0.5))
+    assert tensor.tolist() == [3.0, 4.0]
 
 
 @pytest.mark.parametrize("use", [
