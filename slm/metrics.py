@@ -85,7 +85,10 @@ class BitsPerByte(_LossMetric):
         self.add_state("sum_bytes", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def _count_bytes(self, target: torch.Tensor) -> None:
-        self.sum_bytes += self.byte_table.to(target.device)[target[target != IGNORE]].sum().to(self.sum_bytes.device)
+        # A lookup of every position, the ignored ones zeroed: indexing with the mask would make the host wait for
+        # the device (the mask's count decides the result's shape).
+        counted = self.byte_table.to(target.device)[target.clamp(min=0)] * (target != IGNORE)
+        self.sum_bytes += counted.sum().to(self.sum_bytes.device)
 
     def compute(self) -> torch.Tensor:
         return (self.sum_nats / (math.log(2) * self.sum_bytes.clamp(min=1))).float()
