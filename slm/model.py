@@ -14,11 +14,16 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import inspect
+import sys
+import time
 from typing import Any
 
 import torch
 import transformers
+from composer.core import Callback, State
+from composer.loggers import Logger
 from composer.models import HuggingFaceModel
+from composer.utils import dist
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL_LM_NAMES
@@ -222,7 +227,9 @@ class CausalLM(HuggingFaceModel):
         self.labels = batch.pop("labels")
         self.labels[:, :-1] = self.labels[:, 1:].clone()  # HF causal LMs shift inside; the metrics need it here
         self.labels[:, -1] = -100
-        logits = (outputs if outputs else self.forward(batch))["logits"]
+        # The class's forward, eager: with `compile: true` Composer puts a compiled one on the instance, which a
+        # call without gradients would compile again.
+        logits = (outputs if outputs else type(self).forward(self, batch))["logits"]
         if outputs is not None and outputs.get("loss") is not None:
             loss = outputs["loss"]
         else:
@@ -236,3 +243,25 @@ class CausalLM(HuggingFaceModel):
         if seq_len not in self._flops_per_token:
             self._flops_per_token[seq_len] = flops_per_token(self.model, seq_len)
         return self._flops_per_token[seq_len] * batch_size * seq_len
+
+
+class CompileTime(Callback):
+    """With `compile: true`, Composer hands the wrapper to `torch.compile`, so the model's forward and the loss it
+    computes inside (the labels go in with the batch) and their backward run as compiled graphs; the graphs are
+    built during the first batch of each start, which this says once, with its seconds. Evaluation calls the
+    wrapper's eval_forward, eager, and the training loader drops its last short batch: nothing compiles again."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.said = False
+
+    def before_forward(self, state: State, logger: Logger) -> None:
+        if self.start is None:
+            self.start = time.perf_counter()
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if not self.said and self.start is not None:
+            self.said = True
+            if dist.get_global_rank() == 0:
+                print(f"slm train: compiled the model's forward, loss and backward in the first batch: "
+                      f"{time.perf_counter() - self.start:.1f} s", file=sys.stderr, flush=True)

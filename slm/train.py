@@ -60,7 +60,7 @@ from slm.hub_store import HubCheckpoints
 from slm.loggers import MetricsFile, WriteMetricsRow, wandb_run_id
 from slm.manifest import remote_name
 from slm.metrics import TrainMetrics, build_metrics, byte_lengths
-from slm.model import CausalLM, build_hf_model, context_length, count_parameters, use_special_tokens
+from slm.model import CausalLM, CompileTime, build_hf_model, context_length, count_parameters, use_special_tokens
 from slm.preemption import SIGNALS, StopOnSignal
 from slm.runinfo import RunInfo
 from slm.schedules import Schedule
@@ -168,6 +168,7 @@ def callbacks(cfg: TrainConfig, folder: Path, run_info: RunInfo, metrics: Metric
     - CheckpointSaver: writes the checkpoint and hands it to every logger's upload_file (the Hub's queues it,
       with its export, in the run folder's .hub-pending/; a thread uploads it).
     - KeepNewestPeriodic: prunes last, once the newest checkpoint is written and queued.
+    - CompileTime, with `compile: true`: says once how long the first batch's compile took.
     The loggers: metrics.jsonl, then the Hub and W&B, then the terminal's progress bar.
     """
     early = early_batches(cfg.early_checkpoints)
@@ -176,8 +177,8 @@ def callbacks(cfg: TrainConfig, folder: Path, run_info: RunInfo, metrics: Metric
                             remote_file_name=remote_name(FILENAME),
                             latest_remote_file_name=remote_name(LATEST_FILENAME))
     handlers = [SpeedMonitor(window_size=10), LRMonitor(), Schedule(cfg.scheduler), train_metrics, run_info,
-                WriteMetricsRow(metrics),
-                StopOnSignal(), saver, KeepNewestPeriodic(folder, cfg.keep, early)]
+                WriteMetricsRow(metrics), StopOnSignal(), saver, KeepNewestPeriodic(folder, cfg.keep, early),
+                *([CompileTime()] if cfg.compile else [])]
 
     loggers: list[LoggerDestination] = [metrics]
     if cfg.hub.repo:
