@@ -6,8 +6,12 @@
 #   bash jobs/suite.sh yamls/mamba-100k.yaml --grid optimizer.lr=1e-3,3e-3 seed=0,1
 #                                                                 a 2 x 2 grid: 4 tasks
 #   bash jobs/suite.sh --dry-run [...]                            prints the tasks, submits nothing
+#   bash jobs/suite.sh --per-device 4 yamls/llama-*.yaml          four runs at once in each array task
 #   qsub -t 1-4 jobs/suite.sh [...]                               the same array, by hand
 #
+# --per-device K: each array task trains K runs at once on its GPU (CUDA MPS where the node has it) or
+# its CPU cores split between them, so the array has N/K tasks; each run still resumes by its own
+# run_name, and the array task requeues when any of its runs was stopped by a signal.
 # key=value overrides apply to every task. --grid KEY=V1,V2,... is an axis, as is each KEY=V1,V2,...
 # right after it; a yaml's `sweep:` block (KEY: [V1, V2]) adds axes to its tasks. A task's run_name
 # is the yaml's stem (or run_name=...) plus its combination, mamba-100k_lr1e-3_seed0, so submitting
@@ -28,7 +32,7 @@
 #$ -j y
 #$ -o logs/
 
-SLM_JOB_USAGE="bash jobs/suite.sh [--dry-run] [--grid KEY=V1,V2,...]... CONFIG.yaml... [key=value ...]"
+SLM_JOB_USAGE="bash jobs/suite.sh [--dry-run] [--per-device K] [--grid KEY=V1,V2,...]... CONFIG.yaml... [key=value ...]"
 source jobs/common.sh || exit 2
 slm_suite_setup "$@"
 if [ -z "${JOB_ID:-}" ]; then  # run with bash: submit this file as an array of the right size

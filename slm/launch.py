@@ -1,6 +1,6 @@
 """Starting Composer's launcher on every node with what the scheduler granted.
 
-    python -m slm.launch [--print] [--debug] slm/train.py CONFIG.yaml [key=value ...]
+    python -m slm.launch [--print] [--debug] slm/train.py CONFIG.yaml [key=value ...] [--next CONFIG.yaml ...]...
 
 runs `composer -n NPROC --world_size W --node_rank R --master_addr HOST --master_port PORT ...`
 (Composer's launcher, in this process) with the numbers taken from the environment: Slurm
@@ -12,16 +12,28 @@ The launcher ignores SIGTERM/SIGUSR1/SIGUSR2, which the training processes answe
 checkpoint and exit status 75 (slm/preemption.py), and exits with their status. It leaves the first
 Ctrl-C to them as well (a checkpoint at the batch end, exit 130), however long that batch takes; at a
 second it stops them as Composer's launcher does (SIGTERM, SIGKILL 30 s later or at a third).
+
+Several runs on one node (`--next` starts the next run's arguments; `slm sweep --per-device K` writes them):
+tiny models leave a device mostly idle, so K runs share it, each a launcher of its own as above, each its own
+run_name (each resumes alone). On a CPU-only node the cores are split between them (each pinned to its share,
+OMP_NUM_THREADS set to it); with GPUs every run uses all of this node's, through CUDA MPS where the node has
+`nvidia-cuda-mps-control` (a daemon of this job's, stopped at the end), time-sliced otherwise. Every process of
+the job receives the scheduler's signals; the exit status is 75 if any run stopped that way (the job requeues
+and every run resumes; finished ones change nothing), else the first failure's, else 0.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
+import subprocess
 import sys
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +46,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 EXIT_PREEMPTED = 75
 # A run stopped by Ctrl-C (SIGINT) after saving a checkpoint: the shell's status for an interrupt, never requeued.
 EXIT_INTERRUPTED = 130
+NEXT = "--next"  # starts the next run's arguments: several runs share this node
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,94 @@ def from_environment(env: Mapping[str, str], gpus: int, hostname: str) -> Launch
                   _port(env, env.get("SLURM_JOB_ID") or env.get("JOB_ID")))
 
 
+def split_runs(args: list[str]) -> list[list[str]]:
+    """`SCRIPT A.yaml k=v --next B.yaml k=v` -> [[SCRIPT, A.yaml, k=v], [SCRIPT, B.yaml, k=v]]."""
+    runs: list[list[str]] = [[]]
+    for arg in args:
+        if arg == NEXT:
+            runs.append([args[0]])
+        else:
+            runs[-1].append(arg)
+    empty = next((i for i, run in enumerate(runs) if len(run) < 2), None)
+    if empty is not None:
+        raise SlmError(f"run {empty + 1} of {len(runs)} has no arguments: give each {NEXT} a CONFIG.yaml")
+    return runs
+
+
+def core_shares(cores: list[int], runs: int) -> list[list[int]]:
+    """The node's cores split into `runs` contiguous shares, as even as they go."""
+    if runs > len(cores):
+        raise SlmError(f"{runs} runs on a node with {len(cores)} CPU core(s) for this job: at most one run a core "
+                       f"(ask for more cores, or fewer runs a device with --per-device)")
+    size, extra = divmod(len(cores), runs)
+    starts = [i * size + min(i, extra) for i in range(runs + 1)]
+    return [cores[starts[i]:starts[i + 1]] for i in range(runs)]
+
+
+def granted_cores(env: Mapping[str, str]) -> list[int]:
+    """The cores this job may use: its affinity, at most as many as the scheduler granted (Slurm's
+    SLURM_CPUS_PER_TASK, SGE's NSLOTS) where it does not pin the job itself."""
+    cores = sorted(os.sched_getaffinity(0))
+    granted = env.get("SLURM_CPUS_PER_TASK") or env.get("NSLOTS")
+    return cores[:int(granted)] if granted and granted.isdigit() and int(granted) > 0 else cores
+
+
+@contextmanager
+def cuda_mps(gpus: int) -> Iterator[dict[str, str]]:
+    """The environment that puts a process on this job's CUDA MPS daemon, started here and stopped afterwards;
+    empty (the GPU time-sliced) without GPUs, without `nvidia-cuda-mps-control`, or where one is set up already."""
+    control = shutil.which("nvidia-cuda-mps-control")
+    if not gpus or not control or os.environ.get("CUDA_MPS_PIPE_DIRECTORY"):
+        yield {}
+        return
+    with tempfile.TemporaryDirectory(prefix="slm-mps-") as folder:
+        env = {"CUDA_MPS_PIPE_DIRECTORY": f"{folder}/pipe", "CUDA_MPS_LOG_DIRECTORY": f"{folder}/log"}
+        started = subprocess.run([control, "-d"], env={**os.environ, **env}, capture_output=True, text=True)
+        if started.returncode != 0:
+            print(f"slm launch: CUDA MPS did not start ({started.stderr.strip() or started.returncode}): the runs "
+                  "share the GPU time-sliced", file=sys.stderr, flush=True)
+            yield {}
+            return
+        try:
+            yield env
+        finally:
+            subprocess.run([control], input="quit\n", env={**os.environ, **env}, capture_output=True, text=True)
+
+
+def share_node(runs: list[list[str]], show: bool) -> int:
+    """Run several `slm.launch` commands on this node at once (the module's docstring); their combined status."""
+    gpus = gpus_on_this_node(os.environ)
+    plan = from_environment(os.environ, gpus, socket.gethostname())
+    if plan.nodes > 1:
+        raise SlmError(f"{len(runs)} runs share one node ({NEXT}), but this job spans {plan.nodes}: give it one node")
+    shares = [[] for _ in runs] if gpus else core_shares(granted_cores(os.environ), len(runs))
+    commands = [[sys.executable, "-m", "slm.launch", *run] for run in runs]
+    envs = [{"MASTER_PORT": str(plan.master_port + i)} | ({"OMP_NUM_THREADS": str(len(share))} if share else {})
+            for i, share in enumerate(shares)]
+    if show:
+        for command, env, share in zip(commands, envs, shares, strict=True):
+            cores = f"taskset -c {','.join(map(str, share))} " if share else ""
+            print(" ".join([*(f"{k}={v}" for k, v in env.items()), cores + " ".join(command)]))
+        return 0
+    where = f"{gpus} GPU(s)" if gpus else "CPU cores " + " | ".join(",".join(map(str, s)) for s in shares)
+    print(f"slm launch: {len(runs)} runs share this node ({socket.gethostname()}): {where}", file=sys.stderr,
+          flush=True)
+    for sig in SIGNALS:  # every process of the job gets them: the runs checkpoint and stop, this one waits
+        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, lambda signum, frame: None)  # each run's launcher answers Ctrl-C; reset at exec
+    with cuda_mps(gpus) as mps:
+        procs = [subprocess.Popen(command, env={**os.environ, **env, **mps},
+                                  preexec_fn=(lambda share=share: os.sched_setaffinity(0, share)) if share else None)
+                 for command, env, share in zip(commands, envs, shares, strict=True)]
+        statuses = [proc.wait() for proc in procs]
+    for i, (run, status) in enumerate(zip(runs, statuses, strict=True)):
+        print(f"slm launch: run {i + 1} of {len(runs)} ({' '.join(run[1:])}) exited {status}", file=sys.stderr,
+              flush=True)
+    if EXIT_PREEMPTED in statuses:
+        return EXIT_PREEMPTED
+    return next((s for s in statuses if s), 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     flags = set()
@@ -114,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if args else 2
+    if NEXT in args:
+        return run_command("slm launch", lambda: share_node(split_runs(args), show="--print" in flags),
+                           "--debug" in flags)
     return run_command("slm launch", lambda: launch(args, show="--print" in flags), "--debug" in flags)
 
 

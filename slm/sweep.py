@@ -1,6 +1,7 @@
 """Sweeps: the tasks of a suite array, one per (yaml, combination of grid values).
 
-    python -m slm.sweep [--dry-run | --count | --task N] [--grid KEY=V1,V2,...]... CONFIG.yaml... [key=value ...]
+    python -m slm.sweep [--dry-run | --count | --task N] [--per-device K] [--grid KEY=V1,V2,...]...
+                        CONFIG.yaml... [key=value ...]
     slm sweep ...                                                   (the same)
 
 jobs/suite.sbatch and jobs/suite.sh call it: on submission for the array's size (--count, which first loads
@@ -8,6 +9,10 @@ every task's config, so a typo fails there and not in the array), in each array 
 arguments to jobs/train.sbatch / jobs/train.sh (--task N, counting from 0; no config checks: fast). Each task
 expands the sweep again from the same arguments, so editing a yaml's sweep block while the array waits changes
 which task trains what.
+
+--per-device K: each array task trains K runs at once on its node (tiny models leave a device mostly idle):
+array task N is tasks N*K to N*K+K-1, their arguments joined by --next, which `python -m slm.launch` starts side
+by side (the cores split between them, or the GPUs shared; slm/launch.py). --count gives the array's size.
 
 The grid: each `--grid KEY=V1,V2,...` is one axis (values split at commas outside brackets, each written as in
 a key=value override), and so is each KEY=V1,V2,... right after it (`--grid optimizer.lr=1e-3,3e-3 seed=0,1`;
@@ -42,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from slm.errors import SlmError, run_command
+from slm.launch import NEXT
 
 KEY = re.compile(r"^\w+(\.\w+)*$")
 NOT_SWEPT = ("run_name", "base", "sweep", "configs")  # derived or consumed while loading: never an axis
@@ -248,14 +254,30 @@ def check_tasks(tasks: Sequence[Task]) -> None:
         folders[folder] = i
 
 
-def table(tasks: Sequence[Task]) -> str:
+def array_size(tasks: Sequence[Task], per_device: int) -> int:
+    """How many array tasks train `tasks`, `per_device` runs in each."""
+    return -(-len(tasks) // per_device)
+
+
+def array_task_args(tasks: Sequence[Task], index: int, per_device: int) -> list[str]:
+    """Array task `index`'s arguments to jobs/train.*: its runs' arguments, joined by --next."""
+    n = array_size(tasks, per_device)
+    if not 0 <= index < n:
+        raise SlmError(f"task {index} (counting from 0) does not exist: the sweep has {n} task{'s' * (n != 1)} "
+                       f"(submit with sbatch --array=0-{n - 1}, or qsub -t 1-{n})")
+    runs = tasks[index * per_device:(index + 1) * per_device]
+    return [arg for i, task in enumerate(runs) for arg in ([NEXT] if i else []) + task.args]
+
+
+def table(tasks: Sequence[Task], per_device: int = 1) -> str:
     """What --dry-run prints: a line on the array, then task, run_name, config(s) and combination."""
-    n = len(tasks)
+    n, size = len(tasks), array_size(tasks, per_device)
     rows = [("task", "run_name", "config", "combination")]
     rows += [(str(i), t.run_name, " ".join(t.configs), " ".join(f"{k}={v}" for k, v in t.combination) or "-")
              for i, t in enumerate(tasks)]
     widths = [max(len(r[c]) for r in rows) for c in range(3)]
-    lines = [f"{n} task{'s' * (n != 1)} (Slurm: sbatch --array=0-{n - 1}; SGE: qsub -t 1-{n})"]
+    shared = f", {per_device} at once on each array task's device: {size} array tasks" if per_device > 1 else ""
+    lines = [f"{n} task{'s' * (n != 1)}{shared} (Slurm: sbatch --array=0-{size - 1}; SGE: qsub -t 1-{size})"]
     lines += ["  ".join([*(r[c].ljust(widths[c]) for c in range(3)), r[3]]).rstrip() for r in rows]
     return "\n".join(lines)
 
@@ -270,6 +292,9 @@ def build_parser(prog: str = "slm sweep") -> argparse.ArgumentParser:
                       help="print the tasks (the default): index, run_name, config, combination")
     mode.add_argument("--count", action="store_true", help="print the number of tasks")
     mode.add_argument("--task", type=int, metavar="N", help="print task N's arguments (from 0), one a line")
+    parser.add_argument("--per-device", type=int, default=1, metavar="K",
+                        help="K runs at once in each array task, sharing its GPU or splitting its CPU cores "
+                             "(default 1); --task N then prints array task N's runs, joined by --next")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                         help="an axis of the grid, and each KEY=V1,V2,... right after it "
                              "(--grid optimizer.lr=1e-3,3e-3 seed=0,1)")
@@ -281,16 +306,14 @@ def build_parser(prog: str = "slm sweep") -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> None:
     configs = [a for a in args.args if "=" not in a]
+    if args.per_device < 1:
+        raise SlmError(f"--per-device {args.per_device}: give at least 1 run a device")
     tasks = expand(configs, [a for a in args.args if "=" in a], args.grid)
     if args.task is not None:
-        if not 0 <= args.task < len(tasks):
-            n = len(tasks)
-            raise SlmError(f"task {args.task} (counting from 0) does not exist: the sweep has {n} task{'s' * (n != 1)} "
-                           f"(submit with sbatch --array=0-{n - 1}, or qsub -t 1-{n})")
-        print("\n".join(tasks[args.task].args))
+        print("\n".join(array_task_args(tasks, args.task, args.per_device)))
         return
     check_tasks(tasks)
-    print(len(tasks) if args.count else table(tasks))
+    print(array_size(tasks, args.per_device) if args.count else table(tasks, args.per_device))
 
 
 def grid_runs(argv: Sequence[str]) -> list[str]:

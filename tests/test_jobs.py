@@ -65,9 +65,10 @@ def assert_grid_trained(ckpt: Path, stem: str, logs: list[str], reference: Path)
     ("jobs/train.sbatch", [], "usage: sbatch jobs/train.sbatch CONFIG.yaml"),
     ("jobs/train.sh", ["yamls/no-such.yaml"], "config yamls/no-such.yaml not found in"),
     ("jobs/train.sh", ["max_duration=5ba"], "usage: qsub jobs/train.sh CONFIG.yaml"),
-    ("jobs/suite.sbatch", ["max_duration=5ba"], "usage: bash jobs/suite.sbatch [--dry-run] [--grid KEY=V1,V2,...]... "
-                                                "CONFIG.yaml... [key=value ...]"),
-    ("jobs/suite.sh", [], "usage: bash jobs/suite.sh [--dry-run] [--grid KEY=V1,V2,...]... CONFIG.yaml..."),
+    ("jobs/suite.sbatch", ["max_duration=5ba"], "usage: bash jobs/suite.sbatch [--dry-run] [--per-device K] "
+                                                "[--grid KEY=V1,V2,...]... CONFIG.yaml... [key=value ...]"),
+    ("jobs/suite.sh", [], "usage: bash jobs/suite.sh [--dry-run] [--per-device K] [--grid KEY=V1,V2,...]... "
+                          "CONFIG.yaml..."),
     ("jobs/suite.sbatch", ["--grid", "seed", "yamls/demo-llama.yaml"], "slm sweep: error: --grid 'seed' is not KEY="),
 ])
 def test_job_scripts_refuse_bad_arguments_in_one_line(script, args, message):
@@ -121,18 +122,20 @@ def test_slurm_time_limit_signal_then_preemption_resume_bitwise(slurm, reference
     assert_bitwise_equal(final_state(reference / "ref-slow"), final_state(folder))
 
 
-def test_slurm_suite_runs_a_2x2_grid_as_a_4_task_array(slurm, reference, tmp_path, shards):
+def test_slurm_suite_runs_a_2x2_grid_two_runs_per_device_as_a_2_task_array(slurm, reference, tmp_path, shards):
+    """--per-device 2: each array task trains two of the grid's runs side by side, each on one core of the job's."""
     config = write_yaml(tmp_path / "grid.yaml", shards)
     grid = ["--grid", "seed=42,7", "optimizer.lr=3e-3,1e-3"]  # two axes after one --grid, as the issue spells it
-    submitted = subprocess.run(["bash", "jobs/suite.sbatch", str(config), *grid], cwd=REPO, env=slurm.env,
-                               capture_output=True, text=True, timeout=120)
+    submitted = subprocess.run(["bash", "jobs/suite.sbatch", "--per-device", "2", str(config), *grid], cwd=REPO,
+                               env=slurm.env, capture_output=True, text=True, timeout=120)
     assert submitted.returncode == 0, submitted.stderr
     array = int(re.search(r"Submitted batch job (\d+)", submitted.stdout).group(1))
     logs = []
-    for task in range(4):
+    for task in range(2):
         info = wait_until(lambda: slurm_finished(slurm, f"{array}_{task}"), 300, f"array task {task}")  # noqa: B023
-        logs.append(read_and_remove(REPO / "logs" / f"slm-suite-{array}_{task}.out"))
+        logs += [read_and_remove(REPO / "logs" / f"slm-suite-{array}_{task}.out")] * 2  # its two runs' log
         assert info["JobState"] == "COMPLETED", logs[-1][-3000:]
+        assert "slm launch: 2 runs share this node" in logs[-1], logs[-1][-3000:]
     assert_grid_trained(tmp_path / "ckpt", "grid", logs, reference)
 
 

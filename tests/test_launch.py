@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from slm.errors import SlmError
-from slm.launch import Launch, expand_hostlist, from_environment, gpus_on_this_node
+from slm.launch import (
+    EXIT_PREEMPTED,
+    Launch,
+    core_shares,
+    expand_hostlist,
+    from_environment,
+    gpus_on_this_node,
+    split_runs,
+)
 
-from conftest import REPO, final_state, resumed_at, train, write_yaml
+from conftest import REPO, assert_bitwise_equal, final_state, resumed_at, train, write_yaml
 
 
 def test_expand_slurm_hostlists():
@@ -98,3 +109,70 @@ def test_two_launchers_on_one_machine_train_one_run(tmp_path, shards):
     assert resumed_at(one_node) == 0
     a, b = final_state(run)["model"], final_state(tmp_path / "ckpt" / "one-node")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same global batches as `composer -n 2`
+
+
+def test_runs_sharing_a_node_split_its_cores_and_ports(tmp_path):
+    assert split_runs(["t.py", "a.yaml", "k=1", "--next", "b.yaml"]) == [["t.py", "a.yaml", "k=1"], ["t.py", "b.yaml"]]
+    with pytest.raises(SlmError, match="run 2 of 3 has no arguments: give each --next a CONFIG.yaml"):
+        split_runs(["t.py", "a.yaml", "--next", "--next", "c.yaml"])
+    assert core_shares([0, 1, 2, 3, 4], 2) == [[0, 1, 2], [3, 4]]
+    with pytest.raises(SlmError, match="3 runs on a node with 2 CPU core\\(s\\) for this job"):
+        core_shares([0, 1], 3)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "MASTER_PORT": "4100", "NSLOTS": "2"}
+    printed = subprocess.run([sys.executable, "-m", "slm.launch", "--print", "slm/train.py", "a.yaml", "--next",
+                              "b.yaml", "seed=1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    lines = printed.stdout.splitlines()
+    assert printed.returncode == 0 and len(lines) == 2, printed.stderr
+    if len(cores) == 2:
+        assert lines[0] == f"MASTER_PORT=4100 OMP_NUM_THREADS=1 taskset -c {cores[0]} {sys.executable} -m slm.launch " \
+                           "slm/train.py a.yaml"
+        assert lines[1].startswith(f"MASTER_PORT=4101 OMP_NUM_THREADS=1 taskset -c {cores[1]} ")
+        assert lines[1].endswith(" slm/train.py b.yaml seed=1")
+
+
+def stopped_runs(command: list[str], folders: list, signum: int) -> subprocess.CompletedProcess:
+    """Run `command` in a session of its own, send `signum` to all of it (as SGE does, and srun through Slurm)
+    once every run in `folders` has its first checkpoint, and wait for it."""
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not all((f / "ep0-ba4-rank0.pt").exists() for f in folders) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint at batch 4 within 300 s"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signum)
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+@pytest.mark.train
+@pytest.mark.beside
+def test_two_runs_sharing_a_node_stop_on_a_signal_and_each_resumes_bitwise(tmp_path, shards):
+    """`--next` (slm sweep --per-device 2): two runs at once, each on its share of the cores. A scheduler's signal
+    stops both with a checkpoint (exit 75: requeue); the same command again resumes each, ending bitwise equal to
+    the same pair never interrupted (same shares, so the same thread counts)."""
+    config = write_yaml(tmp_path / "tiny.yaml", shards)
+    slow = ["max_duration=48ba", "global_batch_size=32"]
+
+    def pair(a: str, b: str) -> list[str]:
+        return [sys.executable, "-m", "slm.launch", "slm/train.py", str(config), f"run_name={a}", *slow, "--next",
+                str(config), f"run_name={b}", "seed=7", *slow]
+
+    reference = subprocess.run(pair("ref-a", "ref-b"), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert "slm launch: 2 runs share this node" in reference.stderr
+    ckpt = tmp_path / "ckpt"
+    threads = [json.loads((ckpt / run / "run.json").read_text())["starts"][0]["hardware"]["cpu_threads"]
+               for run in ("ref-a", "ref-b")]
+    assert threads == [len(share) for share in core_shares(sorted(os.sched_getaffinity(0)), 2)]
+
+    stopped = stopped_runs(pair("a", "b"), [ckpt / "a", ckpt / "b"], signal.SIGUSR1)
+    assert stopped.returncode == EXIT_PREEMPTED, stopped.stderr[-3000:]
+    assert len(re.findall(r"stopped at batch \d+ on SIGUSR1, checkpoint saved", stopped.stderr)) == 2, \
+        stopped.stderr[-3000:]
+    resumed = subprocess.run(pair("a", "b"), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len(re.findall(r"slm train: [ab]: resumed at batch [1-9]\d* of 48ba", resumed.stderr)) == 2, \
+        resumed.stderr[-3000:]
+    for run in ("a", "b"):
+        assert_bitwise_equal(final_state(ckpt / f"ref-{run}"), final_state(ckpt / run))

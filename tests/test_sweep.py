@@ -207,3 +207,20 @@ def test_several_axes_after_one_grid_flag(tiny, capsys):
     assert main(["--task", "3", *args]) == 0
     assert capsys.readouterr().out.splitlines() == [str(tiny), "optimizer.betas=[0.8,0.9]", "max_duration=8ba",
                                                     "optimizer.lr=3e-3", "seed=1", "run_name=tiny_lr3e-3_seed1"]
+
+
+def test_per_device_groups_the_tasks_into_array_tasks_joined_by_next(tiny, capsys):
+    """--per-device 2 over 3 tasks: 2 array tasks, the first training tasks 0 and 1 side by side, the second task 2."""
+    args = [str(tiny), "--grid", "seed=0,1,2", "--per-device", "2"]
+    tasks = expand([str(tiny)], [], ["seed=0,1,2"])
+    assert main(["--count", *args]) == 0 and capsys.readouterr().out == "2\n"
+    assert main(["--task", "0", *args]) == 0
+    assert capsys.readouterr().out.splitlines() == [*tasks[0].args, "--next", *tasks[1].args]
+    assert main(["--task", "1", *args]) == 0 and capsys.readouterr().out.splitlines() == tasks[2].args
+    assert main([*args, "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == ("3 tasks, 2 at once on each array task's device: 2 array tasks "
+                                                       "(Slurm: sbatch --array=0-1; SGE: qsub -t 1-2)")
+    assert main(["--task", "2", *args]) == 1
+    assert "task 2 (counting from 0) does not exist: the sweep has 2 tasks" in capsys.readouterr().err
+    assert main(["--count", *args[:-1], "0"]) == 1
+    assert capsys.readouterr().err.strip() == "slm sweep: error: --per-device 0: give at least 1 run a device"
