@@ -32,6 +32,7 @@ def test_the_counter_sees_each_kind_of_sync_and_whose_it_is():
 
 
 @pytest.mark.train
+@pytest.mark.beside
 def test_batches_that_log_nothing_make_no_host_sync_in_slm(tmp_path, shards):
     config = write_yaml(tmp_path / "tiny.yaml", shards)
     cfg = load_config([str(config)], ["run_name=syncs", "max_duration=12ba", "log_interval=4ba", "save_interval=6ba",
