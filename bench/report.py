@@ -102,6 +102,7 @@ def train_rows(r: dict) -> tuple[list[str], list[str]]:
                    "| model | params | bare loop ms/batch | slm ms/batch | framework ms/batch | slm / bare "
                    "| loader samples/s | training samples/s | loader / training |" + (" MFU |" if gpu else ""),
                    "|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
+        compiled_rows: list[str] = []
         for m in shape["models"]:
             ratio, supply = m["bare_ms"] / m["slm_ms"], m["loader_samples_s"] / m["train_samples_s"]
             goal = ratio_goals.get(m["model"], 0.9)
@@ -124,6 +125,18 @@ def train_rows(r: dict) -> tuple[list[str], list[str]]:
             detail.append(f"| {m['model']} | {m['params']:,} | {m['bare_ms']:.2f} | {m['slm_ms']:.2f} | "
                           f"{m['framework_ms']:+.2f} | {ratio:.3f} | {m['loader_samples_s']:,.0f} | "
                           f"{m['train_samples_s']:,.1f} | {supply:,.0f} |" + (f" {m['mfu']:.1%} |" if gpu else ""))
+            compiled = m.get("compiled")
+            if compiled:
+                eager_gain, of_bare = m["bare_ms"] / compiled["slm_ms"], compiled["bare_ms"] / compiled["slm_ms"]
+                summary += [f"| training, `compile: true`: slm compiled against the bare eager loop, {m['model']}, "
+                            f"{size} | {compiled['slm_ms']:.2f} ms/batch | bare eager: {m['bare_ms']:.2f} ms/batch "
+                            f"| {eager_gain:.2f} | ≥ 1.15 | {met(eager_gain >= 1.15)} |",
+                            f"| training, `compile: true`: slm compiled against the bare loop compiled, {m['model']}, "
+                            f"{size} | {compiled['slm_ms']:.2f} ms/batch | bare compiled: {compiled['bare_ms']:.2f} "
+                            f"ms/batch | {of_bare:.2f} | ≥ 0.9 | {met(of_bare >= 0.9)} |"]
+                compiled_rows.append(f"| {m['model']} | {m['bare_ms']:.2f} | {compiled['bare_ms']:.2f} | "
+                                     f"{compiled['slm_ms']:.2f} | {m['bare_ms'] / compiled['bare_ms']:.2f} | "
+                                     f"{eager_gain:.2f} | {of_bare:.2f} |")
             paths = m.get("mamba_paths")
             if paths and "skipped" in paths:
                 summary.append(f"| Mamba: {paths['fast']} kernels against {paths['slow']}, {m['model']} | not "
@@ -134,6 +147,31 @@ def train_rows(r: dict) -> tuple[list[str], list[str]]:
                                f"| {paths['slow']}: {paths['slow_tok_s']:,.0f} tok/s "
                                f"| {paths['fast_tok_s'] / paths['slow_tok_s']:.1f}× | | |")
         detail.append("")
+        if compiled_rows:
+            detail += ["`compile: true` against the bare loop, both compiled with `torch.compile` (the first batch's "
+                       "compile is in the warm-up):", "", "| model | bare eager ms/batch | bare compiled ms/batch | "
+                       "slm compiled ms/batch | bare compiled / bare eager | slm compiled / bare eager | slm / bare, "
+                       "both compiled |", "|---|---|---|---|---|---|---|", *compiled_rows, ""]
+        if "dispatch_us" in shape:
+            d = shape["dispatch_us"]
+            summary.append(f"| training: Composer's event dispatch, one event no callback answers (a batch has 13) "
+                           f"| slm's: {d['slm']:.1f} µs | Composer's own: {d['composer']:.1f} µs "
+                           f"| {d['composer'] / d['slm']:.1f}× less | | |")
+        if "host_syncs" in shape:
+            h = shape["host_syncs"]
+            summary.append(f"| training: host syncs in a batch that logs nothing, {shape['models'][0]['model']} "
+                           f"(`.item()`, `.cpu()`, `bool(tensor)`, ...) | slm: {h['slm']:g} | Composer: "
+                           f"{h['composer']:g} | | slm: 0 | {met(h['slm'] == 0)} |")
+            detail += ["Composer's own host syncs in each training batch that logs nothing (one process, with slm's "
+                       "workarounds; counted by `slm/syncs.py`):", "", "| call, where | per batch |", "|---|---|",
+                       *(f"| `{call}` | {n:g} |" for call, n in h["composer_calls"].items()), ""]
+        if "together" in shape:
+            t = shape["together"]
+            gain = t["one_after_the_other_s"] / t["together_s"]
+            summary.append(f"| suites: two {t['model']} runs of {t['batches']} batches side by side "
+                           f"(`--per-device 2`, the cores split), start-up included | {t['together_s']:.1f} s "
+                           f"| one after the other, every core each: {t['one_after_the_other_s']:.1f} s "
+                           f"| {gain:.2f} | ≥ 1.6 | {met(gain >= 1.6)} |")
     if not gpu:
         summary.append("| GPU: llama-100k, llama-1m, llama-25m and mamba-25m at 256 × 512 in bf16, slm / bare and MFU; "
                        "mamba-ssm kernels against mambapy | not measured: no GPU on this machine (`python "
