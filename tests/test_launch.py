@@ -166,13 +166,14 @@ def test_two_runs_sharing_a_node_stop_on_a_signal_and_each_resumes_bitwise(tmp_p
                for run in ("ref-a", "ref-b")]
     assert threads == [len(share) for share in core_shares(sorted(os.sched_getaffinity(0)), 2)]
 
+    # On a busy machine one run may finish before the other has its first checkpoint: it exits 0, the pair 75.
     stopped = stopped_runs(pair("a", "b"), [ckpt / "a", ckpt / "b"], signal.SIGUSR1)
     assert stopped.returncode == EXIT_PREEMPTED, stopped.stderr[-3000:]
-    assert len(re.findall(r"stopped at batch \d+ on SIGUSR1, checkpoint saved", stopped.stderr)) == 2, \
-        stopped.stderr[-3000:]
+    stops = dict(re.findall(r"slm train: ([ab]): stopped at batch (\d+) on SIGUSR1, checkpoint saved", stopped.stderr))
+    assert stops, stopped.stderr[-3000:]
     resumed = subprocess.run(pair("a", "b"), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert len(re.findall(r"slm train: [ab]: resumed at batch [1-9]\d* of 48ba", resumed.stderr)) == 2, \
-        resumed.stderr[-3000:]
     for run in ("a", "b"):
+        again = f"resumed at batch {stops[run]} of 48ba" if run in stops else "resumed at batch 48 of 48ba; already"
+        assert f"slm train: {run}: {again}" in resumed.stderr, resumed.stderr[-3000:]
         assert_bitwise_equal(final_state(ckpt / f"ref-{run}"), final_state(ckpt / run))
