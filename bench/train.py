@@ -54,7 +54,8 @@ from torch.utils.data import DataLoader
 
 from slm import workarounds
 from slm.config import load_config
-from slm.data import MappedShards, collate
+from slm.data import collate
+from slm.mapped_shards import MappedShards
 from slm.model import build_hf_model, count_parameters, flops_per_token, mamba_kernels_available
 from slm.syncs import ByBatch, HostSyncs
 from slm.train import build_trainer

@@ -3,8 +3,9 @@
 Streaming decides the order: per epoch, `generate_work` partitions the (shuffled, resampled) sample
 space into nodes x ranks x workers x batches, and each loader worker yields its part with the -1
 padding skipped (as MappedShards does), cut into batches of the per-rank size, the short one
-dropped; PyTorch's loader takes the workers' batches in turn. Here the same Streaming calls run for
-any world size without training, so step s of rank r is the batch that rank's loader yields s-th.
+dropped; PyTorch's loader takes the workers' batches in turn. Here the same Streaming calls (some private,
+so bound to the version in slm/workarounds.py's WRITTEN_FOR) run for any world size without training, so
+step s of rank r is the batch that rank's loader yields s-th.
 A killed and resumed run trains on the same batches (resumption is exact: tests/test_batches.py).
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +22,10 @@ from streaming.base.batching import generate_work
 from streaming.base.world import World
 
 from slm.config import TrainConfig, load_config
-from slm.data import STREAMING_WRITTEN_FOR, build_dataset, sources
+from slm.data import build_dataset, sources
 from slm.errors import SlmError
 from slm.shards import Documents, read_documents
+from slm.workarounds import require
 
 
 @dataclass
@@ -44,10 +45,7 @@ class Batches:
     """The training batches of one config (its `data.train`), for one world of processes."""
 
     def __init__(self, cfg: TrainConfig, world: Processes):
-        installed = metadata.version("mosaicml-streaming")
-        if installed != STREAMING_WRITTEN_FOR:
-            raise SlmError(f"slm batches reproduces the sample order of mosaicml-streaming {STREAMING_WRITTEN_FOR}; "
-                           f"{installed} is installed: use the pinned stack (make venv)")
+        require("mosaicml-streaming", "slm batches (it reproduces Streaming's sample order)")
         if cfg.global_batch_size % world.ranks:
             raise SlmError(f"global_batch_size {cfg.global_batch_size} does not split across {world.ranks} "
                            "processes: give a --world-size that divides it")

@@ -1,11 +1,18 @@
-"""Every workaround of a third-party behaviour, in one place, each bound to the version it was written for.
+"""Every workaround of a third-party behaviour, and every reliance on a library's private or version-specific
+code, is here or named here, each bound to the versions in `WRITTEN_FOR`.
 
-Nothing here changes anything on import. `applied()` is entered by the training entry point
-(`slm/train.py`) and undone when it exits; the classes and `check_wandb_login` are used where the
-Trainer is made. Each one first checks the installed version of the package whose behaviour it
-works around against `WRITTEN_FOR`, and refuses, in one line, to run on another: a newer release
-may have fixed the behaviour, or changed the code the workaround leans on. Then read the upstream
-code named in its docstring, adapt or drop the workaround, and update `WRITTEN_FOR`.
+The policy, one for all: where slm can do the same work the stock way, it falls back to it on another version;
+where it cannot, it refuses in one line (`require`) naming the package, the version installed and the one to
+install. A newer release may have fixed the behaviour, or changed the code leaned on: read the upstream code named
+in the docstring, adapt or drop the workaround, and add the version to `WRITTEN_FOR`.
+
+Here (nothing changes on import; `applied()` is entered by slm/train.py for a run and undone when it exits, the
+classes and `check_wandb_login` are used where the Trainer is made): Composer's node signal file, its warnings,
+its engine's debug log, its event dispatch, its collectives in one process, its progress bar after a resume,
+W&B's checkpoint downloads and login check, Streaming's shared memory. Elsewhere:
+- slm/mapped_shards.py: Streaming's private sample partition and MDS reader fields (falls back: the stock read);
+- slm/batches.py: Streaming's partition calls, to name each step's samples (refuses);
+- tests/helpers/pytest_capture.py: pytest's capture manager, to train in the test process (pytest 9.2).
 """
 
 from __future__ import annotations
@@ -37,14 +44,23 @@ from slm.errors import SlmError
 WRITTEN_FOR = {"mosaicml": ("0.32.1",), "mosaicml-streaming": ("0.13.0",), "wandb": ("0.18", "0.31")}
 
 
+def _installed(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
+def written_for(package: str) -> bool:
+    """Whether the installed `package` is a version slm's reliance on its internals was written for."""
+    installed = _installed(package)
+    return any(installed == version or installed.startswith(version + ".") for version in WRITTEN_FOR[package])
+
+
 def require(package: str, workaround: str) -> None:
     """Refuse to apply `workaround` on a version of `package` it was not written for."""
-    expected = WRITTEN_FOR[package]
-    try:
-        installed = metadata.version(package)
-    except metadata.PackageNotFoundError:
-        installed = "none"
-    if not any(installed == version or installed.startswith(version + ".") for version in expected):
+    expected, installed = WRITTEN_FOR[package], _installed(package)
+    if not written_for(package):
         versions = " or ".join(expected)
         raise SlmError(f"slm's workaround for {workaround} (slm/workarounds.py) was written for {package} {versions}, "
                        f"but {installed} is installed: install {package} {expected[0]}, or check the workaround "

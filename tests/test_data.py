@@ -16,7 +16,8 @@ import torch
 from streaming import MDSWriter, StreamingDataset
 from torch.utils.data import DataLoader
 
-from slm.data import MappedShards, collate
+from slm.data import collate
+from slm.mapped_shards import MappedShards
 
 BATCH = 8
 
@@ -87,7 +88,8 @@ ORDER_OF_RANK = """
 import json, sys, torch
 from streaming import StreamingDataset
 from torch.utils.data import DataLoader
-from slm.data import MappedShards, collate
+from slm.data import collate
+from slm.mapped_shards import MappedShards
 out = {}
 for cls in (MappedShards, StreamingDataset):
     ds = cls(local=sys.argv[1], batch_size=4, shuffle=True, shuffle_seed=3, num_canonical_nodes=2)

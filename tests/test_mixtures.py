@@ -23,8 +23,9 @@ from streaming import MDSWriter, Stream, StreamingDataset
 from torch.utils.data import DataLoader
 
 from slm.config import DataConfig, DataSplit, StreamConfig, load_config
-from slm.data import MappedShards, build_dataloader, collate, describe_split
+from slm.data import build_dataloader, collate, describe_split
 from slm.errors import SlmError
+from slm.mapped_shards import MappedShards
 
 from conftest import REPO, assert_bitwise_equal, final_state, newest_loadable, resumed_at, train, train_cmd, write_yaml
 
