@@ -153,8 +153,28 @@ def refuse_another_model(folder: Path, cfg: TrainConfig, model: PreTrainedModel,
         check_fits(newest, model, hint)
 
 
+@dataclass
+class Handlers:
+    """A run's callbacks and loggers, in the order Composer calls them, and the ones the run reaches again."""
+
+    callbacks: list[Callback]
+    loggers: list[LoggerDestination]
+    schedule: Schedule  # also the Trainer's scheduler; refuses an idle continuation once autoresume has loaded
+    stop: StopOnSignal  # how training ended: finished, or stopped by a signal or Ctrl-C
+    hub: HubCheckpoints | None  # drains its upload queue before the run exits
+    interactive: bool  # a progress bar on a terminal instead of Composer's console log
+
+
+@dataclass
+class Run:
+    """A run ready to train: its Trainer and the handlers it needs after building it."""
+
+    trainer: Trainer
+    handlers: Handlers
+
+
 def callbacks(cfg: TrainConfig, folder: Path, run_info: RunInfo, metrics: MetricsFile, train_metrics: TrainMetrics
-              ) -> tuple[list[Callback], list[LoggerDestination]]:
+              ) -> Handlers:
     """The callbacks and loggers of a run, in the order Composer must call them.
 
     Composer runs the callbacks in list order at every event, before the loggers (except at
@@ -176,23 +196,27 @@ def callbacks(cfg: TrainConfig, folder: Path, run_info: RunInfo, metrics: Metric
                             save_interval=save_schedule(cfg.save_interval, early), overwrite=True,
                             remote_file_name=remote_name(FILENAME),
                             latest_remote_file_name=remote_name(LATEST_FILENAME))
-    handlers = [SpeedMonitor(window_size=10), LRMonitor(), Schedule(cfg.scheduler), train_metrics, run_info,
-                WriteMetricsRow(metrics), StopOnSignal(), saver, KeepNewestPeriodic(folder, cfg.keep, early),
+    schedule, stop = Schedule(cfg.scheduler), StopOnSignal()
+    handlers = [SpeedMonitor(window_size=10), LRMonitor(), schedule, train_metrics, run_info,
+                WriteMetricsRow(metrics), stop, saver, KeepNewestPeriodic(folder, cfg.keep, early),
                 *([CompileTime()] if cfg.compile else [])]
 
     loggers: list[LoggerDestination] = [metrics]
+    hub = None
     if cfg.hub.repo:
-        hub = Hub(cfg.hub.retries, cfg.hub.retry_wait,
-                  budget=CommitBudget(cfg.hub.max_commits_per_hour, cfg.hub.budget_window_s))
-        loggers.append(HubCheckpoints(hub, cfg.hub.repo, folder, cfg.hub.private, cfg.hub.export, cfg.run_name))
+        hub = HubCheckpoints(Hub(cfg.hub.retries, cfg.hub.retry_wait,
+                                 budget=CommitBudget(cfg.hub.max_commits_per_hour, cfg.hub.budget_window_s)),
+                             cfg.hub.repo, folder, cfg.hub.private, cfg.hub.export, cfg.run_name)
+        loggers.append(hub)
     w = cfg.logging.wandb
     if w.project:
         loggers.append(workarounds.WandB(project=w.project, entity=w.entity, group=w.group, tags=w.tags or None,
                                          init_kwargs={"id": wandb_run_id(cfg.run_name), "resume": "allow",
                                                       "dir": str(folder), "config": cfg.to_dict()}))
-    if sys.stderr.isatty():
+    interactive = sys.stderr.isatty()
+    if interactive:
         loggers.append(workarounds.ResumableProgressBar())
-    return handlers, loggers
+    return Handlers(handlers, loggers, schedule, stop, hub, interactive)
 
 
 def _optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -203,19 +227,19 @@ def _optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=cfg.fused or None)
 
 
-def make_trainer(plan: Plan, folder: Path, warm_start: Path | None = None) -> Trainer:
-    """Composer's Trainer over the checked plan; it autoresumes from the run folder (or the Hub), and a new run
-    starts from `warm_start` (a checkpoint file) when given."""
+def trainer_of_plan(plan: Plan, folder: Path, warm_start: Path | None = None) -> Run:
+    """Composer's Trainer over an already checked plan and prepared run folder, no checks of its own; it
+    autoresumes from the run folder (or the Hub), and a new run starts from `warm_start` (a checkpoint file)
+    when given."""
     cfg, model = plan.cfg, plan.model
     metrics = MetricsFile(folder / "metrics.jsonl")
     run_info = RunInfo(cfg, plan.tokenizer, count_parameters(model.model), folder, metrics,
                        describe(cfg.load, warm_start) if warm_start else None)
     train_metrics = TrainMetrics(model, plan.train_metrics, cfg.log_interval)
-    handlers, loggers = callbacks(cfg, folder, run_info, metrics, train_metrics)
-    interactive = any(isinstance(logger, workarounds.ResumableProgressBar) for logger in loggers)
+    handlers = callbacks(cfg, folder, run_info, metrics, train_metrics)
     train_data = build_dataloader(cfg.data.train, cfg.data, plan.per_device_batch, train=True)
     eval_data = build_dataloader(cfg.data.eval, cfg.data, plan.per_device_batch, train=False)
-    return Trainer(
+    trainer = Trainer(
         model=model,
         run_name=cfg.run_name,
         seed=cfg.seed,
@@ -228,10 +252,10 @@ def make_trainer(plan: Plan, folder: Path, warm_start: Path | None = None) -> Tr
         eval_subset_num_batches=cfg.eval_batches,
         device_train_microbatch_size=cfg.device_microbatch_size or plan.per_device_batch,
         optimizers=_optimizer(model.model, cfg.optimizer),
-        schedulers=next(c for c in handlers if isinstance(c, Schedule)),
+        schedulers=handlers.schedule,
         algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=cfg.grad_clip)] if cfg.grad_clip else [],
-        callbacks=handlers,
-        loggers=loggers,
+        callbacks=handlers.callbacks,
+        loggers=handlers.loggers,
         save_folder=str(folder),
         autoresume=True,
         load_path=str(warm_start) if warm_start else None,
@@ -239,28 +263,35 @@ def make_trainer(plan: Plan, folder: Path, warm_start: Path | None = None) -> Tr
         load_ignore_keys=None if cfg.load.weights_only else IGNORE_KEYS,
         spin_dataloaders=False,  # Streaming restores its own position
         progress_bar=False,  # the ResumableProgressBar logger instead, when interactive
-        log_to_console=not interactive,
+        log_to_console=not handlers.interactive,
         console_log_interval=Time.from_timestring(cfg.log_interval),
         deterministic_mode=cfg.deterministic or not plan.gpu,
         compile_config={} if cfg.compile else None,
         python_log_level="WARNING" if dist.get_global_rank() == 0 else "ERROR",
     )
+    return Run(trainer, handlers)
 
 
-def build_trainer(cfg: TrainConfig) -> Trainer:
-    """Preflight, then the run folder, then the Trainer; config.yaml only once a start is accepted."""
+def build_run(cfg: TrainConfig) -> Run:
+    """A start of the run, every check included: preflight, then the run folder, the warm start and the
+    Trainer (autoresumed), then the schedule's refusal of an idle continuation; config.yaml only once the start
+    is accepted."""
     plan = preflight(cfg)
     folder = cfg.folder
     own = prepare_run_folder(cfg, plan.model.model)
     warm_start = warm_start_checkpoint(cfg.load, folder, resumes=own is not None)
     if warm_start:
         check_fits(warm_start, plan.model.model, "load.path must be a checkpoint of a model with this model config")
-    trainer = make_trainer(plan, folder, warm_start)
-    schedule = next(c for c in trainer.state.callbacks if isinstance(c, Schedule))
-    schedule.refuse_idle_continuation(trainer.state, str(folder))  # after autoresume: the ends it committed to
+    run = trainer_of_plan(plan, folder, warm_start)
+    run.handlers.schedule.refuse_idle_continuation(run.trainer.state, str(folder))  # the ends it committed to
     if dist.get_global_rank() == 0:
         save_config(cfg, folder / "config.yaml")  # only now: a refused start leaves the folder as it was
-    return trainer
+    return run
+
+
+def build_trainer(cfg: TrainConfig) -> Trainer:
+    """`build_run`'s Trainer, for code that drives the Trainer itself (benchmarks, tests)."""
+    return build_run(cfg).trainer
 
 
 def say(text: str) -> None:
@@ -271,7 +302,8 @@ def say(text: str) -> None:
 def train(cfg: TrainConfig) -> int:
     """Start or resume the run and train it to max_duration; the exit status (EXIT_PREEMPTED: stopped by a signal,
     EXIT_INTERRUPTED: by Ctrl-C)."""
-    trainer = build_trainer(cfg)
+    run = build_run(cfg)
+    trainer, stop = run.trainer, run.handlers.stop
     finished = trainer.state.get_elapsed_duration() >= 1
     batch = int(trainer.state.timestamp.batch)
     # What Composer loaded: the run's own latest (autoresume, from the folder or downloaded into it from the Hub),
@@ -287,8 +319,8 @@ def train(cfg: TrainConfig) -> int:
     try:
         if not finished:  # a resubmitted or requeued job whose run is done has nothing to do, and is no error
             trainer.fit()
-        for hub in (d for d in trainer.logger.destinations if isinstance(d, HubCheckpoints)):
-            hub.finish(trainer.state)  # the upload queue drains (an earlier start's too) before the run exits
+        if run.handlers.hub:
+            run.handlers.hub.finish(trainer.state)  # the upload queue drains (an earlier start's too) before exit
         trainer.close()
     except KeyboardInterrupt:
         record_state(cfg.folder, "stopped", detail="a second Ctrl-C stopped it at once")
@@ -296,7 +328,6 @@ def train(cfg: TrainConfig) -> int:
     except Exception as e:
         record_state(cfg.folder, "failed", detail=describe_error(e))
         raise
-    stop = next(c for c in trainer.state.callbacks if isinstance(c, StopOnSignal))
     batch = int(trainer.state.timestamp.batch)
     if stop.stopped_at is None:
         record_state(cfg.folder, "finished", batch=batch, detail=f"at batch {batch}")
