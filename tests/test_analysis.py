@@ -11,7 +11,7 @@ from slm.cli import main
 from slm.evaluate import evaluate
 from slm.plot import power_law
 
-from conftest import train, write_yaml
+from helpers import train, write_yaml
 
 pytestmark = [pytest.mark.train, pytest.mark.beside]
 

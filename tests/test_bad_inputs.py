@@ -147,7 +147,7 @@ def test_bad_input(name, ws, capsys):
 
 
 def test_console_script_exits_non_zero_with_one_line(tmp_path, tokenizer_dir):
-    from conftest import run_slm
+    from helpers import run_slm
 
     proc = run_slm("tokenize", "-i", str(tmp_path / "missing.jsonl"), "-t", str(tokenizer_dir),
                    "--out-dir", str(tmp_path / "o"), check=False)
@@ -206,7 +206,7 @@ TRAIN_CASES = {
 @pytest.fixture(scope="module")
 def other_model_run(tmp_path_factory, shards) -> Path:
     """A real 2-batch run of a narrower model (hidden_size 16)."""
-    from conftest import train, write_yaml
+    from helpers import train, write_yaml
 
     root = tmp_path_factory.mktemp("other-model")
     train(write_yaml(root / "narrow.yaml", shards, hidden_size=16, intermediate_size=32), "max_duration=2ba")
@@ -220,7 +220,7 @@ def train_ws(tmp_path, shards, tokenizer_dir, other_model_run):
 
     from slm.tokenizer import train_tokenizer
 
-    from conftest import edited_tokenizer, swap_a_b, write_yaml
+    from helpers import edited_tokenizer, swap_a_b, write_yaml
 
     config = write_yaml(tmp_path / "tiny.yaml", shards)
     run = tmp_path / "ckpt" / "tiny"
@@ -282,7 +282,7 @@ def test_training_accepts_the_data_tokenizer_saved_with_a_post_processor(tmp_pat
     from slm.config import load_config
     from slm.train import preflight
 
-    from conftest import bos_template, edited_tokenizer, write_yaml
+    from helpers import bos_template, edited_tokenizer, write_yaml
 
     templated = edited_tokenizer(tokenizer_dir, tmp_path / "templated_tok", bos_template)
     plan = preflight(load_config(write_yaml(tmp_path / "tiny.yaml", shards), [f"tokenizer={templated}"]))
@@ -294,7 +294,7 @@ def test_training_accepts_the_data_tokenizer_saved_with_a_post_processor(tmp_pat
 
 @pytest.mark.train
 def test_global_batch_not_divisible_by_processes(tmp_path, shards):
-    from conftest import train, write_yaml
+    from helpers import train, write_yaml
 
     config = write_yaml(tmp_path / "tiny.yaml", shards)
     proc = train(config, "global_batch_size=7", procs=2, check=False)

@@ -13,7 +13,7 @@ import pytest
 
 from slm.cli import main
 
-from conftest import REPO, train_cmd, write_yaml
+from helpers import REPO, train_cmd, write_yaml
 
 pytestmark = [pytest.mark.train, pytest.mark.beside]
 RECORDER = Path(__file__).resolve().parent / "recorder"

@@ -19,7 +19,7 @@ from slm.checkpoints import LATEST, KeepNewestPeriodic, checkpoints, is_complete
 from slm.hub import Hub
 from slm.hub_store import HubPublisher
 
-from conftest import assert_bitwise_equal, final_state, resumed_at, train, write_yaml
+from helpers import assert_bitwise_equal, final_state, resumed_at, train, write_yaml
 
 pytestmark = pytest.mark.train
 

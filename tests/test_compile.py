@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import train, write_yaml
+from helpers import train, write_yaml
 
 pytestmark = [pytest.mark.train, pytest.mark.beside]  # make test: in the second session
 

@@ -9,7 +9,7 @@ from slm.config import load_config
 from slm.errors import SlmError
 from slm.model import build_hf_model, count_parameters
 
-from conftest import REPO
+from helpers import REPO
 
 pytestmark = pytest.mark.stack  # CI runs this module on the current stack too (make test-stack)
 

@@ -4,7 +4,7 @@ import re
 
 from slm.corpus import MAX_WORDS, MIN_WORDS, story, write_corpus
 
-from conftest import run_slm
+from helpers import run_slm
 
 
 def test_same_seed_gives_byte_identical_file(tmp_path):

@@ -15,7 +15,7 @@ from slm.cli import main as slm_main
 from slm.launch import main as launch_main
 from slm.train import main as train_main
 
-from conftest import REPO, final_state, train
+from helpers import REPO, final_state, train
 
 
 def error_lines(err: str) -> list[str]:

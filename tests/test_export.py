@@ -10,7 +10,7 @@ from slm.export import model_from_checkpoint
 from slm.metrics import build_metrics, byte_lengths
 from slm.model import CausalLM, build_hf_model
 
-from conftest import final_state, run_slm, train, write_yaml
+from helpers import final_state, run_slm, train, write_yaml
 
 pytestmark = pytest.mark.train
 

@@ -17,7 +17,7 @@ import torch
 from slm.checkpoints import is_complete
 from slm.cli import main
 
-from conftest import REPO, assert_bitwise_equal, final_state, resumed_at, run_slm, train, train_cmd, write_yaml
+from helpers import REPO, assert_bitwise_equal, final_state, resumed_at, run_slm, train, train_cmd, write_yaml
 
 TOKEN = "hf_TestTokenThatMustNeverBeWrittenAnywhere"
 

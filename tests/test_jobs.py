@@ -14,7 +14,7 @@ import pytest
 from clusters import wait_until
 from omegaconf import OmegaConf
 
-from conftest import REPO, assert_bitwise_equal, final_state, train, write_yaml
+from helpers import REPO, assert_bitwise_equal, final_state, train, write_yaml
 
 SLOW = ["max_duration=64ba", "global_batch_size=32"]  # ~10 s of training: time to signal it mid-run
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}

@@ -25,7 +25,7 @@ from slm.launch import (
     split_runs,
 )
 
-from conftest import REPO, assert_bitwise_equal, final_state, resumed_at, train, write_yaml
+from helpers import REPO, assert_bitwise_equal, final_state, resumed_at, train, write_yaml
 
 
 def test_expand_slurm_hostlists():

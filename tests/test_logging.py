@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_slm, train, train_cmd, write_yaml
+from helpers import REPO, run_slm, train, train_cmd, write_yaml
 
 
 def transaction_log(path: Path) -> Iterator[bytes]:

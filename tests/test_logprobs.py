@@ -16,7 +16,7 @@ from slm.export import model_from_checkpoint, read_checkpoint
 from slm.sources import load_documents
 from slm.tokenizer import load_tokenizer
 
-from conftest import run_slm, train, write_yaml
+from helpers import run_slm, train, write_yaml
 
 LABELS = ["ba1", "ba2", "ba4"]
 

@@ -27,7 +27,7 @@ from slm.data import build_dataloader, collate, describe_split
 from slm.errors import SlmError
 from slm.mapped_shards import MappedShards
 
-from conftest import REPO, assert_bitwise_equal, final_state, newest_loadable, resumed_at, train, train_cmd, write_yaml
+from helpers import REPO, assert_bitwise_equal, final_state, newest_loadable, resumed_at, train, train_cmd, write_yaml
 
 BATCH = 8
 

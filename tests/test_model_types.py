@@ -10,7 +10,7 @@ from slm.errors import SlmError
 from slm.export import model_from_checkpoint
 from slm.model import build_config, build_hf_model, context_length, flops_per_token, resolve_class, use_special_tokens
 
-from conftest import final_state, run_slm, train, write_yaml
+from helpers import final_state, run_slm, train, write_yaml
 
 TINY = {  # hidden 32, one layer, two heads, vocab 512, 64 positions: the session shards' sizes
     "gpt2": {"vocab_size": 512, "n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 64},

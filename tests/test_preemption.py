@@ -20,7 +20,7 @@ from test_train import metric_rows, wait_for
 from slm.checkpoints import checkpoints, newest_complete
 from slm.preemption import StopOnSignal
 
-from conftest import REPO, assert_bitwise_equal, final_state, resumed_at, train, train_cmd, write_yaml
+from helpers import REPO, assert_bitwise_equal, final_state, resumed_at, train, train_cmd, write_yaml
 
 EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130

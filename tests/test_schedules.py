@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_bitwise_equal, final_state, train_stderr, write_yaml
+from helpers import assert_bitwise_equal, final_state, train_stderr, write_yaml
 
 pytestmark = pytest.mark.train
 LR, WARMUP = 3e-3, 2  # demo-llama's lr; write_yaml's configs warm up over 4ba, overridden here

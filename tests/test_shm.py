@@ -7,7 +7,7 @@ import pytest
 
 from slm.shm import clean_stale_shared_memory
 
-from conftest import write_yaml
+from helpers import write_yaml
 
 
 def test_removes_only_blocks_no_living_process_maps(tmp_path):
@@ -31,7 +31,7 @@ def test_the_top_level_script_spares_a_live_block(tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers import REPO
 
     alive = shared_memory.SharedMemory(name="987652_locals", create=True, size=64)
     stale = Path("/dev/shm/987651_barrier")

@@ -17,7 +17,7 @@ from packaging.requirements import Requirement
 
 from slm.export import export_checkpoint
 
-from conftest import REPO, train, write_yaml
+from helpers import REPO, train, write_yaml
 
 STACKS = REPO / "stacks"
 

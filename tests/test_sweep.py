@@ -15,7 +15,7 @@ from slm.config import load_config
 from slm.errors import SlmError
 from slm.sweep import expand, main, parse_grid, split_values
 
-from conftest import REPO, write_yaml
+from helpers import REPO, write_yaml
 
 NO_SHARDS = Path("/no/shards")  # the configs load without them: nothing here trains
 

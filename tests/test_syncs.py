@@ -11,7 +11,7 @@ from slm.config import load_config
 from slm.syncs import ByBatch, HostSyncs
 from slm.train import build_trainer, same_numerics_in_any_process
 
-from conftest import write_yaml
+from helpers import write_yaml
 
 # What Composer 0.32.1 syncs in every training batch of one process, with slm's workarounds: the data loader's end,
 # the batch size, the loss (.cpu() and .item()) and SpeedMonitor's FLOPs; 12 without single_process_collectives.

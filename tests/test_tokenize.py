@@ -12,7 +12,7 @@ import pytest
 from streaming import StreamingDataset
 from transformers import AutoTokenizer
 
-from conftest import run_slm
+from helpers import run_slm
 
 
 def read_samples(folder: Path) -> np.ndarray:

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 from slm.errors import SlmError
 from slm.tokenizer import load_tokenizer, tokenizer_identity, tokenizer_matches
 
-from conftest import bos_template, edited_tokenizer, old_merges, swap_a_b
+from helpers import bos_template, edited_tokenizer, old_merges, swap_a_b
 
 pytestmark = pytest.mark.stack  # CI runs this module on the current stack too (make test-stack)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, assert_bitwise_equal, final_state, newest_loadable, resumed_at, train, train_cmd, write_yaml
+from helpers import REPO, assert_bitwise_equal, final_state, newest_loadable, resumed_at, train, train_cmd, write_yaml
 
 pytestmark = pytest.mark.train
 
@@ -199,7 +199,7 @@ def test_a_100k_model_learns_the_corpus_well_below_unigram_entropy(tmp_path, tok
     from slm.corpus import write_corpus
     from slm.model import build_hf_model, count_parameters
 
-    from conftest import run_slm
+    from helpers import run_slm
 
     write_corpus(tmp_path / "stories.jsonl", 3000, seed=5)
     for name, split in (("train", "train[:95%]"), ("eval", "train[95%:]")):

@@ -19,7 +19,7 @@ import torch
 from slm.cli import main
 from slm.manifest import MANIFEST, file_record, weights_digest
 
-from conftest import hub_double, train, write_yaml
+from helpers import hub_double, train, write_yaml
 
 pytestmark = [pytest.mark.train, pytest.mark.beside]
 REPO_ID = "me/published"

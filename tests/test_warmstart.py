@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_bitwise_equal, final_state, train_stderr, write_yaml
+from helpers import assert_bitwise_equal, final_state, train_stderr, write_yaml
 
 pytestmark = pytest.mark.train
 QUIET = ["eval_interval=100ba", "hub.export=false"]

@@ -21,7 +21,7 @@ from slm import workarounds
 from slm.errors import SlmError
 from slm.train import main as train_main
 
-from conftest import REPO
+from helpers import REPO
 
 pytestmark = pytest.mark.stack  # CI runs this module on the current stack too (make test-stack)
 
