@@ -14,7 +14,7 @@ ifeq ($(wildcard $(LOCK)),)
 $(error STACK=$(STACK) has no lock file $(LOCK): use STACK=pinned or STACK=current)
 endif
 
-.PHONY: venv lock data demo test test-fast test-stack lint bench clean
+.PHONY: venv lock data demo test test-fast test-stack lint docs bench clean
 
 # pip brings uv (the version the lock names), uv installs the lock exactly and removes what it does not name,
 # compiled to bytecode as pip does (with PYTHONDONTWRITEBYTECODE set, every process would compile torch and
@@ -120,6 +120,10 @@ test-stack: lint
 # The tests that train no model, need no scheduler and no root: about 2 minutes, for the edit-test loop.
 test-fast: lint
 	$(PYTEST) -m "not train and not cluster and not root"
+
+# docs/config.md, the config reference, from the schema in slm/config.py (tests/test_docs.py fails when it is stale).
+docs: $(STAMP)
+	$(BIN)/python -m slm.config > docs/config.md
 
 # Every benchmark (about 30 minutes on 2 cores) -> bench/RESULTS.md.
 bench: export HF_HUB_OFFLINE = 1

@@ -1,18 +1,22 @@
 """Training config: yaml files merged with OmegaConf into typed dataclasses.
 
-A yaml may name its parent with `base: other.yaml` (relative to itself); `key=value` overrides
-from the command line come last. The dataclasses below are the one set of defaults (the suite's
-own choices live in `yamls/base.yaml`), and each field's value rule sits beside it. An unknown
-or mistyped key, or a value its rule refuses, fails with one line naming the key, where it came
-from, and the closest valid key. See docs/design.md, "Config".
+First the schema: the dataclasses below are the one set of defaults (the suite's own choices live in
+`yamls/base.yaml`), each field documented where it is declared (docs/config.md is generated from them:
+`python -m slm.config`), its value rule named beside it (the rules are in slm/config_rules.py). Then the
+loading: a yaml may name its parent with `base: other.yaml` (relative to itself); `key=value` overrides from
+the command line come last. An unknown or mistyped key, or a value its rule refuses, fails with one line naming
+the key, where it came from, and the closest valid key. See docs/design.md, "Config".
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
-import re
-from collections.abc import Callable, Sequence
+import inspect
+import io
+import tokenize
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,177 +24,74 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from slm.config_rules import (
+    a_length,
+    a_time,
+    at_least_one,
+    hub_repo,
+    keep_count,
+    microbatch,
+    model_class,
+    non_negative,
+    one_of,
+    optional_time,
+    positive,
+    ruled,
+    safe_run_name,
+    shard_folder,
+    stream_mixture,
+)
 from slm.errors import SlmError
 from slm.paths import write_atomically
 
-# A value rule: (dotted key, value, the dataclass holding it) -> the problem as one line, or None.
-Rule = Callable[[str, Any, Any], "str | None"]
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-HUB_REPO = re.compile(r"[\w.-]+/[\w.-]+")
-
-
-def ruled(default: Any = None, rule: Rule | None = None, *, factory: Callable[[], Any] | None = None) -> Any:
-    """A dataclass field with a value rule that `check` applies."""
-    kwargs = {"default_factory": factory} if factory else {"default": default}
-    return field(metadata={"rule": rule} if rule else {}, **kwargs)
-
-
-def positive(key: str, value: Any, owner: Any) -> str | None:
-    return None if value > 0 else f"config key '{key}' must be positive, got {value}"
-
-
-def non_negative(key: str, value: Any, owner: Any) -> str | None:
-    return None if value >= 0 else f"config key '{key}' must be 0 or more, got {value}"
-
-
-def at_least_one(key: str, value: Any, owner: Any) -> str | None:
-    return None if value >= 1 else f"config key '{key}' must be at least 1, got {value}"
-
-
-def a_time(key: str, value: Any, owner: Any) -> str | None:
-    """A Composer time string: a number with a unit."""
-    from composer.core import Time  # here, not at the top: `import composer` takes seconds
-
-    try:
-        Time.from_timestring(str(value))
-        return None
-    except ValueError:
-        return (f"config key '{key}' = '{value}' is not a time: use a number with a unit, e.g. 2000ba (batches), "
-                "10ep (epochs), 5000000tok (tokens)")
-
-
-def shard_folder(key: str, value: Any, owner: Any) -> str | None:
-    if value is not None or getattr(owner, "streams", None):  # a split of streams has no folder of its own
-        return None
-    return f"config key '{key}' is not set: give the folder of the MDS shards"
-
-
-def stream_mixture(key: str, value: Any, owner: Any) -> str | None:
-    """A split's `streams`: each with its folder; one kind of weight, as Streaming's `Stream` takes them."""
-    if not value:
-        return None
-    split = key.rpartition(".")[0]
-    if owner.local is not None or owner.remote is not None:
-        return (f"config key '{key}' replaces {split}.local and {split}.remote: set them to null (yamls/base.yaml "
-                "sets local), or drop the streams")
-    for name, stream in value.items():
-        if stream.local is None:
-            return (f"config key '{key}.{name}.local' is not set: give the folder of the stream's MDS shards "
-                    "(with a remote, its local cache)")
-        if stream.proportion is not None and stream.repeat is not None:
-            return f"config key '{key}.{name}' sets both proportion and repeat: give one"
-        for weight in ("proportion", "repeat"):
-            if getattr(stream, weight) is not None and getattr(stream, weight) <= 0:
-                return f"config key '{key}.{name}.{weight}' must be positive, got {getattr(stream, weight)}"
-    folders: dict[str, str] = {}  # Streaming refuses two streams in one folder
-    for name, stream in value.items():
-        other = folders.setdefault(str(Path(stream.local).resolve()), name)
-        if other != name:
-            return f"config keys '{key}.{other}.local' and '{key}.{name}.local' name one folder: give each its own"
-    with_proportion = [name for name, stream in value.items() if stream.proportion is not None]
-    if with_proportion and len(with_proportion) < len(value):
-        other = next(name for name in value if name not in with_proportion)
-        return (f"config key '{key}.{other}' has no proportion but '{key}.{with_proportion[0]}' has one: give "
-                "every stream a proportion, or none (repeat, or each sample once an epoch)")
-    return None
-
-
-def safe_run_name(key: str, value: Any, owner: Any) -> str | None:
-    if RUN_NAME.match(value) and ".." not in value:
-        return None
-    return f"run_name '{value}' is not a safe folder name: use letters, digits and . _ + - (no '/' or '..')"
-
-
-def microbatch(key: str, value: Any, owner: Any) -> str | None:
-    if value is None or value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-        return None
-    return f"config key '{key}' must be a positive integer or 'auto', got {value!r}"
-
-
-def keep_count(key: str, value: Any, owner: Any) -> str | None:
-    if value == -1 or value > 0:
-        return None
-    return f"config key '{key}' must be -1 (keep all) or a positive number, got {value}"
-
-
-def model_class(key: str, value: Any, owner: Any) -> str | None:
-    if "class" in value or value.get("pretrained"):
-        return None
-    return (f"config key '{key}.class' is not set: use a causal LM's model_type (llama, mamba, gpt2, ...) or "
-            f"class name, or {key}.pretrained (a folder or Hub id)")
-
-
-def hub_repo(key: str, value: Any, owner: Any) -> str | None:
-    if value is None or HUB_REPO.fullmatch(value):
-        return None
-    return f"config key '{key}' = '{value}' is not a Hub repo id: use ORG/NAME"
-
 
 @dataclass
-class StreamConfig:  # one source of a mixture: Streaming's `Stream`
+class StreamConfig:  # one source of a mixture (Streaming's `Stream`); no weight: each sample once an epoch
     local: str | None = None  # folder of MDS shards, or the local cache of `remote`
     remote: str | None = None  # hf://datasets/ORG/REPO/PATH, s3://..., or None
-    # At most one weight; proportion on every stream of the split or on none. Neither: each sample once an epoch.
-    proportion: float | None = None  # share of each epoch's samples (relative to the others'; an epoch keeps the
-    # streams' total sample count), drawn with repetition when it exceeds the stream's size
+    # share of each epoch's samples, relative to the other streams' (an epoch keeps the streams' total sample count),
+    # drawn with repetition where it exceeds the stream's size; on every stream of the split or on none
+    proportion: float | None = None
     repeat: float | None = None  # times each sample is seen an epoch (0.5: a fresh half of them each epoch)
 
 
 @dataclass
-class DataSplit:
+class DataSplit:  # a split (train or eval): one MDS folder, or a mixture of streams
     local: str | None = ruled(None, shard_folder)  # folder of MDS shards, or the local cache of `remote`
     remote: str | None = None  # hf://datasets/ORG/REPO/PATH, s3://..., or None
     streams: dict[str, StreamConfig] = ruled(rule=stream_mixture, factory=dict)  # a mixture, instead of local/remote
 
 
 @dataclass
-class DataConfig:
-    train: DataSplit = field(default_factory=DataSplit)
-    eval: DataSplit = field(default_factory=DataSplit)
-    shuffle: bool = True
+class DataConfig:  # the shards and Streaming's reading of them (docs/design.md, "Data")
+    train: DataSplit = field(default_factory=DataSplit)  # the training split
+    eval: DataSplit = field(default_factory=DataSplit)  # the evaluation split
+    shuffle: bool = True  # shuffle the training samples (Streaming's shuffle, seeded by shuffle_seed)
     shuffle_seed: int = 1337  # the data order; independent of the init seed
-    shuffle_algo: str = "py1e"
+    shuffle_algo: str = "py1e"  # Streaming's shuffle algorithm
     num_canonical_nodes: int = 1  # fixed, so the sample order is the same on any number of nodes
-    # Loader processes per training process. 0 reads in the training process: MappedShards slices samples from
+    # loader processes per training process. 0 reads in the training process: MappedShards slices samples from
     # memory-mapped shards at >100k samples/s, and worker processes cost more in hand-over than they save
-    # (bench/RESULTS.md). Raise it when bench/loader.py shows the loader below what training consumes.
+    # (bench/RESULTS.md). Raise it when bench/loader.py shows the loader below what training consumes
     num_workers: int = ruled(0, non_negative)
 
 
 @dataclass
-class OptimizerConfig:  # AdamW; weight decay on matrices only
-    lr: float = ruled(5e-4, positive)
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
+class OptimizerConfig:  # AdamW; weight decay on matrices only (not on norms and biases)
+    lr: float = ruled(5e-4, positive)  # the peak learning rate (the schedule scales it)
+    weight_decay: float = 0.1  # decoupled weight decay of the matrices
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW's beta1, beta2
+    eps: float = 1e-8  # AdamW's epsilon
     fused: bool = False  # torch's fused AdamW kernel (CUDA): fewer launches, last-bit different numerics
-
-
-def one_of(*choices: str) -> Rule:
-    def rule(key: str, value: Any, owner: Any) -> str | None:
-        return None if value in choices else f"config key '{key}' = '{value}' is not one of {', '.join(choices)}"
-    return rule
-
-
-def optional_time(key: str, value: Any, owner: Any) -> str | None:
-    return None if value is None else a_time(key, value, owner)
-
-
-def a_length(key: str, value: Any, owner: Any) -> str | None:
-    """A fraction of max_duration in (0, 1], or a time."""
-    try:
-        return None if 0 < float(value) <= 1 else f"config key '{key}' = {value}: a fraction must be in (0, 1]"
-    except ValueError:
-        return a_time(key, value, owner)
 
 
 @dataclass
 class SchedulerConfig:  # slm/schedules.py; docs/design.md, "Schedules", has the curves and the rule for continuing
-    name: str = ruled("cosine", one_of("cosine", "linear", "constant", "wsd"))
+    name: str = ruled("cosine", one_of("cosine", "linear", "constant", "wsd"))  # cosine, linear, constant or wsd
     warmup: str = ruled("1000ba", a_time)  # linear from 0, then the schedule
     alpha_f: float = 0.0  # the final lr, as a fraction of optimizer.lr (cosine, linear, wsd)
     # cosine, linear: the duration the decay spans; None: max_duration at the run's first start. It is kept when
-    # a run is continued to a larger max_duration (the lr then holds at alpha_f * lr).
+    # a run is continued to a larger max_duration (the lr then holds at alpha_f * lr)
     horizon: str | None = ruled(None, optional_time)
     decay: str = ruled("0.2", a_length)  # wsd: the decay's length, a fraction of max_duration (0.2) or a time (2000ba)
     decay_shape: str = ruled("linear", one_of("linear", "cosine", "sqrt"))  # wsd: 1 - x, cos, or 1 - sqrt(x)
@@ -204,11 +105,11 @@ class LoadConfig:  # a warm start: a new run branched off another run's checkpoi
 
 
 @dataclass
-class HubConfig:
-    repo: str | None = ruled(None, hub_repo)  # ORG/NAME model repo for checkpoints (created private); None: local
-    private: bool = True
+class HubConfig:  # publishing every checkpoint to a Hub model repo (docs/design.md, "The Hub")
+    repo: str | None = ruled(None, hub_repo)  # ORG/NAME model repo for checkpoints; None: local only
+    private: bool = True  # create the repo private (an existing repo keeps its visibility)
     export: bool = True  # with repo: each checkpoint also in HF format on a branch named after it (ba400)
-    # Commits to the repo in any budget_window_s seconds, exports included: the Hub refuses more than 128 an hour.
+    # commits to the repo in any budget_window_s seconds, exports included: the Hub refuses more than 128 an hour
     max_commits_per_hour: int = ruled(100, at_least_one)
     budget_window_s: float = ruled(3600.0, positive)  # the Hub's window is an hour; tests shrink it
     retries: int = ruled(5, at_least_one)  # attempts per Hub call on transient errors (connection, 408, 5xx)
@@ -216,46 +117,47 @@ class HubConfig:
 
 
 @dataclass
-class WandbConfig:
+class WandbConfig:  # Composer's W&B logger, on when project is set
     project: str | None = None  # set it to log to W&B (WANDB_MODE=offline works); run id from run_name
-    entity: str | None = None
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
+    entity: str | None = None  # the W&B team or user; None: your default
+    group: str | None = None  # W&B's run group (e.g. the suite's name)
+    tags: list[str] = field(default_factory=list)  # W&B's run tags
 
 
 @dataclass
-class LoggingConfig:
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+class LoggingConfig:  # loggers beside metrics.jsonl
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig:  # the top level of a training yaml
     base: str | None = None  # parent yaml, consumed while loading
     run_name: str | None = ruled(None, safe_run_name)  # defaults to the yaml's stem; reuse it to resume
     seed: int = 42  # model init
-    max_duration: str = ruled("10ep", a_time)
-    global_batch_size: int = ruled(256, positive)  # split evenly across processes
-    device_microbatch_size: Any = ruled(None, microbatch)  # int, or "auto" (GPU only); None: the whole batch
+    max_duration: str = ruled("10ep", a_time)  # how long to train: 2000ba (batches), 10ep (epochs), 5000000tok
+    global_batch_size: int = ruled(256, positive)  # samples an optimizer step, split evenly across processes
+    device_microbatch_size: int | str | None = ruled(None, microbatch)  # a count, "auto" (GPU only); None: all
     precision: str | None = None  # None: fp32 on CPU, amp_bf16 on GPU
-    compile: bool = False  # torch.compile the model (Composer's compile_config): faster steps after a warm-up
+    compile: bool = False  # torch.compile the forward, loss and backward (Composer's compile_config)
     deterministic: bool = False  # GPU: bitwise-repeatable kernels (always on on CPU); costs speed
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
-    save_folder: str = "checkpoints/{run_name}"
-    save_interval: str = ruled("1000ba", a_time)
+    save_folder: str = "checkpoints/{run_name}"  # the run folder: checkpoints, metrics.jsonl, run.json, config.yaml
+    save_interval: str = ruled("1000ba", a_time)  # a checkpoint every this long
     early_checkpoints: int = 512  # also save at batches 1, 2, 4, ... up to this; 0 turns them off
     keep: int = ruled(-1, keep_count)  # keep the newest N periodic checkpoints (early ones always stay); -1: all
-    eval_interval: str = ruled("1000ba", a_time)
+    eval_interval: str = ruled("1000ba", a_time)  # an evaluation every this long; 0ba: none
     eval_batches: int = -1  # batches per evaluation; -1 = the whole eval split
-    log_interval: str = ruled("10ba", a_time)
+    log_interval: str = ruled("10ba", a_time)  # console lines, metrics.jsonl rows and train metrics every this long
     tokenizer: str | None = None  # None: the tokenizer recorded in the train shards' slm-dataset.json
-    data: DataConfig = field(default_factory=DataConfig)
-    # `class` plus kwargs of the transformers config, or `pretrained: FOLDER_OR_HUB_ID` (its weights and config)
+    data: DataConfig = field(default_factory=DataConfig)  # the shards
+    # `class` (a causal LM's model_type, e.g. llama, mamba, gpt2) plus kwargs of its transformers config, or
+    # `pretrained: FOLDER_OR_HUB_ID` (its weights and config)
     model: dict[str, Any] = ruled(rule=model_class, factory=dict)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    load: LoadConfig = field(default_factory=LoadConfig)
-    hub: HubConfig = field(default_factory=HubConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # AdamW
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # the lr schedule
+    load: LoadConfig = field(default_factory=LoadConfig)  # a warm start
+    hub: HubConfig = field(default_factory=HubConfig)  # publishing to the Hub
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # W&B
     sweep: dict[str, Any] = field(default_factory=dict)  # key: [values] for `slm sweep` / jobs/suite.*; not training's
     configs: list[str] = field(default_factory=list)  # the yaml files merged, in order (set by load_config)
 
@@ -372,3 +274,67 @@ def load_config(paths: str | Path | Sequence[str | Path], overrides: Sequence[st
 def save_config(cfg: TrainConfig, path: Path) -> None:
     """The resolved config as yaml (what `load_config` of that file gives back)."""
     write_atomically(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def _comments(cls: type) -> tuple[str, dict[str, str]]:
+    """A schema class's own comment (on its `class` line) and each field's: the comment lines right above the field
+    and the comment at the end of its line, joined."""
+    source = inspect.getsource(cls)
+    lines = source.splitlines()
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    node = ast.parse(source).body[0]
+    docs = {}
+    for item in node.body:
+        if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+            above, line = [], item.lineno - 1
+            while line >= 1 and lines[line - 1].lstrip().startswith("#"):
+                above.insert(0, comments[line])
+                line -= 1
+            docs[item.target.id] = " ".join([*above, *filter(None, [comments.get(item.end_lineno)])])
+    return comments.get(node.lineno, ""), docs
+
+
+def _yaml_value(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def reference() -> str:
+    """docs/config.md: every config key with its type, default and documentation, from the schema above."""
+    out = ["# Config reference", "",
+           "Every key a training yaml may set, with its type, its default and what it does. Generated from the schema "
+           "in `slm/config.py` (`python -m slm.config > docs/config.md`, or `make docs`); a test fails when this "
+           "page is out of date. `yamls/base.yaml` sets the suite's own choices over these defaults; docs/training.md "
+           "shows them at work.", ""]
+
+    def section(cls: type, prefix: str) -> None:
+        about, docs = _comments(cls)
+        title = f"## `{prefix.rstrip('.')}`" if prefix else "## Top level"
+        out.extend([title, "", *([about[0].upper() + about[1:] + ".", ""] if about else []),
+                    "| key | type | default | what it is |", "|---|---|---|---|"])
+        nested = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if dataclasses.is_dataclass(default):
+                nested.append((type(default), f"{prefix}{f.name}."))
+                continue
+            kind = str(f.type).replace("|", "\\|")  # a table cell: GitHub's markdown splits at a bare |
+            out.append(f"| `{prefix}{f.name}` | `{kind}` | `{_yaml_value(default)}` | {docs[f.name]} |")
+        out.append("")
+        seen = {}
+        for kind, key in nested:  # splits of one kind share a table: data.{train,eval}
+            seen.setdefault(kind, []).append(key)
+        for kind, keys in seen.items():
+            names = [k.rstrip(".").rpartition(".")[2] for k in keys]
+            parent = keys[0].rstrip(".").rpartition(".")[0]
+            shared = f"{parent}.{{{','.join(names)}}}." if len(keys) > 1 else keys[0]
+            section(kind, shared.lstrip("."))
+            if kind is DataSplit:
+                section(StreamConfig, f"{shared}streams.NAME.")
+
+    section(TrainConfig, "")
+    return "\n".join(out).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    print(reference(), end="")

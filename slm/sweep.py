@@ -189,7 +189,7 @@ def expand(configs: Sequence[str | Sequence[str]], overrides: Sequence[str] = ()
         list[Task]:
     """The tasks of a sweep: each entry of `configs` (a yaml, or yamls merged left to right) times each
     combination of its axes (the `--grid` items `grid`, and its sweep block). Reads the yamls, checks no config."""
-    from slm.config import RUN_NAME
+    from slm.config_rules import RUN_NAME
 
     if not configs:
         raise SlmError("no config given: name at least one CONFIG.yaml")

@@ -20,7 +20,8 @@ import torch
 from composer.utils import dist
 
 from slm.checkpoints import CHECKPOINT, checkpoints, is_complete, newest_complete
-from slm.config import HUB_REPO, LoadConfig
+from slm.config import LoadConfig
+from slm.config_rules import HUB_REPO
 from slm.errors import SlmError
 from slm.hub import Hub
 from slm.manifest import REMOTE_FOLDER
