@@ -1,10 +1,11 @@
 """Every workaround of a third-party behaviour, and every reliance on a library's private or version-specific
 code, is here or named here, each bound to the versions in `WRITTEN_FOR`.
 
-The policy, one for all: where slm can do the same work the stock way, it falls back to it on another version;
-where it cannot, it refuses in one line (`require`) naming the package, the version installed and the one to
-install. A newer release may have fixed the behaviour, or changed the code leaned on: read the upstream code named
-in the docstring, adapt or drop the workaround, and add the version to `WRITTEN_FOR`.
+The policy, one for all: what slm applies to a run refuses, in one line (`require`), a version it was not written
+for, naming the package, the version installed and the one to install; what only does faster what a library's
+public code also does (reading samples) does it the stock way on another version. A newer release may have fixed
+the behaviour, or changed the code leaned on: read the upstream code named in the docstring, adapt or drop the
+workaround, and add the version to `WRITTEN_FOR`.
 
 Here (nothing changes on import; `applied()` is entered by slm/train.py for a run and undone when it exits, the
 classes and `check_wandb_login` are used where the Trainer is made): Composer's node signal file, its warnings,
@@ -67,6 +68,19 @@ def require(package: str, workaround: str) -> None:
                        f"against {installed} and add it to WRITTEN_FOR")
 
 
+@contextmanager
+def _replaced(*replacements: tuple[Any, str, Any]) -> Iterator[None]:
+    """Each (owner, name, value): `owner.name = value` for the duration, then the original again."""
+    originals = [(owner, name, owner.__dict__[name]) for owner, name, _ in replacements]
+    for owner, name, value in replacements:
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for owner, name, value in originals:
+            setattr(owner, name, value)
+
+
 def _signal_file_per_node(original: Any) -> Any:
     def name(rng: Any = None) -> str:
         return f"{original(rng)}-node{dist.get_node_rank()}"
@@ -81,12 +95,8 @@ def per_node_signal_file() -> Iterator[None]:
     remove that file in the run folder. With the run folder on a shared filesystem (as on clusters) the
     second node's remove fails. Adding the node rank keeps each node's wait its own."""
     require("mosaicml", "the node signal file of Composer's autoresume")
-    original = dist.get_node_signal_file_name
-    dist.get_node_signal_file_name = _signal_file_per_node(original)
-    try:
+    with _replaced((dist, "get_node_signal_file_name", _signal_file_per_node(dist.get_node_signal_file_name))):
         yield
-    finally:
-        dist.get_node_signal_file_name = original
 
 
 @contextmanager
@@ -106,26 +116,11 @@ def engine_debug_log_when_asked() -> Iterator[None]:
     every event and then logs it only if ENGINE_DEBUG is set: about 130 times a batch, half a millisecond,
     several percent of a tiny model's step. Unless ENGINE_DEBUG is set at the start, it does nothing."""
     require("mosaicml", "the cost of Composer's engine debug log")
-    original = Engine._debug_log
-    if not os.environ.get("ENGINE_DEBUG"):
-        Engine._debug_log = lambda self, event, msg: None
-    try:
+    if os.environ.get("ENGINE_DEBUG"):
         yield
-    finally:
-        Engine._debug_log = original
-
-
-@contextmanager
-def _replaced(*replacements: tuple[Any, str, Any]) -> Iterator[None]:
-    """Each (owner, name, value): `owner.name = value` for the duration, then the original again."""
-    originals = [(owner, name, owner.__dict__[name]) for owner, name, _ in replacements]
-    for owner, name, value in replacements:
-        setattr(owner, name, value)
-    try:
+        return
+    with _replaced((Engine, "_debug_log", lambda self, event, msg: None)):
         yield
-    finally:
-        for owner, name, value in originals:
-            setattr(owner, name, value)
 
 
 @functools.cache
