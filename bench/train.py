@@ -141,10 +141,9 @@ class BareLoop:
         return (time.perf_counter() - start) / (batches - 1)
 
 
-def take_turns(cfg, shape: dict, device: str, compiled: bool = False) -> tuple[float, float, float, float]:
+def take_turns(cfg, shape: dict, device: str, compiled: bool = False) -> tuple[float, float, float]:
     """Median seconds per batch of the bare loop and of slm over alternating chunks, both compiled or both eager; the
-    device's bf16 peak FLOP/s as SpeedMonitor takes it (0 on CPU); the per-event cost of Composer's dispatch with
-    slm's workarounds, in seconds."""
+    device's bf16 peak FLOP/s as SpeedMonitor takes it (0 on CPU)."""
     bare = BareLoop(cfg, device, compiled=compiled)
     with workarounds.applied():
         trainer = build_trainer(cfg)
@@ -158,9 +157,8 @@ def take_turns(cfg, shape: dict, device: str, compiled: bool = False) -> tuple[f
             bare_times.append(bare.seconds_per_batch(shape["chunk"]))
             trainer.fit(duration=f"{shape['chunk']}ba")
         peak = get_gpu_flops_available(trainer.state) or 0.0
-        event = seconds_per_event(trainer)
         trainer.close()
-    return statistics.median(bare_times), statistics.median(clock.per_batch), peak, event
+    return statistics.median(bare_times), statistics.median(clock.per_batch), peak
 
 
 def seconds_per_event(trainer) -> float:
@@ -240,7 +238,7 @@ def mamba_paths(cfg_for, name: str, shape: dict, device: str) -> dict:
 def bench_model(name: str, shape: dict, cfg_for, device: str) -> dict:
     cfg = cfg_for(name, shape, [])
     tokens = shape["batch"] * shape["seq_len"]
-    bare, ours, peak, event = take_turns(cfg, shape, device)
+    bare, ours, peak = take_turns(cfg, shape, device)
     loader_batches = max(5, 1000 // shape["batch"])
     loader = time_loader(cfg, shape["batch"], loader_batches, 2)
     model = build_hf_model(dict(cfg.model), cfg.seed)
@@ -248,8 +246,7 @@ def bench_model(name: str, shape: dict, cfg_for, device: str) -> dict:
               "bare_ms": bare * 1e3, "slm_ms": ours * 1e3, "framework_ms": (ours - bare) * 1e3,
               "bare_tok_s": tokens / bare, "slm_tok_s": tokens / ours,
               "loader_samples_s": shape["batch"] * loader_batches / loader, "train_samples_s": shape["batch"] / ours,
-              "mfu": flops_per_token(model, shape["seq_len"]) * tokens / ours / peak if peak else None,
-              "event_us": event * 1e6}
+              "mfu": flops_per_token(model, shape["seq_len"]) * tokens / ours / peak if peak else None}
     print(f"  {name:10s} bare loop {result['bare_ms']:8.2f} ms/batch   slm {result['slm_ms']:8.2f} ms/batch   "
           f"framework {result['framework_ms']:+.2f} ms/batch   slm / bare = {bare / ours:.3f}"
           + (f"   MFU {result['mfu']:.1%}" if result["mfu"] else ""), flush=True)
@@ -257,7 +254,7 @@ def bench_model(name: str, shape: dict, cfg_for, device: str) -> dict:
           f"{result['train_samples_s']:9,.1f} samples/s   loader / training = "
           f"{result['loader_samples_s'] / result['train_samples_s']:,.1f}", flush=True)
     if shape.get("compile"):
-        bare_compiled, ours_compiled, _, _ = take_turns(cfg_for(name, shape, ["compile=true"]), shape, device,
+        bare_compiled, ours_compiled, _ = take_turns(cfg_for(name, shape, ["compile=true"]), shape, device,
                                                         compiled=True)
         result["compiled"] = {"bare_ms": bare_compiled * 1e3, "slm_ms": ours_compiled * 1e3}
         print(f"  {name:10s} compiled: bare loop {bare_compiled * 1e3:8.2f} ms/batch   slm {ours_compiled * 1e3:8.2f} "
