@@ -7,9 +7,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from slm.errors import SlmError, run_command
 from slm.paths import refuse_to_clobber
+
+if TYPE_CHECKING:  # the commands import what they need when they run: `slm --help` starts at once
+    from slm.batches import Batches
 
 
 def _add_input_args(p: argparse.ArgumentParser) -> None:
@@ -171,7 +175,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 
 def cmd_batches(args: argparse.Namespace) -> None:
-    from slm.batches import Batches, Processes, parse_steps, run_config
+    from slm.batches import Batches, Processes, run_config
 
     target = Path(args.target)
     if not target.exists():
@@ -185,7 +189,17 @@ def cmd_batches(args: argparse.Namespace) -> None:
     ranks = args.world_size or recorded or 1
     if ranks % args.nodes:
         raise SlmError(f"--world-size {ranks} does not split over --nodes {args.nodes}")
-    batches = Batches(cfg, Processes(args.nodes, ranks // args.nodes, max(cfg.data.num_workers, 1)))
+    from slm import workarounds
+
+    with workarounds.streaming_datasets():
+        _show_batches(args, Batches(cfg, Processes(args.nodes, ranks // args.nodes, max(cfg.data.num_workers, 1))),
+                      ranks, out)
+
+
+def _show_batches(args: argparse.Namespace, batches: Batches, ranks: int, out: Path | None) -> None:
+    """What `slm batches` prints or writes of `batches`."""
+    from slm.batches import parse_steps
+
     first, last = parse_steps(args.steps, batches.max_steps())
     if args.rank is not None and not 0 <= args.rank < ranks:
         raise SlmError(f"--rank {args.rank}: the run has ranks 0-{ranks - 1}")

@@ -14,6 +14,7 @@ from streaming import StreamingDataset
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from slm import workarounds
 from slm.data import check_compatible, check_shards, collate
 from slm.errors import SlmError
 from slm.metrics import build_metrics, byte_lengths
@@ -40,10 +41,10 @@ def evaluate_loaded(loaded: Loaded, data: Path, batch_size: int = 16, max_batche
     check_compatible([(data, meta)], model.config.vocab_size, getattr(model.config, "max_position_embeddings", None))
     metrics = build_metrics(byte_lengths(tokenizer))
     wrapper = CausalLM(model, tokenizer, metrics=metrics)
-    loader = DataLoader(StreamingDataset(local=str(data), shuffle=False, batch_size=batch_size),
-                        batch_size=batch_size, collate_fn=collate)
     samples = 0
-    with torch.no_grad():
+    with workarounds.streaming_datasets(), torch.no_grad():
+        loader = DataLoader(StreamingDataset(local=str(data), shuffle=False, batch_size=batch_size),
+                            batch_size=batch_size, collate_fn=collate)
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break

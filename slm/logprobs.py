@@ -20,6 +20,7 @@ import torch
 from streaming import StreamingDataset
 from tqdm import tqdm
 
+from slm import workarounds
 from slm.data import check_compatible, check_shards, collate
 from slm.errors import SlmError
 from slm.hub import Hub
@@ -98,36 +99,37 @@ def write_logprobs(model: str, data: Path, out_dir: Path | None = None, out_repo
             raise SlmError(f"cannot write to {out_dir}: {e.strerror or e}") from e
     hub = Hub()
     pushed = _on_hub(hub, out_repo, list(chosen)) if out_repo else set()
-    dataset = StreamingDataset(local=str(data), shuffle=False)  # read by index, in order
-    samples = min(dataset.num_samples, max_samples or dataset.num_samples)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for label, load in chosen.items():
-        local = out_dir / f"{label}.parquet" if out_dir else None
-        todo_local = local is not None and not local.exists()
-        todo_hub = bool(out_repo) and label not in pushed
-        if not (todo_local or todo_hub):
-            where = " and ".join(filter(None, [str(local) if local else None,
-                                               f"hf://datasets/{out_repo}@{label}" if out_repo else None]))
-            print(f"skipped {label} (already in {where})", flush=True)
-            continue
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="slm-logprobs-") as tmp:
-            table = local if local else Path(tmp) / "push" / HUB_FILE
-            summary = f"{label}: taken from {local}"
-            if todo_local or not local:
-                loaded = load(Path(tmp))
-                net, tokenizer_name = loaded.model, loaded.tokenizer
-                _check_data(net, tokenizer_name, data, meta)
-                table.parent.mkdir(parents=True, exist_ok=True)
-                mean = write_table(net.to(device), dataset, samples, batch_size, table, label)
-                summary = f"{label}: {samples:,} samples x {meta['seq_len']} tokens, mean log p {mean:.4f} nats"
-            if todo_hub:
-                push = Path(tmp) / "push"
-                if table.parent != push:
-                    push.mkdir(exist_ok=True)
-                    shutil.copyfile(table, push / HUB_FILE)
-                hub.push_folder(push, out_repo, f"next-token log-probs of {model} at {label} on {data} by slm",
-                                  repo_type="dataset", branch=label)
-        where = " and ".join(filter(None, [str(local) if todo_local else None,
-                                           f"hf://datasets/{out_repo}@{label}" if todo_hub else None]))
-        print(f"{summary}; wrote {where} in {time.perf_counter() - start:.1f} s", flush=True)
+    with workarounds.streaming_datasets():
+        dataset = StreamingDataset(local=str(data), shuffle=False)  # read by index, in order
+        samples = min(dataset.num_samples, max_samples or dataset.num_samples)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        for label, load in chosen.items():
+            local = out_dir / f"{label}.parquet" if out_dir else None
+            todo_local = local is not None and not local.exists()
+            todo_hub = bool(out_repo) and label not in pushed
+            if not (todo_local or todo_hub):
+                where = " and ".join(filter(None, [str(local) if local else None,
+                                                   f"hf://datasets/{out_repo}@{label}" if out_repo else None]))
+                print(f"skipped {label} (already in {where})", flush=True)
+                continue
+            start = time.perf_counter()
+            with tempfile.TemporaryDirectory(prefix="slm-logprobs-") as tmp:
+                table = local if local else Path(tmp) / "push" / HUB_FILE
+                summary = f"{label}: taken from {local}"
+                if todo_local or not local:
+                    loaded = load(Path(tmp))
+                    net, tokenizer_name = loaded.model, loaded.tokenizer
+                    _check_data(net, tokenizer_name, data, meta)
+                    table.parent.mkdir(parents=True, exist_ok=True)
+                    mean = write_table(net.to(device), dataset, samples, batch_size, table, label)
+                    summary = f"{label}: {samples:,} samples x {meta['seq_len']} tokens, mean log p {mean:.4f} nats"
+                if todo_hub:
+                    push = Path(tmp) / "push"
+                    if table.parent != push:
+                        push.mkdir(exist_ok=True)
+                        shutil.copyfile(table, push / HUB_FILE)
+                    hub.push_folder(push, out_repo, f"next-token log-probs of {model} at {label} on {data} by slm",
+                                      repo_type="dataset", branch=label)
+            where = " and ".join(filter(None, [str(local) if todo_local else None,
+                                               f"hf://datasets/{out_repo}@{label}" if todo_hub else None]))
+            print(f"{summary}; wrote {where} in {time.perf_counter() - start:.1f} s", flush=True)

@@ -10,7 +10,8 @@ workaround, and add the version to `WRITTEN_FOR`.
 Here (nothing changes on import; `applied()` is entered by slm/train.py for a run and undone when it exits, the
 classes and `check_wandb_login` are used where the Trainer is made): Composer's node signal file, its warnings,
 its engine's debug log, its event dispatch, its collectives in one process, its progress bar after a resume,
-W&B's checkpoint downloads and login check, Streaming's shared memory. Elsewhere:
+W&B's checkpoint downloads and login check, Streaming's shared memory (its prefix registration, its blocks
+held until exit). Elsewhere:
 - slm/mapped_shards.py: Streaming's private sample partition and MDS reader fields (falls back: the stock read);
 - slm/batches.py: Streaming's partition calls, to name each step's samples (refuses);
 - tests/helpers/pytest_capture.py: pytest's capture manager, to train in the test process (pytest 9.2).
@@ -39,6 +40,7 @@ from composer.trainer import Trainer
 from composer.utils import dist
 
 from slm.errors import SlmError
+from slm.shm import node_lock
 
 # Package -> the versions (or version prefixes) whose behaviour the workarounds below were written against and
 # tested on: the pinned stack's first, then the current stack's (stacks/, docs/design.md "The stack").
@@ -217,7 +219,67 @@ def single_process_collectives() -> Iterator[None]:
 def applied() -> Iterator[None]:
     """The process-wide workarounds, for the duration of a training run; Composer is as installed afterwards."""
     with (per_node_signal_file(), quiet_composer_warnings(), engine_debug_log_when_asked(), quick_event_dispatch(),
-          single_process_collectives(), shared_memory_released()):
+          single_process_collectives(), prefix_registered_under_node_lock(), shared_memory_released()):
+        yield
+
+
+def _register_prefix(streams_local: list[str], streams_remote: list[str | None], world: Any,
+                     retry: int = 100) -> tuple[int, Any]:
+    """Streaming's `get_shm_prefix`, with the prefix chosen and registered by the node's leader alone, under the
+    node's lock, and handed to the other processes of the run (the docstring of the context manager below)."""
+    import torch.distributed
+    from streaming.base.constant import LOCALS, SHM_TO_CLEAN
+    from streaming.base.shared import SharedMemory
+    from streaming.base.shared import prefix as streaming
+
+    streaming._check_self(streams_local)
+    chosen: int | str | None = None  # the prefix, or the error the leader met
+    block = None
+    if world.is_local_leader:
+        with node_lock():
+            for _ in range(retry):  # a process without the lock (Streaming used directly) may take a prefix first
+                try:
+                    chosen = max(streaming._check_and_find_retrying(streams_local, streams_remote, name, retry)
+                                 for name in SHM_TO_CLEAN)
+                    data = streaming._pack_locals(streams_local, chosen)
+                    block = SharedMemory(streaming._get_path(chosen, LOCALS), True, len(data))
+                    block.buf[:len(data)] = data
+                    break
+                except FileExistsError:
+                    continue
+                except ValueError as e:  # a local folder another live dataset with a remote uses
+                    chosen = str(e)
+                    break
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_world_size() > 1:
+        gathered: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, (world.node, chosen))
+        chosen = next(c for node, c in gathered if node == world.node and c is not None)
+    if isinstance(chosen, str):
+        raise ValueError(chosen)
+    if block is None:
+        block = SharedMemory(streaming._get_path(chosen, LOCALS), False)
+        if streaming._unpack_locals(bytes(block.buf)) != (streams_local, chosen):
+            raise RuntimeError(f"Streaming's shared memory prefix {chosen} does not hold this run's local folders")
+    return chosen, block
+
+
+@contextmanager
+def prefix_registered_under_node_lock() -> Iterator[None]:
+    """Runs starting at the same moment on one node must not take the same Streaming prefix or lose its blocks.
+
+    Streaming (streaming/base/shared/prefix.py, `get_shm_prefix`) has every process of a run scan /dev/shm for
+    the first free prefix on its own, then the node's leader creates the prefix's `locals` block after a barrier,
+    and the others attach to it after another. Another run registering in between makes the leader's create fail
+    (FileExistsError), or the processes of one run disagree on their prefix ("shared memory registered does not
+    match"); slm's clean-up of stale blocks (slm/shm.py) could remove a block between its creation and the other
+    processes' attach. Here the leader scans and creates under the node's lock (which the clean-up holds too) and
+    gives its prefix to the other processes, which attach to it. `streaming.base.dataset` imported the function
+    by name; that name is replaced."""
+    require("mosaicml-streaming", "Streaming's shared-memory prefix registration")
+    import streaming.base.dataset
+
+    with _replaced((streaming.base.dataset, "get_shm_prefix", _register_prefix)):
         yield
 
 
@@ -250,6 +312,15 @@ def shared_memory_released() -> Iterator[None]:
         for block in _streaming_blocks():
             if id(block) not in before:
                 block.cleanup()
+
+
+@contextmanager
+def streaming_datasets() -> Iterator[None]:
+    """What a command reading shards through Streaming outside a training run needs (`slm eval`, `slm logprobs`,
+    a notebook calling them): its datasets' prefixes registered under the node's lock, and their shared memory let
+    go of when it is done."""
+    with prefix_registered_under_node_lock(), shared_memory_released():
+        yield
 
 
 class ResumableProgressBar(ProgressBarLogger):
