@@ -55,11 +55,12 @@ class Launch:
     nodes: int
     node_rank: int
     master_addr: str
-    master_port: int
+    master_port: int | None  # None: a free one, which Composer's launcher picks (one node only)
 
     def composer_args(self) -> list[str]:
+        port = [] if self.master_port is None else ["--master_port", str(self.master_port)]
         return ["-n", str(self.nproc), "--world_size", str(self.nproc * self.nodes), "--node_rank",
-                str(self.node_rank), "--master_addr", self.master_addr, "--master_port", str(self.master_port)]
+                str(self.node_rank), "--master_addr", self.master_addr, *port]
 
 
 def expand_hostlist(hostlist: str) -> list[str]:
@@ -77,7 +78,8 @@ def expand_hostlist(hostlist: str) -> list[str]:
 
 
 def _port(env: Mapping[str, str], job_id: str | None) -> int:
-    """MASTER_PORT if set; else one per job (jobs sharing a node must not share a port)."""
+    """The port every node of a job agrees on: MASTER_PORT if set; else one per job (jobs sharing a node must
+    not share a port)."""
     if env.get("MASTER_PORT"):
         return int(env["MASTER_PORT"])
     return DEFAULT_PORT + (int(job_id) % 10000 if job_id and job_id.isdigit() else 0)
@@ -115,8 +117,10 @@ def from_environment(env: Mapping[str, str], gpus: int, hostname: str) -> Launch
                 raise SlmError(f"this host ({hostname}) is not in $PE_HOSTFILE ({', '.join(hosts)})")
             return Launch(nproc, len(hosts), short.index(hostname.split(".")[0]), env.get("MASTER_ADDR") or hosts[0],
                           _port(env, env.get("JOB_ID")))
+    # One node: MASTER_PORT if set, else a port free this moment, which Composer's launcher picks (a fixed one
+    # would make two launches on one machine, from two terminals or two jobs, collide).
     return Launch(nproc, 1, 0, env.get("MASTER_ADDR") or "127.0.0.1",
-                  _port(env, env.get("SLURM_JOB_ID") or env.get("JOB_ID")))
+                  int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else None)
 
 
 def split_runs(args: list[str]) -> list[list[str]]:
@@ -181,8 +185,8 @@ def share_node(runs: list[list[str]], show: bool) -> int:
         raise SlmError(f"{len(runs)} runs share one node ({NEXT}), but this job spans {plan.nodes}: give it one node")
     shares = [[] for _ in runs] if gpus else core_shares(granted_cores(os.environ), len(runs))
     commands = [[sys.executable, "-m", "slm.launch", *run] for run in runs]
-    envs = [{"MASTER_PORT": str(plan.master_port + i)} | ({"OMP_NUM_THREADS": str(len(share))} if share else {})
-            for i, share in enumerate(shares)]
+    envs = [({"MASTER_PORT": str(plan.master_port + i)} if plan.master_port is not None else {}) |
+            ({"OMP_NUM_THREADS": str(len(share))} if share else {}) for i, share in enumerate(shares)]
     if show:
         for command, env, share in zip(commands, envs, shares, strict=True):
             cores = f"taskset -c {','.join(map(str, share))} " if share else ""

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ from slm.launch import (
     split_runs,
 )
 
-from helpers import REPO, assert_bitwise_equal, final_state, resumed_at, train, write_yaml
+from helpers import REPO, Hold, Started, assert_bitwise_equal, final_state, resumed_at, run_cmd, train, write_yaml
 
 
 def test_expand_slurm_hostlists():
@@ -54,9 +53,12 @@ def test_sge_parallel_environment(tmp_path):
 
 
 def test_single_node_and_cpu_only():
-    assert from_environment({}, gpus=0, hostname="laptop") == Launch(1, 1, 0, "127.0.0.1", 29500)
+    # one node: a free port, picked by Composer's launcher (two launches on one machine never share one)
+    assert from_environment({}, gpus=0, hostname="laptop") == Launch(1, 1, 0, "127.0.0.1", None)
+    assert "--master_port" not in Launch(1, 1, 0, "127.0.0.1", None).composer_args()
     assert from_environment({"SLURM_JOB_ID": "5", "SLURM_JOB_NUM_NODES": "1"}, gpus=2, hostname="n") == \
-        Launch(2, 1, 0, "127.0.0.1", 29505)
+        Launch(2, 1, 0, "127.0.0.1", None)
+    assert from_environment({"MASTER_PORT": "4000"}, gpus=0, hostname="n").master_port == 4000
     assert gpus_on_this_node({"CUDA_VISIBLE_DEVICES": "0,1"}) == 2
     assert gpus_on_this_node({"CUDA_VISIBLE_DEVICES": ""}) == 0
     # granted but not hidden from us (Slurm without device binding, SGE's -l gpu=N): at most the grant
@@ -97,8 +99,7 @@ def test_two_launchers_on_one_machine_train_one_run(tmp_path, shards):
         overrides += [f"data.{split}.local={tmp_path / f'cache{node}' / split}" for split in ("train", "eval")]
         command = [sys.executable, "-m", "slm.launch", str(REPO / "slm" / "train.py"), str(config), "run_name=two",
                    *overrides]
-        procs.append(subprocess.Popen(own_shared_memory(command), cwd=REPO, env={**os.environ, **env},
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(Started(own_shared_memory(command), env={**os.environ, **env}))
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
@@ -131,16 +132,13 @@ def test_runs_sharing_a_node_split_its_cores_and_ports(tmp_path):
         assert lines[1].endswith(" slm/train.py b.yaml seed=1")
 
 
-def stopped_runs(command: list[str], folders: list, signum: int) -> subprocess.CompletedProcess:
+def stopped_runs(command: list[str], runs: int, signum: int, hold: Hold) -> subprocess.CompletedProcess:
     """Run `command` in a session of its own, send `signum` to all of it (as SGE does, and srun through Slurm)
-    once every run in `folders` has its first checkpoint, and wait for it."""
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not all((f / "ep0-ba4-rank0.pt").exists() for f in folders) and proc.poll() is None:
-        assert time.monotonic() < deadline, "no checkpoint at batch 4 within 300 s"
-        time.sleep(0.2)
+    while each of its `runs` is held at the end of batch 4, and wait for it."""
+    proc = Started(command, start_new_session=True, env=hold.env)
+    hold.wait(proc, processes=runs)
     os.killpg(proc.pid, signum)
+    hold.release()
     out, err = proc.communicate(timeout=300)
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
@@ -158,7 +156,7 @@ def test_two_runs_sharing_a_node_stop_on_a_signal_and_each_resumes_bitwise(tmp_p
         return [sys.executable, "-m", "slm.launch", "slm/train.py", str(config), f"run_name={a}", *slow, "--next",
                 str(config), f"run_name={b}", "seed=7", *slow]
 
-    reference = subprocess.run(pair("ref-a", "ref-b"), cwd=REPO, capture_output=True, text=True, timeout=600)
+    reference = run_cmd(pair("ref-a", "ref-b"))
     assert reference.returncode == 0, reference.stderr[-3000:]
     assert "slm launch: 2 runs share this node" in reference.stderr
     ckpt = tmp_path / "ckpt"
@@ -166,14 +164,13 @@ def test_two_runs_sharing_a_node_stop_on_a_signal_and_each_resumes_bitwise(tmp_p
                for run in ("ref-a", "ref-b")]
     assert threads == [len(share) for share in core_shares(sorted(os.sched_getaffinity(0)), 2)]
 
-    # On a busy machine one run may finish before the other has its first checkpoint: it exits 0, the pair 75.
-    stopped = stopped_runs(pair("a", "b"), [ckpt / "a", ckpt / "b"], signal.SIGUSR1)
+    stopped = stopped_runs(pair("a", "b"), 2, signal.SIGUSR1, Hold(tmp_path / "hold", 4))
     assert stopped.returncode == EXIT_PREEMPTED, stopped.stderr[-3000:]
     stops = dict(re.findall(r"slm train: ([ab]): stopped at batch (\d+) on SIGUSR1, checkpoint saved", stopped.stderr))
-    assert stops, stopped.stderr[-3000:]
-    resumed = subprocess.run(pair("a", "b"), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert sorted(stops) == ["a", "b"] and all(4 <= int(batch) < 48 for batch in stops.values()), \
+        stopped.stderr[-3000:]
+    resumed = run_cmd(pair("a", "b"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for run in ("a", "b"):
-        again = f"resumed at batch {stops[run]} of 48ba" if run in stops else "resumed at batch 48 of 48ba; already"
-        assert f"slm train: {run}: {again}" in resumed.stderr, resumed.stderr[-3000:]
+        assert f"slm train: {run}: resumed at batch {stops[run]} of 48ba" in resumed.stderr, resumed.stderr[-3000:]
         assert_bitwise_equal(final_state(ckpt / f"ref-{run}"), final_state(ckpt / run))
