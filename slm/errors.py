@@ -46,7 +46,8 @@ def run_command(prog: str, action: Callable[[], int | None], debug: bool = False
 
     Runs `action` and returns its exit status. Any error becomes one line, `PROG: error: ...`, and
     status 1; with `debug` (the `--debug` flag) the full traceback, causes included, comes first.
-    Of several processes of one run only rank 0 says the line: they all fail alike.
+    Of several processes of one run, rank 0 says the line as it is and the others name their rank: Composer's
+    launcher shows another rank's output only when that rank failed, so an error of that rank alone is seen too.
     Ctrl-C says "interrupted" and returns 130; importing Composer replaces Python's Ctrl-C handling with a silent
     exit, so it is put back first (training answers Ctrl-C its own way once it starts: slm/preemption.py).
     """
@@ -61,6 +62,6 @@ def run_command(prog: str, action: Callable[[], int | None], debug: bool = False
     except Exception as e:
         if debug:
             traceback.print_exc()
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{prog}: error: {describe(e)}", file=sys.stderr, flush=True)
+        rank = os.environ.get("RANK", "0")
+        print(f"{prog}: error{'' if rank == '0' else f' (rank {rank})'}: {describe(e)}", file=sys.stderr, flush=True)
         return 1
