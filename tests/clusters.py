@@ -144,8 +144,10 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
             shutil.chown("/etc/munge/munge.key", "munge", "munge")
         self.pids.append(_start(["runuser", "-u", "munge", "--", "munged"], run_dir / "munged.pid"))
 
-    def submit(self, *args: str, cwd: Path) -> int:
-        out = subprocess.run(["sbatch", "--parsable", *args], env=self.env, cwd=cwd, capture_output=True, text=True)
+    def submit(self, *args: str, cwd: Path, env: dict[str, str] | None = None) -> int:
+        """sbatch ARGS: the job id. The job gets sbatch's environment: this cluster's, plus `env`."""
+        out = subprocess.run(["sbatch", "--parsable", *args], env={**self.env, **(env or {})}, cwd=cwd,
+                             capture_output=True, text=True)
         if out.returncode != 0:
             raise RuntimeError(f"sbatch {' '.join(args)}: {out.stderr.strip()}")
         return int(out.stdout.strip().split(";")[0])
@@ -247,8 +249,11 @@ class SGE:
     def qstat(self, *args: str) -> str:
         return subprocess.run(["qstat", *args], env=self.env, capture_output=True, text=True).stdout
 
-    def submit(self, *args: str, cwd: Path) -> int:
-        out = subprocess.run(["qsub", "-terse", *args], env=self.env, cwd=cwd, capture_output=True, text=True)
+    def submit(self, *args: str, cwd: Path, env: dict[str, str] | None = None) -> int:
+        """qsub ARGS: the job id. `env` is passed to the job (`-v`), which otherwise gets SGE's environment."""
+        passed = ["-v", ",".join(f"{k}={v}" for k, v in env.items())] if env else []
+        out = subprocess.run(["qsub", "-terse", *passed, *args], env=self.env, cwd=cwd, capture_output=True,
+                             text=True)
         if out.returncode != 0:
             raise RuntimeError(f"qsub {' '.join(args)}: {out.stderr.strip()}")
         return int(out.stdout.strip().split(".")[0])

@@ -12,13 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, RUNNING, hub_double, pytest_capture, run_slm
+from helpers import HOOKS, OUTPUTS, REPO, RUNNING, forget_outputs, hub_double, pytest_capture, run_slm
 
 # No network at test time, ever: fail fast instead of waiting on a timeout.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ["TOKENIZERS_PARALLELISM"] = "true"
+# What tests put into the processes they start (the Hub double, batch recording, holding a run at a batch), each
+# where the test's environment asks for it: tests/hooks/sitecustomize.py.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HOOKS), os.environ.get("PYTHONPATH")]))
 # `datasets` reads its cache location once, at import (test modules import it at collection time):
 # keep its Arrow cache out of the user's home.
 _cache = tempfile.mkdtemp(prefix="slm-test-datasets-")
@@ -84,6 +87,20 @@ def _note_running_test(request: pytest.FixtureRequest):
     RUNNING[:] = [request.node]
     yield
     RUNNING.clear()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A failed test's report shows the stderr tail of every process it started through the helpers (the last
+    few); they are forgotten, and their files removed, once the test is over."""
+    report = yield
+    if report.failed:
+        for label, stderr in OUTPUTS[-4:]:
+            text = stderr() if callable(stderr) else stderr
+            report.sections.append((f"stderr of {label[:200]}", text[-3000:] or "(empty)"))
+    if call.when == "teardown":
+        forget_outputs()
+    return report
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

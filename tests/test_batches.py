@@ -1,11 +1,10 @@
 """`slm batches` names, without training, exactly the samples training feeds: compared token for token with what
-real runs consumed (tests/recorder puts a recording callback into their processes), and back to the documents."""
+real runs consumed (tests/hooks puts a recording callback into their processes), and back to the documents."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -13,10 +12,9 @@ import pytest
 
 from slm.cli import main
 
-from helpers import REPO, train_cmd, write_yaml
+from helpers import run_cmd, train_cmd, write_yaml
 
 pytestmark = [pytest.mark.train, pytest.mark.beside]
-RECORDER = Path(__file__).resolve().parent / "recorder"
 BATCH = 64
 
 
@@ -44,13 +42,11 @@ def predicted(target: Path, out: Path, steps: str, world_size: int = 1) -> dict[
 
 def recording_env(folder: Path) -> dict[str, str]:
     folder.mkdir(parents=True, exist_ok=True)
-    return {**os.environ, "SLM_TEST_RECORD_BATCHES": str(folder),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(RECORDER), os.environ.get("PYTHONPATH")]))}
+    return {**os.environ, "SLM_TEST_RECORD_BATCHES": str(folder)}
 
 
 def run(config: Path, record: Path, *overrides: str, procs: int = 1) -> None:
-    proc = subprocess.run(train_cmd(config, *overrides, procs=procs), env=recording_env(record), cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_cmd(train_cmd(config, *overrides, procs=procs), env=recording_env(record))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

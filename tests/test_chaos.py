@@ -5,22 +5,21 @@ double Ctrl-Cs over another run, each leaving every checkpoint whole, and its en
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
 
-from helpers import REPO
+from helpers import run_cmd
 
 pytestmark = pytest.mark.train
 
 
 def test_chaos_kills_then_bitwise_equal_end(tmp_path):
     out = tmp_path / "chaos.json"
-    proc = subprocess.run([sys.executable, "bench/chaos.py", "--kills", "4", "--ctrl-c", "2", "--docs", "600",
+    proc = run_cmd([sys.executable, "bench/chaos.py", "--kills", "4", "--ctrl-c", "2", "--docs", "600",
                            "--json", str(out),
                            "max_duration=40ba", "save_interval=8ba", "eval_interval=10ba", "early_checkpoints=4"],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+                   timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["bitwise_equal"] and result["survived"] and result["corrupt"] == []

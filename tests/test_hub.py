@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from slm.checkpoints import is_complete
 from slm.cli import main
 
-from helpers import REPO, assert_bitwise_equal, final_state, resumed_at, run_slm, train, train_cmd, write_yaml
+from helpers import Started, assert_bitwise_equal, final_state, resumed_at, run_slm, train, train_cmd, write_yaml
 
 TOKEN = "hf_TestTokenThatMustNeverBeWrittenAnywhere"
 
@@ -296,10 +295,9 @@ def test_slow_uploads_do_not_slow_training(fake_hub, tmp_path, shards):
     config = write_yaml(tmp_path / "tiny.yaml", shards)
     hubs = {"instant": fake_hub, "slow": FolderHfApi(tmp_path / "slow-hub")}
     set_limits(hubs["slow"], latency=2)
-    procs = {run: subprocess.Popen(train_cmd(config, f"run_name={run}", f"hub.repo=me/{run}", "max_duration=192ba",
-                                             "save_interval=16ba", "eval_interval=1000ba", "hub.export=false"),
-                                   env={**os.environ, "SLM_TEST_HUB_ROOT": str(hub.root), "OMP_NUM_THREADS": "1"},
-                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    procs = {run: Started(train_cmd(config, f"run_name={run}", f"hub.repo=me/{run}", "max_duration=192ba",
+                                    "save_interval=16ba", "eval_interval=1000ba", "hub.export=false"),
+                          env={**os.environ, "SLM_TEST_HUB_ROOT": str(hub.root), "OMP_NUM_THREADS": "1"})
              for run, hub in hubs.items()}
     seconds = {}
     for run, proc in procs.items():
@@ -320,8 +318,7 @@ def test_a_kill_during_an_upload_loses_nothing(fake_hub, tmp_path, shards):
     config = write_yaml(tmp_path / "tiny.yaml", shards)
     local = tmp_path / "ckpt" / "killed"
     args = ["run_name=killed", "hub.repo=me/killed"]
-    proc = subprocess.Popen(train_cmd(config, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=REPO)
+    proc = Started(train_cmd(config, *args))
     deadline = time.monotonic() + 120
     while not calls_file(fake_hub) or "create_commit" not in calls_file(fake_hub).read_text():
         assert time.monotonic() < deadline and proc.poll() is None

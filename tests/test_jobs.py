@@ -3,7 +3,6 @@ preemption and requeue ending bitwise equal to an uninterrupted run, and a 2 x 2
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -14,9 +13,9 @@ import pytest
 from clusters import wait_until
 from omegaconf import OmegaConf
 
-from helpers import REPO, assert_bitwise_equal, final_state, train, write_yaml
+from helpers import REPO, Hold, assert_bitwise_equal, final_state, train, write_yaml
 
-SLOW = ["max_duration=64ba", "global_batch_size=32"]  # ~10 s of training: time to signal it mid-run
+SLOW = ["max_duration=64ba", "global_batch_size=32"]  # signalled while held at a batch end (Hold)
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
@@ -30,10 +29,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory, shards: Path) -> Path:
     return root / "ckpt"
 
 
-def last_batch(folder: Path) -> int:
-    path = folder / "metrics.jsonl"
-    rows = path.read_text().splitlines() if path.exists() else []
-    return json.loads(rows[-1])["batch"] if rows else 0
+def held(hold: Hold) -> dict[str, str]:
+    """What a job needs to be held by `hold`: its variables and the tests' hooks on PYTHONPATH."""
+    return {k: hold.env[k] for k in ("SLM_TEST_HOLD", "SLM_TEST_HOLD_AT", "PYTHONPATH")}
 
 
 def read_and_remove(log: Path) -> str:
@@ -103,22 +101,23 @@ def test_slurm_train_job_then_resubmitting_resumes(slurm, reference, tmp_path, s
 def test_slurm_time_limit_signal_then_preemption_resume_bitwise(slurm, reference, tmp_path, shards):
     config = write_yaml(tmp_path / "slurm-pre.yaml", shards)
     folder, log = tmp_path / "ckpt" / "slurm-pre", tmp_path / "pre.out"
-    job = slurm.submit("--output", str(log), "jobs/train.sbatch", str(config), *SLOW, cwd=REPO)
-    wait_until(lambda: (folder / "ep0-ba4-rank0.pt").exists(), 300, "checkpoint 4")
+    hold = Hold(tmp_path / "hold", 4, 12)  # the run waits at these batch ends until the test has acted
+    job = slurm.submit("--output", str(log), "jobs/train.sbatch", str(config), *SLOW, cwd=REPO, env=held(hold))
+    hold.wait()
     # What --signal=B:USR1@300 does five minutes before the time limit: the job checkpoints, requeues itself.
     slurm.run("scancel", "--signal=USR1", "--batch", str(job))
-    wait_until(lambda: "resumed at batch" in log.read_text() or slurm_finished(slurm, job), 300, "the requeued start")
-    resumed = last_batch(folder)
-    # Then the scheduler preempts it (SIGTERM to every process, then requeue).
-    wait_until(lambda: last_batch(folder) >= resumed + 4, 120, "progress after the resume")
+    hold.release(4)
+    # Then, after the requeued start, the scheduler preempts it (SIGTERM to every process, then requeue).
+    hold.wait(batch=12)
     slurm.run("scontrol", "requeue", str(job))
+    hold.release(12)
     info = wait_until(lambda: slurm_finished(slurm, job), 300, f"Slurm job {job}")
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", text[-4000:]
     first = re.search(r"stopped at batch (\d+) on SIGUSR1, checkpoint saved", text)
     assert first and "requeueing job" in text, text[-4000:]
     resumes = [int(b) for b in re.findall(r"resumed at batch (\d+)", text)]
-    assert resumes[0] == int(first.group(1)) and len(resumes) == 2 and resumes[1] > resumes[0], text[-4000:]
+    assert resumes[0] == int(first.group(1)) and len(resumes) == 2 and resumes[1] > 12, text[-4000:]
     assert_bitwise_equal(final_state(reference / "ref-slow"), final_state(folder))
 
 
@@ -158,10 +157,12 @@ def test_sge_train_job_then_resubmitting_resumes(sge, reference, tmp_path, shard
 def test_sge_soft_time_limit_signal_requeues_and_resumes_bitwise(sge, reference, tmp_path, shards):
     config = write_yaml(tmp_path / "sge-pre.yaml", shards)
     folder, log = tmp_path / "ckpt" / "sge-pre", tmp_path / "pre.out"
-    job = sge.submit("-o", str(log), "jobs/train.sh", str(config), *SLOW, cwd=REPO)
-    wait_until(lambda: (folder / "ep0-ba4-rank0.pt").exists(), 300, "checkpoint 4")
+    hold = Hold(tmp_path / "hold", 4)
+    job = sge.submit("-o", str(log), "jobs/train.sh", str(config), *SLOW, cwd=REPO, env=held(hold))
+    hold.wait()
     # What SGE does at the soft limit (s_rt): USR1 to every process of the job.
     os.killpg(wait_until(lambda: sge.job_pid(job), 30, "the job's pid"), signal.SIGUSR1)
+    hold.release()
     wait_until(lambda: not sge.in_queue(job), 300, f"SGE job {job}")
     text = log.read_text()
     stopped = re.search(r"stopped at batch (\d+) on SIGUSR1, checkpoint saved", text)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, run_slm, train, train_cmd, write_yaml
+from helpers import REPO, run_slm, shown_on_failure, train, train_cmd, write_yaml
 
 
 def transaction_log(path: Path) -> Iterator[bytes]:
@@ -89,6 +89,7 @@ def run_in_terminal(cmd: list[str]) -> tuple[int, str]:
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave, cwd=REPO)
     os.close(slave)
     chunks: list[bytes] = []
+    shown_on_failure(cmd, lambda: b"".join(chunks).decode(errors="replace"))
 
     def read() -> None:
         while True:

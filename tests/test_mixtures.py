@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -27,7 +26,17 @@ from slm.data import build_dataloader, collate, describe_split
 from slm.errors import SlmError
 from slm.mapped_shards import MappedShards
 
-from helpers import REPO, assert_bitwise_equal, final_state, newest_loadable, resumed_at, train, train_cmd, write_yaml
+from helpers import (
+    Started,
+    assert_bitwise_equal,
+    final_state,
+    newest_loadable,
+    resumed_at,
+    run_cmd,
+    train,
+    train_cmd,
+    write_yaml,
+)
 
 BATCH = 8
 
@@ -256,7 +265,7 @@ def test_a_mixture_killed_mid_run_resumes_bitwise_equal(mixture, tmp_path):
     config, ref = mixture
     folder = tmp_path / "ckpt" / "victim"
     cmd = train_cmd(config, "run_name=victim", f"save_folder={folder}")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = Started(cmd)
     try:
         deadline = time.monotonic() + 120
         while not (folder / "ep0-ba4-rank0.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -265,7 +274,7 @@ def test_a_mixture_killed_mid_run_resumes_bitwise_equal(mixture, tmp_path):
         os.kill(proc.pid, signal.SIGKILL)  # the instant the checkpoint appears: mid-write
         proc.wait()
     expected = newest_loadable(folder)
-    last = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
+    last = run_cmd(cmd, check=True)
     assert resumed_at(last) == expected > 0
     assert_bitwise_equal(final_state(ref), final_state(folder))
     rows, ref_rows = metric_rows(folder), metric_rows(ref)

@@ -8,9 +8,7 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import sys
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,22 +18,23 @@ from test_train import metric_rows, wait_for
 from slm.checkpoints import checkpoints, newest_complete
 from slm.preemption import StopOnSignal
 
-from helpers import REPO, assert_bitwise_equal, final_state, resumed_at, train, train_cmd, write_yaml
+from helpers import (
+    Hold,
+    Started,
+    assert_bitwise_equal,
+    final_state,
+    ranks_of,
+    resumed_at,
+    run_cmd,
+    train,
+    train_cmd,
+    write_yaml,
+)
 
 EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130
 
 pytestmark = [pytest.mark.train, pytest.mark.beside]  # training subprocesses and their signals
-
-
-def ranks_of(launcher: subprocess.Popen) -> dict[int, int]:
-    """{global rank: pid} of the training processes `composer -n N` started."""
-    ranks = {}
-    for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split():
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        rank = next(int(v.split(b"=")[1]) for v in environ if v.startswith(b"RANK="))
-        ranks[rank] = int(pid)
-    return ranks
 
 
 def test_signal_to_one_rank_stops_all_at_one_checkpoint_and_resumes_bitwise(tmp_path, shards):
@@ -44,10 +43,12 @@ def test_signal_to_one_rank_stops_all_at_one_checkpoint_and_resumes_bitwise(tmp_
     folder = tmp_path / "ckpt" / "pre"
     cmd = train_cmd(config, "run_name=pre", procs=2)
 
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:  # SIGTERM to rank 1 alone, the moment checkpoint 4 appears
-        wait_for(lambda: (folder / "ep0-ba4-rank0.pt").exists() and len(ranks_of(proc)) == 2 or proc.poll() is not None)
+    hold = Hold(tmp_path / "hold", 4)
+    proc = Started(cmd, env=hold.env)
+    try:  # SIGTERM to rank 1 alone, both ranks held at the end of batch 4, its checkpoint written
+        hold.wait(proc, processes=2)
         os.kill(ranks_of(proc)[1], signal.SIGTERM)
+        hold.release()
         _, stderr = proc.communicate(timeout=300)
     finally:
         proc.kill()
@@ -62,7 +63,7 @@ def test_signal_to_one_rank_stops_all_at_one_checkpoint_and_resumes_bitwise(tmp_
     assert [r["batch"] for r in rows if "metrics/eval/CrossEntropy" in r] == [8] * (batch >= 8)  # no early final eval
     assert run_state(folder) == ("stopped", f"at batch {batch} on a signal to another process")
 
-    last = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    last = run_cmd(cmd)
     assert last.returncode == 0, last.stderr[-3000:]
     assert resumed_at(last) == batch
     assert run_state(folder) == ("finished", "at batch 16")
@@ -75,20 +76,12 @@ def test_signal_to_one_rank_stops_all_at_one_checkpoint_and_resumes_bitwise(tmp_
 class Terminal:
     """A command started as a terminal's foreground job (its own process group), its stderr read as it comes."""
 
-    def __init__(self, cmd: list[str], **env: str):
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     start_new_session=True, env={**os.environ, **env})
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line)
+    def __init__(self, cmd: list[str], hold: Hold, **env: str):
+        self.proc = Started(cmd, start_new_session=True, env={**hold.env, **env})
 
     @property
     def stderr(self) -> str:
-        return "".join(self.lines)
+        return self.proc.stderr_text
 
     def wait_for_line(self, text: str) -> None:
         wait_for(lambda: text in self.stderr or self.proc.poll() is not None)
@@ -99,7 +92,6 @@ class Terminal:
     def finish(self) -> int:
         try:
             self.proc.wait(timeout=300)
-            self._reader.join(timeout=10)
         finally:
             if self.proc.poll() is None:
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -121,21 +113,23 @@ def stopped_by_ctrl_c(run: Terminal, folder: Path) -> int:
 
 
 def test_ctrl_c_once_checkpoints_twice_stops_at_once_and_the_run_ends_bitwise(tmp_path, shards):
-    """A model slow enough (a batch takes tenths of a second) that a second Ctrl-C comes before the batch ends.
-    Twice, under `python -m slm.launch`: training and launcher stop at once, 130, no checkpoint of the batch under
-    way. Once, to `python slm/train.py`: the rerun resumes from the newest checkpoint, stops at the batch end with a
-    checkpoint, 130. The next rerun ends bitwise equal to an uninterrupted run."""
-    config = write_yaml(tmp_path / "slow.yaml", shards, hidden_size=256, intermediate_size=1024, num_hidden_layers=2)
+    """The run held at a batch end until the test has pressed Ctrl-C (tests/hooks). Twice, under
+    `python -m slm.launch`: training and launcher stop at once, 130, no checkpoint of the batch under way. Once, to
+    `python slm/train.py`: the rerun resumes from the newest checkpoint, stops at the batch end with a checkpoint,
+    130. The next rerun ends bitwise equal to an uninterrupted run."""
+    config = write_yaml(tmp_path / "tiny.yaml", shards)
     overrides = ["global_batch_size=16", "max_duration=4ba", "eval_interval=4ba", "save_interval=1ba"]
     train(config, "run_name=ref", *overrides)
     folder = tmp_path / "ckpt" / "pre"
     cmd = train_cmd(config, "run_name=pre", *overrides)
 
-    twice = Terminal([sys.executable, "-m", "slm.launch", *cmd[1:]], CUDA_VISIBLE_DEVICES="")
-    wait_for(lambda: (folder / "ep0-ba1-rank0.pt").exists() or twice.proc.poll() is not None)
+    hold = Hold(tmp_path / "hold-twice", 1)
+    twice = Terminal([sys.executable, "-m", "slm.launch", *cmd[1:]], hold, CUDA_VISIBLE_DEVICES="")
+    hold.wait(twice.proc)  # held at the end of batch 1: both Ctrl-Cs come before batch 2 ends
     twice.ctrl_c()
     twice.wait_for_line("Ctrl-C again to stop at once")
     twice.ctrl_c()
+    hold.release()
     assert twice.finish() == EXIT_INTERRUPTED, twice.stderr[-3000:]
     announced = re.search(r"stopping at the end of batch (\d+)", twice.stderr)
     assert announced and "slm train: interrupted" in twice.stderr and "stopped at batch" not in twice.stderr, \
@@ -146,15 +140,17 @@ def test_ctrl_c_once_checkpoints_twice_stops_at_once_and_the_run_ends_bitwise(tm
     assert newest_complete(folder) == checkpoints(folder)[int(announced.group(1)) - 1]
     assert run_state(folder) == ("stopped", "a second Ctrl-C stopped it at once")
 
-    once = Terminal(cmd)  # Ctrl-C once the batch that was under way is saved this time
-    wait_for(lambda: (folder / f"ep0-ba{announced.group(1)}-rank0.pt").exists() or once.proc.poll() is not None)
+    hold = Hold(tmp_path / "hold-once", int(announced.group(1)))
+    once = Terminal(cmd, hold)  # Ctrl-C once the batch that was under way is saved this time
+    hold.wait(once.proc)
     once.ctrl_c()
+    hold.release()
     batch = stopped_by_ctrl_c(once, folder)
     assert run_state(folder) == ("stopped", f"at batch {batch} on SIGINT")
     assert resumed_at(once) == int(announced.group(1)) - 1
     assert [r["batch"] for r in metric_rows(folder / "metrics.jsonl")] == list(range(1, batch + 1))
 
-    last = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    last = run_cmd(cmd)
     assert last.returncode == 0, last.stderr[-3000:]
     assert resumed_at(last) == batch
     assert run_state(folder) == ("finished", "at batch 4")
@@ -167,10 +163,11 @@ def test_ctrl_c_to_composer_and_its_ranks_checkpoints(tmp_path, shards):
     they stop at one batch end with a checkpoint, and the launcher exits 130."""
     config = write_yaml(tmp_path / "tiny.yaml", shards)
     folder = tmp_path / "ckpt" / "two"
-    run = Terminal(train_cmd(config, "run_name=two", "data.num_workers=2", procs=2))
-    wait_for(lambda: (folder / "ep0-ba4-rank0.pt").exists() and len(ranks_of(run.proc)) == 2
-             or run.proc.poll() is not None)
+    hold = Hold(tmp_path / "hold", 4)
+    run = Terminal(train_cmd(config, "run_name=two", "data.num_workers=2", procs=2), hold)
+    hold.wait(run.proc, processes=2)
     run.ctrl_c()
+    hold.release()
     assert 4 <= stopped_by_ctrl_c(run, folder) < 16
     assert "with a checkpoint (if within the 30 s Composer's launcher allows" in run.stderr
 
@@ -182,8 +179,7 @@ def test_as_the_script_a_ctrl_c_after_the_run_cannot_kill_it_on_its_way_out(tmp_
     code = ("import signal, sys; from slm.train import main; status = main(); "
             "print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN); sys.exit(status)")
     cmd = train_cmd(config, "run_name=out", "max_duration=2ba")
-    proc = subprocess.run([sys.executable, "-c", code, *cmd[2:]], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_cmd([sys.executable, "-c", code, *cmd[2:]])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines()[-1] == "True"
 

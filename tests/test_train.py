@@ -6,14 +6,23 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import REPO, assert_bitwise_equal, final_state, newest_loadable, resumed_at, train, train_cmd, write_yaml
+from helpers import (
+    Started,
+    assert_bitwise_equal,
+    final_state,
+    newest_loadable,
+    resumed_at,
+    run_cmd,
+    train,
+    train_cmd,
+    write_yaml,
+)
 
 pytestmark = pytest.mark.train
 
@@ -90,14 +99,14 @@ def test_sigkill_at_any_moment_then_resume_is_bitwise_equal(reference, tmp_path,
         lambda: (folder / "ep0-ba12-rank0.pt").exists(),
     ]
     for moment in kill_when:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = Started(cmd)
         try:
             wait_for(lambda: moment() or proc.poll() is not None)  # noqa: B023
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
     expected = newest_loadable(folder)
-    last = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
+    last = run_cmd(cmd, check=True)
     assert resumed_at(last) == expected > 0  # the newest complete checkpoint, not scratch
     assert_bitwise_equal(final_state(ref), final_state(folder))
     rows, ref_rows = (metric_rows(f / "metrics.jsonl") for f in (folder, ref))
@@ -143,7 +152,7 @@ def test_a_relative_save_folder_through_a_symlink_resumes_and_says_so(tmp_path, 
     (tmp_path / "link").symlink_to(tmp_path / "real")
     cmd = train_cmd(config, "run_name=rel", "max_duration=4ba", "save_folder=link/ckpt/{run_name}")
     for said in ("starting at batch 0 of 4ba", "resumed at batch 4 of 4ba; already finished"):
-        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        proc = run_cmd(cmd, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"slm train: rel: {said}" in proc.stderr and "branched" not in proc.stderr, proc.stderr[-3000:]
     assert (tmp_path / "real" / "ckpt" / "rel" / "ep0-ba4-rank0.pt").exists()
@@ -179,7 +188,7 @@ def test_mamba_killed_mid_run_resumes_bitwise(tmp_path, shards):
     straight = final_state(tmp_path / "ckpt" / "m")
     folder = tmp_path / "ckpt" / "m2"
     cmd = train_cmd(config, "run_name=m2", *args)
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = Started(cmd)
     try:  # the instant the batch-3 checkpoint appears: mid-write, or just after
         wait_for(lambda: (folder / "ep0-ba3-rank0.pt").exists() or proc.poll() is not None)
     finally:

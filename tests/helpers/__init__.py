@@ -8,22 +8,133 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from helpers.pytest_capture import capture_manager, train_in_this_process
+from helpers.pytest_capture import capture_manager, run_in_this_process
 
 REPO = Path(__file__).resolve().parents[2]
 HUB_DOUBLE = REPO / "tests" / "hub_double"
+HOOKS = REPO / "tests" / "hooks"  # on PYTHONPATH in every process a test starts (conftest.py)
 SLM = str(Path(sys.executable).parent / "slm")
 
 
-def run_slm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the real `slm` console command."""
-    proc = subprocess.run([SLM, *args], capture_output=True, text=True, timeout=300)
+# The stderr of every process the running test started through the helpers below, (label, text or a function
+# giving it): conftest.py shows their tails when the test fails, for any reason, and empties it after each test.
+OUTPUTS: list[tuple[str, str | Callable[[], str]]] = []
+_LOGS: list[Path] = []  # the files behind them
+
+
+def forget_outputs() -> None:
+    """Forget the finished test's outputs and remove their files."""
+    OUTPUTS.clear()
+    for log in _LOGS:
+        log.unlink(missing_ok=True)
+    _LOGS.clear()
+
+
+def shown_on_failure(cmd: list[str], stderr: str | Callable[[], str]) -> None:
+    """Show `stderr` (or what the function gives then) with the report if the running test fails."""
+    OUTPUTS.append((" ".join(map(str, cmd)), stderr))
+
+
+class Started(subprocess.Popen):
+    """A command started in the background by a test (cwd the repository, stdout discarded unless asked for): its
+    stderr goes to a file, which the test reads as `stderr_text` (and `communicate` returns), and whose tail the
+    test's report shows when the test fails, an exception before any assertion included."""
+
+    def __init__(self, cmd: list[str], **kwargs):
+        fd, name = tempfile.mkstemp(prefix="slm-test-stderr-", suffix=".txt")
+        os.close(fd)
+        self.log = Path(name)
+        _LOGS.append(self.log)
+        kwargs.setdefault("cwd", REPO)
+        kwargs.setdefault("stdout", subprocess.DEVNULL)
+        with open(self.log, "w") as log:
+            super().__init__(cmd, stderr=log, text=True, **kwargs)
+        shown_on_failure(cmd, lambda: self.stderr_text)
+
+    @property
+    def stderr_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def communicate(self, input=None, timeout=None) -> tuple[str | None, str]:
+        out, _ = super().communicate(input, timeout)
+        return out, self.stderr_text
+
+
+def run_cmd(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run` as the tests drive training (cwd the repository, output captured, 10 minutes at most),
+    its stderr shown with the report if the test fails."""
+    kwargs = {"cwd": REPO, "capture_output": True, "text": True, "timeout": 600, **kwargs}
+    proc = subprocess.run(cmd, **kwargs)
+    shown_on_failure(cmd, proc.stderr)
+    return proc
+
+
+def ranks_of(launcher: subprocess.Popen) -> dict[int, int]:
+    """{global rank: pid} of the training processes `composer -n N` started (fewer while it starts them)."""
+    ranks = {}
+    try:
+        children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    except FileNotFoundError:
+        children = None
+    if children is None or launcher.poll() is not None:
+        raise AssertionError(f"the launcher exited with status {launcher.wait()}")
+    for pid in children:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except FileNotFoundError:  # a rank that just ended
+            continue
+        rank = next((int(v.split(b"=")[1]) for v in environ if v.startswith(b"RANK=")), None)
+        if rank is not None:
+            ranks[rank] = int(pid)
+    return ranks
+
+
+class Hold:
+    """Holds a training run at the end of each of `batches`, its checkpoint written, in every process, until the
+    test releases it (tests/hooks/sitecustomize.py): a point the run cannot leave before the test has acted, on an
+    idle fast machine as on a loaded one. Give the run `env`; `wait` until it is held; act; `release`."""
+
+    def __init__(self, folder: Path, *batches: int):
+        self.folder, self.batches = folder, batches
+        folder.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "SLM_TEST_HOLD": str(folder), "SLM_TEST_HOLD_AT": ",".join(map(str, batches))}
+
+    def wait(self, proc: subprocess.Popen | None = None, processes: int = 1, batch: int | None = None,
+             timeout: float = 300) -> None:
+        """Until `processes` processes are held at `batch` (the first of the batches); an AssertionError naming
+        the exit status if `proc` ended first."""
+        batch = self.batches[0] if batch is None else batch
+        deadline = time.monotonic() + timeout
+        while len(list(self.folder.glob(f"held-{batch}-*"))) < processes:
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(f"the run exited with status {proc.returncode} before batch {batch}'s end")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the run was not held at the end of batch {batch} within {timeout:.0f} s")
+            time.sleep(0.01)
+
+    def release(self, batch: int | None = None) -> None:
+        (self.folder / f"release-{self.batches[0] if batch is None else batch}").touch()
+
+
+def run_slm(*args: str, check: bool = True, own_process: bool = False) -> subprocess.CompletedProcess:
+    """Run the real `slm` console command: its `main` in this process (seconds of start-up saved per command), as
+    `train` does, unless asked not to or where its output could not be told apart."""
+    capman = None if own_process or threading.current_thread() is not threading.main_thread() else capture_manager()
+    if capman:
+        from slm.cli import main
+
+        proc = run_in_this_process(main, list(args), capman, Path.cwd(), "slm")
+    else:
+        proc = subprocess.run([SLM, *args], capture_output=True, text=True, timeout=300)
+    shown_on_failure(["slm", *args], proc.stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"slm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -72,8 +183,7 @@ def hub_double(root: Path, monkeypatch: pytest.MonkeyPatch):
     sys.path.remove(str(HUB_DOUBLE))
     api = FolderHfApi(root)
     monkeypatch.setattr(slm.hub, "HfApi", lambda *args, **kwargs: api)
-    monkeypatch.setenv("SLM_TEST_HUB_ROOT", str(root))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(HUB_DOUBLE), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("SLM_TEST_HUB_ROOT", str(root))  # tests/hooks installs it in every process started
     return api
 
 
@@ -120,10 +230,13 @@ def train(config: Path, *overrides: str, procs: int = 1, check: bool = True,
     capman = capture_manager() if here else None
     if capman:
         require_train_mark()
-        proc = train_in_this_process([str(config), *overrides], capman, REPO)
+        from slm.train import main
+
+        proc = run_in_this_process(main, [str(config), *overrides], capman, REPO, "slm/train.py")
     else:
         proc = subprocess.run(train_cmd(config, *overrides, procs=procs), capture_output=True, text=True,
                               timeout=600, cwd=REPO)
+    shown_on_failure(proc.args, proc.stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc

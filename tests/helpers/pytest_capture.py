@@ -1,12 +1,13 @@
-"""Training in the pytest process with its output captured as a subprocess's would be: the one place that relies
-on pytest's internals (written for pytest 9.2: the `capturemanager` plugin's `is_capturing()`, `_capture_fixture`
-and `read_global_capture()`). conftest.py's pytest_configure hands over the session's config."""
+"""Training and the `slm` command in the pytest process, their output captured as a subprocess's would be: the
+one place that relies on pytest's internals (written for pytest 9.2: the `capturemanager` plugin's `is_capturing()`,
+`_capture_fixture` and `read_global_capture()`). conftest.py's pytest_configure hands over the session's config."""
 
 from __future__ import annotations
 
 import logging
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,10 +21,10 @@ def capture_manager():
     return capman if capman is not None and capman.is_capturing() == "global" and not capman._capture_fixture else None
 
 
-def train_in_this_process(argv: list[str], capman, cwd: Path) -> subprocess.CompletedProcess:
-    """slm/train.py's main here, as a process would run it: from `cwd`, its output and warnings captured."""
-    from slm.train import main
-
+def run_in_this_process(main: Callable[[list[str]], int], argv: list[str], capman, cwd: Path,
+                        name: str) -> subprocess.CompletedProcess:
+    """An entry point's `main` (slm/train.py's, the `slm` command's) here, as a process `name` would run it: from
+    `cwd`, its output and warnings captured."""
     capman.read_global_capture()  # what came before belongs to the test
     before = os.getcwd()
     os.chdir(cwd)
@@ -37,4 +38,4 @@ def train_in_this_process(argv: list[str], capman, cwd: Path) -> subprocess.Comp
         logging.root.removeHandler(logging.lastResort)
         os.chdir(before)
         out, err = capman.read_global_capture()
-    return subprocess.CompletedProcess(["slm/train.py", *argv], status, out, err)
+    return subprocess.CompletedProcess([name, *argv], status, out, err)
