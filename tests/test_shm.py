@@ -127,8 +127,7 @@ def test_datasets_registering_at_the_same_moment_get_prefixes_of_their_own(shard
     assert len({out.strip() for out, _ in outputs}) == 2, outputs
 
 
-@pytest.mark.train
-@pytest.mark.beside
+@pytest.mark.train  # in the main session: the second one is the longer
 def test_runs_starting_at_the_same_moment_each_end_as_if_alone(tmp_path, shards):
     """Seven training processes start within milliseconds of each other on one machine: two `composer -n 2` runs,
     two runs sharing the cores through `python -m slm.launch ... --next`, and two `python slm/train.py`. Each run
