@@ -13,7 +13,7 @@ import pytest
 from clusters import wait_until
 from omegaconf import OmegaConf
 
-from helpers import REPO, Hold, assert_bitwise_equal, final_state, train, write_yaml
+from helpers import REPO, Hold, assert_bitwise_equal, final_state, shown_on_failure, train, write_yaml
 
 SLOW = ["max_duration=64ba", "global_batch_size=32"]  # signalled while held at a batch end (Hold)
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -32,6 +32,12 @@ def reference(tmp_path_factory: pytest.TempPathFactory, shards: Path) -> Path:
 def held(hold: Hold) -> dict[str, str]:
     """What a job needs to be held by `hold`: its variables and the tests' hooks on PYTHONPATH."""
     return {k: hold.env[k] for k in ("SLM_TEST_HOLD", "SLM_TEST_HOLD_AT", "PYTHONPATH")}
+
+
+def job_log(log: Path) -> Path:
+    """`log`, a job's output file, shown with the report if the test fails (a wait that timed out included)."""
+    shown_on_failure(["the job log", str(log)], lambda: log.read_text(errors="replace") if log.exists() else "")
+    return log
 
 
 def read_and_remove(log: Path) -> str:
@@ -86,14 +92,15 @@ def slurm_finished(slurm, job: int | str) -> dict[str, str] | None:
 def test_slurm_train_job_then_resubmitting_resumes(slurm, reference, tmp_path, shards):
     config = write_yaml(tmp_path / "slurm-train.yaml", shards)
     job = slurm.submit("jobs/train.sbatch", str(config), cwd=REPO)  # the scripts' own directives, unchanged
+    default_log = job_log(REPO / "logs" / f"slm-train-{job}.out")
     info = wait_until(lambda: slurm_finished(slurm, job), 300, f"Slurm job {job}")
-    log = read_and_remove(REPO / "logs" / f"slm-train-{job}.out")
+    log = read_and_remove(default_log)
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert f"slm job: Slurm job {job} (start 1) on" in log
     assert "slm train: slurm-train: starting at batch 0 of 16ba" in log  # run_name from the yaml's stem
     assert_bitwise_equal(final_state(reference / "ref"), final_state(tmp_path / "ckpt" / "slurm-train"))
 
-    again = slurm.submit("--output", str(tmp_path / "again.out"), "jobs/train.sbatch", str(config), cwd=REPO)
+    again = slurm.submit("--output", str(job_log(tmp_path / "again.out")), "jobs/train.sbatch", str(config), cwd=REPO)
     assert wait_until(lambda: slurm_finished(slurm, again), 300, "the resubmitted job")["JobState"] == "COMPLETED"
     assert "slm train: slurm-train: resumed at batch 16 of 16ba" in (tmp_path / "again.out").read_text()
 
@@ -102,7 +109,8 @@ def test_slurm_time_limit_signal_then_preemption_resume_bitwise(slurm, reference
     config = write_yaml(tmp_path / "slurm-pre.yaml", shards)
     folder, log = tmp_path / "ckpt" / "slurm-pre", tmp_path / "pre.out"
     hold = Hold(tmp_path / "hold", 4, 12)  # the run waits at these batch ends until the test has acted
-    job = slurm.submit("--output", str(log), "jobs/train.sbatch", str(config), *SLOW, cwd=REPO, env=held(hold))
+    job = slurm.submit("--output", str(job_log(log)), "jobs/train.sbatch", str(config), *SLOW, cwd=REPO,
+                       env=held(hold))
     hold.wait()
     # What --signal=B:USR1@300 does five minutes before the time limit: the job checkpoints, requeues itself.
     slurm.run("scancel", "--signal=USR1", "--batch", str(job))
@@ -143,13 +151,14 @@ def test_slurm_suite_runs_a_2x2_grid_two_runs_per_device_as_a_2_task_array(slurm
 def test_sge_train_job_then_resubmitting_resumes(sge, reference, tmp_path, shards):
     config = write_yaml(tmp_path / "sge-train.yaml", shards)
     job = sge.submit("jobs/train.sh", str(config), cwd=REPO)  # the scripts' own directives, unchanged
+    default_log = job_log(REPO / "logs" / f"slm-train.o{job}")
     wait_until(lambda: not sge.in_queue(job), 300, f"SGE job {job}")
-    log = read_and_remove(REPO / "logs" / f"slm-train.o{job}")
+    log = read_and_remove(default_log)
     assert f"slm job: SGE job {job} (restarted: 0) on" in log, log[-3000:]
     assert "slm train: sge-train: starting at batch 0 of 16ba" in log, log[-3000:]
     assert_bitwise_equal(final_state(reference / "ref"), final_state(tmp_path / "ckpt" / "sge-train"))
 
-    again = sge.submit("-o", str(tmp_path / "again.out"), "jobs/train.sh", str(config), cwd=REPO)
+    again = sge.submit("-o", str(job_log(tmp_path / "again.out")), "jobs/train.sh", str(config), cwd=REPO)
     wait_until(lambda: not sge.in_queue(again), 300, "the resubmitted job")
     assert "slm train: sge-train: resumed at batch 16 of 16ba" in (tmp_path / "again.out").read_text()
 
@@ -158,7 +167,7 @@ def test_sge_soft_time_limit_signal_requeues_and_resumes_bitwise(sge, reference,
     config = write_yaml(tmp_path / "sge-pre.yaml", shards)
     folder, log = tmp_path / "ckpt" / "sge-pre", tmp_path / "pre.out"
     hold = Hold(tmp_path / "hold", 4)
-    job = sge.submit("-o", str(log), "jobs/train.sh", str(config), *SLOW, cwd=REPO, env=held(hold))
+    job = sge.submit("-o", str(job_log(log)), "jobs/train.sh", str(config), *SLOW, cwd=REPO, env=held(hold))
     hold.wait()
     # What SGE does at the soft limit (s_rt): USR1 to every process of the job.
     os.killpg(wait_until(lambda: sge.job_pid(job), 30, "the job's pid"), signal.SIGUSR1)
