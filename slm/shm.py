@@ -31,7 +31,8 @@ LOCK_NAME = "slm-streaming-prefixes.lock"
 def node_lock() -> Iterator[None]:
     """Hold this node's lock on Streaming's prefixes (a file in /dev/shm, shared by every user and every run here)."""
     folder = SHM if SHM.is_dir() else Path(tempfile.gettempdir())
-    fd = os.open(folder / LOCK_NAME, os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access: any user's
+    # flock needs no write access, so any user's file serves; a link planted there is not followed
+    fd = os.open(folder / LOCK_NAME, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -250,6 +250,8 @@ def _register_prefix(streams_local: list[str], streams_remote: list[str | None],
                 except ValueError as e:  # a local folder another live dataset with a remote uses
                     chosen = str(e)
                     break
+            else:
+                chosen = f"no free Streaming shared-memory prefix after {retry} tries: other processes took each"
     if torch.distributed.is_available() and torch.distributed.is_initialized() and \
             torch.distributed.get_world_size() > 1:
         gathered: list[Any] = [None] * torch.distributed.get_world_size()
