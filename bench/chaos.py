@@ -39,6 +39,7 @@ import torch
 
 from slm.checkpoints import checkpoints, is_complete
 from slm.shm import stale_shared_memory
+from slm.trust import unpickle_checkpoint
 
 from benchlib import BIN, REPO, cpus_kept_busy, make_data
 
@@ -185,7 +186,7 @@ def ctrl_c_rounds(base: list[str], folder: Path, rounds: int, rng: random.Random
 
 
 def equal_states(a: Path, b: Path) -> bool:
-    sa, sb = (torch.load(p / "latest-rank0.pt", map_location="cpu", weights_only=False)["state"] for p in (a, b))
+    sa, sb = (unpickle_checkpoint(p / "latest-rank0.pt")["state"] for p in (a, b))
     model = sa["model"].keys() == sb["model"].keys() and all(torch.equal(sa["model"][k], sb["model"][k])
                                                              for k in sa["model"])
     oa, ob = sa["optimizers"]["AdamW"]["state"], sb["optimizers"]["AdamW"]["state"]
@@ -205,7 +206,7 @@ def corrupt_checkpoints(folder: Path) -> list[str]:
     bad = []
     for path in checkpoints(folder).values():
         try:
-            torch.load(path, map_location="cpu", weights_only=False)
+            unpickle_checkpoint(path)
         except Exception:
             bad.append(path.name)
     return bad

@@ -261,6 +261,7 @@ def cmd_status(args: argparse.Namespace) -> None:
 def cmd_verify(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
+    from slm.config_rules import HUB_REPO
     from slm.verify import verify
 
     target, run = args.target, Path(args.run_folder) if args.run_folder else None
@@ -269,9 +270,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if not config.is_file():
             raise SlmError(f"{target} is no run folder (no config.yaml): give a Hub repo ORG/NAME or a run folder")
         run = run or Path(target)
-        target = OmegaConf.load(config).get("hub", {}).get("repo")
+        saved = OmegaConf.to_container(OmegaConf.load(config), resolve=False)  # a folder handed over: read, not run
+        target = (saved.get("hub") or {}).get("repo") if isinstance(saved, dict) else None
         if not target:
             raise SlmError(f"{config} has no hub.repo: give the Hub repo, e.g. slm verify ORG/NAME --run {args.target}")
+        if not isinstance(target, str) or not HUB_REPO.fullmatch(target):
+            raise SlmError(f"{config}: hub.repo {target!r} is no Hub repo id ORG/NAME")
     elif target.count("/") != 1:
         raise SlmError(f"{target} is neither a run folder nor a Hub model repo ORG/NAME")
     if run is not None and not run.is_dir():

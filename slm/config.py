@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import inspect
 import io
+import re
 import tokenize
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from slm.config_rules import (
 )
 from slm.errors import SlmError
 from slm.paths import write_atomically
+from slm.trust import Refused, refuse_secrets
 
 
 @dataclass
@@ -219,6 +221,31 @@ def _explain(e: OmegaConfBaseException, schema: DictConfig, origin: str) -> SlmE
     return SlmError(f"bad config in {origin}: {str(e).splitlines()[0]}")
 
 
+# An OmegaConf resolver call, `${oc.env:HF_TOKEN}`, `${oc.decode:...}` or any registered one: it reads the
+# environment or runs code, and its value would be written to config.yaml, run.json, checkpoints and the Hub.
+RESOLVER_CALL = re.compile(r"\$\{\s*([A-Za-z_][\w.]*)\s*:")
+
+
+def refuse_resolvers(value: Any, where: str) -> None:
+    """Refuse a yaml node or override value (unresolved) that calls a resolver, naming the resolver, not its
+    value: slm writes the resolved config to files it publishes (docs/security.md)."""
+    for text in _strings(OmegaConf.to_container(value, resolve=False) if isinstance(value, DictConfig) else value):
+        call = RESOLVER_CALL.search(text)
+        if call:
+            raise Refused(f"{where} calls the resolver {call.group(1)} (${{{call.group(1)}:...}}): slm resolves no "
+                          "interpolation that reads the environment or runs code, since the resolved config is "
+                          "written to run.json, checkpoints and the Hub; write the value itself")
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string in a container, keys included."""
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
 def _yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
     """[(file, its yaml)] from the root `base:` down to `path`."""
     path = path.resolve()
@@ -232,6 +259,7 @@ def _yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, Dic
         raise SlmError(f"cannot parse {path}: {' '.join(str(e).split())}") from e
     if not isinstance(node, DictConfig):
         raise SlmError(f"{path} must hold a mapping of config keys, not a {type(node).__name__}")
+    refuse_resolvers(node, str(path))
     base = node.get("base")
     chain = _yaml_chain(path.parent / base, (*seen, path)) if base else []
     return [*chain, (path, node)]
@@ -258,6 +286,7 @@ def load_config(paths: str | Path | Sequence[str | Path], overrides: Sequence[st
     for item in overrides:
         if "=" not in item:
             raise SlmError(f"override '{item}' is not of the form key=value")
+        refuse_resolvers(item.partition("=")[2], f"the override {item.partition('=')[0]}")
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
@@ -267,6 +296,7 @@ def load_config(paths: str | Path | Sequence[str | Path], overrides: Sequence[st
     cfg.run_name = cfg.run_name or "+".join(p.stem for p in paths)
     cfg.configs = [str(p) for p in paths]
     config: TrainConfig = OmegaConf.to_object(cfg)
+    refuse_secrets(config.to_dict(), "the config")  # a token pasted into a yaml or an override
     check(config, origins=origins)
     return config
 

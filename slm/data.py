@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from slm.config import DataConfig, DataSplit, StreamConfig
 from slm.errors import SlmError
 from slm.mapped_shards import MappedShards
 from slm.shards import read_metadata
+from slm.trust import plain_name
 
 SHM_ATTEMPTS = 5
 _jitter = random.Random()  # its own state: the global one is the training's
@@ -64,29 +66,41 @@ def split_metadatas(split: DataSplit, name: str) -> list[tuple[str, dict]]:
     return [(label, folder_metadata(folder, label)) for label, folder in sources(split, name)]
 
 
-def folder_metadata(folder: StreamConfig, label: str) -> dict:
-    """The folder's `slm-dataset.json`, fetched from its remote when only the remote has it; its shards checked."""
-    local = Path(folder.local)
-    if folder.remote and not (local / "slm-dataset.json").exists():
-        from streaming.base.storage import CloudDownloader
+def _fetch(remote: str, name: str, local: Path, label: str) -> None:
+    """The remote's file `name` into `local`, unless there: written under a name of this process's own and renamed
+    into place, so processes fetching it at once never see it half-written."""
+    from streaming.base.storage import CloudDownloader
 
-        local.mkdir(parents=True, exist_ok=True)
-        try:
-            CloudDownloader.direct_download(f"{folder.remote.rstrip('/')}/slm-dataset.json",
-                                            str(local / "slm-dataset.json"), 60)
-        except Exception as e:
-            raise SlmError(f"cannot fetch slm-dataset.json of {label} from {folder.remote}: {e}") from e
+    if (local / name).exists():
+        return
+    local.mkdir(parents=True, exist_ok=True)
+    partial = local / f".{name}.{os.getpid()}.partial"
+    try:
+        CloudDownloader.direct_download(f"{remote.rstrip('/')}/{name}", str(partial), 60)
+        os.replace(partial, local / name)
+    except Exception as e:
+        partial.unlink(missing_ok=True)
+        raise SlmError(f"cannot fetch {name} of {label} from {remote}: {e}") from e
+
+
+def folder_metadata(folder: StreamConfig, label: str) -> dict:
+    """The folder's `slm-dataset.json`, fetched from its remote when only the remote has it; its shards checked
+    (a remote's index.json is fetched first, so its names are checked before Streaming reads any shard)."""
+    local = Path(folder.local)
+    if folder.remote:
+        for name in ("slm-dataset.json", "index.json"):
+            _fetch(folder.remote, name, local, label)
     elif not (local / "index.json").exists():
         raise SlmError(f"{label}.local = {local} holds no MDS shards (no index.json): make them with "
                        f"`slm tokenize`, or set {label}.local to the right folder")
-    if (local / "index.json").exists():
-        check_shards(local, hashes=dist.get_local_rank() == 0)  # one reader per node hashes; all check sizes
+    check_shards(local, hashes=dist.get_local_rank() == 0)  # one reader per node hashes; all check sizes
     return read_metadata(local)
 
 
 def check_shards(folder: Path, hashes: bool = True) -> None:
     """Refuse a truncated or corrupt index.json or shard (size, and sha1 if `hashes`, against index.json) before
-    training starts on it; only the files present are checked (a remote's cache fills in as it goes)."""
+    training starts on it, and shard names that lead outside the folder; only the files present are checked (a
+    remote's cache fills in as it goes)."""
     index = folder / "index.json"
     try:
         shards = json.loads(index.read_text())["shards"]
@@ -96,7 +110,7 @@ def check_shards(folder: Path, hashes: bool = True) -> None:
         raise SlmError(f"{folder} holds no samples: re-run `slm tokenize` on a non-empty corpus")
     for shard in shards:
         for part in (shard.get("zip_data"), shard.get("raw_data")):
-            path = folder / part["basename"] if part else None
+            path = folder / plain_name(part["basename"], f"shard index {index}", below=True) if part else None
             if path is None or not path.exists():
                 continue
             size = path.stat().st_size

@@ -34,18 +34,22 @@ def disk_error(e: BaseException, where: str | None = None) -> str | None:
 
 
 def describe(e: BaseException) -> str:
-    """The one line a user sees for an exception."""
+    """The one line a user sees for an exception (the run state file keeps it too), secrets masked."""
+    from slm.trust import masked  # slm.trust imports this module
+
     if isinstance(e, SlmError):
-        return str(e)
+        return masked(str(e))
     text = str(e).strip().splitlines()
-    return disk_error(e) or f"{type(e).__name__}: {text[0] if text else ''} (rerun with --debug for the traceback)"
+    return masked(disk_error(e) or f"{type(e).__name__}: {text[0] if text else ''} (rerun with --debug for the "
+                  "traceback)")
 
 
 def run_command(prog: str, action: Callable[[], int | None], debug: bool = False) -> int:
     """The one error path of every slm entry point (`slm`, `slm/train.py`, `python -m slm.launch`).
 
     Runs `action` and returns its exit status. Any error becomes one line, `PROG: error: ...`, and
-    status 1; with `debug` (the `--debug` flag) the full traceback, causes included, comes first.
+    status 1; with `debug` (the `--debug` flag) the full traceback, causes included, comes first. Secrets (tokens
+    this process can see) are masked in both.
     Of several processes of one run, rank 0 says the line as it is and the others name their rank: Composer's
     launcher shows another rank's output only when that rank failed, so an error of that rank alone is seen too.
     Ctrl-C says "interrupted" and returns 130; importing Composer replaces Python's Ctrl-C handling with a silent
@@ -61,7 +65,9 @@ def run_command(prog: str, action: Callable[[], int | None], debug: bool = False
         return 130
     except Exception as e:
         if debug:
-            traceback.print_exc()
+            from slm.trust import masked
+
+            print(masked(traceback.format_exc()), file=sys.stderr, end="")
         rank = os.environ.get("RANK", "0")
         print(f"{prog}: error{'' if rank == '0' else f' (rank {rank})'}: {describe(e)}", file=sys.stderr, flush=True)
         return 1

@@ -23,17 +23,13 @@ from slm.model import (
     with_transformers_4_rope_keys,
 )
 from slm.paths import partial_folder, refuse_to_clobber
-from slm.tokenizer import load_tokenizer
+from slm.tokenizer import load_tokenizer, tokenizer_matches
+from slm.trust import refuse_secrets, unpickle_checkpoint
 
 
 def read_checkpoint(path: Path) -> dict:
     """The Composer state of a checkpoint file written by slm/train.py."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)["state"]
-    except FileNotFoundError:
-        raise SlmError(f"checkpoint not found: {path}") from None  # the cause adds nothing
-    except Exception as e:  # a torn or foreign file
-        raise SlmError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from e
+    state = unpickle_checkpoint(path)["state"]
     if "RunInfo" not in state.get("callbacks", {}):
         raise SlmError(f"{path} was not written by slm/train.py (it carries no run config)")
     return state
@@ -117,8 +113,12 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, overwrite: bool = False) 
     refuse_to_clobber(out_dir, overwrite)
     state = read_checkpoint(checkpoint)
     info = state["callbacks"]["RunInfo"]
+    refuse_secrets(info, f"the run record in {checkpoint}")  # written into the model card and slm-run.json
     model = model_from_checkpoint(state)
     tokenizer = load_tokenizer(info["tokenizer"])
+    if info.get("tokenizer_hash") and not tokenizer_matches(tokenizer, {"content_hash": info["tokenizer_hash"]}):
+        raise SlmError(f"tokenizer {info['tokenizer']} is not the one the run of {checkpoint} trained with (content "
+                       "hashes differ): the export would ship another tokenizer; put the run's tokenizer there")
     use_special_tokens(model, tokenizer)
     if context_length(model.config) is not None:  # llama, gpt2, ... have a context limit; mamba has none
         tokenizer.model_max_length = context_length(model.config)

@@ -23,7 +23,7 @@ def generate(model_dir: str, prompt: str, max_new_tokens: int = 100, temperature
         raise SlmError(f"model folder not found: {model_dir} (make one with `slm export`)")
     tokenizer = load_tokenizer(model_dir)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).eval()
     except (OSError, ValueError) as e:
         raise SlmError(f"cannot load a model from {model_dir}: {str(e).splitlines()[0]}") from e
     ids = [tokenizer.bos_token_id, tokenizer.eos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)

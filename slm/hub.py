@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -38,6 +37,7 @@ from huggingface_hub.errors import (
 )
 
 from slm.errors import SlmError
+from slm.trust import masked, plain_name
 
 log = logging.getLogger(__name__)
 TRANSIENT_STATUS = {408, 500, 502, 503, 504}
@@ -48,15 +48,6 @@ HF_URI = "hf://"
 
 class HubError(SlmError):
     """A Hub call failed for good."""
-
-
-def redact(text: str) -> str:
-    """`text` with the value of HF_TOKEN (and HUGGING_FACE_HUB_TOKEN) masked."""
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        token = os.environ.get(name)
-        if token:
-            text = text.replace(token, "***")
-    return text
 
 
 def _status(e: Exception) -> int | None:
@@ -109,7 +100,7 @@ def rate_limit_wait(e: Exception, fallback: float) -> float | None:
 
 
 def _first_line(e: Exception) -> str:
-    return redact(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    return masked(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
 
 
 def parse_hf_uri(uri: str) -> tuple[str, str, str]:
@@ -223,7 +214,8 @@ class Hub:
 
     def download_file(self, repo_id: str, path_in_repo: str, destination: Path, repo_type: str = "model",
                       revision: str | None = None) -> None:
-        """Download one file to `destination` (complete or not at all)."""
+        """Download one file to `destination` (complete or not at all); a name leading out of the repo is refused."""
+        plain_name(path_in_repo, f"the download from the Hub repo {repo_id}", below=True)
         destination.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".download-") as tmp:
             got = self.call(f"download of {path_in_repo} from the Hub repo {repo_id}", self.api.hf_hub_download,

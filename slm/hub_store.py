@@ -37,7 +37,7 @@ from composer.core import State
 from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
 
-from slm.checkpoints import CHECKPOINT, checkpoints, is_complete
+from slm.checkpoints import CHECKPOINT, LATEST, checkpoints, is_complete
 from slm.export import export_checkpoint
 from slm.hub import Hub, HubError
 from slm.manifest import (
@@ -45,6 +45,7 @@ from slm.manifest import (
     MANIFEST,
     Manifest,
     branch_name,
+    checked_remote_name,
     checkpoint_entry,
     file_record,
     folder_records,
@@ -347,4 +348,10 @@ class HubCheckpoints(LoggerDestination):
 
     def download_file(self, remote_file_name: str, destination: str, overwrite: bool = False,
                       progress_bar: bool = True) -> None:
+        """Composer's autoresume asks for `latest` (never uploaded: not found), then the `latest` pointer, then the
+        checkpoint whose name the pointer holds: that name, read from the repo, must be a checkpoint's."""
+        if remote_file_name not in (remote_name(LATEST), LATEST_POINTER):
+            checked_remote_name(remote_file_name, f"the Hub repo {self.repo}")
         self.hub.download_file(self.repo, remote_file_name, Path(destination))
+        if remote_file_name == LATEST_POINTER:
+            checked_remote_name(Path(destination).read_text(), f"the Hub repo {self.repo}'s {LATEST_POINTER}")

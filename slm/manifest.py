@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from slm.checkpoints import LATEST
+from slm.checkpoints import CHECKPOINT, LATEST
+from slm.trust import Refused, unpickle_checkpoint
 
 REMOTE_FOLDER = "checkpoints"
 MANIFEST = "slm-manifest.json"
@@ -32,6 +33,16 @@ READ_CHUNK = 1 << 20
 
 def remote_name(filename: str) -> str:
     return f"{REMOTE_FOLDER}/{filename}"
+
+
+def checked_remote_name(name: Any, where: str) -> str:
+    """`name` (read from the Hub: a `latest` pointer's text, a manifest entry) if it names a checkpoint of a run's
+    repo, `checkpoints/ep{E}-ba{B}-rank0.pt`, else refused in one line naming `where`."""
+    folder, _, filename = name.partition("/") if isinstance(name, str) else ("", "", "")
+    if not (folder == REMOTE_FOLDER and CHECKPOINT.fullmatch(filename)):
+        raise Refused(f"{where} names {name!r}, which is no checkpoint of an slm run ({REMOTE_FOLDER}/"
+                      "ep{E}-ba{B}-rank0.pt): refused (docs/security.md)")
+    return name
 
 
 def branch_name(batch: int) -> str:
@@ -99,7 +110,7 @@ def weights_record(checkpoint: Path, export: Path | None = None) -> dict[str, An
         run = json.loads((export / "slm-run.json").read_text())
         timestamp, digest = run["timestamp"], run["weights_sha256"]
     else:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state"]
+        state = unpickle_checkpoint(checkpoint)["state"]
         timestamp, digest = state["timestamp"]["Timestamp"], weights_digest(checkpoint_weights(state))
     return {"batch": timestamp["batch"], "epoch": timestamp["epoch"], "tokens": timestamp["token"],
             "samples": timestamp["sample"], "weights_sha256": digest}
@@ -127,8 +138,14 @@ class Manifest:
             data = json.loads(text)
             if data.get("format") != MANIFEST_FORMAT:
                 raise ValueError(f"format {data.get('format')!r}, this slm reads format {MANIFEST_FORMAT}")
-            return cls(data["run_name"], {entry["batch"]: entry for entry in data["checkpoints"]})
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            entries = {entry["batch"]: entry for entry in data["checkpoints"]}
+            for batch, entry in entries.items():
+                if type(batch) is not int or entry.get("branch") not in (None, branch_name(batch)):
+                    raise ValueError(f"the entry of batch {batch!r} is not an slm checkpoint's (branch "
+                                     f"{entry.get('branch')!r})")
+                checked_remote_name(entry["checkpoint"]["path"], f"{where}, batch {batch}")
+            return cls(data["run_name"], entries)
+        except (ValueError, KeyError, TypeError, AttributeError, Refused) as e:
             raise ValueError(f"{where} is no slm manifest: {e}") from e
 
     def to_bytes(self) -> bytes:

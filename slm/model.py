@@ -132,7 +132,7 @@ def pretrained_model(model_cfg: dict[str, Any]) -> PreTrainedModel:
     with its config (the suite's `vocab_size` from base.yaml, say), since the weights fix the architecture."""
     source = str(model_cfg["pretrained"])
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(source)
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise SlmError(f"cannot load model.pretrained {source}: {str(e).splitlines()[0]}") from e
     for key, value in model_cfg.items():

@@ -17,6 +17,7 @@ from slm.errors import SlmError
 from slm.export import model_from_checkpoint, read_checkpoint
 from slm.hub import Hub
 from slm.paths import is_local_path
+from slm.trust import Refused
 
 LABEL = re.compile(r"ba(\d+)")
 
@@ -50,8 +51,8 @@ def load_export(folder: Path) -> Loaded:
         raise SlmError(f"{folder} is neither a checkpoint file nor an exported model folder (no config.json)")
     run = json.loads((folder / "slm-run.json").read_text()) if (folder / "slm-run.json").exists() else {}
     timestamp = run.get("timestamp", {})
-    return Loaded(AutoModelForCausalLM.from_pretrained(folder).eval(), str(folder), run.get("run_name"),
-                  timestamp.get("batch"), timestamp.get("token"))
+    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True).eval()  # weights that run no code
+    return Loaded(model, str(folder), run.get("run_name"), timestamp.get("batch"), timestamp.get("token"))
 
 
 def load_model(path: Path) -> Loaded:
@@ -81,6 +82,8 @@ def find_models(model: str) -> dict[str, Loader]:
 def _export_label(folder: Path) -> str:
     run = folder / "slm-run.json"
     batch = json.loads(run.read_text()).get("timestamp", {}).get("batch") if run.exists() else None
+    if batch is not None and type(batch) is not int:  # the label names output files and Hub branches
+        raise Refused(f"{run}: timestamp.batch is {batch!r}, not a batch number (docs/security.md)")
     return folder.name if batch is None else f"ba{batch}"
 
 

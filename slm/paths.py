@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from slm.errors import SlmError
+from slm.trust import refuse_secrets
 
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # NAME or ORG/NAME
 
@@ -46,6 +47,8 @@ def partial_file(out: Path) -> Iterator[Path]:
 
 
 def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all (config.yaml, run.json, records); refused if it holds a secret."""
+    refuse_secrets(text, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     with partial_file(path) as tmp:
         tmp.write_text(text)

@@ -72,11 +72,12 @@ class RunInfo(Callback):
     """Run metadata in every checkpoint and in `run.json`; each start or resume appends to `starts`; a run
     branched off another run's checkpoint records it under `warm_start` (slm/warmstart.py)."""
 
-    def __init__(self, cfg: TrainConfig, tokenizer: str, parameters: int, folder: Path, metrics: MetricsFile,
+    def __init__(self, cfg: TrainConfig, tokenizer: dict, parameters: int, folder: Path, metrics: MetricsFile,
                  warm_start: dict[str, Any] | None = None):
         self.folder, self.metrics = folder, metrics
-        self.info: dict[str, Any] = {"run_name": cfg.run_name, "config": cfg.to_dict(), "tokenizer": tokenizer,
-                                     "parameters": parameters, "warm_start": warm_start, "starts": []}
+        self.info: dict[str, Any] = {"run_name": cfg.run_name, "config": cfg.to_dict(), "tokenizer": tokenizer["name"],
+                                     "tokenizer_hash": tokenizer["content_hash"], "parameters": parameters,
+                                     "warm_start": warm_start, "starts": []}
 
     def fit_start(self, state: State, logger: Logger) -> None:
         start = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),

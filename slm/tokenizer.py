@@ -112,10 +112,18 @@ def _legacy_content_hash(tok: PreTrainedTokenizerFast) -> str:
     return "sha256:" + hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()
 
 
+def tokenizer_location(name: str) -> str:
+    """A tokenizer's name as files record it: a folder's absolute path (a relative one, read from another folder,
+    would pass for a Hub id), else the Hub id as given."""
+    local = Path(name).expanduser()
+    return str(local.resolve()) if local.exists() else name
+
+
 def tokenizer_identity(tok: PreTrainedTokenizerFast, name: str) -> dict:
-    """What shards and checkpoints record so a mismatched tokenizer is caught later."""
-    return {"name": name, "vocab_size": len(tok), "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id,
-            "pad_id": tok.pad_token_id, "content_hash": _content_hash(tok)}
+    """What shards and checkpoints record so a mismatched tokenizer is caught later (`name` as `tokenizer_location`
+    gives it)."""
+    return {"name": tokenizer_location(name), "vocab_size": len(tok), "bos_id": tok.bos_token_id,
+            "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id, "content_hash": _content_hash(tok)}
 
 
 def tokenizer_matches(tok: PreTrainedTokenizerFast, recorded: dict) -> bool:

@@ -66,7 +66,7 @@ from slm.runinfo import RunInfo
 from slm.schedules import Schedule
 from slm.shm import clean_stale_shared_memory
 from slm.status import record_state
-from slm.tokenizer import load_tokenizer, mismatch_hint, tokenizer_matches
+from slm.tokenizer import load_tokenizer, mismatch_hint, tokenizer_identity, tokenizer_matches
 from slm.warmstart import IGNORE_KEYS, check_fits, describe, warm_start_checkpoint
 
 
@@ -77,7 +77,7 @@ class Plan:
     cfg: TrainConfig
     gpu: bool
     per_device_batch: int
-    tokenizer: str  # its name or folder, as recorded in run.json and checkpoints
+    tokenizer: dict  # its identity (slm/tokenizer.py `tokenizer_identity`): name, ids, content hash
     model: CausalLM
     train_metrics: list[Metric]  # updated and logged by the TrainMetrics callback, not by Composer
 
@@ -108,7 +108,8 @@ def preflight(cfg: TrainConfig) -> Plan:
     check_compatible(metas, hf_model.config.vocab_size, context_length(hf_model.config))
     table = byte_lengths(tokenizer)
     model = CausalLM(hf_model, tokenizer, eval_metrics=build_metrics(table))
-    return Plan(cfg, gpu, cfg.global_batch_size // world, tokenizer_name, model, build_metrics(table, sync=world > 1))
+    return Plan(cfg, gpu, cfg.global_batch_size // world, tokenizer_identity(tokenizer, tokenizer_name), model,
+                build_metrics(table, sync=world > 1))
 
 
 def prepare_run_folder(cfg: TrainConfig, model: PreTrainedModel) -> Path | None:

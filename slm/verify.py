@@ -35,6 +35,7 @@ from slm.manifest import (
     remote_record,
     weights_digest,
 )
+from slm.trust import Refused
 
 WEIGHTS_FILES = (".safetensors", ".bin")  # the files of an export that hold its weights
 
@@ -230,9 +231,19 @@ class _Check:
                                   f"{_describe(remote_record(self.main[name]))}, the file is "
                                   f"{_describe(file_record(path))}", batch)
 
+    def _read(self, path: Path, name: str, batch: int) -> dict | None:
+        """The state of a downloaded checkpoint, or None and a fault: refused (its pickle names code) or torn."""
+        from slm.export import read_checkpoint
+
+        try:
+            return read_checkpoint(path)
+        except SlmError as e:
+            kind = "refused_checkpoint" if isinstance(e, Refused) else "unreadable_checkpoint"
+            self.report.fault(kind, str(e).replace(str(path), name), batch)
+            return None
+
     def deep(self) -> None:
         """Download each checkpoint and export, recompute the weights digests, compare."""
-        from slm.export import read_checkpoint
         from slm.models import load_export
 
         for i, row in enumerate(self.report.rows, 1):
@@ -244,13 +255,14 @@ class _Check:
                 if row.checkpoint not in ("missing",) and entry:
                     path = Path(tmp) / "checkpoint.pt"
                     self.hub.download_file(self.repo, entry["checkpoint"]["path"], path, revision=self.revision)
-                    state = read_checkpoint(path)
-                    computed = weights_digest(checkpoint_weights(state))
-                    row.tokens = state["timestamp"]["Timestamp"]["token"]
-                    if recorded and computed != recorded:
-                        self.report.fault("checkpoint_mismatch", f"the weights of {entry['checkpoint']['path']} "
-                                          f"differ from the manifest's digest", row.batch)
-                    row.weights = computed
+                    state = self._read(path, entry["checkpoint"]["path"], row.batch)
+                    if state is not None:
+                        computed = weights_digest(checkpoint_weights(state))
+                        row.tokens = state["timestamp"]["Timestamp"]["token"]
+                        if recorded and computed != recorded:
+                            self.report.fault("checkpoint_mismatch", f"the weights of {entry['checkpoint']['path']} "
+                                              f"differ from the manifest's digest", row.batch)
+                        row.weights = computed
                 if row.batch in self.branches:
                     folder = self.hub.download_revision(self.repo, branch_name(row.batch), Path(tmp) / "export")
                     exported = weights_digest(load_export(folder).model.state_dict())

@@ -25,6 +25,7 @@ from slm.config_rules import HUB_REPO
 from slm.errors import SlmError
 from slm.hub import Hub
 from slm.manifest import REMOTE_FOLDER
+from slm.trust import Refused, refuse_foreign_globals, unpickle_checkpoint
 
 DOWNLOADS = "warm-start"  # in the run folder: a checkpoint fetched from the Hub
 # What a warm start with the whole state leaves behind: the branch's own history and metrics.
@@ -33,10 +34,7 @@ IGNORE_KEYS = ["state/callbacks/RunInfo"]
 
 def check_fits(checkpoint: Path, model: torch.nn.Module, hint: str) -> None:
     """Refuse a checkpoint whose tensors do not fit `model` (read memory-mapped: no copy of the weights)."""
-    try:
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)["state"]["model"]
-    except Exception as e:
-        raise SlmError(f"cannot read checkpoint {checkpoint}: {str(e).splitlines()[0]}") from e
+    saved = unpickle_checkpoint(checkpoint, mmap=True)["state"]["model"]
     there = {k.removeprefix("model."): tuple(v.shape) for k, v in saved.items()}
     here = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for key in sorted(set(there) | set(here)):
@@ -64,6 +62,11 @@ def _from_hub(load: LoadConfig, folder: Path) -> Path:
     local = folder / DOWNLOADS / name
     if not is_complete(local):
         hub.download_file(load.path, found[batch], local)
+    try:
+        refuse_foreign_globals(local)
+    except Refused:
+        local.unlink()  # someone else's file that would run code: not kept in the run folder
+        raise
     return local
 
 

@@ -10,8 +10,8 @@ workaround, and add the version to `WRITTEN_FOR`.
 Here (nothing changes on import; `applied()` is entered by slm/train.py for a run and undone when it exits, the
 classes and `check_wandb_login` are used where the Trainer is made): Composer's node signal file, its warnings,
 its engine's debug log, its event dispatch, its collectives in one process, its progress bar after a resume,
-W&B's checkpoint downloads and login check, Streaming's shared memory (its prefix registration, its blocks
-held until exit). Elsewhere:
+its checkpoint unpickling (through slm/trust.py's gate), W&B's checkpoint downloads and login check, Streaming's
+shard names from index.json and its shared memory (its prefix registration, its blocks held until exit). Elsewhere:
 - slm/mapped_shards.py: Streaming's private sample partition and MDS reader fields (falls back: the stock read);
 - slm/batches.py: Streaming's partition calls, to name each step's samples (refuses);
 - tests/helpers/pytest_capture.py: pytest's capture manager, to train in the test process (pytest 9.2).
@@ -41,6 +41,7 @@ from composer.utils import dist
 
 from slm.errors import SlmError
 from slm.shm import node_lock
+from slm.trust import Refused, plain_name, unpickle_checkpoint
 
 # Package -> the versions (or version prefixes) whose behaviour the workarounds below were written against and
 # tested on: the pinned stack's first, then the current stack's (stacks/, docs/design.md "The stack").
@@ -215,11 +216,73 @@ def single_process_collectives() -> Iterator[None]:
         yield
 
 
+def _checked_load(checkpoint_filepath: Path | str, map_location: str) -> Any:
+    from composer.utils import checkpoint
+
+    return unpickle_checkpoint(checkpoint._ensure_valid_checkpoint(checkpoint_filepath), map_location)
+
+
+def _named_load(load_checkpoint: Any) -> Any:
+    @functools.wraps(load_checkpoint)
+    def load(path: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return load_checkpoint(path, *args, **kwargs)
+        except Refused as e:  # Composer unpickles a temporary copy: name the checkpoint the run was given
+            given = os.path.realpath(path) if os.path.islink(path) else path  # `latest`: the file it points at
+            raise Refused(str(e).replace(e.file, given) if e.file else str(e), given) from None
+
+    return load
+
+
+@contextmanager
+def checkpoints_through_the_gate() -> Iterator[None]:
+    """Composer unpickles every checkpoint it loads (autoresume from the run folder or the Hub, a warm start's
+    `load_path`) with `torch.load(weights_only=False)`, hard-coded in `_torch_load_with_validation`
+    (composer/utils/checkpoint.py): a checkpoint naming any global runs it. That function is replaced by slm's
+    gate, `slm.trust.unpickle_checkpoint` (weights_only, the globals of slm checkpoints alone); Composer's validation
+    hook (`CHECKPOINT_VALIDATION_FUNCTION`) is still called first. Its `load_checkpoint`, which unpickles a
+    temporary copy, is wrapped so that a refusal names the checkpoint the run was given."""
+    require("mosaicml", "Composer's checkpoint unpickling")
+    from composer.utils import checkpoint
+
+    with _replaced((checkpoint, "_torch_load_with_validation", _checked_load),
+                   (checkpoint, "load_checkpoint", _named_load(checkpoint.load_checkpoint))):
+        yield
+
+
+def _names_checked(get_shards: Any) -> Any:
+    @functools.wraps(get_shards)
+    def checked(self: Any, world: Any, allow_unsafe_types: bool) -> Any:
+        shards = get_shards(self, world, allow_unsafe_types)
+        index = os.path.join(self.local, self.split or "", "index.json")
+        for shard in shards:
+            for pair in shard.file_pairs:
+                for info in filter(None, pair):
+                    plain_name(info.basename, f"shard index {index}", below=True)
+        return shards
+
+    return checked
+
+
+@contextmanager
+def shard_names_checked() -> Iterator[None]:
+    """Streaming joins the shard names of an index.json (`raw_data`/`zip_data` basenames) to the local folder
+    unchecked: `../x` downloads a remote's file outside the folder, decompresses into it or deletes it. Its
+    `Stream.get_shards` (streaming/base/stream.py) fetches and reads the index before any shard is touched; here
+    every name it read is checked (`slm.trust.plain_name`) before it returns, on every process, for every stream."""
+    require("mosaicml-streaming", "Streaming's shard names read from index.json")
+    from streaming.base.stream import Stream
+
+    with _replaced((Stream, "get_shards", _names_checked(Stream.get_shards))):
+        yield
+
+
 @contextmanager
 def applied() -> Iterator[None]:
     """The process-wide workarounds, for the duration of a training run; Composer is as installed afterwards."""
     with (per_node_signal_file(), quiet_composer_warnings(), engine_debug_log_when_asked(), quick_event_dispatch(),
-          single_process_collectives(), prefix_registered_under_node_lock(), shared_memory_released()):
+          single_process_collectives(), checkpoints_through_the_gate(), shard_names_checked(),
+          prefix_registered_under_node_lock(), shared_memory_released()):
         yield
 
 
@@ -320,8 +383,8 @@ def shared_memory_released() -> Iterator[None]:
 def streaming_datasets() -> Iterator[None]:
     """What a command reading shards through Streaming outside a training run needs (`slm eval`, `slm logprobs`,
     a notebook calling them): its datasets' prefixes registered under the node's lock, and their shared memory let
-    go of when it is done."""
-    with prefix_registered_under_node_lock(), shared_memory_released():
+    go of when it is done, and their shard names checked."""
+    with shard_names_checked(), prefix_registered_under_node_lock(), shared_memory_released():
         yield
 
 

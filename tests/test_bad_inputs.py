@@ -22,7 +22,12 @@ def snapshot(root: Path) -> dict[str, str]:
 @pytest.fixture
 def ws(tmp_path, corpus, tokenizer_dir):
     """A workspace with a good corpus, a good tokenizer, a few bad inputs and an existing output."""
+    import json
+
     (tmp_path / "stories.jsonl").write_bytes(corpus.read_bytes())
+    (tmp_path / "bad_export").mkdir()  # someone's export folder, its label naming a path
+    (tmp_path / "bad_export" / "config.json").write_text("{}")
+    (tmp_path / "bad_export" / "slm-run.json").write_text(json.dumps({"timestamp": {"batch": "1/../../x"}}))
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "tiny.jsonl").write_text('{"story": "Hi."}\n')
     (tmp_path / "latin1.txt").write_bytes("first line\nsecond line\ncaf\xe9 au lait\n".encode("latin-1"))
@@ -125,15 +130,18 @@ CASES = {
                                 "{ws}/nope is neither a checkpoint file nor an exported model folder"),
     "sweep of a missing yaml": (["sweep", "--grid", "seed=0,1", "{ws}/nope.yaml"],
                                 "config file not found: {ws}/nope.yaml"),
+    "logprobs of an export labelled with a path": (["logprobs", "{ws}/bad_export", "--data", "{shards}/eval",
+                                                    "--out-dir", "{ws}/o"], "{ws}/bad_export/slm-run.json: "
+                                                   "timestamp.batch is '1/../../x', not a batch number"),
 }
 
 
 @pytest.mark.parametrize("name", rows(CASES))
-def test_bad_input(name, ws, capsys):
+def test_bad_input(name, ws, shards, capsys):
     root, tok = ws
     args, expected = CASES[name]
     needs_small_disks(args)
-    fill = {"ws": str(root), "tok": str(tok)}
+    fill = {"ws": str(root), "tok": str(tok), "shards": str(shards)}
     before = snapshot(root)
     code = main([a.format(**fill) for a in args])
     err = capsys.readouterr().err
@@ -200,6 +208,19 @@ TRAIN_CASES = {
                                                                    "no W&B login for api.wandb.ai: run `wandb login`"),
     "checkpoints onto a full disk": (["save_folder={ws}/full/{{run_name}}"],
                                      "no space left on device writing {ws}/full/tiny"),
+    # The trust boundary (docs/security.md; tests/test_trust.py has the Hub's and the other commands' cases).
+    "yaml reading the environment": (["{ws}/env.yaml"], "{ws}/env.yaml calls the resolver oc.env (${{oc.env:...}}): "
+                                                        "slm resolves no interpolation that reads the environment"),
+    "override decoding the environment": (["logging.wandb.group=${{oc.decode:${{oc.env:HF_TOKEN}}}}"],
+                                          "the override logging.wandb.group calls the resolver oc.decode"),
+    "token pasted into an override": (["logging.wandb.group=x-{token}"], "the config: 'logging.wandb.group' holds a "
+                                                                         "secret (the value of a token, key or "
+                                                                         "password this process can see)"),
+    "shard name leading outside": (["data.train.local={ws}/escaping"], "shard index {ws}/escaping/index.json names "
+                                                                       "'../../ESCAPED.mds', which is not a relative "
+                                                                       "path below its folder"),
+    "warm start off a checkpoint carrying code": (["run_name=branch", "load.path={ws}/payload.pt"],
+                                                  "refused checkpoint {ws}/payload.pt: its pickle names io.open"),
 }
 
 
@@ -214,22 +235,26 @@ def other_model_run(tmp_path_factory, shards) -> Path:
 
 
 @pytest.fixture
-def train_ws(tmp_path, shards, tokenizer_dir, other_model_run):
+def train_ws(tmp_path, shards, tokenizer_dir, other_model_run, monkeypatch):
     import json
     import shutil
 
     from slm.tokenizer import train_tokenizer
 
-    from helpers import edited_tokenizer, swap_a_b, write_yaml
+    from helpers import edited_tokenizer, plant_payload, swap_a_b, write_yaml
 
+    token = "hf_CatalogueTokenNeverWritten"
+    monkeypatch.setenv("HF_TOKEN", token)
     config = write_yaml(tmp_path / "tiny.yaml", shards)
+    (tmp_path / "env.yaml").write_text(f"base: {config}\nlogging: {{wandb: {{group: '${{oc.env:HF_TOKEN}}'}}}}\n")
+    plant_payload(other_model_run / "ep0-ba2-rank0.pt", tmp_path / "payload.pt", tmp_path / "MARKER")
     run = tmp_path / "ckpt" / "tiny"
     run.mkdir(parents=True)
     (run / "ep0-ba4-rank0.pt").write_bytes(b"an earlier run's checkpoint")
     train_tokenizer([["some other text entirely"]], 300).save_pretrained(tmp_path / "other_tok")
     edited_tokenizer(tokenizer_dir, tmp_path / "swapped_tok", swap_a_b)
     (tmp_path / "malformed.yaml").write_text(f"base: {config}\nmax_duration: [16ba\n")
-    for name in ("no_samples", "truncated_shard", "corrupt_shard", "truncated_index"):
+    for name in ("no_samples", "truncated_shard", "corrupt_shard", "truncated_index", "escaping"):
         shutil.copytree(shards / "train", tmp_path / name, ignore=shutil.ignore_patterns("*.mds"))
     index = json.loads((tmp_path / "no_samples" / "index.json").read_text())
     (tmp_path / "no_samples" / "index.json").write_text(json.dumps({**index, "shards": []}))
@@ -238,6 +263,9 @@ def train_ws(tmp_path, shards, tokenizer_dir, other_model_run):
     data = bytearray((tmp_path / "corrupt_shard" / zstd).read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
     (tmp_path / "corrupt_shard" / zstd).write_bytes(bytes(data))
+    index = json.loads((tmp_path / "escaping" / "index.json").read_text())
+    index["shards"][0]["raw_data"]["basename"] = "../../ESCAPED.mds"
+    (tmp_path / "escaping" / "index.json").write_text(json.dumps(index))
     text = (tmp_path / "truncated_index" / "index.json").read_text()
     (tmp_path / "truncated_index" / "index.json").write_text(text[: len(text) // 2])
     shutil.copytree(other_model_run, tmp_path / "ckpt" / "other")  # with its run.json
@@ -245,7 +273,7 @@ def train_ws(tmp_path, shards, tokenizer_dir, other_model_run):
     (tmp_path / "ckpt" / "foreign" / "run.json").unlink()  # only the checkpoint can tell
     vocab = len(__import__("transformers").AutoTokenizer.from_pretrained(tokenizer_dir))
     with small_disks(tmp_path):
-        yield config, {"ws": str(tmp_path), "vocab": str(vocab)}
+        yield config, {"ws": str(tmp_path), "vocab": str(vocab), "token": token}
 
 
 @pytest.mark.train
@@ -286,7 +314,7 @@ def test_training_accepts_the_data_tokenizer_saved_with_a_post_processor(tmp_pat
 
     templated = edited_tokenizer(tokenizer_dir, tmp_path / "templated_tok", bos_template)
     plan = preflight(load_config(write_yaml(tmp_path / "tiny.yaml", shards), [f"tokenizer={templated}"]))
-    assert plan.tokenizer == str(templated)
+    assert plan.tokenizer["name"] == str(templated)
     config = plan.model.model.config  # training's model config carries the tokenizer's special ids
     assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (0, 1, 2)
     assert not (tmp_path / "ckpt").exists()

@@ -18,6 +18,7 @@ import torch
 from slm.checkpoints import LATEST, KeepNewestPeriodic, checkpoints, is_complete, newest_complete
 from slm.hub import Hub
 from slm.hub_store import HubPublisher
+from slm.trust import unpickle_checkpoint
 
 from helpers import assert_bitwise_equal, final_state, resumed_at, train, write_yaml
 
@@ -69,7 +70,7 @@ def reference(tmp_path_factory, shards) -> tuple[Path, Path]:
 def torn_copies(checkpoint: Path, out: Path) -> dict[str, Path]:
     """The checkpoint torn in each way a kill or an exception leaves it."""
     out.mkdir()
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = unpickle_checkpoint(checkpoint)
     n, size = storages(checkpoint), checkpoint.stat().st_size
     torn = {}
     for k in (0, 1, n // 2, n - 1):

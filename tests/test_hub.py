@@ -15,6 +15,7 @@ import torch
 
 from slm.checkpoints import is_complete
 from slm.cli import main
+from slm.trust import unpickle_checkpoint
 
 from helpers import Started, assert_bitwise_equal, final_state, resumed_at, run_slm, train, train_cmd, write_yaml
 
@@ -154,7 +155,7 @@ def test_hub_export_puts_each_checkpoint_on_a_branch_named_after_it(fake_hub, tm
     assert not [f for f in files if f.startswith("checkpoints/") or f in ("metrics.jsonl", "run.json")]
     model = AutoModelForCausalLM.from_pretrained(branch)
     assert AutoTokenizer.from_pretrained(branch)("Once upon a time")["input_ids"]
-    saved = torch.load(tmp_path / "ckpt" / "exp" / "ep0-ba4-rank0.pt", weights_only=False)["state"]["model"]
+    saved = unpickle_checkpoint(tmp_path / "ckpt" / "exp" / "ep0-ba4-rank0.pt")["state"]["model"]
     for key, value in model.state_dict().items():
         assert torch.equal(value, saved[f"model.{key}"]), key
     run = json.loads((branch / "slm-run.json").read_text())
@@ -181,8 +182,20 @@ def test_shards_uploaded_to_hf_stream_back_into_training(fake_hub, reference, tm
 
 
 @pytest.mark.train
-def test_the_token_is_never_written_anywhere(fake_hub, tmp_path, shards, monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
+@pytest.mark.parametrize("source", ["HF_TOKEN", "huggingface-cli login"])
+def test_the_token_is_never_written_anywhere(fake_hub, tmp_path, shards, monkeypatch, source):
+    """The token in the environment, or in the login's token file (which huggingface_hub reads; slm reads it only
+    to mask it): never in a message, a file of the run or the Hub."""
+    if source == "HF_TOKEN":
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+    else:
+        import huggingface_hub.constants
+
+        (tmp_path / "hf-home").mkdir()
+        (tmp_path / "hf-home" / "token").write_text(TOKEN)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
+        monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))  # processes started from here
     script_failures(fake_hub, {"method": "create_commit", "status": 403, "times": 1, "match": "ep0-ba2-",
                                "message": f"403 Forbidden: token {TOKEN} cannot write to me/secret"})
     config = write_yaml(tmp_path / "tiny.yaml", shards)
@@ -196,7 +209,7 @@ def test_the_token_is_never_written_anywhere(fake_hub, tmp_path, shards, monkeyp
         assert TOKEN not in proc.stdout + proc.stderr
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.suffix == ".wandb" for p in written) and any(p.name == "run.json" for p in written)
-    leaks = [str(p) for p in written if TOKEN.encode() in p.read_bytes() and p.name not in ("failures.json",)]
+    leaks = [str(p) for p in written if TOKEN.encode() in p.read_bytes() and p.name not in ("failures.json", "token")]
     assert leaks == []
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from slm.cli import main
 from slm.manifest import MANIFEST, file_record, weights_digest
+from slm.trust import unpickle_checkpoint
 
 from helpers import hub_double, train, write_yaml
 
@@ -72,7 +72,7 @@ def test_the_manifest_records_each_checkpoint_and_export_as_the_run_folder_holds
         local = published.run / f"ep0-ba{entry['batch']}-rank0.pt"
         assert entry["checkpoint"] == {"path": f"checkpoints/{local.name}", **file_record(local)}
         assert (repo / "main" / entry["checkpoint"]["path"]).read_bytes() == local.read_bytes()
-        state = torch.load(local, weights_only=False)["state"]
+        state = unpickle_checkpoint(local)["state"]
         assert (entry["tokens"], entry["samples"]) == (entry["batch"] * 8 * 64, entry["batch"] * 8)
         assert entry["weights_sha256"] == weights_digest({k[6:]: v for k, v in state["model"].items()})
         branch = repo / entry["branch"]

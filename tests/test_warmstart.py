@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from slm.trust import unpickle_checkpoint
+
 from helpers import assert_bitwise_equal, final_state, train_stderr, write_yaml
 
 pytestmark = pytest.mark.train
@@ -26,7 +28,7 @@ def source(tmp_path_factory, shards) -> tuple[Path, Path]:
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=False)["state"]
+    state = unpickle_checkpoint(path)["state"]
     return {k.removeprefix("model."): v for k, v in state["model"].items()}
 
 

@@ -251,18 +251,18 @@ def train_stderr(config: Path, *overrides: str | Path, status: int = 0) -> str:
 
 def final_state(folder: Path) -> dict:
     """The state in the checkpoint `latest-rank0.pt` points at."""
-    import torch
+    from slm.trust import unpickle_checkpoint
 
-    return torch.load(folder / "latest-rank0.pt", weights_only=False, map_location="cpu")["state"]
+    return unpickle_checkpoint(folder / "latest-rank0.pt")["state"]
 
 
 def newest_loadable(folder: Path) -> int:
-    """The newest checkpoint torch.load can read (before the final run rewrites anything)."""
-    import torch
+    """The newest checkpoint slm can read (before the final run rewrites anything)."""
+    from slm.trust import unpickle_checkpoint
 
     for path in sorted(folder.glob("ep0-ba*-rank0.pt"), key=lambda p: -int(p.name.split("-ba")[1].split("-")[0])):
         try:
-            return torch.load(path, weights_only=False, map_location="cpu")["state"]["timestamp"]["Timestamp"]["batch"]
+            return unpickle_checkpoint(path)["state"]["timestamp"]["Timestamp"]["batch"]
         except Exception:
             continue
     return 0
@@ -288,3 +288,27 @@ def resumed_at(proc: subprocess.CompletedProcess) -> int:
     match = re.search(r"slm train: \S+: (?:resumed at|starting at) batch (\d+)", proc.stderr)
     assert match, proc.stderr[-2000:]
     return int(match.group(1))
+
+
+class Payload:
+    """What an attacker plants in a pickle: unpickling it creates the file `marker` (any code could run instead)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def plant_payload(checkpoint: Path, out: Path, marker: Path) -> Path:
+    """A copy of a real checkpoint at `out` whose run record carries a `Payload` creating `marker`, as the owner of
+    a published repo could make it; the original file is read as slm reads its own."""
+    import torch
+
+    from slm.trust import unpickle_checkpoint
+
+    state = unpickle_checkpoint(checkpoint)
+    state["state"]["callbacks"]["RunInfo"]["note"] = Payload(marker)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out)
+    return out
