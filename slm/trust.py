@@ -94,8 +94,9 @@ def plain_name(name: Any, what: str, below: bool = False) -> str:
     return name
 
 
-# Environment variables whose values are secrets: tokens, keys, passwords (HF_TOKEN, WANDB_API_KEY, ...).
-SECRET_VARIABLE = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|(^|_)KEY$|_KEY_")
+# Environment variables whose values are secrets: tokens, keys, passwords (HF_TOKEN, WANDB_API_KEY,
+# AWS_SECRET_ACCESS_KEY, ...); not those that only mention one (HF_TOKEN_PATH, TOKENIZERS_PARALLELISM).
+SECRET_VARIABLE = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|KEY)$")
 SHORTEST_SECRET = 8  # shorter values (a flag, a port) are no secrets and would mask half of every message
 
 
