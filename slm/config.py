@@ -142,6 +142,9 @@ class TrainConfig:  # the top level of a training yaml
     precision: str | None = None  # None: fp32 on CPU, amp_bf16 on GPU
     compile: bool = False  # torch.compile the forward, loss and backward (Composer's compile_config)
     deterministic: bool = False  # GPU: bitwise-repeatable kernels (always on on CPU); costs speed
+    # seconds the processes of a run wait for each other: at the start (every node at the rendezvous) and in each
+    # collective (a node whose processes died); past it the run stops with an error naming the rendezvous
+    dist_timeout: float = ruled(300.0, positive)
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     save_folder: str = "checkpoints/{run_name}"  # the run folder: checkpoints, metrics.jsonl, run.json, config.yaml
     save_interval: str = ruled("1000ba", a_time)  # a checkpoint every this long

@@ -109,14 +109,19 @@ def from_environment(env: Mapping[str, str], gpus: int, hostname: str) -> Launch
             raise SlmError("SLURM_JOB_NODELIST is empty: cannot tell the master node")
         return Launch(nproc, len(hosts), int(env.get("SLURM_NODEID", 0)), env.get("MASTER_ADDR") or hosts[0],
                       _port(env, env.get("SLURM_JOB_ID")))
-    if env.get("PE_HOSTFILE") and Path(env["PE_HOSTFILE"]).is_file():
-        hosts = [line.split()[0] for line in Path(env["PE_HOSTFILE"]).read_text().splitlines() if line.strip()]
-        if len(hosts) > 1:
-            short = [h.split(".")[0] for h in hosts]
-            if hostname.split(".")[0] not in short:
-                raise SlmError(f"this host ({hostname}) is not in $PE_HOSTFILE ({', '.join(hosts)})")
-            return Launch(nproc, len(hosts), short.index(hostname.split(".")[0]), env.get("MASTER_ADDR") or hosts[0],
-                          _port(env, env.get("JOB_ID")))
+    # The hosts of an SGE parallel environment: its $PE_HOSTFILE on the job's first host; the other hosts'
+    # launchers, started there by `qrsh -inherit` (jobs/train.sh), have no hostfile and are given SLM_PE_HOSTS.
+    hostfile = Path(env["PE_HOSTFILE"]) if env.get("PE_HOSTFILE") else None
+    if hostfile and hostfile.is_file():
+        hosts = [line.split()[0] for line in hostfile.read_text().splitlines() if line.strip()]
+    else:
+        hosts = env.get("SLM_PE_HOSTS", "").split()
+    if len(hosts) > 1:
+        short = [h.split(".")[0] for h in hosts]
+        if hostname.split(".")[0] not in short:
+            raise SlmError(f"this host ({hostname}) is not among the job's hosts ({', '.join(hosts)})")
+        return Launch(nproc, len(hosts), short.index(hostname.split(".")[0]), env.get("MASTER_ADDR") or hosts[0],
+                      _port(env, env.get("JOB_ID")))
     # One node: MASTER_PORT if set, else a port free this moment, which Composer's launcher picks (a fixed one
     # would make two launches on one machine, from two terminals or two jobs, collide).
     return Launch(nproc, 1, 0, env.get("MASTER_ADDR") or "127.0.0.1",

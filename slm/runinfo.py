@@ -53,8 +53,14 @@ def git_commit() -> str | None:
         return None
 
 
+def hosts() -> list[str]:
+    """The hostname of each node of the run, in node order (every process calls it: a collective)."""
+    names = dist.all_gather_object(socket.gethostname())
+    return list(dict.fromkeys(names))
+
+
 def environment() -> dict[str, Any]:
-    """Package versions, hardware and the project's git commit."""
+    """Package versions, hardware, the hosts and the project's git commit (a collective: every process calls it)."""
     versions = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
@@ -62,7 +68,7 @@ def environment() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             pass
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return {"versions": versions, "git_commit": git_commit(), "host": socket.gethostname(),
+    return {"versions": versions, "git_commit": git_commit(), "host": socket.gethostname(), "hosts": hosts(),
             "hardware": {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "cpu_threads": torch.get_num_threads(),
                          "gpu": gpus[0] if gpus else None, "gpu_count": len(gpus),
                          "processes": dist.get_world_size()}}

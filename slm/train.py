@@ -82,6 +82,18 @@ class Plan:
     train_metrics: list[Metric]  # updated and logged by the TrainMetrics callback, not by Composer
 
 
+def meet(gpu: bool, timeout: float) -> None:
+    """Every process of the run joins the process group (Composer's `dist.initialize_dist`); the rendezvous that
+    did not happen within `timeout` is one line naming its host and port."""
+    try:
+        dist.initialize_dist("gpu" if gpu else "cpu", timeout)
+    except Exception as e:  # torch's store and network errors (DistError, RuntimeError, TimeoutError)
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        raise SlmError(f"the processes of this run did not all meet at the rendezvous {where} within "
+                       f"{timeout:g} s (dist_timeout): check that every node of the job started and reaches "
+                       f"{where} ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
+
+
 def preflight(cfg: TrainConfig) -> Plan:
     """Every check of the config, the data and the model against each other; nothing is written."""
     if cfg.deterministic:  # cuBLAS reads it when CUDA starts, before Composer's deterministic mode would set it
@@ -91,7 +103,7 @@ def preflight(cfg: TrainConfig) -> Plan:
     gpu = torch.cuda.is_available()
     if cfg.device_microbatch_size == "auto" and not gpu:
         raise SlmError("device_microbatch_size=auto needs a GPU; give a number on CPU")
-    dist.initialize_dist("gpu" if gpu else "cpu")
+    meet(gpu, cfg.dist_timeout)
     world = dist.get_world_size()
     if cfg.global_batch_size % world:
         raise SlmError(f"global_batch_size {cfg.global_batch_size} is not divisible by the {world} processes")
@@ -269,6 +281,7 @@ def trainer_of_plan(plan: Plan, folder: Path, warm_start: Path | None = None) ->
         deterministic_mode=cfg.deterministic or not plan.gpu,
         compile_config={} if cfg.compile else None,
         python_log_level="WARNING" if dist.get_global_rank() == 0 else "ERROR",
+        dist_timeout=cfg.dist_timeout,
     )
     return Run(trainer, handlers)
 

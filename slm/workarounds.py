@@ -23,6 +23,8 @@ import functools
 import gc
 import netrc
 import os
+import signal
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -278,11 +280,32 @@ def shard_names_checked() -> Iterator[None]:
 
 
 @contextmanager
+def resource_tracker_deaf_to_job_signals() -> Iterator[None]:
+    """Python's multiprocessing resource tracker (multiprocessing/resource_tracker.py), which Streaming's shared
+    memory registers with, is a process of its own in the run's process group; it ignores SIGINT and SIGTERM but
+    not SIGUSR1/SIGUSR2, which SGE sends to every process of a job at its soft limit and before a kill (-notify).
+    It died of them ("process died unexpectedly, relaunching", then a KeyError traceback for each shared-memory
+    block at exit). Started here with those signals ignored, which the process it execs inherits."""
+    from multiprocessing import resource_tracker
+
+    if threading.current_thread() is not threading.main_thread():  # signals are the main thread's to set
+        yield
+        return
+    before = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGUSR1, signal.SIGUSR2)}
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    yield
+
+
+@contextmanager
 def applied() -> Iterator[None]:
     """The process-wide workarounds, for the duration of a training run; Composer is as installed afterwards."""
     with (per_node_signal_file(), quiet_composer_warnings(), engine_debug_log_when_asked(), quick_event_dispatch(),
           single_process_collectives(), checkpoints_through_the_gate(), shard_names_checked(),
-          prefix_registered_under_node_lock(), shared_memory_released()):
+          resource_tracker_deaf_to_job_signals(), prefix_registered_under_node_lock(), shared_memory_released()):
         yield
 
 

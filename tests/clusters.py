@@ -276,6 +276,77 @@ class SGE:
             _kill(pid)
 
 
+class TwoHosts:
+    """Two test hosts, h1 and h2, each a network, UTS and mount namespace of this machine (tests/two_hosts.sh): its
+    own hostname, address (10.235.0.1, .2 on a private bridge, no route out), /tmp and /dev/shm; the folders in
+    `shared` (the repository, the tests' temporary folders) and everything outside /tmp shared, as a cluster's
+    home is. Slurm (slurmctld on h1, a slurmd on each) and SGE (qmaster on h1, an execd on each, the parallel
+    environment `mpi` spanning both) with their own munged, ports and cell; `stop` stops every process it started
+    by its pid and removes the namespaces and links."""
+
+    SCRIPT = Path(__file__).with_name("two_hosts.sh")
+    NAMES = ("h1", "h2")
+
+    def __init__(self, root: Path, shared: list[Path]) -> None:
+        self.root = root
+        self.env = {**os.environ, "SLM_HOSTS_DIR": str(root), "SLM_HOSTS_SHARED": ":".join(map(str, shared))}
+        self.slurm = Slurm(root / "slurm")  # its commands reach slurmctld from this machine (addresses, no names)
+
+    @staticmethod
+    def usable() -> str | None:
+        """Why two hosts cannot be made here, or None."""
+        if os.geteuid() != 0:
+            return "the two test hosts are network namespaces, which need root"
+        missing = [p for p in ("ip", "nsenter", "unshare", "mungekey") if not shutil.which(p)]
+        return f"the two test hosts need {', '.join(missing)}" if missing else None
+
+    def script(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(self.SCRIPT), *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def start(self) -> None:
+        up = self.script("up")
+        if up.returncode != 0:
+            raise RuntimeError(f"tests/two_hosts.sh up failed:\n{up.stderr[-3000:]}")
+        for name, value in re.findall(r"(\w+)=(\S+)", (self.root / "env.sh").read_text()):
+            self.env[name] = value.replace("$PATH", os.environ["PATH"])
+        self.slurm.env.update(self.env)
+
+    def on(self, host: str, *command: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+           timeout: float = 120) -> subprocess.CompletedProcess:
+        """COMMAND run on `host` (in its namespaces), from `cwd`."""
+        return subprocess.run(["bash", str(self.SCRIPT), "exec", host, *command], env={**self.env, **(env or {})},
+                              cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+    def qsub(self, *args: str, cwd: Path, env: dict[str, str] | None = None) -> int:
+        """qsub ARGS on h1 (SGE's commands need the hosts' names): the job id; `env` passed to the job (-v)."""
+        passed = ["-v", ",".join(f"{k}={v}" for k, v in env.items())] if env else []
+        out = self.on("h1", "qsub", "-terse", *passed, *args, cwd=cwd)
+        if out.returncode != 0:
+            raise RuntimeError(f"qsub {' '.join(args)}: {out.stderr.strip()}")
+        return int(out.stdout.strip().split(".")[0])
+
+    def sge_in_queue(self, job_id: int) -> bool:
+        return bool(re.search(rf"(?m)^\s*{job_id}\s", self.on("h1", "qstat").stdout))
+
+    def sge_job_pid(self, job_id: int) -> int | None:
+        """The pid (process group) of an SGE job's script, on its first host, while it runs."""
+        found = [p.read_text().strip() for p in self.root.glob(f"sge/execd/*/active_jobs/{job_id}.1/job_pid")]
+        return int(found[0]) if found and found[0] else None
+
+    def leftovers(self) -> list[str]:
+        """Namespaces and links of the test hosts still there."""
+        names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+        links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout.split("\n")
+        return [n for n in names if n.startswith("slmhost")] + [ln.split()[0] for ln in links
+                                                                if ln.startswith("slmhost")]
+
+    def stop(self) -> None:
+        down = self.script("down")
+        if down.returncode != 0:
+            raise RuntimeError(f"tests/two_hosts.sh down failed:\n{down.stderr[-3000:]}")
+
+
 def main() -> None:
     """`python tests/clusters.py start|stop [DIR]`: the same clusters by hand, to try the job scripts on."""
     import argparse

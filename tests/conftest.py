@@ -104,11 +104,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test on the clusters is a cluster test (and trains): none can slip into `make test-fast`."""
+    """A test on the clusters is a cluster test (and trains): none can slip into `make test-fast`; one on the two
+    test hosts is a `hosts` test too (`pytest -m hosts` runs them alone)."""
     for item in items:
-        if {"slurm", "sge"} & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if {"slurm", "sge", "two_hosts"} & fixtures:
             item.add_marker(pytest.mark.cluster)
             item.add_marker(pytest.mark.train)
+        if "two_hosts" in fixtures:
+            item.add_marker(pytest.mark.hosts)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -144,3 +148,24 @@ def slurm(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def sge(tmp_path_factory: pytest.TempPathFactory):
     yield from _cluster("sge", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def two_hosts(tmp_path_factory: pytest.TempPathFactory):
+    """The two test hosts with Slurm and SGE across them (tests/clusters.py `TwoHosts`) for the session; the
+    repository and the session's temporary folders shared between them. Afterwards no namespace, link or daemon
+    of theirs is left."""
+    from clusters import TwoHosts, install_schedulers
+
+    reason = TwoHosts.usable() or install_schedulers()
+    if reason:
+        pytest.skip(reason)
+    root = Path(tempfile.mkdtemp(prefix="slm-hosts-"))
+    root.rmdir()  # made by tests/two_hosts.sh up
+    hosts = TwoHosts(root, [REPO, tmp_path_factory.getbasetemp()])
+    try:
+        hosts.start()
+        yield hosts
+    finally:
+        hosts.stop()
+        assert hosts.leftovers() == [], hosts.leftovers()

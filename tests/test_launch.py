@@ -48,8 +48,11 @@ def test_sge_parallel_environment(tmp_path):
                         "node2.cluster 1 all.q@node2.cluster UNDEFINED\n")
     env = {"JOB_ID": "77", "PE_HOSTFILE": str(hostfile), "MASTER_PORT": "4000"}
     assert from_environment(env, gpus=0, hostname="node2") == Launch(1, 2, 1, "node1.cluster", 4000)
-    with pytest.raises(SlmError, match="this host \\(node9\\) is not in \\$PE_HOSTFILE"):
+    with pytest.raises(SlmError, match="this host \\(node9\\) is not among the job's hosts"):
         from_environment(env, gpus=0, hostname="node9")
+    # Another host's launcher, started by `qrsh -inherit` (jobs/train.sh): no hostfile there, the hosts given
+    others = {"JOB_ID": "77", "SLM_PE_HOSTS": "node1.cluster node2.cluster ", "MASTER_PORT": "4000"}
+    assert from_environment(others, gpus=0, hostname="node2") == Launch(1, 2, 1, "node1.cluster", 4000)
 
 
 def test_single_node_and_cpu_only():
