@@ -102,6 +102,7 @@ PYTEST := HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q
 # The full gate (what CI runs): every test, the training, cluster and root ones included. The cluster tests and
 # those marked `beside`, which spend much of their time waiting on schedulers or training subprocesses, run in a
 # second pytest session beside the others (one thread a process, temporary folders of its own); its report follows.
+# The two-host tests (`hosts`) run in the main session, the shorter one.
 # BUSY=N keeps N other processes spinning on the CPU meanwhile: the suite as on a shared machine.
 BUSY ?= 0
 test: lint

@@ -345,6 +345,7 @@ class TwoHosts:
         down = self.script("down")
         if down.returncode != 0:
             raise RuntimeError(f"tests/two_hosts.sh down failed:\n{down.stderr[-3000:]}")
+        shutil.rmtree(f"{self.root}.logs", ignore_errors=True)  # the daemons' logs, kept by `down` for a person
 
 
 def main() -> None:

@@ -104,15 +104,17 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test on the clusters is a cluster test (and trains): none can slip into `make test-fast`; one on the two
-    test hosts is a `hosts` test too (`pytest -m hosts` runs them alone)."""
+    """A test on the clusters is a cluster test (and trains): none can slip into `make test-fast`. One on the two
+    test hosts is a `hosts` test (and trains), which `make test` runs in its main session: the second, with the
+    one-node clusters' tests, is the longer one."""
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
-        if {"slurm", "sge", "two_hosts"} & fixtures:
+        if {"slurm", "sge"} & fixtures:
             item.add_marker(pytest.mark.cluster)
-            item.add_marker(pytest.mark.train)
         if "two_hosts" in fixtures:
             item.add_marker(pytest.mark.hosts)
+        if {"slurm", "sge", "two_hosts"} & fixtures:
+            item.add_marker(pytest.mark.train)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -160,7 +162,9 @@ def two_hosts(tmp_path_factory: pytest.TempPathFactory):
     reason = TwoHosts.usable() or install_schedulers()
     if reason:
         pytest.skip(reason)
-    root = Path(tempfile.mkdtemp(prefix="slm-hosts-"))
+    # Directly in /tmp, not $TMPDIR (make test's second session has a private one): munged and SGE's daemons run
+    # as their own users and must reach their folders in it.
+    root = Path(tempfile.mkdtemp(prefix="slm-hosts-", dir="/tmp"))
     root.rmdir()  # made by tests/two_hosts.sh up
     hosts = TwoHosts(root, [REPO, tmp_path_factory.getbasetemp()])
     try:
