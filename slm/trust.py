@@ -4,8 +4,8 @@ in what it writes.
 - Checkpoints: every checkpoint slm or Composer opens is unpickled with `torch.load(weights_only=True)`, allowing
   only the globals an slm checkpoint holds (`checkpoint_globals`); a file naming any other is refused in one line
   before anything of it runs (Composer's own loads come here through slm/workarounds.py).
-- Names read from files (shard basenames in index.json, a `latest` pointer, a batch label): `plain_name` refuses
-  one that is not a plain file name.
+- Names read from files that become paths (shard basenames in index.json, Hub download names): `plain_name`
+  refuses one that leads outside its folder (a `latest` pointer's text: `slm.manifest.checked_remote_name`).
 - Secrets: `known_secrets` are the tokens slm can see (token-like environment variables and the Hub login's);
   `refuse_secrets` stops a value holding one from being written, `masked` hides them in what is printed.
 """
