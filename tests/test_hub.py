@@ -4,7 +4,6 @@ in this process and in the training subprocesses. Everything on our side of `HfA
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import time
@@ -296,32 +295,23 @@ def test_a_run_checkpointing_every_batch_stays_within_the_budget_and_gets_everyt
 @pytest.mark.train
 @pytest.mark.beside  # waits on the double's latency and windows
 def test_slow_uploads_do_not_slow_training(fake_hub, tmp_path, shards):
-    """Each commit takes 2 s: the training loop's own time exceeds a run's whose commits are instant by less than
-    one commit's wait (a ratio failed on noise: the loop is ~1.3 s, and 10 % of it is a hiccup of this VM).
-
-    The two runs train at the same time, a thread each, each against its own Hub double, so that both see the same
-    machine (this VM's speed drifts by tens of percent between runs a minute apart). On the training thread, the
-    2 s per checkpoint would multiply the loop's few seconds many times over.
-    """
-    from folder_hub import FolderHfApi
-
-    config = write_yaml(tmp_path / "tiny.yaml", shards)
-    hubs = {"instant": fake_hub, "slow": FolderHfApi(tmp_path / "slow-hub")}
-    set_limits(hubs["slow"], latency=2)
-    procs = {run: Started(train_cmd(config, f"run_name={run}", f"hub.repo=me/{run}", "max_duration=192ba",
-                                    "save_interval=16ba", "eval_interval=1000ba", "hub.export=false"),
-                          env={**os.environ, "SLM_TEST_HUB_ROOT": str(hub.root), "OMP_NUM_THREADS": "1"})
-             for run, hub in hubs.items()}
-    seconds = {}
-    for run, proc in procs.items():
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
-        rows = (tmp_path / "ckpt" / run / "metrics.jsonl").read_text().splitlines()
-        seconds[run] = json.loads(rows[-1])["time/train"] * 3600
-    uploaded = [p for c in hubs["slow"].commits() for p in c["paths"] if p.endswith("-rank0.pt")]
+    """Each commit takes 2 s, 14 checkpoints are uploaded (28 s of commits), yet no batch of the training loop takes
+    as long as one commit: the training thread never waits on an upload (the loop's other batches take milliseconds,
+    loaded machine or not; a comparison of two runs' loop times failed on a loaded machine's noise)."""
+    config, slow = write_yaml(tmp_path / "tiny.yaml", shards), fake_hub
+    set_limits(slow, latency=2)
+    proc = Started(train_cmd(config, "run_name=slow", "hub.repo=me/slow", "max_duration=192ba", "save_interval=16ba",
+                             "eval_interval=1000ba", "hub.export=false"))
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    rows = [json.loads(row) for row in (tmp_path / "ckpt" / "slow" / "metrics.jsonl").read_text().splitlines()]
+    hours = [row["time/train"] for row in rows if "time/train" in row]  # the loop's clock, after each batch
+    assert len(hours) == 192
+    longest = max(b - a for a, b in zip(hours, hours[1:], strict=False)) * 3600
+    uploaded = [p for c in slow.commits() for p in c["paths"] if p.endswith("-rank0.pt")]
     assert sorted(uploaded) == sorted(f"checkpoints/{name}" for name in local_checkpoints(tmp_path / "ckpt" / "slow"))
-    assert len(uploaded) == 14 and len(hubs["slow"].commits()) >= 2  # 28 s of uploads had they gone one by one
-    assert seconds["slow"] - seconds["instant"] < 2, seconds  # one upload waited on would add 2 s
+    assert len(uploaded) == 14 and len(slow.commits()) >= 2
+    assert longest < 2, f"a batch took {longest:.2f} s: the training thread waited on a commit"
 
 
 @pytest.mark.train
