@@ -1,4 +1,5 @@
-"""Real single-node Slurm and SGE clusters on localhost, for the job-script tests.
+"""Real single-node Slurm and SGE clusters on localhost for the job-script tests, and the two test hosts
+(tests/two_hosts.sh) for one run across hosts.
 
 Both come from the OS packages (installed here when missing, as root) and run as they would on a
 cluster's head and compute node at once. The node advertises what a small GPU node has (16 cores,
@@ -9,6 +10,7 @@ Every daemon a cluster starts is stopped by its own pid; a daemon that was alrea
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -22,6 +24,7 @@ from pathlib import Path
 PACKAGES = ["slurm-wlm", "munge", "gridengine-master", "gridengine-exec", "gridengine-client"]
 PROGRAMS = ["slurmctld", "slurmd", "sbatch", "munged", "sge_qmaster", "sge_execd", "qsub"]
 CPUS, MEMORY_MB, GPUS = 16, 64000, 2
+INSTALL_LOCK = "/tmp/slm-install-schedulers.lock"
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.5):
@@ -45,11 +48,14 @@ def install_schedulers() -> str | None:
         return "Slurm/SGE are not installed and there is no apt-get to install them"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = ["apt-get", "install", "-y", "-q", *PACKAGES]
-    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
-        done = subprocess.run(install, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            return f"apt-get install {' '.join(PACKAGES)} failed: {done.stderr.strip().splitlines()[-1:]}"
+    with open(INSTALL_LOCK, "w") as lock:  # make test's sessions start at once: one installs, the others wait
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not all(shutil.which(p) for p in PROGRAMS) and \
+                subprocess.run(install, env=env, capture_output=True).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
+            done = subprocess.run(install, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                return f"apt-get install {' '.join(PACKAGES)} failed: {done.stderr.strip().splitlines()[-1:]}"
     missing = [p for p in PROGRAMS if not shutil.which(p)]
     return f"installed, but {', '.join(missing)} not found" if missing else None
 
@@ -80,6 +86,9 @@ def _start(command: list[str], pid_file: Path, env: dict[str, str] | None = None
     return int(wait_until(lambda: pid_file.is_file() and pid_file.read_text().strip(), 20, f"{pid_file}").split()[0])
 
 
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
 class Slurm:
     """slurmctld + slurmd (and munged if none runs) with their own config, state and logs in `root`."""
 
@@ -102,30 +111,19 @@ class Slurm:
         (root / "gpu0").touch()  # the advertised GPUs' device files: plain files, nothing behind them
         (root / "gpu1").touch()
         (root / "gres.conf").write_text(f"NodeName=localhost Name=gpu File={root}/gpu[0-1]\n")
-        (root / "slurm.conf").write_text(f"""ClusterName=slmtest
+        (root / "slurm.conf").write_text(f"""Include {Path(__file__).parent / "slurm-common.conf"}
+ClusterName=slmtest
 SlurmctldHost=localhost
-SlurmUser=root
 SlurmctldPort=16817
 SlurmdPort=16818
-AuthType=auth/munge
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid
 SlurmdPidFile={root}/slurmd.pid
 SlurmctldLogFile={root}/slurmctld.log
 SlurmdLogFile={root}/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-SlurmdParameters=config_overrides
-ReturnToService=2
-MpiDefault=none
-JobRequeue=1
 KillWait=60
-MinJobAge=600
-GresTypes=gpu
 NodeName=localhost CPUs={CPUS} RealMemory={MEMORY_MB} Gres=gpu:{GPUS} State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """)
@@ -156,6 +154,11 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
         """scontrol's fields of a job (JobState, Restarts, ExitCode, ...)."""
         text = self.run("scontrol", "-o", "show", "job", str(job_id)).stdout
         return dict(re.findall(r"(\w+)=(\S*)", text.splitlines()[0]))
+
+    def finished(self, job_id: int | str) -> dict[str, str] | None:
+        """The job's fields once it has ended for good, else None (a requeued job waits cred_expire, 5 s, first)."""
+        info = self.job(job_id)
+        return info if info["JobState"] in FINISHED else None
 
     def stop(self) -> None:
         self.run("scancel", "--user=root", check=False)

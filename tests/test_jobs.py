@@ -13,10 +13,9 @@ import pytest
 from clusters import wait_until
 from omegaconf import OmegaConf
 
-from helpers import REPO, Hold, assert_bitwise_equal, final_state, shown_on_failure, train, write_yaml
+from helpers import REPO, Hold, assert_bitwise_equal, final_state, job_log, train, write_yaml
 
 SLOW = ["max_duration=64ba", "global_batch_size=32"]  # signalled while held at a batch end (Hold)
-FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +26,6 @@ def reference(tmp_path_factory: pytest.TempPathFactory, shards: Path) -> Path:
     train(config, "run_name=ref")
     train(config, "run_name=ref-slow", *SLOW)
     return root / "ckpt"
-
-
-def held(hold: Hold) -> dict[str, str]:
-    """What a job needs to be held by `hold`: its variables and the tests' hooks on PYTHONPATH."""
-    return {k: hold.env[k] for k in ("SLM_TEST_HOLD", "SLM_TEST_HOLD_AT", "PYTHONPATH")}
-
-
-def job_log(log: Path) -> Path:
-    """`log`, a job's output file, shown with the report if the test fails (a wait that timed out included)."""
-    shown_on_failure(["the job log", str(log)], lambda: log.read_text(errors="replace") if log.exists() else "")
-    return log
 
 
 def read_and_remove(log: Path) -> str:
@@ -83,17 +71,11 @@ def test_job_scripts_refuse_bad_arguments_in_one_line(script, args, message):
 
 # ---------------------------------------------------------------- Slurm
 
-def slurm_finished(slurm, job: int | str) -> dict[str, str] | None:
-    """The job's fields once it has finished (a requeued job waits the cluster's cred_expire, 10 s, first)."""
-    info = slurm.job(job)
-    return info if info["JobState"] in FINISHED else None
-
-
 def test_slurm_train_job_then_resubmitting_resumes(slurm, reference, tmp_path, shards):
     config = write_yaml(tmp_path / "slurm-train.yaml", shards)
     job = slurm.submit("jobs/train.sbatch", str(config), cwd=REPO)  # the scripts' own directives, unchanged
     default_log = job_log(REPO / "logs" / f"slm-train-{job}.out")
-    info = wait_until(lambda: slurm_finished(slurm, job), 300, f"Slurm job {job}")
+    info = wait_until(lambda: slurm.finished(job), 300, f"Slurm job {job}")
     log = read_and_remove(default_log)
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert f"slm job: Slurm job {job} (start 1) on" in log
@@ -101,7 +83,7 @@ def test_slurm_train_job_then_resubmitting_resumes(slurm, reference, tmp_path, s
     assert_bitwise_equal(final_state(reference / "ref"), final_state(tmp_path / "ckpt" / "slurm-train"))
 
     again = slurm.submit("--output", str(job_log(tmp_path / "again.out")), "jobs/train.sbatch", str(config), cwd=REPO)
-    assert wait_until(lambda: slurm_finished(slurm, again), 300, "the resubmitted job")["JobState"] == "COMPLETED"
+    assert wait_until(lambda: slurm.finished(again), 300, "the resubmitted job")["JobState"] == "COMPLETED"
     assert "slm train: slurm-train: resumed at batch 16 of 16ba" in (tmp_path / "again.out").read_text()
 
 
@@ -110,7 +92,7 @@ def test_slurm_time_limit_signal_then_preemption_resume_bitwise(slurm, reference
     folder, log = tmp_path / "ckpt" / "slurm-pre", tmp_path / "pre.out"
     hold = Hold(tmp_path / "hold", 4, 12)  # the run waits at these batch ends until the test has acted
     job = slurm.submit("--output", str(job_log(log)), "jobs/train.sbatch", str(config), *SLOW, cwd=REPO,
-                       env=held(hold))
+                       env=hold.job_env)
     hold.wait()
     # What --signal=B:USR1@300 does five minutes before the time limit: the job checkpoints, requeues itself.
     slurm.run("scancel", "--signal=USR1", "--batch", str(job))
@@ -119,7 +101,7 @@ def test_slurm_time_limit_signal_then_preemption_resume_bitwise(slurm, reference
     hold.wait(batch=12)
     slurm.run("scontrol", "requeue", str(job))
     hold.release(12)
-    info = wait_until(lambda: slurm_finished(slurm, job), 300, f"Slurm job {job}")
+    info = wait_until(lambda: slurm.finished(job), 300, f"Slurm job {job}")
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", text[-4000:]
     first = re.search(r"stopped at batch (\d+) on SIGUSR1, checkpoint saved", text)
@@ -139,7 +121,7 @@ def test_slurm_suite_runs_a_2x2_grid_two_runs_per_device_as_a_2_task_array(slurm
     array = int(re.search(r"Submitted batch job (\d+)", submitted.stdout).group(1))
     logs = []
     for task in range(2):
-        info = wait_until(lambda: slurm_finished(slurm, f"{array}_{task}"), 300, f"array task {task}")  # noqa: B023
+        info = wait_until(lambda: slurm.finished(f"{array}_{task}"), 300, f"array task {task}")  # noqa: B023
         logs += [read_and_remove(REPO / "logs" / f"slm-suite-{array}_{task}.out")] * 2  # its two runs' log
         assert info["JobState"] == "COMPLETED", logs[-1][-3000:]
         assert "slm launch: 2 runs share this node" in logs[-1], logs[-1][-3000:]
@@ -167,7 +149,7 @@ def test_sge_soft_time_limit_signal_requeues_and_resumes_bitwise(sge, reference,
     config = write_yaml(tmp_path / "sge-pre.yaml", shards)
     folder, log = tmp_path / "ckpt" / "sge-pre", tmp_path / "pre.out"
     hold = Hold(tmp_path / "hold", 4)
-    job = sge.submit("-o", str(job_log(log)), "jobs/train.sh", str(config), *SLOW, cwd=REPO, env=held(hold))
+    job = sge.submit("-o", str(job_log(log)), "jobs/train.sh", str(config), *SLOW, cwd=REPO, env=hold.job_env)
     hold.wait()
     # What SGE does at the soft limit (s_rt): USR1 to every process of the job.
     os.killpg(wait_until(lambda: sge.job_pid(job), 30, "the job's pid"), signal.SIGUSR1)

@@ -15,6 +15,7 @@
 set -u -o pipefail
 
 PREFIX=slmhost
+TESTS=$(cd "$(dirname "$0")" && pwd)  # tests/slurm-common.conf
 DIR=${SLM_HOSTS_DIR:-/tmp/slm-hosts}
 SHARED=${SLM_HOSTS_SHARED:-}
 NET=10.235.0
@@ -160,31 +161,19 @@ slurm_up() {
     touch "$s/gpu0" "$s/gpu1"
     echo "NodeName=h[1-2] Name=gpu File=$s/gpu[0-1]" >"$s/gres.conf"
     cat >"$s/slurm.conf" <<EOF
+Include $TESTS/slurm-common.conf
 ClusterName=$PREFIX
 SlurmctldHost=h1(${IP[h1]})
-SlurmUser=root
 SlurmctldPort=$SLURMCTLD_PORT
 SlurmdPort=$SLURMD_PORT
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=10
+AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=5
 StateSaveLocation=$s/state
 SlurmdSpoolDir=$s/spool-%n
 SlurmctldPidFile=$s/slurmctld.pid
 SlurmdPidFile=$s/slurmd-%n.pid
 SlurmctldLogFile=$s/log/slurmctld.log
 SlurmdLogFile=$s/log/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-SlurmdParameters=config_overrides
-ReturnToService=2
-MpiDefault=none
-JobRequeue=1
 KillWait=30
-MinJobAge=600
-GresTypes=gpu
 NodeName=h1 NodeAddr=${IP[h1]} NodeHostname=h1 CPUs=16 RealMemory=64000 Gres=gpu:2 State=UNKNOWN
 NodeName=h2 NodeAddr=${IP[h2]} NodeHostname=h2 CPUs=16 RealMemory=64000 Gres=gpu:2 State=UNKNOWN
 PartitionName=debug Nodes=h[1-2] Default=YES MaxTime=INFINITE State=UP

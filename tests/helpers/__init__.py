@@ -43,6 +43,13 @@ def shown_on_failure(cmd: list[str], stderr: str | Callable[[], str]) -> None:
     OUTPUTS.append((" ".join(map(str, cmd)), stderr))
 
 
+def job_log(log: Path) -> Path:
+    """`log`, a scheduler job's output file, shown with the report if the test fails (a wait that timed out
+    included)."""
+    shown_on_failure(["the job log", str(log)], lambda: log.read_text(errors="replace") if log.exists() else "")
+    return log
+
+
 class Started(subprocess.Popen):
     """A command started in the background by a test (cwd the repository, stdout discarded unless asked for): its
     stderr goes to a file, which the test reads as `stderr_text` (and `communicate` returns), and whose tail the
@@ -110,7 +117,7 @@ class Hold:
     def wait(self, proc: subprocess.Popen | None = None, processes: int = 1, batch: int | None = None,
              timeout: float = 300) -> None:
         """Until `processes` processes are held at `batch` (the first of the batches); an AssertionError naming
-        the exit status if `proc` ended first."""
+        the exit status if `proc` (a process, or a job with its `poll()` and `returncode`) ended first."""
         batch = self.batches[0] if batch is None else batch
         deadline = time.monotonic() + timeout
         while len(list(self.folder.glob(f"held-{batch}-*"))) < processes:
@@ -119,6 +126,12 @@ class Hold:
             if time.monotonic() > deadline:
                 raise AssertionError(f"the run was not held at the end of batch {batch} within {timeout:.0f} s")
             time.sleep(0.01)
+
+    @property
+    def job_env(self) -> dict[str, str]:
+        """What a scheduler's job needs to be held (`env` of tests/clusters.py's `submit`): the hold's variables
+        and the tests' hooks on PYTHONPATH."""
+        return {k: self.env[k] for k in ("SLM_TEST_HOLD", "SLM_TEST_HOLD_AT", "PYTHONPATH")}
 
     def release(self, batch: int | None = None) -> None:
         (self.folder / f"release-{self.batches[0] if batch is None else batch}").touch()
