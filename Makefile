@@ -99,22 +99,27 @@ lint: $(STAMP)
 
 PYTEST := HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q
 
-# The full gate (what CI runs): every test, the training, cluster and root ones included. The cluster tests and
-# those marked `beside`, which spend much of their time waiting on schedulers or training subprocesses, run in a
-# second pytest session beside the others (one thread a process, temporary folders of its own); its report follows.
-# The two-host tests (`hosts`) are not in it yet: `make test-hosts` (the whole gate would pass 25 minutes in CI).
+# The full gate (what CI runs): every test, the training, cluster, two-host and root ones included. Three pytest
+# sessions run at once, each with its own temporary folders: the main one; beside it the cluster tests and those
+# marked `beside`, which spend much of their time waiting on schedulers or training subprocesses; and the two-host
+# tests (`hosts`, about 5 minutes alone). The reports of the other two follow the main one's.
 # BUSY=N keeps N other processes spinning on the CPU meanwhile: the suite as on a shared machine.
 BUSY ?= 0
+BESIDE := cluster or beside
 test: lint
-	@log=$$(mktemp); OMP_NUM_THREADS=1 TMPDIR=$$(mktemp -d) $(PYTEST) -m "cluster or beside" >$$log 2>&1 & \
-	second=$$!; \
-	echo "$(PYTEST) -m 'not cluster and not beside and not hosts' --busy $(BUSY), and beside it: $(PYTEST) -m 'cluster or beside'"; \
-	$(PYTEST) -m "not cluster and not beside and not hosts" --busy $(BUSY); status=$$?; \
-	wait $$second || status=1; \
-	echo "== the second session: $(PYTEST) -m 'cluster or beside' =="; cat $$log; rm -f $$log; \
+	@beside=$$(mktemp); hosts=$$(mktemp); \
+	OMP_NUM_THREADS=1 TMPDIR=$$(mktemp -d) $(PYTEST) -m "$(BESIDE)" >$$beside 2>&1 & beside_pid=$$!; \
+	OMP_NUM_THREADS=1 TMPDIR=$$(mktemp -d) $(PYTEST) -m hosts >$$hosts 2>&1 & hosts_pid=$$!; \
+	echo "$(PYTEST) -m 'not ($(BESIDE) or hosts)' --busy $(BUSY), and beside it: $(PYTEST) -m '$(BESIDE)'" \
+		"and $(PYTEST) -m hosts"; \
+	$(PYTEST) -m "not ($(BESIDE) or hosts)" --busy $(BUSY); status=$$?; \
+	wait $$beside_pid || status=1; wait $$hosts_pid || status=1; \
+	echo "== beside it: $(PYTEST) -m '$(BESIDE)' =="; cat $$beside; \
+	echo "== and the two test hosts: $(PYTEST) -m hosts =="; cat $$hosts; rm -f $$beside $$hosts; \
 	exit $$status
 
-# One run across two test hosts (network namespaces) under Slurm and SGE (pytest -m hosts; root): about 5 minutes.
+# The two-host tests alone (pytest -m hosts; root): one run across two test hosts (network namespaces) under
+# Slurm and SGE.
 test-hosts: lint
 	$(PYTEST) -m hosts
 

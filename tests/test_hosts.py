@@ -9,15 +9,15 @@ import json
 import os
 import re
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from clusters import wait_until
 
-from helpers import REPO, Hold, assert_bitwise_equal, final_state, shown_on_failure, train, write_yaml
+from helpers import REPO, Hold, assert_bitwise_equal, final_state, job_log, shown_on_failure, train, write_yaml
 
 RUN = ["max_duration=24ba", "dist_timeout=60"]  # every wait on the other host bounded by a minute
-FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
 @pytest.fixture(scope="module")
@@ -30,40 +30,47 @@ def reference(tmp_path_factory: pytest.TempPathFactory, shards: Path) -> tuple[P
     return config, root / "ckpt" / "ref"
 
 
-def job_log(log: Path) -> Path:
-    shown_on_failure(["the job log", str(log)], lambda: log.read_text(errors="replace") if log.exists() else "")
-    return log
-
-
-def held(hold: Hold) -> dict[str, str]:
-    return {k: hold.env[k] for k in ("SLM_TEST_HOLD", "SLM_TEST_HOLD_AT", "PYTHONPATH")}
-
-
 def held_on(hold: Hold, batch: int, node: int) -> list[int]:
     """The pids of the training processes of node `node` held at `batch`."""
     pids = [int(p.name.rsplit("-", 1)[1]) for p in hold.folder.glob(f"held-{batch}-*")]
     return [pid for pid in pids if f"NODE_RANK={node}\0" in Path(f"/proc/{pid}/environ").read_text()]
 
 
-def slurm_finished(two_hosts, job: int) -> dict[str, str] | None:
-    info = two_hosts.slurm.job(job)
-    return info if info["JobState"] in FINISHED else None
+class Job:
+    """A scheduler's job as `Hold.wait` watches a process: `poll()` is None while it runs, else how it ended (a
+    job that failed before the hold fails the test at once, not at the hold's timeout)."""
+
+    def __init__(self, ended: Callable[[], str | None]) -> None:
+        self.ended, self.returncode = ended, None
+
+    def poll(self) -> str | None:
+        self.returncode = self.ended()
+        return self.returncode
+
+
+def slurm_job(two_hosts, job: int) -> Job:
+    return Job(lambda: (two_hosts.slurm.finished(job) or {}).get("JobState"))
 
 
 def hosts_of(folder: Path) -> list[str]:
     return json.loads((folder / "run.json").read_text())["starts"][-1]["hosts"]
 
 
-def test_slurm_two_nodes_train_one_run_stopped_requeued_and_resumed_bitwise(two_hosts, reference, tmp_path):
+def test_slurm_two_nodes_train_one_run_stopped_requeued_and_resumed_bitwise(two_hosts, reference, tmp_path, shards):
+    """Each node streams the shards from the shared folder into a cache in its own /tmp, as nodes with a shared
+    home and local disks do."""
     config, ref = reference
     log, hold = tmp_path / "two.out", Hold(tmp_path / "hold", 4)
+    cache = Path("/tmp/slm-test-cache")  # on each host its own
+    caches = [f"data.{split}.{where}={root / split}" for split in ("train", "eval")
+              for where, root in (("remote", shards), ("local", cache))]
     job = two_hosts.slurm.submit("--nodes=2", "--output", str(job_log(log)), "jobs/train.sbatch", str(config),
-                                 "run_name=two", *RUN, cwd=REPO, env=held(hold))
-    hold.wait(processes=2)
+                                 "run_name=two", *RUN, *caches, cwd=REPO, env=hold.job_env)
+    hold.wait(slurm_job(two_hosts, job), processes=2)
     assert len(held_on(hold, 4, 0)) == len(held_on(hold, 4, 1)) == 1  # one process on each host
     two_hosts.slurm.run("scancel", "--signal=USR1", "--batch", str(job))  # the time limit's warning
     hold.release()
-    info = wait_until(lambda: slurm_finished(two_hosts, job), 400, f"Slurm job {job}")
+    info = wait_until(lambda: two_hosts.slurm.finished(job), 400, f"Slurm job {job}")
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
     assert "slm launch: node 1 of 2 (h1)" in text and "slm launch: node 2 of 2 (h2)" in text, text[-4000:]
@@ -71,6 +78,9 @@ def test_slurm_two_nodes_train_one_run_stopped_requeued_and_resumed_bitwise(two_
     assert stopped and f"resumed at batch {stopped.group(1)} of 24ba" in text, text[-4000:]
     folder = config.parent / "ckpt" / "two"
     assert hosts_of(folder) == ["h1", "h2"]
+    for host in ("h1", "h2"):
+        assert two_hosts.on(host, "ls", str(cache / "train")).stdout.split().count("index.json") == 1, host
+    assert not cache.exists()  # not in this machine's /tmp
     assert_bitwise_equal(final_state(ref), final_state(folder))
 
 
@@ -78,8 +88,8 @@ def test_sge_two_hosts_train_one_run_stopped_requeued_and_resumed_bitwise(two_ho
     config, ref = reference
     log, hold = tmp_path / "two.out", Hold(tmp_path / "hold", 4)
     job = two_hosts.qsub("-pe", "mpi", "2", "-o", str(job_log(log)), "jobs/train.sh", str(config),
-                         "run_name=sge-two", *RUN, cwd=REPO, env=held(hold))
-    hold.wait(processes=2)
+                         "run_name=sge-two", *RUN, cwd=REPO, env=hold.job_env)
+    hold.wait(Job(lambda: None if two_hosts.sge_in_queue(job) else "gone from the queue"), processes=2)
     # What SGE does at the soft limit (s_rt): USR1 to the job's processes, here those on its first host (the job
     # script's process group); the ranks on the other host stop at the same batch (slm/preemption.py).
     os.killpg(wait_until(lambda: two_hosts.sge_job_pid(job), 30, "the job's pid"), signal.SIGUSR1)
@@ -105,16 +115,16 @@ def test_a_node_killed_mid_run_stops_the_other_and_resubmitting_resumes_bitwise(
     config, ref = reference
     log, hold = tmp_path / "killed.out", Hold(tmp_path / "hold", 4)
     job = two_hosts.slurm.submit("--nodes=2", "--output", str(job_log(log)), "jobs/train.sbatch", str(config),
-                                 "run_name=killed", *RUN, cwd=REPO, env=held(hold))
-    hold.wait(processes=2)
+                                 "run_name=killed", *RUN, cwd=REPO, env=hold.job_env)
+    hold.wait(slurm_job(two_hosts, job), processes=2)
     os.kill(held_on(hold, 4, 1)[0], signal.SIGKILL)
     hold.release()
-    info = wait_until(lambda: slurm_finished(two_hosts, job), 240, f"Slurm job {job}")
+    info = wait_until(lambda: two_hosts.slurm.finished(job), 240, f"Slurm job {job}")
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", log.read_text()[-4000:]
     again_log = tmp_path / "again.out"
     again = two_hosts.slurm.submit("--nodes=2", "--output", str(job_log(again_log)), "jobs/train.sbatch",
                                    str(config), "run_name=killed", *RUN, cwd=REPO)
-    info = wait_until(lambda: slurm_finished(two_hosts, again), 400, f"Slurm job {again}")
+    info = wait_until(lambda: two_hosts.slurm.finished(again), 400, f"Slurm job {again}")
     text = again_log.read_text()
     assert info["JobState"] == "COMPLETED", text[-4000:]
     assert re.search(r"killed: resumed at batch (4|[1-9]\d*) of 24ba", text), text[-4000:]

@@ -1,4 +1,5 @@
-"""Multi-node launch: deriving Composer's launcher flags from the scheduler, and two launchers training one run."""
+"""Launching: Composer's launcher flags derived from the scheduler's environment, and several runs sharing a node
+(one run across two hosts: tests/test_hosts.py)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,10 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
-import torch
 
 from slm.errors import SlmError
 from slm.launch import (
@@ -24,7 +23,7 @@ from slm.launch import (
     split_runs,
 )
 
-from helpers import REPO, Hold, Started, assert_bitwise_equal, final_state, resumed_at, run_cmd, train, write_yaml
+from helpers import REPO, Hold, Started, assert_bitwise_equal, final_state, run_cmd, write_yaml
 
 
 def test_expand_slurm_hostlists():
@@ -68,51 +67,6 @@ def test_single_node_and_cpu_only():
     assert gpus_on_this_node({"CUDA_VISIBLE_DEVICES": "0,1,2,3", "SLURM_GPUS_ON_NODE": "2"}) == 2
     assert gpus_on_this_node({"CUDA_VISIBLE_DEVICES": "0,1", "SLM_GPUS": "1"}) == 1
     assert gpus_on_this_node({"CUDA_VISIBLE_DEVICES": "", "SLURM_GPUS_ON_NODE": "1"}) == 0  # none visible: CPU
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def own_shared_memory(command: list[str]) -> list[str]:
-    """`command` with a /dev/shm of its own, as on another machine (Streaming's blocks are per node)."""
-    return ["unshare", "--mount", "sh", "-c", 'mount -t tmpfs tmpfs /dev/shm && exec "$@"', "sh", *command]
-
-
-@pytest.mark.train
-@pytest.mark.root
-def test_two_launchers_on_one_machine_train_one_run(tmp_path, shards):
-    """World size 2 from two `composer` launchers (one process each, localhost master), as two nodes would.
-
-    Each "node" gets its own /dev/shm, temp folder and local shard cache, which it streams from the
-    shared folder, as separate machines have."""
-    if subprocess.run(own_shared_memory(["true"]), capture_output=True).returncode != 0:
-        pytest.skip("needs root for a private /dev/shm per emulated node (unshare --mount)")
-    config = write_yaml(tmp_path / "tiny.yaml", shards)
-    port = str(_free_port())
-    procs = []
-    for node in (0, 1):
-        env = {"SLURM_JOB_ID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "localhost,localhost",
-               "SLURM_NODEID": str(node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "CUDA_VISIBLE_DEVICES": "",
-               "TMPDIR": str(tmp_path / f"tmp{node}")}
-        (tmp_path / f"tmp{node}").mkdir()
-        overrides = [f"data.{split}.remote={shards / name}" for split, name in (("train", "train"), ("eval", "eval"))]
-        overrides += [f"data.{split}.local={tmp_path / f'cache{node}' / split}" for split in ("train", "eval")]
-        command = [sys.executable, "-m", "slm.launch", str(REPO / "slm" / "train.py"), str(config), "run_name=two",
-                   *overrides]
-        procs.append(Started(own_shared_memory(command), env={**os.environ, **env}))
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    run = tmp_path / "ckpt" / "two"
-    assert final_state(run)["timestamp"]["Timestamp"]["batch"] == 16
-    assert json.loads((run / "run.json").read_text())["starts"][0]["hardware"]["processes"] == 2
-    one_node = train(config, "run_name=one-node", procs=2)
-    assert resumed_at(one_node) == 0
-    a, b = final_state(run)["model"], final_state(tmp_path / "ckpt" / "one-node")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)  # the same global batches as `composer -n 2`
 
 
 def test_runs_sharing_a_node_split_its_cores_and_ports(tmp_path):
