@@ -106,6 +106,17 @@ class Batches:
                            "shard": shard - int(d.shard_offset_per_stream[stream]),
                            "row": sample_id - int(d.sample_offset_per_shard[shard]), "global_id": sample_id}
 
+    def samples(self, first: int, last: int, ranks: list[int], tokens: bool = False,
+                documents: bool = False) -> list[dict]:
+        """`rows` of steps first..last with, if asked, each sample's token ids and source documents."""
+        rows = list(self.rows(first, last, ranks))
+        for row in rows:
+            if tokens:
+                row["tokens"] = self.tokens(row["global_id"]).tolist()
+            if documents:
+                row["documents"] = self.documents(row)
+        return rows
+
     def tokens(self, global_id: int) -> np.ndarray:
         return self.dataset.get_item(global_id)["tokens"]
 

@@ -203,14 +203,10 @@ def _show_batches(args: argparse.Namespace, batches: Batches, ranks: int, out: P
     first, last = parse_steps(args.steps, batches.max_steps())
     if args.rank is not None and not 0 <= args.rank < ranks:
         raise SlmError(f"--rank {args.rank}: the run has ranks 0-{ranks - 1}")
-    rows = list(batches.rows(first, last, [args.rank] if args.rank is not None else list(range(ranks))))
     documents = args.documents or args.text
+    rows = batches.samples(first, last, [args.rank] if args.rank is not None else list(range(ranks)), args.tokens,
+                           documents)
     texts = {}
-    for row in rows:
-        if args.tokens:
-            row["tokens"] = batches.tokens(row["global_id"]).tolist()
-        if documents:
-            row["documents"] = batches.documents(row)
     if documents and any(row["documents"] is None for row in rows):
         print("slm batches: note: shards written before slm recorded documents (no slm-documents.npz): "
               "samples only; re-run `slm tokenize` for documents", file=sys.stderr)

@@ -100,11 +100,16 @@ def evaluate_runs(models: list[str], data: Path, out: Path, wanted: str = "all",
     out.parent.mkdir(parents=True, exist_ok=True)
     for model, label, load in tqdm(todo, desc="Evaluating", unit="checkpoint"):
         with tempfile.TemporaryDirectory(prefix="slm-eval-") as tmp:
-            loaded = load(Path(tmp))
-            result = evaluate_loaded(loaded, data, batch_size, max_batches)
-        common = {"model": model, "run": loaded.run, "architecture": loaded.model.config.model_type,
-                  "label": label, "batch": loaded.batch, "tokens": loaded.tokens,
-                  "parameters": count_parameters(loaded.model), "data": str(data), "samples": result.pop("samples")}
-        rows += [{**common, "metric": metric, "value": value} for metric, value in result.items()]
+            rows += table_rows(model, label, load(Path(tmp)), data, batch_size, max_batches)
         _write_table(rows, out)
     return len(todo), skipped
+
+
+def table_rows(model: str, label: str, loaded: Loaded, data: Path, batch_size: int = 16,
+               max_batches: int | None = None) -> list[dict]:
+    """The eval table's rows (COLUMNS) of one checkpoint, `label` of MODEL, on the shards at `data`."""
+    result = evaluate_loaded(loaded, data, batch_size, max_batches)
+    common = {"model": model, "run": loaded.run, "architecture": loaded.model.config.model_type, "label": label,
+              "batch": loaded.batch, "tokens": loaded.tokens, "parameters": count_parameters(loaded.model),
+              "data": str(data), "samples": result.pop("samples")}
+    return [{**common, "metric": metric, "value": value} for metric, value in result.items()]

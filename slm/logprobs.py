@@ -24,7 +24,7 @@ from slm import workarounds
 from slm.data import check_compatible, check_shards, collate
 from slm.errors import SlmError
 from slm.hub import Hub
-from slm.models import find_models, select
+from slm.models import Loaded, find_models, select
 from slm.paths import partial_file
 from slm.shards import read_metadata
 from slm.tokenizer import load_tokenizer, mismatch_hint, tokenizer_matches
@@ -61,6 +61,19 @@ def write_table(model: torch.nn.Module, data: StreamingDataset, samples: int, ba
             ], schema=SCHEMA))
             bar.update(n)
     return total / max(count, 1)
+
+
+def table_of(loaded: Loaded, data: Path, batch_size: int = 16, max_samples: int | None = None) -> pa.Table:
+    """The table `slm logprobs` writes for one loaded checkpoint on the shards at `data`, in memory."""
+    meta = read_metadata(data)
+    check_shards(data)
+    _check_data(loaded.model, loaded.tokenizer, data, meta)
+    with workarounds.streaming_datasets(), tempfile.TemporaryDirectory(prefix="slm-logprobs-") as tmp:
+        dataset = StreamingDataset(local=str(data), shuffle=False)  # read by index, in order
+        samples = min(dataset.num_samples, max_samples or dataset.num_samples)
+        out = Path(tmp) / HUB_FILE
+        write_table(loaded.model, dataset, samples, batch_size, out, f"ba{loaded.batch}")
+        return pq.read_table(out)
 
 
 def _check_data(model: torch.nn.Module, tokenizer_name: str, data: Path, meta: dict) -> None:

@@ -130,6 +130,14 @@ class Checkpoint:
                       self.run.name, self.batch, self.tokens)
 
 
+    def logprobs(self, data: str | Path, max_samples: int | None = None, batch_size: int = 16) -> pandas.DataFrame:
+        """log p(token i | tokens < i) of every sample of the shards at `data` (or the first `max_samples`): the
+        table `slm logprobs` writes for this checkpoint (`sample`, `token_ids`, `logprobs`; NaN at position 0)."""
+        from slm.logprobs import table_of
+
+        return table_of(self.loaded(), Path(data), batch_size, max_samples).to_pandas()
+
+
 class Run:
     """One run of the suite: a run folder of slm/train.py or a Hub model repo its run published."""
 
@@ -181,6 +189,24 @@ class Run:
         have = ", ".join(f"{c.label} ({c.tokens:,} tokens)" if c.tokens else c.label for c in self.checkpoints)
         wanted = f"batch {batch}" if batch is not None else f"{tokens:,} tokens or more"
         raise SlmError(f"{self.name} has no checkpoint at {wanted}; it has: {have or 'none'}")
+
+    def batches(self, steps: int | str, tokens: bool = False, documents: bool = True) -> pandas.DataFrame:
+        """The samples every rank trained on at step `steps` (or "A:B", inclusive), as `slm batches --out` gives
+        them: a row per sample, with its token ids and its source documents if asked (run folders only)."""
+        import pandas
+
+        from slm import workarounds
+        from slm.batches import Batches, Processes, parse_steps, run_config
+
+        if self.folder is None:
+            raise SlmError(f"{self.name}: batches are computed from a run folder's config and shards, not from the "
+                           f"Hub repo {self.source}")
+        cfg, recorded = run_config(self.folder)
+        ranks = recorded or 1
+        with workarounds.streaming_datasets():
+            batches = Batches(cfg, Processes(1, ranks, max(cfg.data.num_workers, 1)))
+            first, last = parse_steps(str(steps), batches.max_steps())
+            return pandas.DataFrame(batches.samples(first, last, list(range(ranks)), tokens, documents))
 
     def metrics(self) -> pandas.DataFrame:
         """The run's metrics.jsonl: a row per logged batch, a column per metric."""

@@ -8,6 +8,7 @@ import os
 import re
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -70,6 +71,20 @@ def test_evals_are_the_table_slm_eval_writes(suite_root, shards, tmp_path):
     frame = slm.open(*folders).evals(shards / "eval", max_batches=1)
     assert frame.to_dict("records") == read_table(table)
     assert set(frame["run"]) == {"demo-llama", "demo-mamba"} and len(frame) == 2 * 6 * 4  # runs x checkpoints x metrics
+
+
+def test_batches_and_logprobs_are_what_their_commands_write(suite_root, shards, tmp_path):
+    llama = slm.open(suite_root / "ckpt" / "demo-llama")["demo-llama"]
+    out = tmp_path / "b.parquet"
+    run_slm("batches", str(llama.folder), "--steps", "3:4", "--documents", "--tokens", "--out", str(out))
+    frame = llama.batches("3:4", tokens=True)
+    assert frame.drop(columns="global_id").to_dict("records") == pq.read_table(out).to_pylist()
+    assert list(llama.batches(4)["step"]) == [4] * 8
+
+    run_slm("logprobs", str(llama.folder), "--data", str(shards / "eval"), "--out-dir", str(tmp_path / "lp"),
+            "--checkpoints", "ba8", "--max-samples", "12")
+    table = llama.checkpoint(batch=8).logprobs(shards / "eval", max_samples=12)
+    assert table.equals(pq.read_table(tmp_path / "lp" / "ba8.parquet").to_pandas())
 
 
 def test_a_suite_from_a_hub_repo_loads_export_branches_within_the_cache_budget(fake_hub, shards, tmp_path):
