@@ -161,6 +161,33 @@ def cmd_logprobs(args: argparse.Namespace) -> None:
                    args.checkpoints, args.batch_size, args.max_samples)
 
 
+def cmd_dynamics(args: argparse.Namespace) -> None:
+    from slm.dynamics import plot_dynamics, write_dynamics
+    from slm.suite import open_suite
+
+    out, data = Path(args.out), Path(args.data)
+    for path in (out, out.with_name(f"{out.stem}-tokens.parquet"), Path(args.plot) if args.plot else None):
+        refuse_to_clobber(path, args.overwrite)
+    runs = open_suite(args.model).runs
+    if len(runs) != 1:
+        raise SlmError(f"{args.model} names {len(runs)} runs: give one run folder or Hub repo")
+    run = runs[0]
+    dynamics = run.dynamics(data, args.margin, args.max_samples, args.logprobs, args.batch_size)
+    written = write_dynamics(dynamics, out, args.model, data)
+    acquired = [c["tokens"] or c["batch"] for c in dynamics.checkpoints]
+    ages = [acquired[i] for i in dynamics.acquired.ravel()]
+    unit = "tokens seen" if dynamics.checkpoints[0]["tokens"] else "batches"
+    print(f"{run.name}: {dynamics.token_ids.size:,} tokens of {data} over {len(acquired)} checkpoints: median age of "
+          f"acquisition {sorted(ages)[len(ages) // 2]:,} {unit}, {(dynamics.forgettings > 0).mean():.1%} of the "
+          f"tokens forgotten at least once (margin {dynamics.margin} nats); wrote {written[0]} and {written[1]}")
+    if args.plot:
+        tokenizer = run.checkpoints[-1].tokenizer()
+        token_ids = [int(t) for t in args.plot_tokens.split(",")] if args.plot_tokens else None
+        chosen = token_ids or dynamics.token_ids.ravel().tolist()
+        labels = {t: repr(tokenizer.decode([t])) for t in set(chosen)}
+        print(f"plotted {plot_dynamics(dynamics, Path(args.plot), token_ids, labels)}")
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     from slm.plot import plot_runs, plot_table
 
@@ -382,6 +409,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
     p.add_argument("--max-samples", type=int, help="only the first this many samples (default: the whole split)")
     p.set_defaults(run=cmd_logprobs)
+
+    p = sub.add_parser("dynamics", parents=[common], help="per-token loss, age of acquisition and forgetting over "
+                                                          "a run's checkpoints",
+                       description="From the per-token log-probs of every checkpoint of a run on an MDS split (slm "
+                                   "logprobs' tables, reused from --logprobs where they are there), a table with a "
+                                   "row per (sample, position): the loss at every checkpoint, the final loss, the "
+                                   "age of acquisition (the first checkpoint from which the loss stays within "
+                                   "--margin nats of its final value), the forgettings (rises by more than "
+                                   "--margin between checkpoints) and the source document; and OUT-tokens.parquet, "
+                                   "the same per token id (docs/analysis.md).")
+    p.add_argument("model", help="run folder (its complete checkpoints) or Hub model repo ORG/NAME (its ba{B} "
+                                 "branches)")
+    p.add_argument("-d", "--data", required=True, help="MDS folder written by `slm tokenize`")
+    p.add_argument("-o", "--out", required=True, help="Parquet table to write (and OUT-tokens.parquet beside it)")
+    p.add_argument("--margin", type=float, default=0.1, help="nats (default: %(default)s)")
+    p.add_argument("--max-samples", type=int, help="only the first this many samples (default: the whole split)")
+    p.add_argument("--logprobs", help="folder of `slm logprobs --out-dir` tables (LABEL.parquet) to reuse")
+    p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
+    p.add_argument("--plot", help="also draw the loss of chosen tokens over tokens seen and the distribution of the "
+                                  "ages of acquisition to this PNG")
+    p.add_argument("--plot-tokens", help="token ids to draw, comma-separated (default: the 8 most frequent)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(run=cmd_dynamics)
 
     p = sub.add_parser("plot", parents=[common], help="draw loss, eval loss and lr curves of runs to a PNG",
                        description="Overlay the curves of one or more runs (their save_folder, e.g. "

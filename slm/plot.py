@@ -50,7 +50,7 @@ def read_run(folder: Path) -> Run:
     return Run(info.get("run_name", folder.name), rows, info)
 
 
-def _save(fig, out: Path) -> Path:
+def save_figure(fig, out: Path) -> Path:
     """The figure as the PNG `out`, written whole or not at all."""
     import matplotlib.pyplot as plt
 
@@ -111,7 +111,7 @@ def plot_runs(folders: list[Path], out: Path) -> Path:
                 va="center", transform=ax.transAxes)
     ax.set(title="last eval loss vs parameters", xlabel="parameters (embeddings included)", ylabel="eval loss")
 
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def power_law(parameters: list[float], losses: list[float]) -> tuple[float, float]:
@@ -161,4 +161,4 @@ def plot_table(table: Path, out: Path, metric: str = "CrossEntropy") -> Path:
                  xscale="log", yscale="log")
     scale_ax.grid(True, which="both", alpha=0.3)
     scale_ax.legend(fontsize="small")
-    return _save(fig, out)
+    return save_figure(fig, out)

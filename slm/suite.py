@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerFast
 
+    from slm.dynamics import Dynamics
+
 CACHE_BUDGET = 4 * 2**30  # bytes of Hub export branches kept in the cache folder
 COMPLETE = ".complete"  # in a cached branch folder: written last, touched on each use
 
@@ -207,6 +209,16 @@ class Run:
             batches = Batches(cfg, Processes(1, ranks, max(cfg.data.num_workers, 1)))
             first, last = parse_steps(str(steps), batches.max_steps())
             return pandas.DataFrame(batches.samples(first, last, list(range(ranks)), tokens, documents))
+
+    def dynamics(self, data: str | Path, margin: float | None = None, max_samples: int | None = None,
+                 logprobs: str | Path | None = None, batch_size: int = 16) -> Dynamics:
+        """Per-token learning dynamics over the run's checkpoints on the shards at `data` (slm/dynamics.py): the
+        losses, ages of acquisition and forgettings; `.per_position()` and `.per_token()` are the tables
+        `slm dynamics` writes (pyarrow: `.to_pandas()`). `logprobs`: a folder of `slm logprobs` tables to reuse."""
+        from slm.dynamics import MARGIN, dynamics_of
+
+        return dynamics_of(self, Path(data), MARGIN if margin is None else margin, max_samples,
+                           Path(logprobs) if logprobs else None, batch_size)
 
     def metrics(self) -> pandas.DataFrame:
         """The run's metrics.jsonl: a row per logged batch, a column per metric."""
