@@ -49,6 +49,13 @@ def early_batches(up_to: int) -> set[int]:
     return {2**k for k in range(up_to.bit_length()) if 2**k <= up_to} if up_to > 0 else set()
 
 
+def token_batches(per_decade: int, tokens_per_batch: int, decades: int = 15) -> set[int]:
+    """The first batch reaching each of 10^(k/per_decade) tokens (k = 1, 2, ... up to 10^decades), when every
+    batch holds `tokens_per_batch` tokens; none for 0."""
+    targets = {round(10 ** (k / per_decade)) for k in range(1, per_decade * decades + 1)} if per_decade else set()
+    return {-(-target // tokens_per_batch) for target in targets}
+
+
 def save_schedule(interval: str, early: set[int]) -> Callable[[State, Event], bool]:
     """Composer's periodic schedule (which also saves at the end of training) plus the early batches."""
     periodic = create_interval_scheduler(interval)
@@ -146,7 +153,7 @@ def repair_latest(folder: Path, path: Path | None) -> None:
 
 
 class KeepNewestPeriodic(Callback):
-    """Delete all but the newest `keep` periodic checkpoints; early (log-spaced) ones always stay.
+    """Delete all but the newest `keep` periodic checkpoints; the log-spaced ones (in batches or tokens) always stay.
 
     Runs after Composer's CheckpointSaver (it is placed after it in the callback list), so `latest` points at
     the newest checkpoint of this run; files beyond it are an earlier start's, torn or abandoned at a kill, and

@@ -149,7 +149,10 @@ class TrainConfig:  # the top level of a training yaml
     save_folder: str = "checkpoints/{run_name}"  # the run folder: checkpoints, metrics.jsonl, run.json, config.yaml
     save_interval: str = ruled("1000ba", a_time)  # a checkpoint every this long
     early_checkpoints: int = 512  # also save at batches 1, 2, 4, ... up to this; 0 turns them off
-    keep: int = ruled(-1, keep_count)  # keep the newest N periodic checkpoints (early ones always stay); -1: all
+    # also save at the first batch that reaches 10^(k/N) tokens seen (k = 1, 2, ...) for N = this: the same token
+    # counts in every run of a suite, whatever its batch size and sample length; 0 turns them off
+    checkpoints_per_token_decade: int = ruled(0, non_negative)
+    keep: int = ruled(-1, keep_count)  # keep the newest N periodic checkpoints (log-spaced ones stay); -1: all
     eval_interval: str = ruled("1000ba", a_time)  # an evaluation every this long; 0ba: none
     eval_batches: int = -1  # batches per evaluation; -1 = the whole eval split
     log_interval: str = ruled("10ba", a_time)  # console lines, metrics.jsonl rows and train metrics every this long

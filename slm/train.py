@@ -50,6 +50,7 @@ from slm.checkpoints import (
     newest_complete,
     repair_latest,
     save_schedule,
+    token_batches,
 )
 from slm.config import OptimizerConfig, TrainConfig, load_config, save_config
 from slm.data import build_dataloader, check_compatible, split_metadatas
@@ -77,6 +78,7 @@ class Plan:
     cfg: TrainConfig
     gpu: bool
     per_device_batch: int
+    seq_len: int  # tokens of every sample
     tokenizer: dict  # its identity (slm/tokenizer.py `tokenizer_identity`): name, ids, content hash
     model: CausalLM
     train_metrics: list[Metric]  # updated and logged by the TrainMetrics callback, not by Composer
@@ -120,8 +122,8 @@ def preflight(cfg: TrainConfig) -> Plan:
     check_compatible(metas, hf_model.config.vocab_size, context_length(hf_model.config))
     table = byte_lengths(tokenizer)
     model = CausalLM(hf_model, tokenizer, eval_metrics=build_metrics(table))
-    return Plan(cfg, gpu, cfg.global_batch_size // world, tokenizer_identity(tokenizer, tokenizer_name), model,
-                build_metrics(table, sync=world > 1))
+    return Plan(cfg, gpu, cfg.global_batch_size // world, metas[0][1]["seq_len"],
+                tokenizer_identity(tokenizer, tokenizer_name), model, build_metrics(table, sync=world > 1))
 
 
 def prepare_run_folder(cfg: TrainConfig, model: PreTrainedModel) -> Path | None:
@@ -186,8 +188,8 @@ class Run:
     handlers: Handlers
 
 
-def callbacks(cfg: TrainConfig, folder: Path, run_info: RunInfo, metrics: MetricsFile, train_metrics: TrainMetrics
-              ) -> Handlers:
+def callbacks(cfg: TrainConfig, folder: Path, run_info: RunInfo, metrics: MetricsFile, train_metrics: TrainMetrics,
+              seq_len: int) -> Handlers:
     """The callbacks and loggers of a run, in the order Composer must call them.
 
     Composer runs the callbacks in list order at every event, before the loggers (except at
@@ -204,7 +206,8 @@ def callbacks(cfg: TrainConfig, folder: Path, run_info: RunInfo, metrics: Metric
     - CompileTime, with `compile: true`: says once how long the first batch's compile took.
     The loggers: metrics.jsonl, then the Hub and W&B, then the terminal's progress bar.
     """
-    early = early_batches(cfg.early_checkpoints)
+    early = early_batches(cfg.early_checkpoints) | token_batches(cfg.checkpoints_per_token_decade,
+                                                                 cfg.global_batch_size * seq_len)
     saver = CheckpointSaver(folder=str(folder), filename=FILENAME, latest_filename=LATEST_FILENAME,
                             save_interval=save_schedule(cfg.save_interval, early), overwrite=True,
                             remote_file_name=remote_name(FILENAME),
@@ -249,7 +252,7 @@ def trainer_of_plan(plan: Plan, folder: Path, warm_start: Path | None = None) ->
     run_info = RunInfo(cfg, plan.tokenizer, count_parameters(model.model), folder, metrics,
                        describe(cfg.load, warm_start) if warm_start else None)
     train_metrics = TrainMetrics(model, plan.train_metrics, cfg.log_interval)
-    handlers = callbacks(cfg, folder, run_info, metrics, train_metrics)
+    handlers = callbacks(cfg, folder, run_info, metrics, train_metrics, plan.seq_len)
     train_data = build_dataloader(cfg.data.train, cfg.data, plan.per_device_batch, train=True)
     eval_data = build_dataloader(cfg.data.eval, cfg.data, plan.per_device_batch, train=False)
     trainer = Trainer(

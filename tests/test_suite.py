@@ -150,3 +150,22 @@ def test_the_walkthrough_of_docs_analysis_runs(suite_root, shards, tmp_path, mon
     exec(compile(code, "docs/analysis.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "demo-llama" in printed and "CrossEntropy" in printed, printed
+
+
+def test_checkpoints_per_token_decade_align_runs_of_other_batch_sizes(shards, tmp_path):
+    """Batch sizes 8 and 16 (512 and 1,024 tokens a batch), 4 checkpoints a decade of tokens: each run saves at
+    the first batch reaching each of 10^(k/4) tokens, so the two share those token counts to within a batch."""
+    config = write_yaml(tmp_path / "tiny.yaml", shards)
+    for run, batch in (("gbs8", 8), ("gbs16", 16)):
+        train(config, f"run_name={run}", f"global_batch_size={batch}", f"max_duration={192 // batch}ba",
+              "checkpoints_per_token_decade=4", "early_checkpoints=0", "save_interval=1000ba", "eval_interval=0ba")
+    suite = slm.open(tmp_path / "ckpt" / "gbs8", tmp_path / "ckpt" / "gbs16")
+    targets = [round(10 ** (k / 4)) for k in range(1, 17) if 10 ** (k / 4) <= 192 * 64]  # up to 12,288 tokens
+    for run in suite:
+        per_batch = run.tokens_per_step
+        tokens = [c.tokens for c in run.checkpoints]
+        assert tokens == sorted({-(-t // per_batch) * per_batch for t in targets} | {192 * 64}), (run.name, tokens)
+        for target in targets[4:]:  # from 1,000 tokens on, above one batch of either run
+            assert target <= run.checkpoint(tokens=target).tokens < target + per_batch
+    assert [c.batch for c in suite["gbs8"].checkpoints] == [1, 2, 4, 7, 11, 20, 24]
+    assert [c.batch for c in suite["gbs16"].checkpoints] == [1, 2, 4, 6, 10, 12]
