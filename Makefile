@@ -62,11 +62,12 @@ $(DATA)/mds/validation/index.json: $(DATA)/stories.jsonl $(TOKENIZER)/tokenizer.
 
 # The main job on the embedded corpus: stories -> tokenizer -> MDS shards -> train demo-llama and
 # demo-mamba (killed mid-run, then resumed with the same run_name) -> export demo-llama, evaluate it,
-# sample a story from it, plot both runs' curves, show their status and one step's samples.
+# sample a story from it, plot both runs' curves, show their status and one step's samples, then demo-llama's
+# per-token learning dynamics (slm dynamics, and one line of the Python API).
 # Everything lands in $(DEMO)/; `make data` first.
 demo: export HF_HUB_OFFLINE = 1
 demo: $(STAMP) data
-	rm -rf $(DEMO)/checkpoints
+	rm -rf $(DEMO)/checkpoints $(DEMO)/logprobs
 	$(BIN)/slm corpus --out $(DEMO)/stories.jsonl --num-docs 20000 --overwrite
 	$(BIN)/slm tokenizer -i $(DEMO)/stories.jsonl -f story -v 1024 --out-dir $(DEMO)/tokenizer --overwrite
 	$(BIN)/slm tokenize -i $(DEMO)/stories.jsonl -f story -s 'train[:95%]' -t $(DEMO)/tokenizer -l 256 \
@@ -88,8 +89,18 @@ demo: $(STAMP) data
 	$(BIN)/slm status $(DEMO)/checkpoints/demo-llama $(DEMO)/checkpoints/demo-mamba
 	@echo "== the samples demo-llama trained on at step 300, and the stories (by index) each was cut from =="
 	$(BIN)/slm batches $(DEMO)/checkpoints/demo-llama --steps 300 --documents
+	@echo "== per-token log-probs and learning dynamics of demo-llama on 64 validation samples =="
+	$(BIN)/slm logprobs $(DEMO)/checkpoints/demo-llama --data $(DEMO)/mds/validation --max-samples 64 \
+		--out-dir $(DEMO)/logprobs/demo-llama
+	$(BIN)/slm dynamics $(DEMO)/checkpoints/demo-llama --data $(DEMO)/mds/validation --max-samples 64 \
+		--logprobs $(DEMO)/logprobs/demo-llama --out $(DEMO)/dynamics.parquet --plot $(DEMO)/dynamics.png --overwrite
+	@echo "== from Python (docs/analysis.md): the most frequent tokens, their final loss and age of acquisition =="
+	$(BIN)/python -c 'import slm; run = slm.open("$(DEMO)/checkpoints/demo-llama")["demo-llama"]; \
+		dynamics = run.dynamics("$(DEMO)/mds/validation", max_samples=64, logprobs="$(DEMO)/logprobs/demo-llama"); \
+		print(dynamics.per_token().to_pandas().nlargest(5, "count").drop(columns="mean_losses").to_string(index=False))'
 	@echo "Shards: $(DEMO)/mds/{train,validation}. Checkpoints, metrics.jsonl and run.json:" \
-		"$(DEMO)/checkpoints/demo-{llama,mamba}. Export: $(DEMO)/hf/demo-llama. Curves: $(DEMO)/curves.png."
+		"$(DEMO)/checkpoints/demo-{llama,mamba}. Export: $(DEMO)/hf/demo-llama. Curves: $(DEMO)/curves.png." \
+		"Dynamics: $(DEMO)/dynamics.parquet, $(DEMO)/dynamics.png."
 	@echo "The suite's data: $(DATA)/mds/{train,validation} (tokenizer $(TOKENIZER), 512 tokens a sample), which" \
 		"yamls/*.yaml train on: composer -n 2 slm/train.py yamls/mamba-100k.yaml"
 
@@ -100,22 +111,24 @@ lint: $(STAMP)
 PYTEST := HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q
 
 # The full gate (what CI runs): every test, the training, cluster, two-host and root ones included. Three pytest
-# sessions run at once, each with its own temporary folders: the main one; beside it the cluster tests and those
-# marked `beside`, which spend much of their time waiting on schedulers or training subprocesses; and the two-host
-# tests (`hosts`, about 5 minutes alone). The reports of the other two follow the main one's.
+# sessions run at once, each with its own temporary folders: the main one; the second, the cluster tests and those
+# marked `beside`, which spend much of their time waiting on schedulers or training subprocesses; and the third,
+# the two-host tests (`hosts`, about 5 minutes alone) and those marked `third` (long runs of training processes,
+# there to even out the sessions' lengths). The reports of the other two follow the main one's.
 # BUSY=N keeps N other processes spinning on the CPU meanwhile: the suite as on a shared machine.
 BUSY ?= 0
-BESIDE := cluster or beside
+SECOND := (cluster or beside) and not third
+THIRD  := hosts or third
 test: lint
-	@beside=$$(mktemp); hosts=$$(mktemp); \
-	OMP_NUM_THREADS=1 TMPDIR=$$(mktemp -d) $(PYTEST) -m "$(BESIDE)" >$$beside 2>&1 & beside_pid=$$!; \
-	OMP_NUM_THREADS=1 TMPDIR=$$(mktemp -d) $(PYTEST) -m hosts >$$hosts 2>&1 & hosts_pid=$$!; \
-	echo "$(PYTEST) -m 'not ($(BESIDE) or hosts)' --busy $(BUSY), and beside it: $(PYTEST) -m '$(BESIDE)'" \
-		"and $(PYTEST) -m hosts"; \
-	$(PYTEST) -m "not ($(BESIDE) or hosts)" --busy $(BUSY); status=$$?; \
-	wait $$beside_pid || status=1; wait $$hosts_pid || status=1; \
-	echo "== beside it: $(PYTEST) -m '$(BESIDE)' =="; cat $$beside; \
-	echo "== and the two test hosts: $(PYTEST) -m hosts =="; cat $$hosts; rm -f $$beside $$hosts; \
+	@second=$$(mktemp); third=$$(mktemp); \
+	OMP_NUM_THREADS=1 TMPDIR=$$(mktemp -d) $(PYTEST) -m "$(SECOND)" >$$second 2>&1 & second_pid=$$!; \
+	OMP_NUM_THREADS=1 TMPDIR=$$(mktemp -d) $(PYTEST) -m "$(THIRD)" >$$third 2>&1 & third_pid=$$!; \
+	echo "$(PYTEST) -m 'not (cluster or beside or $(THIRD))' --busy $(BUSY), and beside it:" \
+		"$(PYTEST) -m '$(SECOND)' and $(PYTEST) -m '$(THIRD)'"; \
+	$(PYTEST) -m "not (cluster or beside or $(THIRD))" --busy $(BUSY); status=$$?; \
+	wait $$second_pid || status=1; wait $$third_pid || status=1; \
+	echo "== the second session: $(PYTEST) -m '$(SECOND)' =="; cat $$second; \
+	echo "== the third session: $(PYTEST) -m '$(THIRD)' =="; cat $$third; rm -f $$second $$third; \
 	exit $$status
 
 # The two-host tests alone (pytest -m hosts; root): one run across two test hosts (network namespaces) under
