@@ -11,7 +11,7 @@ import pytest
 
 from helpers import run_cmd
 
-pytestmark = [pytest.mark.train, pytest.mark.third]  # make test: in the third session
+pytestmark = pytest.mark.train
 
 
 def test_chaos_kills_then_bitwise_equal_end(tmp_path):
