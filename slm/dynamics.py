@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,14 +53,14 @@ class Dynamics:
     documents: np.ndarray | None  # (samples, positions) int64
     margin: float
 
-    @property
+    @cached_property
     def acquired(self) -> np.ndarray:
         """(samples, positions): the index of the checkpoint of acquisition."""
         near_final = np.abs(self.losses - self.losses[-1]) <= self.margin
         stays = np.logical_and.accumulate(near_final[::-1], axis=0)[::-1]  # near the final value from here on
         return np.argmax(stays, axis=0)  # the last checkpoint always qualifies
 
-    @property
+    @cached_property
     def forgettings(self) -> np.ndarray:
         return (np.diff(self.losses, axis=0) > self.margin).sum(axis=0).astype(np.int32)
 
@@ -123,6 +124,12 @@ def _table(checkpoint: Checkpoint, data: Path, logprobs: Path | None, max_sample
     return table_of(checkpoint.loaded(), data, batch_size, max_samples)
 
 
+def _matrix(table: pa.Table, column: str) -> np.ndarray:
+    """A list column of equal-length rows (every sample has seq_len tokens) as a (rows, seq_len) array."""
+    values = table.column(column).combine_chunks()
+    return values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), -1)
+
+
 def _token_documents(data: Path, samples: int, seq_len: int) -> np.ndarray | None:
     """(samples, seq_len - 1): the document each token (after the <bos>) of the first samples belongs to."""
     record = read_documents(data)
@@ -148,13 +155,13 @@ def dynamics_of(run: Run, data: Path, margin: float = MARGIN, max_samples: int |
     losses, token_ids = [], None
     for checkpoint in tqdm(run.checkpoints, desc=f"{run.name}: log-probs", unit="checkpoint"):
         table = _table(checkpoint, data, logprobs, max_samples, batch_size)
-        ids = np.array(table.column("token_ids").to_pylist(), dtype=np.int32)
+        ids = _matrix(table, "token_ids").astype(np.int32)
         if token_ids is None:
             token_ids = ids
         elif not np.array_equal(ids, token_ids):
             raise SlmError(f"{run.name} {checkpoint.label}: its log-probs table holds other samples than the "
                            f"others' (a table of another split in {logprobs}?): move it away")
-        losses.append(-np.array(table.column("logprobs").to_pylist(), dtype=np.float32)[:, 1:])
+        losses.append(-_matrix(table, "logprobs").astype(np.float32)[:, 1:])
     samples, seq_len = token_ids.shape
     return Dynamics([{"label": c.label, "batch": c.batch, "tokens": c.tokens} for c in run.checkpoints],
                     token_ids[:, 1:], np.stack(losses), _token_documents(data, samples, seq_len), margin)
