@@ -29,12 +29,13 @@ $(STAMP): $(LOCK) pyproject.toml
 venv: $(STAMP)
 
 # Resolve both lock files again (needs the package index): after a change to pyproject.toml's dependencies or
-# to stacks/current-overrides.txt, or to move the current stack to newer releases. Commit what it writes.
+# to stacks/current-overrides.txt, or to move the current stack to newer releases. Commit what it writes. The
+# current stack also has the analysis extra (nnsight, TransformerLens, lm-eval: transformers 5 only).
 LOCK_ARGS := pyproject.toml --extra dev --universal --quiet
 lock: $(STAMP)
 	$(BIN)/uv pip compile $(LOCK_ARGS) --python-version 3.10 -o stacks/pinned.txt
-	$(BIN)/uv pip compile $(LOCK_ARGS) --python-version 3.11 --override stacks/current-overrides.txt \
-		-o stacks/current.txt
+	$(BIN)/uv pip compile $(LOCK_ARGS) --extra analysis --python-version 3.11 \
+		--override stacks/current-overrides.txt -o stacks/current.txt
 
 # The suite's data, where yamls/base.yaml looks for it: the embedded corpus (20,000 stories), a byte-level BPE
 # tokenizer asked for the suite's 4,096 tokens (the corpus gives 1,141), and MDS shards of 512 tokens (95 % train,

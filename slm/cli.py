@@ -136,12 +136,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import json
 
     from slm.evaluate import evaluate, evaluate_runs
+    from slm.harness import Harness
 
     if args.batch_size < 1:
         raise SlmError(f"--batch-size must be at least 1, got {args.batch_size}")
+    data = Path(args.data) if args.data else None
+    harness = Harness(args.tasks, Path(args.include_path) if args.include_path else None, args.limit,
+                      args.batch_size) if args.tasks else None
     if args.out:
-        done, skipped = evaluate_runs(args.models, Path(args.data), Path(args.out), args.checkpoints, args.batch_size,
-                                      args.max_batches)
+        done, skipped = evaluate_runs(args.models, data, Path(args.out), args.checkpoints, args.batch_size,
+                                      args.max_batches, harness)
         print(f"evaluated {done} checkpoint(s) into {args.out}" + (f" ({skipped} already there)" if skipped else ""))
         return
     from slm.paths import is_local_path
@@ -151,7 +155,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if len(args.models) > 1 or a_run or not (single.exists() or is_local_path(args.models[0])):
         raise SlmError("several checkpoints (a run folder, a Hub repo, several models) go into a table: give "
                        "--out FILE.parquet or FILE.csv")
-    print(json.dumps(evaluate(single, Path(args.data), args.batch_size, args.max_batches), indent=2))
+    print(json.dumps(evaluate(single, data, args.batch_size, args.max_batches, harness), indent=2))
 
 
 def cmd_logprobs(args: argparse.Namespace) -> None:
@@ -376,21 +380,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1, help="(default: %(default)s)")
     p.set_defaults(run=cmd_generate)
 
-    p = sub.add_parser("eval", parents=[common], help="evaluate models or every checkpoint of runs on MDS shards",
+    p = sub.add_parser("eval", parents=[common], help="evaluate models or every checkpoint of runs on MDS shards "
+                                                       "and lm-evaluation-harness tasks",
                        description="Cross-entropy (nats), perplexity, next-token accuracy and bits per byte on an "
-                                   "MDS folder: of one checkpoint or exported model, printed as JSON; or, with "
-                                   "--out, of every checkpoint of each MODEL (run folders, Hub repos) into one "
-                                   "table with a row per (model, run, batch, tokens, parameters, metric), "
-                                   "skipping checkpoints already in it.")
+                                   "MDS folder (--data), and the scores of lm-evaluation-harness tasks (--tasks, "
+                                   "the optional analysis extra): of one checkpoint or exported model, printed as "
+                                   "JSON; or, with --out, of every checkpoint of each MODEL (run folders, Hub "
+                                   "repos) into one table with a row per (model, run, batch, tokens, parameters, "
+                                   "data, metric), skipping what is already in it.")
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help="checkpoint file of slm/train.py, folder written by `slm export`, run folder (its complete "
                         "checkpoints) or Hub model repo ORG/NAME (its ba{B} branches)")
     p.add_argument("--out", help="table to write or extend: FILE.parquet or FILE.csv")
     p.add_argument("--checkpoints", default="all", help="with --out: 'all' or labels such as ba400,ba800 "
                                                         "(default: all)")
-    p.add_argument("-d", "--data", required=True, help="MDS folder written by `slm tokenize`")
+    p.add_argument("-d", "--data", help="MDS folder written by `slm tokenize`")
+    p.add_argument("--tasks", nargs="+", metavar="TASK",
+                   help="lm-evaluation-harness tasks or groups (e.g. blimp, blimp_anaphor_gender_agreement); rows "
+                        "with data lm-eval:TASK and metric TASK/METRIC")
+    p.add_argument("--include-path", metavar="DIR", help="folder of task yamls of your own (lm-eval's include_path)")
+    p.add_argument("--limit", type=int, help="with --tasks: the first N documents of each task (default: all)")
     p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
-    p.add_argument("--max-batches", type=int, help="stop after this many batches (default: the whole folder)")
+    p.add_argument("--max-batches", type=int, help="stop after this many batches of --data (default: the whole "
+                                                    "folder)")
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("logprobs", parents=[common], help="per-token log-probs of a split under every checkpoint",

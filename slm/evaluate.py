@@ -1,5 +1,5 @@
-"""Evaluating models on MDS shards (`slm eval`): the training metrics of one checkpoint as JSON, or of every
-checkpoint of runs (run folders, Hub repos) as one table with a row per (run, batch, metric)."""
+"""Evaluating models on MDS shards and lm-eval tasks (`slm eval`): the training metrics of one checkpoint as JSON,
+or of every checkpoint of runs (run folders, Hub repos) as one table with a row per (run, batch, data, metric)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from tqdm import tqdm
 from slm import workarounds
 from slm.data import check_compatible, check_shards, collate
 from slm.errors import SlmError
+from slm.harness import Harness, task_source
 from slm.metrics import build_metrics, byte_lengths
 from slm.model import CausalLM, count_parameters
 from slm.models import Loaded, find_models, load_model, select
@@ -55,10 +56,19 @@ def evaluate_loaded(loaded: Loaded, data: Path, batch_size: int = 16, max_batche
     return {"samples": samples, **{type(m).__name__: m.compute().item() for m in metrics}}
 
 
-def evaluate(model_path: Path, data: Path, batch_size: int = 16, max_batches: int | None = None) -> dict:
-    """The metrics of one checkpoint file or `slm export` folder."""
-    return {"model": str(model_path), "data": str(data),
-            **evaluate_loaded(load_model(model_path), data, batch_size, max_batches)}
+def evaluate(model_path: Path, data: Path | None, batch_size: int = 16, max_batches: int | None = None,
+             harness: Harness | None = None) -> dict:
+    """The metrics of one checkpoint file or `slm export` folder on the shards at `data` and the harness's tasks
+    (under "tasks": {"TASK/METRIC": value})."""
+    sources(data, harness)
+    loaded = load_model(model_path)
+    result = {"model": str(model_path)}
+    if data is not None:
+        result.update({"data": str(data), **evaluate_loaded(loaded, data, batch_size, max_batches)})
+    if harness is not None:
+        result["tasks"] = {metric: value for task in harness.tasks
+                           for metric, (_, value) in harness.scores(loaded, task).items()}
+    return result
 
 
 def read_table(path: Path) -> list[dict]:
@@ -85,31 +95,57 @@ def _write_table(rows: list[dict], path: Path) -> None:
         (pq.write_table if path.suffix == ".parquet" else pcsv.write_csv)(table, str(tmp))
 
 
-def evaluate_runs(models: list[str], data: Path, out: Path, wanted: str = "all", batch_size: int = 16,
-                  max_batches: int | None = None) -> tuple[int, int]:
-    """Evaluate every selected checkpoint of each MODEL into the table `out`, skipping those already in it; the
-    table is rewritten after each checkpoint, so an interrupted call keeps what it did. (done, skipped)."""
+def evaluate_runs(models: list[str], data: Path | None, out: Path, wanted: str = "all", batch_size: int = 16,
+                  max_batches: int | None = None, harness: Harness | None = None) -> tuple[int, int]:
+    """Evaluate every selected checkpoint of each MODEL on the shards at `data` and the harness's tasks into the
+    table `out`, skipping what is already in it; the table is rewritten after each checkpoint, so an interrupted
+    call keeps what it did. (checkpoints evaluated, checkpoints skipped)."""
     if out.suffix not in (".parquet", ".csv"):
         raise SlmError(f"--out {out}: write a .parquet or .csv table")
     rows = read_table(out)
     have = {(row["model"], row["label"], row["data"]) for row in rows}
-    todo = [(model, label, load) for model in models for label, load in select(find_models(model), wanted,
-                                                                                model).items()]
-    skipped = sum((model, label, str(data)) in have for model, label, _ in todo)
-    todo = [item for item in todo if (item[0], item[1], str(data)) not in have]
+    wanted_sources = sources(data, harness)
+    todo = [(model, label, load, [s for s in wanted_sources if (model, label, s) not in have])
+            for model in models for label, load in select(find_models(model), wanted, model).items()]
+    skipped = sum(not missing for *_, missing in todo)
+    todo = [item for item in todo if item[3]]
     out.parent.mkdir(parents=True, exist_ok=True)
-    for model, label, load in tqdm(todo, desc="Evaluating", unit="checkpoint"):
+    for model, label, load, missing in tqdm(todo, desc="Evaluating", unit="checkpoint"):
         with tempfile.TemporaryDirectory(prefix="slm-eval-") as tmp:
-            rows += table_rows(model, label, load(Path(tmp)), data, batch_size, max_batches)
+            loaded = load(Path(tmp))
+            for source in missing:
+                rows += source_rows(source, model, label, loaded, batch_size, max_batches, harness)
         _write_table(rows, out)
     return len(todo), skipped
+
+
+def sources(data: Path | None, harness: Harness | None) -> list[str]:
+    """The eval table's `data` values of one checkpoint's rows: the MDS folder, then `lm-eval:TASK` per task."""
+    found = ([str(data)] if data is not None else []) + ([task_source(t) for t in harness.tasks] if harness else [])
+    if not found:
+        raise SlmError("nothing to evaluate on: give --data MDS_FOLDER, --tasks NAME..., or both")
+    return found
+
+
+def source_rows(source: str, model: str, label: str, loaded: Loaded, batch_size: int = 16,
+                max_batches: int | None = None, harness: Harness | None = None) -> list[dict]:
+    """The eval table's rows of one checkpoint on one of `sources`: an MDS folder or an lm-eval task."""
+    if harness is not None and source in map(task_source, harness.tasks):
+        task = source.removeprefix(task_source(""))
+        return [{**checkpoint_columns(model, label, loaded), "data": source, "samples": samples, "metric": metric,
+                 "value": value} for metric, (samples, value) in harness.scores(loaded, task).items()]
+    return table_rows(model, label, loaded, Path(source), batch_size, max_batches)
+
+
+def checkpoint_columns(model: str, label: str, loaded: Loaded) -> dict:
+    """The eval table's columns that say which checkpoint a row is of."""
+    return {"model": model, "run": loaded.run, "architecture": loaded.model.config.model_type, "label": label,
+            "batch": loaded.batch, "tokens": loaded.tokens, "parameters": count_parameters(loaded.model)}
 
 
 def table_rows(model: str, label: str, loaded: Loaded, data: Path, batch_size: int = 16,
                max_batches: int | None = None) -> list[dict]:
     """The eval table's rows (COLUMNS) of one checkpoint, `label` of MODEL, on the shards at `data`."""
     result = evaluate_loaded(loaded, data, batch_size, max_batches)
-    common = {"model": model, "run": loaded.run, "architecture": loaded.model.config.model_type, "label": label,
-              "batch": loaded.batch, "tokens": loaded.tokens, "parameters": count_parameters(loaded.model),
-              "data": str(data), "samples": result.pop("samples")}
+    common = {**checkpoint_columns(model, label, loaded), "data": str(data), "samples": result.pop("samples")}
     return [{**common, "metric": metric, "value": value} for metric, value in result.items()]

@@ -6,8 +6,10 @@
     run.checkpoints                         # in training order: .label .batch .tokens .samples
     checkpoint = run.checkpoint(tokens=2_000_000)  # the first one with at least 2M tokens seen
     model, tokenizer = checkpoint.model(), checkpoint.tokenizer()  # transformers objects, loaded anew each call
+    checkpoint.nnsight(), checkpoint.transformer_lens()  # nnsight's LanguageModel, TransformerLens' bridge
     run.metrics()                           # pandas DataFrame, a row per logged batch (metrics.jsonl)
     suite.evals("data/mds/validation")      # DataFrame: a row per (run, checkpoint, metric), as `slm eval --out`
+    suite.evals(tasks=["blimp"])            # lm-evaluation-harness tasks (the analysis extra), the same rows
 
 A run folder's checkpoints are read through the trust gate (slm/trust.py); a Hub repo's only as its `ba{B}`
 export branches (safetensors), downloaded into a cache folder kept under a byte budget, the least recently used
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slm.errors import SlmError
+from slm.harness import analysis_package
 from slm.paths import is_local_path
 from slm.trust import plain_name
 
@@ -131,6 +134,18 @@ class Checkpoint:
         return Loaded(self.model(), self.run.info.get("tokenizer") if self.file else str(self.export_folder()),
                       self.run.name, self.batch, self.tokens)
 
+    def nnsight(self):
+        """The checkpoint as nnsight's `TransformersModel` (what its deprecated `LanguageModel` is; the analysis
+        extra), given its tokenizer: nnsight 0.8.1 finds none by itself under transformers 5 (docs/analysis.md)."""
+        nnsight = analysis_package("nnsight", "Checkpoint.nnsight()")
+        return nnsight.TransformersModel(self.model(), tokenizer=self.tokenizer(), task="text-generation")
+
+    def transformer_lens(self):
+        """The checkpoint as TransformerLens' `TransformerBridge` (the analysis extra): hooks and
+        `run_with_cache` over the transformers model, llama and mamba alike."""
+        bridge = analysis_package("transformer_lens.model_bridge", "Checkpoint.transformer_lens()")
+        return bridge.TransformerBridge.boot_transformers(f"{self.run.name}-{self.label}", hf_model=self.model(),
+                                                          tokenizer=self.tokenizer())
 
     def logprobs(self, data: str | Path, max_samples: int | None = None, batch_size: int = 16) -> pandas.DataFrame:
         """log p(token i | tokens < i) of every sample of the shards at `data` (or the first `max_samples`): the
@@ -312,15 +327,23 @@ class Suite:
         """Every checkpoint of every run, run by run."""
         return [c for run in self.runs for c in run.checkpoints]
 
-    def evals(self, data: str | Path, batch_size: int = 16, max_batches: int | None = None) -> pandas.DataFrame:
-        """Every checkpoint evaluated on the MDS folder `data`: a row per (run, checkpoint, metric), the columns of
-        `slm eval --out` (slm/evaluate.py)."""
+    def evals(self, data: str | Path | None = None, tasks: list[str] | tuple[str, ...] = (),
+              include_path: str | Path | None = None, limit: int | None = None, batch_size: int = 16,
+              max_batches: int | None = None) -> pandas.DataFrame:
+        """Every checkpoint evaluated on the MDS folder `data` and lm-evaluation-harness `tasks` (slm/harness.py):
+        a row per (run, checkpoint, data, metric), the columns of `slm eval --out` (slm/evaluate.py)."""
         import pandas
 
-        from slm.evaluate import COLUMNS, table_rows
+        from slm.evaluate import COLUMNS, source_rows, sources
+        from slm.harness import Harness
 
-        rows = [row for c in self.checkpoints
-                for row in table_rows(c.run.source, c.label, c.loaded(), Path(data), batch_size, max_batches)]
+        harness = Harness(list(tasks), Path(include_path) if include_path else None, limit, batch_size) if tasks \
+            else None
+        rows = []
+        for c in self.checkpoints:
+            loaded = c.loaded()
+            for source in sources(Path(data) if data is not None else None, harness):
+                rows += source_rows(source, c.run.source, c.label, loaded, batch_size, max_batches, harness)
         return pandas.DataFrame(rows, columns=list(COLUMNS))
 
 

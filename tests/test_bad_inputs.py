@@ -128,6 +128,8 @@ CASES = {
     "generate from a missing model": (["generate", "{ws}/nope", "--prompt", "Once"], "model folder not found"),
     "eval of a missing model": (["eval", "{ws}/nope", "--data", "{ws}/existing"],
                                 "{ws}/nope is neither a checkpoint file nor an exported model folder"),
+    "eval on nothing": (["eval", "{ws}/nope"],
+                        "nothing to evaluate on: give --data MDS_FOLDER, --tasks NAME..., or both"),
     "sweep of a missing yaml": (["sweep", "--grid", "seed=0,1", "{ws}/nope.yaml"],
                                 "config file not found: {ws}/nope.yaml"),
     "logprobs of an export labelled with a path": (["logprobs", "{ws}/bad_export", "--data", "{shards}/eval",

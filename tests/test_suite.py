@@ -3,6 +3,7 @@ and from Hub repos (the double), loaded as transformers models, and what `slm ev
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -142,7 +143,8 @@ def test_the_walkthrough_of_docs_analysis_runs(suite_root, shards, tmp_path, mon
     """docs/analysis.md's "From Python" code, as a researcher pastes it after `make demo` (here the tiny suite in
     the demo's places)."""
     page = (REPO / "docs" / "analysis.md").read_text()
-    code = "\n".join(re.findall(r"```python\n(.*?)```", page.split("## From Python", 1)[1], re.S))
+    code = "\n".join(re.findall(r"```python\n(.*?)```", page.split("## From Python", 1)[1].split("\n## ")[0],
+                                  re.S))
     (tmp_path / "demo" / "mds").mkdir(parents=True)
     (tmp_path / "demo" / "checkpoints").symlink_to(suite_root / "ckpt")
     (tmp_path / "demo" / "mds" / "validation").symlink_to(shards / "eval")
@@ -169,3 +171,43 @@ def test_checkpoints_per_token_decade_align_runs_of_other_batch_sizes(shards, tm
             assert target <= run.checkpoint(tokens=target).tokens < target + per_batch
     assert [c.batch for c in suite["gbs8"].checkpoints] == [1, 2, 4, 7, 11, 20, 24]
     assert [c.batch for c in suite["gbs16"].checkpoints] == [1, 2, 4, 6, 10, 12]
+
+
+TEXT = "Once upon a time, a little girl named Sara went to the park."
+
+
+@pytest.mark.stack
+@pytest.mark.parametrize("name", ["demo-llama", "demo-mamba"])
+def test_nnsight_and_transformer_lens_load_slm_models(suite_root, tmp_path, name):
+    """By the export's path (the documented calls, docs/analysis.md) and through the API: logits equal the
+    export's own, and the tools' hooks see inside the model."""
+    nnsight = pytest.importorskip("nnsight", reason="nnsight is not installed (the analysis extra)")
+    bridge = pytest.importorskip("transformer_lens.model_bridge", reason="the analysis extra is not installed")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    checkpoint = slm.open(suite_root / "ckpt" / name)[name].checkpoints[-1]
+    export = tmp_path / "hf"
+    run_slm("export", str(checkpoint.file), "--out-dir", str(export))
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    ids = tokenizer(TEXT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(export).eval()(input_ids=ids).logits
+    for model in (nnsight.LanguageModel(str(export), tokenizer=tokenizer), checkpoint.nnsight()):
+        layers = model.model.layers if "llama" in name else model.backbone.layers
+        with model.trace(ids):
+            hidden = layers[0].output.save()
+            output = model.output.save()
+        torch.testing.assert_close(output.logits, expected)
+        assert (hidden[0] if isinstance(hidden, tuple) else hidden).shape == (*ids.shape, 32)
+    for model in (bridge.TransformerBridge.boot_transformers(str(export)), checkpoint.transformer_lens()):
+        logits, cache = model.run_with_cache(ids)
+        torch.testing.assert_close(logits, expected)
+        assert cache["blocks.0.hook_resid_pre"].shape[:2] == ids.shape
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nnsight") is not None, reason="nnsight is installed here")
+def test_interpretability_tools_missing_is_one_line(suite_root):
+    checkpoint = slm.open(suite_root / "ckpt" / "demo-llama")["demo-llama"].checkpoints[-1]
+    with pytest.raises(SlmError, match=r"^Checkpoint.nnsight\(\) needs nnsight, which is not installed .*: pip "
+                                       r"install -e '.\[analysis\]' on the current stack"):
+        checkpoint.nnsight()
