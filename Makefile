@@ -111,20 +111,23 @@ lint: $(STAMP)
 
 PYTEST := HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q
 
-# The full gate (what CI runs): every test, the training, cluster and root ones included. The cluster tests and
-# those marked `beside`, which spend much of their time waiting on schedulers or training subprocesses, run in a
-# second pytest session beside the others (one thread a process, temporary folders of its own); its report follows.
-# The two-host tests (`hosts`) are not in it: with them CI ran 1,508 to 1,554 s, past its 25 minutes
-# (docs/testing.md); `make test-hosts` runs them.
+# The full gate (what CI runs): every test, the training, cluster, two-host and root ones included. Three pytest
+# sessions run at once, each with its own temporary folders: the main one; the second, the cluster tests and those
+# marked `beside`, which spend much of their time waiting on schedulers or training subprocesses; and the third,
+# the two-host tests (`hosts`: one run across two test hosts, about 5 minutes alone). Their reports follow the
+# main one's.
 # BUSY=N keeps N other processes spinning on the CPU meanwhile: the suite as on a shared machine.
 BUSY ?= 0
 test: lint
-	@log=$$(mktemp); OMP_NUM_THREADS=1 TMPDIR=$$(mktemp -d) $(PYTEST) -m "cluster or beside" >$$log 2>&1 & \
-	second=$$!; \
-	echo "$(PYTEST) -m 'not cluster and not beside and not hosts' --busy $(BUSY), and beside it: $(PYTEST) -m 'cluster or beside'"; \
-	$(PYTEST) -m "not cluster and not beside and not hosts" --busy $(BUSY); status=$$?; \
-	wait $$second || status=1; \
-	echo "== the second session: $(PYTEST) -m 'cluster or beside' =="; cat $$log; rm -f $$log; \
+	@second=$$(mktemp); third=$$(mktemp); \
+	OMP_NUM_THREADS=1 TMPDIR=$$(mktemp -d) $(PYTEST) -m "cluster or beside" >$$second 2>&1 & second_pid=$$!; \
+	OMP_NUM_THREADS=1 TMPDIR=$$(mktemp -d) $(PYTEST) -m hosts >$$third 2>&1 & third_pid=$$!; \
+	echo "$(PYTEST) -m 'not (cluster or beside or hosts)' --busy $(BUSY), and beside it:" \
+		"$(PYTEST) -m 'cluster or beside' and $(PYTEST) -m hosts"; \
+	$(PYTEST) -m "not (cluster or beside or hosts)" --busy $(BUSY); status=$$?; \
+	wait $$second_pid || status=1; wait $$third_pid || status=1; \
+	echo "== the second session: $(PYTEST) -m 'cluster or beside' =="; cat $$second; \
+	echo "== the third session: $(PYTEST) -m hosts =="; cat $$third; rm -f $$second $$third; \
 	exit $$status
 
 # The two-host tests alone (pytest -m hosts; root): one run across two test hosts (network namespaces) under
