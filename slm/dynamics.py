@@ -124,6 +124,20 @@ def _table(checkpoint: Checkpoint, data: Path, logprobs: Path | None, max_sample
     return table_of(checkpoint.loaded(), data, batch_size, max_samples)
 
 
+def _check_samples(token_ids: np.ndarray, data: Path, logprobs: Path) -> None:
+    """Refuse log-probs tables (`--logprobs`) of other samples than the first ones of the split at `data`."""
+    from streaming import StreamingDataset
+
+    from slm import workarounds
+
+    with workarounds.streaming_datasets():
+        dataset = StreamingDataset(local=str(data), shuffle=False)
+        split = [dataset[i]["tokens"] for i in range(min(len(token_ids), dataset.num_samples))]
+    if len(split) < len(token_ids) or not np.array_equal(np.stack(split), token_ids):
+        raise SlmError(f"the log-probs tables in {logprobs} are not of {data}'s samples (another split?): give "
+                       "the split they were made from, or another --logprobs folder")
+
+
 def _matrix(table: pa.Table, column: str) -> np.ndarray:
     """A list column of equal-length rows (every sample has seq_len tokens) as a (rows, seq_len) array."""
     values = table.column(column).combine_chunks()
@@ -158,6 +172,8 @@ def dynamics_of(run: Run, data: Path, margin: float = MARGIN, max_samples: int |
         ids = _matrix(table, "token_ids").astype(np.int32)
         if token_ids is None:
             token_ids = ids
+            if logprobs is not None:
+                _check_samples(ids, data, logprobs)
         elif not np.array_equal(ids, token_ids):
             raise SlmError(f"{run.name} {checkpoint.label}: its log-probs table holds other samples than the "
                            f"others' (a table of another split in {logprobs}?): move it away")

@@ -93,3 +93,18 @@ def test_a_planted_pattern_is_acquired_at_the_first_checkpoint_after_it(planted,
     dynamics = slm.open(folder)["planted"].dynamics(data, margin=0.5, max_samples=16)  # the API: the same figures
     assert np.array_equal(np.array(dynamics.acquired.ravel()), np.array(
         [batches.index(b) for b in table["acquired_batch"]]))
+
+
+def test_log_probs_of_another_split_are_refused(planted, tmp_path):
+    """`--logprobs` tables made from the train split, given with the eval split: one line, nothing written."""
+    folder, data, _ = planted
+    run_slm("logprobs", str(folder), "--data", str(data.parent / "train"), "--max-samples", "4", "--out-dir",
+            str(tmp_path / "lp"))
+    out = tmp_path / "dynamics.parquet"
+    proc = run_slm("dynamics", str(folder), "--data", str(data), "--logprobs", str(tmp_path / "lp"),
+                   "--max-samples", "4", "--out", str(out), check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        f"slm dynamics: error: the log-probs tables in {tmp_path / 'lp'} are not of {data}'s samples (another "
+        "split?): give the split they were made from, or another --logprobs folder"), proc.stderr
+    assert not out.exists()
+
