@@ -115,7 +115,9 @@ PYTEST := HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q
 # sessions run at once, each with its own temporary folders: the main one; the second, the cluster tests and those
 # marked `beside`, which spend much of their time waiting on schedulers or training subprocesses; and the third,
 # the two-host tests (`hosts`: one run across two test hosts, about 5 minutes alone). Their reports follow the
-# main one's.
+# main one's. One thread a process (OMP_NUM_THREADS=1): torch's threads spin while they wait, and with more
+# processes than cores a two-thread process burns its core waiting on a descheduled thread (the chaos test beside
+# one busy process: 353 s with two threads, 112 s with one).
 # BUSY=N keeps N other processes spinning on the CPU meanwhile: the suite as on a shared machine.
 BUSY ?= 0
 test: lint
@@ -124,7 +126,7 @@ test: lint
 	OMP_NUM_THREADS=1 TMPDIR=$$(mktemp -d) $(PYTEST) -m hosts >$$third 2>&1 & third_pid=$$!; \
 	echo "$(PYTEST) -m 'not (cluster or beside or hosts)' --busy $(BUSY), and beside it:" \
 		"$(PYTEST) -m 'cluster or beside' and $(PYTEST) -m hosts"; \
-	$(PYTEST) -m "not (cluster or beside or hosts)" --busy $(BUSY); status=$$?; \
+	OMP_NUM_THREADS=1 $(PYTEST) -m "not (cluster or beside or hosts)" --busy $(BUSY); status=$$?; \
 	wait $$second_pid || status=1; wait $$third_pid || status=1; \
 	echo "== the second session: $(PYTEST) -m 'cluster or beside' =="; cat $$second; \
 	echo "== the third session: $(PYTEST) -m hosts =="; cat $$third; rm -f $$second $$third; \

@@ -46,20 +46,23 @@ def test_same_seed_gives_bitwise_identical_checkpoints(reference, tmp_path, shar
         assert_bitwise_equal(final_state(ref), final_state(tmp_path / "ckpt" / "seed7"))
 
 
-def test_what_the_process_did_before_a_run_changes_no_bit_of_it(tmp_path, shards):
+def test_what_the_process_did_before_a_run_changes_no_bit_of_it(tmp_path, shards, monkeypatch):
     """A notebook or a test session runs other things before a run in its process: here torch's threads set and put
-    back (which turns MKL's dynamic threading off) and another default dtype. The run is bitwise the fresh script's."""
+    back (which turns MKL's dynamic threading off) and another default dtype. The run is bitwise the fresh script's.
+    Two threads in both, whatever the session's OMP_NUM_THREADS (make test's is 1)."""
     config = write_yaml(tmp_path / "tiny.yaml", shards)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
     train(config, "run_name=script", own_process=True)
     threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
     torch.set_num_threads(1)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(2)
     torch.set_default_dtype(torch.float64)
     try:
         train(config, "run_name=here")
         assert torch.get_default_dtype() == torch.float64  # the caller's again
     finally:
         torch.set_default_dtype(dtype)
+        torch.set_num_threads(threads)
     assert_bitwise_equal(final_state(tmp_path / "ckpt" / "script"), final_state(tmp_path / "ckpt" / "here"))
 
 
