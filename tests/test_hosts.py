@@ -69,6 +69,7 @@ def test_slurm_two_nodes_train_one_run_stopped_requeued_and_resumed_bitwise(two_
     hold.wait(slurm_job(two_hosts, job), processes=2)
     assert len(held_on(hold, 4, 0)) == len(held_on(hold, 4, 1)) == 1  # one process on each host
     two_hosts.slurm.run("scancel", "--signal=USR1", "--batch", str(job))  # the time limit's warning
+    hold.wait_signalled(processes=2)
     hold.release()
     info = wait_until(lambda: two_hosts.slurm.finished(job), 400, f"Slurm job {job}")
     text = log.read_text()

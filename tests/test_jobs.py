@@ -96,10 +96,12 @@ def test_slurm_time_limit_signal_then_preemption_resume_bitwise(slurm, reference
     hold.wait()
     # What --signal=B:USR1@300 does five minutes before the time limit: the job checkpoints, requeues itself.
     slurm.run("scancel", "--signal=USR1", "--batch", str(job))
+    hold.wait_signalled(4)
     hold.release(4)
     # Then, after the requeued start, the scheduler preempts it (SIGTERM to every process, then requeue).
     hold.wait(batch=12)
     slurm.run("scontrol", "requeue", str(job))
+    hold.wait_signalled(12)
     hold.release(12)
     info = wait_until(lambda: slurm.finished(job), 300, f"Slurm job {job}")
     text = log.read_text()

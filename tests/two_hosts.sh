@@ -224,9 +224,13 @@ worker_threads          2
 scheduler_threads       1
 EOF
     echo h1 >"$c/act_qmaster"
+    # gid_range: an execd finds its jobs' processes by the extra group id it gives each, in every process of the
+    # machine (one PID namespace). The one-node cluster's (tests/clusters.py) has the default 65400-65500: with the
+    # same range its execd took this cluster's job for its own and waited for it to end.
     sed -e "s#^execd_spool_dir .*#execd_spool_dir        $g/execd#" \
         -e 's#^min_uid .*#min_uid                0#' -e 's#^min_gid .*#min_gid                0#' \
         -e 's#^load_report_time .*#load_report_time       00:00:05#' \
+        -e 's#^gid_range .*#gid_range              65300-65399#' \
         /usr/share/gridengine/default-configuration >"$g/global.conf"
     chown -R sgeadmin:sgeadmin "$g"
     (   export SGE_ROOT=$r SGE_CELL

@@ -127,6 +127,17 @@ class Hold:
                 raise AssertionError(f"the run was not held at the end of batch {batch} within {timeout:.0f} s")
             time.sleep(0.01)
 
+    def wait_signalled(self, batch: int | None = None, processes: int = 1, timeout: float = 120) -> None:
+        """Until `processes` processes held at `batch` have received a signal: one a scheduler passes on arrives
+        after the command that sent it returns (scancel, scontrol requeue), and released before it, the run goes on
+        past the batches the test expects it to stop at."""
+        batch = self.batches[0] if batch is None else batch
+        deadline = time.monotonic() + timeout
+        while len(list(self.folder.glob(f"signalled-{batch}-*"))) < processes:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no signal reached the run held at batch {batch} within {timeout:.0f} s")
+            time.sleep(0.01)
+
     @property
     def job_env(self) -> dict[str, str]:
         """What a scheduler's job needs to be held (`env` of tests/clusters.py's `submit`): the hold's variables

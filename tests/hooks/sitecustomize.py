@@ -7,7 +7,8 @@ the tests put into training processes, each only where the test's environment as
   `composer -n 2` too.
 - SLM_TEST_HOLD=DIR and SLM_TEST_HOLD_AT=N[,M...]: every process of the run stops at the end of batch N, once
   that batch's checkpoint is written, writes DIR/held-N-PID and waits until DIR/release-N exists (10 minutes at
-  most): a point the run cannot leave before the test has acted on it (tests/helpers, `Hold`).
+  most): a point the run cannot leave before the test has acted on it (tests/helpers, `Hold`). A held process
+  that has received a scheduler's signal or a Ctrl-C writes DIR/signalled-N-PID.
 """
 
 import os
@@ -44,8 +45,11 @@ if os.environ.get("SLM_TEST_RECORD_BATCHES") or os.environ.get("SLM_TEST_HOLD"):
                 return
             folder = Path(os.environ["SLM_TEST_HOLD"])
             (folder / f"held-{batch}-{os.getpid()}").touch()
-            deadline = time.monotonic() + 600
+            deadline, told = time.monotonic() + 600, False
             while not (folder / f"release-{batch}").exists() and time.monotonic() < deadline:
+                if not told and any(getattr(c, "received", None) for c in state.callbacks):  # slm's Preemption
+                    (folder / f"signalled-{batch}-{os.getpid()}").touch()
+                    told = True
                 time.sleep(0.01)
 
     added = [RecordBatches()] if os.environ.get("SLM_TEST_RECORD_BATCHES") else []
