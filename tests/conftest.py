@@ -105,7 +105,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test on the clusters is a cluster test (and trains): none can slip into `make test-fast`. One on the two
-    test hosts is a `hosts` test (and trains): make test's third session, or `make test-hosts` alone."""
+    test hosts is a `hosts` test (and trains): `make test-hosts`."""
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         if {"slurm", "sge"} & fixtures:

@@ -14,7 +14,7 @@ from slm.cli import main
 
 from helpers import run_cmd, train_cmd, write_yaml
 
-pytestmark = [pytest.mark.train, pytest.mark.third]  # make test: in the third session
+pytestmark = [pytest.mark.train, pytest.mark.beside]
 BATCH = 64
 
 
