@@ -40,7 +40,7 @@ lock: $(STAMP)
 # The suite's data, where yamls/base.yaml looks for it: the embedded corpus (20,000 stories), a byte-level BPE
 # tokenizer asked for the suite's 4,096 tokens (the corpus gives 1,141), and MDS shards of 512 tokens (95 % train,
 # 5 % validation), as README's "The pipeline" makes them. About 20 s on 2 cores. File targets: a second `make data`
-# does nothing; a new corpus generator (slm/corpus.py) makes it all again.
+# does nothing; a new corpus generator (slm/data/corpus.py) makes it all again.
 DATA      := data
 TOKENIZER := data/tokenizer
 NUM_DOCS  := 20000
@@ -49,7 +49,7 @@ SHARDS    := $(DATA)/mds/train/index.json $(DATA)/mds/validation/index.json
 data: export HF_HUB_OFFLINE = 1
 data: $(SHARDS)
 
-$(DATA)/stories.jsonl: slm/corpus.py | $(STAMP)
+$(DATA)/stories.jsonl: slm/data/corpus.py | $(STAMP)
 	$(BIN)/slm corpus --out $@ --num-docs $(NUM_DOCS) --overwrite
 
 $(TOKENIZER)/tokenizer.json: $(DATA)/stories.jsonl
@@ -120,15 +120,16 @@ PYTEST := HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q
 # One thread a process (OMP_NUM_THREADS=1): torch's threads spin while they wait, and with more processes than
 # cores a two-thread process burns its core waiting on a descheduled thread (the chaos test beside one busy
 # process: 353 s with two threads, 112 s with one).
-# BUSY=N keeps N other processes spinning on the CPU meanwhile: the suite as on a shared machine.
+# Each session reports its 8 slowest tests. BUSY=N keeps N other processes spinning on the CPU meanwhile: the suite
+# as on a shared machine.
 BUSY ?= 0
 test: lint
 	@export OMP_NUM_THREADS=1; beside=$$(mktemp); clusters=$$(mktemp); \
 	echo "$(PYTEST) -m 'not (beside or cluster or hosts)' --busy $(BUSY), and beside it:" \
 		"$(PYTEST) -m beside; $(PYTEST) -m 'cluster or hosts'"; \
-	TMPDIR=$$(mktemp -d) $(PYTEST) -m beside >$$beside 2>&1 & beside_pid=$$!; \
-	TMPDIR=$$(mktemp -d) $(PYTEST) -m "cluster or hosts" >$$clusters 2>&1 & clusters_pid=$$!; \
-	$(PYTEST) -m "not (beside or cluster or hosts)" --busy $(BUSY); status=$$?; \
+	TMPDIR=$$(mktemp -d) $(PYTEST) --durations=8 -m beside >$$beside 2>&1 & beside_pid=$$!; \
+	TMPDIR=$$(mktemp -d) $(PYTEST) --durations=8 -m "cluster or hosts" >$$clusters 2>&1 & clusters_pid=$$!; \
+	$(PYTEST) --durations=8 -m "not (beside or cluster or hosts)" --busy $(BUSY); status=$$?; \
 	wait $$beside_pid || status=1; wait $$clusters_pid || status=1; \
 	echo "== beside it: $(PYTEST) -m beside =="; cat $$beside; \
 	echo "== beside it: $(PYTEST) -m 'cluster or hosts' =="; cat $$clusters; \
@@ -147,9 +148,9 @@ test-stack: lint
 test-fast: lint
 	$(PYTEST) -m "not train and not cluster and not root"
 
-# docs/config.md, the config reference, from the schema in slm/config.py (tests/test_docs.py fails when it is stale).
+# docs/config.md, the config reference, from the schema in slm/core/config.py (tests/test_docs.py fails when it is stale).
 docs: $(STAMP)
-	$(BIN)/python -m slm.config > docs/config.md
+	$(BIN)/python -m slm.core.config > docs/config.md
 
 # Every benchmark (about 30 minutes on 2 cores) -> bench/RESULTS.md.
 bench: export HF_HUB_OFFLINE = 1

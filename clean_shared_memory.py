@@ -3,7 +3,7 @@
     python clean_shared_memory.py [--dry-run]
 
 Streaming's own `clean_stale_shared_memory()` unlinks every block on the node, including those of
-runs still training; this removes only blocks no living process maps (see slm/shm.py). Training
+runs still training; this removes only blocks no living process maps (see slm/core/shared_memory.py). Training
 runs the same cleanup at start, so this is for a node where a crashed job blocks something else.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from slm.shm import clean_stale_shared_memory, stale_shared_memory
+from slm.core.shared_memory import clean_stale_shared_memory, stale_shared_memory
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from slm.data import build_dataloader
+from slm.data.loading import build_dataloader
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's `slm` and `composer` sit beside its python

@@ -37,9 +37,9 @@ from pathlib import Path
 
 import torch
 
-from slm.checkpoints import checkpoints, is_complete
-from slm.shm import stale_shared_memory
-from slm.trust import unpickle_checkpoint
+from slm.core.run_folder import checkpoints, is_complete
+from slm.core.shared_memory import stale_shared_memory
+from slm.core.trust import unpickle_checkpoint
 
 from benchlib import BIN, REPO, cpus_kept_busy, make_data
 

@@ -4,7 +4,7 @@ Shards made with `slm tokenize` from a generated corpus (128-token samples, zstd
 them: shuffled, in batches through a torch DataLoader with slm's collate, one whole epoch per figure,
 after an untimed epoch that decompresses the shards. Three readers of the same shards, in one run:
   stock      streaming.StreamingDataset (opens the shard file for every sample; helper threads)
-  slm        slm.mapped_shards.MappedShards: the same sample ids, each sample sliced from its memory-mapped shard
+  slm        slm.data.mapped_shards.MappedShards: the same sample ids, each sample sliced from its memory-mapped shard
   raw mmap   the limit: each sample a row of its memory-mapped shard (numpy), stacked; no Streaming,
              no decoding, no DataLoader. The same order as slm's.
 Each with 0 worker processes and with --workers. Goal: slm >= 20x stock, per process (0 workers).
@@ -27,8 +27,8 @@ import torch
 from streaming import StreamingDataset
 from torch.utils.data import DataLoader
 
-from slm.data import collate
-from slm.mapped_shards import MappedShards
+from slm.data.loading import collate
+from slm.data.mapped_shards import MappedShards
 
 from benchlib import machine, make_data
 

@@ -58,7 +58,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="slm-bench-memory-") as tmp:
         root = Path(tmp)
         os.environ["HF_DATASETS_CACHE"] = str(root / "cache")  # the children's Arrow conversions land here
-        imports = peaks_mib([sys.executable, "-c", "import slm.cli, slm.shards, slm.sources, slm.tokenizer"])
+        imports = peaks_mib([sys.executable, "-c",
+                             "import slm.cli, slm.data.shards, slm.data.documents, slm.data.tokenizer"])
         sizes = {}
         for scale in (1, 4):
             corpus = root / f"stories-{scale}x.jsonl"

@@ -163,8 +163,8 @@ def train_rows(r: dict) -> tuple[list[str], list[str]]:
                            f"(`.item()`, `.cpu()`, `bool(tensor)`, ...) | slm: {h['slm']:g} | Composer: "
                            f"{h['composer']:g} | | slm: 0 | {met(h['slm'] == 0)} |")
             detail += ["Composer's own host syncs in each training batch that logs nothing (one process, with slm's "
-                       "workarounds; counted by `slm/syncs.py`):", "", "| call, where | per batch |", "|---|---|",
-                       *(f"| `{call}` | {n:g} |" for call, n in h["composer_calls"].items()), ""]
+                       "workarounds; counted by `slm/training/syncs.py`):", "", "| call, where | per batch |",
+                       "|---|---|", *(f"| `{call}` | {n:g} |" for call, n in h["composer_calls"].items()), ""]
         if "together" in shape:
             t = shape["together"]
             gain = t["one_after_the_other_s"] / t["together_s"]

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from composer import Callback, Logger, State
 
-from slm.config import load_config
-from slm.train import build_trainer
+from slm.core.config import load_config
+from slm.training.trainer import start_run
 
 from benchlib import REPO, machine, make_data, time_loader
 
@@ -69,7 +69,7 @@ def time_resume(root: Path, batches: int, attempt: int) -> float:
     cfg = load_config(CONFIG, overrides(root, name, batches + 1))
     first_batch = FirstBatchEnd()
     start = time.perf_counter()
-    trainer = build_trainer(cfg)
+    trainer = start_run(cfg).trainer
     trainer.state.callbacks.append(first_batch)
     trainer.fit()
     reached = int(trainer.state.timestamp.batch)

@@ -32,10 +32,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="slm-bench-"))
     os.environ["HF_DATASETS_CACHE"] = str(tmp / "cache")  # before `datasets` is imported: it reads it once
 
-    from slm.corpus import write_corpus
-    from slm.shards import write_shards
-    from slm.sources import iter_batches, load_documents
-    from slm.tokenizer import load_tokenizer, tokenizer_identity, train_tokenizer
+    from slm.data.corpus import write_corpus
+    from slm.data.documents import iter_batches, load_documents
+    from slm.data.shards import write_shards
+    from slm.data.tokenizer import load_tokenizer, tokenizer_identity, train_tokenizer
 
     from benchlib import machine, slm
 

@@ -52,13 +52,13 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from torch.utils.data import DataLoader
 
-from slm import workarounds
-from slm.config import load_config
-from slm.data import collate
-from slm.mapped_shards import MappedShards
-from slm.model import build_hf_model, count_parameters, flops_per_token, mamba_kernels_available
-from slm.syncs import ByBatch, HostSyncs
-from slm.train import build_trainer
+from slm.core import workarounds
+from slm.core.config import load_config
+from slm.data.loading import collate
+from slm.data.mapped_shards import MappedShards
+from slm.training.model import build_hf_model, count_parameters, flops_per_token, mamba_kernels_available
+from slm.training.syncs import ByBatch, HostSyncs
+from slm.training.trainer import start_run
 
 from benchlib import REPO, machine, make_data, time_loader
 
@@ -146,7 +146,7 @@ def take_turns(cfg, shape: dict, device: str, compiled: bool = False) -> tuple[f
     device's bf16 peak FLOP/s as SpeedMonitor takes it (0 on CPU)."""
     bare = BareLoop(cfg, device, compiled=compiled)
     with workarounds.applied():
-        trainer = build_trainer(cfg)
+        trainer = start_run(cfg).trainer
         clock = ChunkClock(device)
         trainer.state.callbacks.insert(0, clock)
         trainer.fit(duration=f"{shape['warmup']}ba")
@@ -172,7 +172,7 @@ def composer_dispatch(cfg) -> tuple[float, float]:
     """Seconds per event of Composer's own dispatch (with slm's debug-log workaround alone) and of slm's quick
     dispatch, on one trainer of `cfg` (built as a run builds it, then timed outside the run's workarounds)."""
     with workarounds.applied():
-        trainer = build_trainer(cfg)
+        trainer = start_run(cfg).trainer
         trainer.fit(duration="2ba")
     with workarounds.engine_debug_log_when_asked():
         own = seconds_per_event(trainer)
@@ -186,11 +186,11 @@ SYNC_RUN = {"batches": 12, "log_every": 4}  # host_syncs' run: max_duration and 
 
 
 def host_syncs(cfg) -> dict:
-    """The calls that make the host wait for the device (slm/syncs.py) in each batch of `cfg`'s run (SYNC_RUN's
+    """The calls that make the host wait for the device (slm/training/syncs.py) in each batch of `cfg`'s run (SYNC_RUN's
     length and log interval): per batch that logs nothing, slm's and Composer's, Composer's by call and line."""
     batches, log_every = SYNC_RUN["batches"], SYNC_RUN["log_every"]
     with workarounds.applied(), HostSyncs() as syncs:
-        trainer = build_trainer(cfg)
+        trainer = start_run(cfg).trainer
         trainer.state.callbacks.insert(0, ByBatch(syncs))
         trainer.fit()
         trainer.close()
@@ -272,15 +272,15 @@ def bench_model(name: str, shape: dict, cfg_for, device: str) -> dict:
 
 
 def runs_at_once(name: str, overrides: list[str], batches: int) -> dict:
-    """Wall seconds for two runs of `name` (`batches` each) one after the other, each `python -m slm.launch` with
-    every core, then side by side as `slm sweep --per-device 2` starts them (`python -m slm.launch ... --next ...`:
-    the cores split between them): what a suite gains from placing several small runs on one machine. Start-up
-    included."""
+    """Wall seconds for two runs of `name` (`batches` each) one after the other, each `python -m slm.cluster.launch`
+    with every core, then side by side as `slm sweep --per-device 2` starts them (`python -m slm.cluster.launch ...
+    --next ...`: the cores split between them): what a suite gains from placing several small runs on one machine.
+    Start-up included."""
 
     def run(names: list[str]) -> float:
         runs = [[str(REPO / "yamls" / f"{name}.yaml"), *overrides, f"run_name=bench-{run}", f"max_duration={batches}ba"]
                 for run in names]
-        command = [sys.executable, "-m", "slm.launch", str(REPO / "slm" / "train.py"),
+        command = [sys.executable, "-m", "slm.cluster.launch", str(REPO / "slm" / "train.py"),
                    *[arg for i, args in enumerate(runs) for arg in (["--next"] if i else []) + args]]
         start = time.perf_counter()
         if subprocess.run(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode:

@@ -21,12 +21,12 @@ slm_job_setup() {
     fi
     # shellcheck disable=SC1091
     source "$SLM_VENV/bin/activate"
-    echo "slm job: $SLM_JOB_ID on $(hostname) at $(date -Is): python -m slm.launch slm/train.py $*"
+    echo "slm job: $SLM_JOB_ID on $(hostname) at $(date -Is): python -m slm.cluster.launch slm/train.py $*"
 }
 
 # The suite scripts' checks (jobs/suite.sbatch, jobs/suite.sh): a yaml among the arguments (else the usage line,
 # $SLM_JOB_USAGE) and $SLM_VENV in the submission folder, exit 2 otherwise; with --dry-run, print the tasks and
-# exit. The tasks themselves come from slm/sweep.py ($SLM_VENV/bin/python -m slm.sweep --count / --task N ARGS).
+# exit. The tasks themselves come from slm/cluster/sweep.py ($SLM_VENV/bin/python -m slm.cluster.sweep --count / --task N ARGS).
 slm_suite_setup() {
     local arg yaml=""
     for arg in "$@"; do
@@ -41,7 +41,7 @@ slm_suite_setup() {
         exit 2
     fi
     for arg in "$@"; do
-        if [ "$arg" = --dry-run ]; then exec "$SLM_VENV/bin/python" -m slm.sweep "$@"; fi
+        if [ "$arg" = --dry-run ]; then exec "$SLM_VENV/bin/python" -m slm.cluster.sweep "$@"; fi
     done
 }
 
@@ -54,5 +54,5 @@ slm_wait() {
     wait "$1"
 }
 
-# Exit status of a training run that stopped on a signal after saving a checkpoint (slm/launch.py).
+# Exit status of a training run that stopped on a signal after saving a checkpoint (slm/cluster/launch.py).
 SLM_EXIT_PREEMPTED=75

@@ -15,7 +15,7 @@
 # key=value overrides apply to every task. --grid KEY=V1,V2,... is an axis, as is each KEY=V1,V2,...
 # right after it; a yaml's `sweep:` block (KEY: [V1, V2]) adds axes to its tasks. A task's run_name
 # is the yaml's stem (or run_name=...) plus its combination, mamba-100k_lr1e-3_seed0, so submitting
-# the same command again resumes every run (slm/sweep.py has the rules; `slm sweep --help`). On
+# the same command again resumes every run (slm/cluster/sweep.py has the rules; `slm sweep --help`). On
 # submission every task's config is loaded first: a typo fails here, not in the array. Each task
 # resumes, checkpoints on USR1/USR2 and is requeued alone. Resources per task as in jobs/train.sh
 # (same overrides); logs in logs/slm-suite.oJOBID.TASK.
@@ -36,7 +36,7 @@ SLM_JOB_USAGE="bash jobs/suite.sh [--dry-run] [--per-device K] [--grid KEY=V1,V2
 source jobs/common.sh || exit 2
 slm_suite_setup "$@"
 if [ -z "${JOB_ID:-}" ]; then  # run with bash: submit this file as an array of the right size
-    count=$("$SLM_VENV/bin/python" -m slm.sweep --count "$@") || exit 2
+    count=$("$SLM_VENV/bin/python" -m slm.cluster.sweep --count "$@") || exit 2
     exec qsub -t 1-"$count" "$0" "$@"
 fi
 task=${SGE_TASK_ID:-undefined}
@@ -44,6 +44,6 @@ if [ "$task" = undefined ]; then
     echo "slm suite: not an array task: submit with bash jobs/suite.sh, or qsub -t 1-N" >&2
     exit 2
 fi
-task_args=$("$SLM_VENV/bin/python" -m slm.sweep --task "$((task - 1))" "$@") || exit 2  # SGE counts from 1
+task_args=$("$SLM_VENV/bin/python" -m slm.cluster.sweep --task "$((task - 1))" "$@") || exit 2  # SGE counts from 1
 mapfile -t task_args <<< "$task_args"
 exec bash jobs/train.sh "${task_args[@]}"

@@ -50,7 +50,7 @@ SLM_GPUS=$(qstat -j "$JOB_ID" 2>/dev/null | sed -n 's/^hard resource_list:.*gpu=
 trap 'echo "slm job: USR1 (s_rt) at $(date -Is): training checkpoints at the next batch and stops"' USR1
 trap 'echo "slm job: USR2 (notify) at $(date -Is): training checkpoints at the next batch and stops"' USR2
 # A parallel environment spanning hosts: one launcher on each, the others started on theirs by qrsh -inherit
-# (which hands its command to a shell: every word quoted), each given the job's hosts (slm/launch.py). SGE signals
+# (which hands its command to a shell: every word quoted), each given the job's hosts (slm/cluster/launch.py). SGE signals
 # each host's processes of the job itself; the qrsh clients here ignore those signals, which would end them.
 others=()
 if [ -n "${PE_HOSTFILE:-}" ] && [ "$(wc -l < "$PE_HOSTFILE")" -gt 1 ]; then
@@ -60,11 +60,11 @@ if [ -n "${PE_HOSTFILE:-}" ] && [ "$(wc -l < "$PE_HOSTFILE")" -gt 1 ]; then
         [ "${host%%.*}" = "$(hostname -s)" ] && continue
         (trap '' USR1 USR2 TERM
          exec qrsh -inherit -nostdin "$host" "cd $(printf %q "$PWD") && SLM_PE_HOSTS=$(printf %q "$SLM_PE_HOSTS")" \
-             "$(printf '%q ' "$SLM_VENV/bin/python" -m slm.launch slm/train.py "$@")") &
+             "$(printf '%q ' "$SLM_VENV/bin/python" -m slm.cluster.launch slm/train.py "$@")") &
         others+=($!)
     done
 fi
-python -m slm.launch slm/train.py "$@" &
+python -m slm.cluster.launch slm/train.py "$@" &
 slm_wait $!
 status=$?
 for pid in "${others[@]}"; do  # the first failure's status, as on one host

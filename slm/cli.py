@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from slm.errors import SlmError, run_command
-from slm.paths import refuse_to_clobber
+from slm.core.errors import SlmError, run_command
+from slm.core.paths import refuse_to_clobber
 
 if TYPE_CHECKING:  # the commands import what they need when they run: `slm --help` starts at once
-    from slm.batches import Batches
+    from slm.analysis.batches import Batches
 
 
 def _add_input_args(p: argparse.ArgumentParser) -> None:
@@ -28,7 +28,7 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_corpus(args: argparse.Namespace) -> None:
-    from slm.corpus import write_corpus
+    from slm.data.corpus import write_corpus
 
     out = Path(args.out)
     refuse_to_clobber(out, args.overwrite)
@@ -45,9 +45,9 @@ def cmd_corpus(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
-    from slm.hub import Hub
-    from slm.sources import iter_batches, load_documents
-    from slm.tokenizer import check_vocab_size, train_tokenizer
+    from slm.data.documents import iter_batches, load_documents
+    from slm.data.tokenizer import check_vocab_size, train_tokenizer
+    from slm.hub.client import Hub
 
     if not (args.out_dir or args.out_repo):
         raise SlmError("give --out-dir, --out-repo, or both")
@@ -75,10 +75,10 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
-    from slm.hub import HF_URI, Hub, parse_hf_uri
-    from slm.shards import write_shards
-    from slm.sources import iter_batches, load_documents
-    from slm.tokenizer import load_tokenizer, tokenizer_identity
+    from slm.data.documents import iter_batches, load_documents
+    from slm.data.shards import write_shards
+    from slm.data.tokenizer import load_tokenizer, tokenizer_identity
+    from slm.hub.client import HF_URI, Hub, parse_hf_uri
 
     if args.seq_len < 2:
         raise SlmError(f"--seq-len must be at least 2 (one <bos> plus one token), got {args.seq_len}")
@@ -108,8 +108,8 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from slm.export import export_checkpoint
-    from slm.hub import Hub
+    from slm.hub.client import Hub
+    from slm.training.export import export_checkpoint
 
     if not (args.out_dir or args.out_repo):
         raise SlmError("give --out-dir, --out-repo, or both")
@@ -123,7 +123,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from slm.generate import generate
+    from slm.analysis.generate import generate
 
     if args.max_new_tokens < 1:
         raise SlmError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -135,8 +135,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     import json
 
-    from slm.evaluate import evaluate, evaluate_runs
-    from slm.harness import Harness
+    from slm.analysis.evaluate import evaluate, evaluate_runs
+    from slm.analysis.harness import Harness
 
     if args.batch_size < 1:
         raise SlmError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -148,7 +148,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                                       args.max_batches, harness)
         print(f"evaluated {done} checkpoint(s) into {args.out}" + (f" ({skipped} already there)" if skipped else ""))
         return
-    from slm.paths import is_local_path
+    from slm.core.paths import is_local_path
 
     single = Path(args.models[0])
     a_run = single.is_dir() and not (single / "config.json").exists()
@@ -159,15 +159,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_logprobs(args: argparse.Namespace) -> None:
-    from slm.logprobs import write_logprobs
+    from slm.analysis.logprobs import write_logprobs
 
     write_logprobs(args.model, Path(args.data), Path(args.out_dir) if args.out_dir else None, args.out_repo,
                    args.checkpoints, args.batch_size, args.max_samples)
 
 
 def cmd_dynamics(args: argparse.Namespace) -> None:
-    from slm.dynamics import plot_dynamics, write_dynamics
-    from slm.suite import open_suite
+    from slm.analysis.dynamics import plot_dynamics, write_dynamics
+    from slm.analysis.suite import open_suite
 
     out, data = Path(args.out), Path(args.data)
     for path in (out, out.with_name(f"{out.stem}-tokens.parquet"), Path(args.plot) if args.plot else None):
@@ -193,7 +193,7 @@ def cmd_dynamics(args: argparse.Namespace) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
-    from slm.plot import plot_runs, plot_table
+    from slm.analysis.plot import plot_runs, plot_table
 
     if bool(args.run_dirs) == bool(args.table):
         raise SlmError("give run folders, or --table EVAL_TABLE (written by `slm eval --out`)")
@@ -206,7 +206,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 
 def cmd_batches(args: argparse.Namespace) -> None:
-    from slm.batches import Batches, Processes, run_config
+    from slm.analysis.batches import Batches, Processes, run_config
 
     target = Path(args.target)
     if not target.exists():
@@ -220,16 +220,15 @@ def cmd_batches(args: argparse.Namespace) -> None:
     ranks = args.world_size or recorded or 1
     if ranks % args.nodes:
         raise SlmError(f"--world-size {ranks} does not split over --nodes {args.nodes}")
-    from slm import workarounds
-
+    from slm.core import workarounds
     with workarounds.streaming_datasets():
         _show_batches(args, Batches(cfg, Processes(args.nodes, ranks // args.nodes, max(cfg.data.num_workers, 1))),
                       ranks, out)
 
 
 def _show_batches(args: argparse.Namespace, batches: Batches, ranks: int, out: Path | None) -> None:
-    """What `slm batches` prints or writes of `batches`."""
-    from slm.batches import parse_steps
+    """Show what `slm batches` prints or writes of `batches`."""
+    from slm.analysis.batches import parse_steps
 
     first, last = parse_steps(args.steps, batches.max_steps())
     if args.rank is not None and not 0 <= args.rank < ranks:
@@ -263,9 +262,9 @@ def _show_batches(args: argparse.Namespace, batches: Batches, ranks: int, out: P
 
 
 def _document_texts(batches, rows: list[dict]) -> dict[tuple[str, int], str]:
-    """The text of each document the rows name, read from the source `slm tokenize` recorded."""
-    from slm.shards import read_metadata
-    from slm.sources import load_documents
+    """Return the text of each document the rows name, read from the source `slm tokenize` recorded."""
+    from slm.data.documents import load_documents
+    from slm.data.shards import read_metadata
 
     texts = {}
     for stream in sorted({row["stream"] for row in rows if row.get("documents")}):
@@ -280,7 +279,7 @@ def _document_texts(batches, rows: list[dict]) -> dict[tuple[str, int], str]:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    from slm.status import format_status, run_status
+    from slm.analysis.status import format_status, run_status
 
     print(format_status([run_status(Path(target)) for target in args.targets], args.json))
 
@@ -288,8 +287,8 @@ def cmd_status(args: argparse.Namespace) -> None:
 def cmd_verify(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from slm.config_rules import HUB_REPO
-    from slm.verify import verify
+    from slm.analysis.verify import verify
+    from slm.core.config_rules import HUB_REPO
 
     target, run = args.target, Path(args.run_folder) if args.run_folder else None
     if Path(target).is_dir():  # a run folder: its repo, and its checkpoints
@@ -313,7 +312,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from slm.sweep import main
+    from slm.cluster.sweep import main
 
     return main(args.argv, prog="slm sweep", debug=args.debug)
 
@@ -503,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=cmd_verify)
 
-    # slm.sweep parses its own arguments (options and configs in any order, which a subparser cannot): this one
+    # slm.cluster.sweep parses its own arguments (options and configs in any order, which a subparser cannot): this one
     # takes everything after `sweep` as it is (no prefix character anyone types, so no option of its own).
     p = sub.add_parser("sweep", prefix_chars="\0", add_help=False, help="list the tasks of a grid sweep, "
                        "as jobs/suite.sbatch and jobs/suite.sh run them (slm sweep --help)")

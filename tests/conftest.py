@@ -32,7 +32,7 @@ if Path(sys.prefix).resolve().parent == REPO:  # the job scripts activate the ve
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from slm.corpus import write_corpus
+    from slm.data.corpus import write_corpus
 
     path = tmp_path_factory.mktemp("corpus") / "stories.jsonl"
     write_corpus(path, num_docs=400, seed=1)
@@ -105,7 +105,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test on the clusters is a cluster test (and trains): none can slip into `make test-fast`. One on the two
-    test hosts is a `hosts` test (and trains): `make test-hosts`."""
+    test hosts is a `hosts` test (and trains)."""
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         if {"slurm", "sge"} & fixtures:
@@ -162,7 +162,7 @@ def two_hosts(tmp_path_factory: pytest.TempPathFactory):
     reason = TwoHosts.usable() or install_schedulers()
     if reason:
         pytest.skip(reason)
-    # Directly in /tmp, not $TMPDIR (make test's second session has a private one): munged and SGE's daemons run
+    # Directly in /tmp, not $TMPDIR (make test's sessions have private ones): munged and SGE's daemons run
     # as their own users and must reach their folders in it.
     root = Path(tempfile.mkdtemp(prefix="slm-hosts-", dir="/tmp"))
     root.rmdir()  # made by tests/two_hosts.sh up

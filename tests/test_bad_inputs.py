@@ -210,7 +210,7 @@ TRAIN_CASES = {
                                                                    "no W&B login for api.wandb.ai: run `wandb login`"),
     "checkpoints onto a full disk": (["save_folder={ws}/full/{{run_name}}"],
                                      "no space left on device writing {ws}/full/tiny"),
-    # The trust boundary (docs/security.md; tests/test_trust.py has the Hub's and the other commands' cases).
+    # The trust boundary (docs/security.md; tests/core/test_trust.py has the Hub's and the other commands' cases).
     "yaml reading the environment": (["{ws}/env.yaml"], "{ws}/env.yaml calls the resolver oc.env (${{oc.env:...}}): "
                                                         "slm resolves no interpolation that reads the environment"),
     "override decoding the environment": (["logging.wandb.group=${{oc.decode:${{oc.env:HF_TOKEN}}}}"],
@@ -241,7 +241,7 @@ def train_ws(tmp_path, shards, tokenizer_dir, other_model_run, monkeypatch):
     import json
     import shutil
 
-    from slm.tokenizer import train_tokenizer
+    from slm.data.tokenizer import train_tokenizer
 
     from helpers import edited_tokenizer, plant_payload, swap_a_b, write_yaml
 
@@ -309,8 +309,8 @@ def test_bad_training_config(name, train_ws, capsys, monkeypatch):
 
 def test_training_accepts_the_data_tokenizer_saved_with_a_post_processor(tmp_path, shards, tokenizer_dir):
     """Newer transformers save the same tokenizer with a post-processor: the shards' tokenizer all the same."""
-    from slm.config import load_config
-    from slm.train import preflight
+    from slm.core.config import load_config
+    from slm.training.trainer import preflight
 
     from helpers import bos_template, edited_tokenizer, write_yaml
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from slm.config import reference
+from slm.core.config import reference
 
 from helpers import REPO
 
@@ -15,7 +15,7 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
 def test_the_config_reference_is_generated_from_the_schema():
-    """A field added, renamed, retyped or documented anew in slm/config.py without `make docs` fails here."""
+    """A field added, renamed, retyped or documented anew in slm/core/config.py without `make docs` fails here."""
     assert (REPO / "docs" / "config.md").read_text() == reference(), "docs/config.md is out of date: run `make docs`"
     rows = [line for line in reference().splitlines() if line.startswith("| `")]
     assert len(rows) > 40 and not [row for row in rows if row.endswith("|  |")], "a field without documentation"

@@ -1,5 +1,5 @@
-"""The three entry points (`slm`, `slm/train.py`, `python -m slm.launch`) share one error path: one line and exit 1,
-or with --debug the full traceback, the cause included, before that line. And `slm/train.py` run as a script
+"""The three entry points (`slm`, `slm/train.py`, `python -m slm.cluster.launch`) share one error path: one line and
+exit 1, or with --debug the full traceback, the cause included, before that line. And `slm/train.py` run as a script
 does not leave slm/ on sys.path. `make data` makes what the suite's yamls train on."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from slm.cli import main as slm_main
-from slm.launch import main as launch_main
+from slm.cluster.launch import main as launch_main
 from slm.train import main as train_main
 
 from helpers import REPO, final_state, train
@@ -38,7 +38,7 @@ def malformed_yaml(tmp_path):
 def test_slm_keeps_the_cause(bad_metrics, tmp_path, capsys, debug):
     code = slm_main(["plot", str(bad_metrics), "--out", str(tmp_path / "x.png"), *(["--debug"] if debug else [])])
     err = capsys.readouterr().err
-    assert code == 1 and len(error_lines(err)) == 1 and "is not valid JSON" in err.splitlines()[-1]
+    assert code == 1 and len(error_lines(err)) == 1 and "is not JSON lines" in err.splitlines()[-1]
     assert ("Traceback" in err and "JSONDecodeError" in err and "direct cause" in err) == debug
 
 
@@ -73,7 +73,7 @@ def test_an_unexpected_error_is_one_line_that_points_at_debug(tmp_path, capsys):
 
 def test_train_script_does_not_leave_its_folder_on_sys_path():
     """Started as `python slm/train.py`, Python puts slm/ first on sys.path; the script takes it off before it
-    imports anything, so `import evaluate` cannot find slm/evaluate.py."""
+    imports anything, so `import evaluate` cannot find slm/analysis/evaluate.py."""
     code = (f"import runpy, sys, importlib.util\n"
             f"sys.argv = ['slm/train.py', '--help']\n"
             f"sys.path.insert(0, {str(REPO / 'slm')!r})  # what the interpreter does for a script\n"

@@ -15,7 +15,7 @@ import torch
 import transformers
 from packaging.requirements import Requirement
 
-from slm.export import export_checkpoint
+from slm.training.export import export_checkpoint
 
 from helpers import REPO, train, write_yaml
 
@@ -74,7 +74,7 @@ def other_stack() -> Path:
 OTHER_SIDE = """
 import sys, json, torch, transformers
 from pathlib import Path
-from slm.export import export_checkpoint
+from slm.training.export import export_checkpoint
 checkpoint, ours, theirs, ids = sys.argv[1:]
 export_checkpoint(Path(checkpoint), Path(theirs))
 model = transformers.AutoModelForCausalLM.from_pretrained(ours).eval()

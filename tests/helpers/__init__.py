@@ -43,6 +43,15 @@ def shown_on_failure(cmd: list[str], stderr: str | Callable[[], str]) -> None:
     OUTPUTS.append((" ".join(map(str, cmd)), stderr))
 
 
+def wait_for(predicate: Callable[[], object], timeout: float = 120.0, interval: float = 0.005) -> None:
+    """Poll `predicate` until it holds; TimeoutError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the training process never got there")
+        time.sleep(interval)
+
+
 def job_log(log: Path) -> Path:
     """`log`, a scheduler job's output file, shown with the report if the test fails (a wait that timed out
     included)."""
@@ -202,11 +211,11 @@ def hub_double(root: Path, monkeypatch: pytest.MonkeyPatch):
     sys.path.insert(0, str(HUB_DOUBLE))
     from folder_hub import FolderHfApi
 
-    import slm.hub
+    import slm.hub.client
 
     sys.path.remove(str(HUB_DOUBLE))
     api = FolderHfApi(root)
-    monkeypatch.setattr(slm.hub, "HfApi", lambda *args, **kwargs: api)
+    monkeypatch.setattr(slm.hub.client, "HfApi", lambda *args, **kwargs: api)
     monkeypatch.setenv("SLM_TEST_HUB_ROOT", str(root))  # tests/hooks installs it in every process started
     return api
 
@@ -275,14 +284,14 @@ def train_stderr(config: Path, *overrides: str | Path, status: int = 0) -> str:
 
 def final_state(folder: Path) -> dict:
     """The state in the checkpoint `latest-rank0.pt` points at."""
-    from slm.trust import unpickle_checkpoint
+    from slm.core.trust import unpickle_checkpoint
 
     return unpickle_checkpoint(folder / "latest-rank0.pt")["state"]
 
 
 def newest_loadable(folder: Path) -> int:
     """The newest checkpoint slm can read (before the final run rewrites anything)."""
-    from slm.trust import unpickle_checkpoint
+    from slm.core.trust import unpickle_checkpoint
 
     for path in sorted(folder.glob("ep0-ba*-rank0.pt"), key=lambda p: -int(p.name.split("-ba")[1].split("-")[0])):
         try:
@@ -329,7 +338,7 @@ def plant_payload(checkpoint: Path, out: Path, marker: Path) -> Path:
     a published repo could make it; the original file is read as slm reads its own."""
     import torch
 
-    from slm.trust import unpickle_checkpoint
+    from slm.core.trust import unpickle_checkpoint
 
     state = unpickle_checkpoint(checkpoint)
     state["state"]["callbacks"]["RunInfo"]["note"] = Payload(marker)

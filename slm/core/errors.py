@@ -1,0 +1,87 @@
+"""What a command says on stderr: its progress lines (`say`), and the one error path every entry point takes for
+errors a user can act on (the one exception type for problems a user can fix, disk errors, also the user's to fix)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+
+DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system"}
+
+
+class SlmError(Exception):
+    """A bad input or config: the CLI prints it as one line and exits non-zero."""
+
+
+def disk_error(e: BaseException, where: str | None = None) -> str | None:
+    """Return one line for a full or read-only disk anywhere in the exception's chain (torch.save, for one, wraps
+    the OSError in a RuntimeError), naming the file, else `where`; None for anything else."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_ERRORS:
+            target = e.filename or where
+            return (f"{DISK_ERRORS[e.errno]}{f' writing {target}' if target else ''}: free space or write "
+                    "elsewhere, then run the command again")
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def describe_error(e: BaseException) -> str:
+    """Return the one line a user sees for an exception (the run state file keeps it too), secrets masked."""
+    from slm.core.trust import masked  # slm.core.trust imports this module
+
+    if isinstance(e, SlmError):
+        return masked(str(e))
+    text = str(e).strip().splitlines()
+    return masked(disk_error(e) or f"{type(e).__name__}: {text[0] if text else ''} (rerun with --debug for the "
+                  "traceback)")
+
+
+def say(text: str, prog: str = "slm train", in_signal_handler: bool = False) -> None:
+    """Print the progress line `PROG: TEXT` on stderr, from rank 0 only (RANK, as Composer's launcher sets it; unset:
+    the one process). In a signal handler it is one write to file descriptor 2: the buffered stream may be in the
+    middle of a write in the code the signal interrupted."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if in_signal_handler:
+        os.write(2, f"{prog}: {text}\n".encode())
+    else:
+        print(f"{prog}: {text}", file=sys.stderr, flush=True)
+
+
+def run_command(prog: str, action: Callable[[], int | None], debug: bool = False) -> int:
+    """Run `action` through the one error path of every slm entry point (`slm`, `slm/train.py`,
+    `python -m slm.cluster.launch`).
+
+    Runs `action` and returns its exit status. Any error becomes one line, `PROG: error: ...`, and
+    status 1; with `debug` (the `--debug` flag) the full traceback, causes included, comes first. Secrets (tokens
+    this process can see) are masked in both.
+    Of several processes of one run, rank 0 says the line as it is and the others name their rank: Composer's
+    launcher shows another rank's output only when that rank failed, so an error of that rank alone is seen too.
+    Ctrl-C says "interrupted" and returns 130; importing Composer replaces Python's Ctrl-C handling with a silent
+    exit, so it is put back first (training answers Ctrl-C its own way once it starts: slm/training/preemption.py).
+    """
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) not in (
+            signal.SIG_IGN, signal.SIG_DFL, None):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return action() or 0
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            from slm.core.trust import masked
+
+            print(masked(traceback.format_exc()), file=sys.stderr, end="")
+        rank = os.environ.get("RANK", "0")
+        print(f"{prog}: error{'' if rank == '0' else f' (rank {rank})'}: {describe_error(e)}", file=sys.stderr,
+              flush=True)
+        return 1

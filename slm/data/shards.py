@@ -1,0 +1,217 @@
+"""Tokenizing documents into MDS shards (`slm tokenize`).
+
+The chunking rule (version "slm-v1"): tokenize each document without special tokens,
+append `<eos>` after every document, concatenate, cut into pieces of `seq_len - 1`
+tokens and put `<bos>` in front of each piece. Every sample is exactly `seq_len`
+tokens; the last short piece is dropped; no padding.
+
+Documents stream through in batches (Rust-side threads do the encoding), samples stream
+into `streaming.MDSWriter`, so memory does not grow with the corpus (but for one length per
+document). Beside the shards, `slm-documents.npz` records where every sample came from: the
+source document of its first token and the offset of that token in it, and every document's
+length in tokens (with its <eos>), which name every document a sample holds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+from streaming import MDSWriter
+from tqdm import tqdm
+
+from slm.core.errors import SlmError
+from slm.core.paths import partial_folder, refuse_to_clobber
+
+CHUNKING_RULE = "slm-v1"
+METADATA_FILE = "slm-dataset.json"
+DOCUMENTS_FILE = "slm-documents.npz"
+DOCUMENTS_FORMAT = 1
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Return uint16 while every id fits, else uint32 (docs/design.md, "MDS layout")."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+class Chunker:
+    """Applies the chunking rule incrementally: documents' token ids in, full samples out."""
+
+    def __init__(self, seq_len: int, bos_id: int, eos_id: int, dtype: np.dtype):
+        if seq_len < 2:
+            raise SlmError(f"seq_len must be at least 2 (one <bos> plus one token), got {seq_len}")
+        self.seq_len, self.bos_id, self.eos_id, self.dtype = seq_len, bos_id, eos_id, dtype
+        self.pending = np.empty(0, dtype)  # tokens waiting for a full piece
+
+    def add(self, docs: Iterable[list[int]]) -> np.ndarray:
+        """Feed documents (ids without specials); returns the samples completed, shape (n, seq_len)."""
+        ids = list(chain.from_iterable(chain(doc, (self.eos_id,)) for doc in docs))
+        stream = np.concatenate([self.pending, np.array(ids, dtype=self.dtype)])
+        piece = self.seq_len - 1
+        n = len(stream) // piece
+        samples = np.empty((n, self.seq_len), self.dtype)
+        samples[:, 0] = self.bos_id
+        samples[:, 1:] = stream[: n * piece].reshape(n, piece)
+        self.pending = stream[n * piece:]
+        return samples
+
+
+def chunk(docs: Iterable[list[int]], seq_len: int, bos_id: int, eos_id: int) -> np.ndarray:
+    """Apply the whole rule at once, for small inputs and tests."""
+    return Chunker(seq_len, bos_id, eos_id, np.dtype(np.uint32)).add(docs)
+
+
+@dataclass
+class Documents:
+    """Where each sample of a shard folder came from (`slm-documents.npz`, format 1)."""
+
+    sample_document: np.ndarray  # int64 per sample: index in the source split of the document of its first token
+    sample_offset: np.ndarray  # int64 per sample: that token's offset in the document
+    document_tokens: np.ndarray  # int64 per document: its tokens, its <eos> included
+    seq_len: int
+
+    @classmethod
+    def of_lengths(cls, document_tokens: np.ndarray, samples: int, seq_len: int) -> Documents:
+        """Make the record of a folder of `samples` samples cut from documents of these lengths by the chunking rule."""
+        starts = np.arange(samples, dtype=np.int64) * (seq_len - 1)  # in the concatenated tokens, <bos> aside
+        ends = np.cumsum(document_tokens)
+        first = np.searchsorted(ends, starts, side="right")
+        return cls(first, starts - (ends[first] - document_tokens[first]), document_tokens, seq_len)
+
+    def of_sample(self, sample: int) -> list[int]:
+        """Return the documents sample `sample` holds tokens of, in order."""
+        document = int(self.sample_document[sample])
+        left = self.seq_len - 1 - (int(self.document_tokens[document]) - int(self.sample_offset[sample]))
+        held = [document]
+        while left > 0 and document + 1 < len(self.document_tokens):
+            document += 1
+            held.append(document)
+            left -= int(self.document_tokens[document])
+        return held
+
+    def save(self, folder: Path) -> None:
+        np.savez(folder / DOCUMENTS_FILE, format=np.int64(DOCUMENTS_FORMAT), seq_len=np.int64(self.seq_len),
+                 sample_document=self.sample_document, sample_offset=self.sample_offset,
+                 document_tokens=self.document_tokens)
+
+
+def read_documents(folder: Path) -> Documents | None:
+    """Read the folder's document record; None for shards written before slm kept one."""
+    path = Path(folder) / DOCUMENTS_FILE
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as data:
+            if int(data["format"]) != DOCUMENTS_FORMAT:
+                raise SlmError(f"{path} is format {int(data['format'])}; this slm reads format {DOCUMENTS_FORMAT}")
+            return Documents(data["sample_document"], data["sample_offset"], data["document_tokens"],
+                             int(data["seq_len"]))
+    except (OSError, KeyError, ValueError) as e:
+        raise SlmError(f"{path} is truncated or corrupt ({e}): re-run `slm tokenize`") from e
+
+
+@dataclass
+class ShardStats:
+    documents: int = 0
+    tokens: int = 0  # document tokens plus one <eos> per document, before chunking
+    samples: int = 0
+    dropped_tail_tokens: int = 0
+    seconds: float = 0.0
+
+
+def _encode_batches(tokenizer, batches: Iterable[list[str]]) -> Iterator[tuple[int, list[list[int]]]]:
+    """Yield (documents, ids) per batch, in order. The Rust tokenizer's thread pool encodes batch k+1
+    (without the GIL) while the caller chunks and writes batch k."""
+    backend = tokenizer.backend_tokenizer
+
+    def encode(texts: list[str]) -> tuple[int, list[list[int]]]:
+        return len(texts), [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for texts in batches:
+            future = pool.submit(encode, texts)
+            if pending is not None:
+                yield pending.result()
+            pending = future
+        if pending is not None:
+            yield pending.result()
+
+
+def write_shards(batches: Iterable[list[str]], tokenizer, identity: dict, seq_len: int, *,
+                 out_dir: Path | None, out_remote: str | None = None, compression: str | None = "zstd",
+                 overwrite: bool = False, total_docs: int | None = None, source: dict | None = None
+                 ) -> ShardStats:
+    """Tokenize, chunk and write MDS shards plus `slm-dataset.json`; returns the counts."""
+    if out_dir is None and out_remote is None:
+        raise SlmError("give --out-dir, --out-remote, or both")
+    dtype = token_dtype(identity["vocab_size"])
+    chunker = Chunker(seq_len, identity["bos_id"], identity["eos_id"], dtype)
+    if out_dir is not None:
+        refuse_to_clobber(out_dir, overwrite)
+        if out_dir.is_file():
+            raise SlmError(f"output {out_dir} is a file, not a folder")
+    stats = ShardStats()
+    lengths: list[np.ndarray] = []  # per batch: each document's tokens, its <eos> included
+    start = time.perf_counter()
+    with partial_folder(out_dir) if out_dir else nullcontext() as partial:
+        out = (str(partial), out_remote) if partial and out_remote else str(partial or out_remote)
+        with MDSWriter(out=out, columns={"tokens": f"ndarray:{dtype.name}:{seq_len}"},
+                       compression=None if compression in (None, "none") else compression,
+                       hashes=["sha1"], keep_local=partial is not None) as writer, \
+                tqdm(total=total_docs, unit="doc", unit_scale=True, desc="Tokenizing") as bar:
+            for n_docs, ids in _encode_batches(tokenizer, batches):
+                samples = chunker.add(ids)
+                for sample in samples:
+                    writer.write({"tokens": sample})
+                lengths.append(np.fromiter(map(len, ids), np.int64, n_docs) + 1)
+                stats.documents += n_docs
+                stats.tokens += int(lengths[-1].sum())
+                stats.samples += len(samples)
+                bar.update(n_docs)
+                bar.set_postfix(tokens=f"{stats.tokens:,}",
+                                tok_per_s=f"{stats.tokens / (time.perf_counter() - start):,.0f}")
+            if stats.samples == 0:
+                raise SlmError(_too_short(stats, seq_len))
+            stats.dropped_tail_tokens = len(chunker.pending)
+            stats.seconds = time.perf_counter() - start
+            _write_metadata(Path(writer.local), identity, seq_len, dtype, stats, source or {})
+            Documents.of_lengths(np.concatenate(lengths), stats.samples, seq_len).save(Path(writer.local))
+            if writer.remote:
+                writer.cloud_writer.upload_file(METADATA_FILE)
+                writer.cloud_writer.upload_file(DOCUMENTS_FILE)
+    return stats
+
+
+def _too_short(stats: ShardStats, seq_len: int) -> str:
+    if stats.documents == 0:
+        return "the input has no documents"
+    return (f"the input gives {stats.tokens} tokens ({stats.documents} documents), too few for one sample "
+            f"of seq_len {seq_len}; use more text or a smaller --seq-len")
+
+
+def _write_metadata(folder: Path, identity: dict, seq_len: int, dtype: np.dtype, stats: ShardStats,
+                    source: dict) -> None:
+    meta = {"chunking_rule": CHUNKING_RULE, "tokenizer": identity, "seq_len": seq_len, "dtype": dtype.name,
+            "column": "tokens", "source": source,
+            "document_record": {"file": DOCUMENTS_FILE, "format": DOCUMENTS_FORMAT},
+            **{k: v for k, v in asdict(stats).items() if k != "seconds"}}
+    (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_metadata(folder: Path) -> dict:
+    """Read the `slm-dataset.json` of a shard folder."""
+    path = Path(folder) / METADATA_FILE
+    if not path.exists():
+        raise SlmError(f"{folder} has no {METADATA_FILE}: make it with `slm tokenize`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SlmError(f"{path} is not valid JSON ({e}); re-run `slm tokenize`") from e

@@ -1,0 +1,372 @@
+"""The Trainer of a run, assembled: preflight checks, the run folder, the callbacks in their order, Composer's
+Trainer (autoresumed), and the run's start and end recorded (`train_command`, which slm/train.py runs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from composer import Trainer
+from composer.algorithms import GradientClipping
+from composer.callbacks import CheckpointSaver, LRMonitor, SpeedMonitor
+from composer.core import Callback, Evaluator, Time
+from composer.loggers import LoggerDestination
+from composer.utils import dist
+from torchmetrics import Metric
+from transformers import PreTrainedModel
+
+from slm.core import workarounds
+from slm.core.config import OptimizerConfig, TrainConfig, load_config, save_config
+from slm.core.errors import SlmError, describe_error, disk_error, run_command, say
+from slm.core.run_folder import FILENAME, LATEST_FILENAME, newest_complete, repair_latest
+from slm.core.shared_memory import clean_stale_shared_memory
+from slm.data.loading import build_dataloader, check_compatible, split_metadatas
+from slm.data.tokenizer import load_tokenizer, mismatch_hint, tokenizer_identity, tokenizer_matches
+from slm.hub.client import CommitBudget, Hub
+from slm.hub.manifest import remote_name
+from slm.training.checkpointing import KeepNewestPeriodic, early_batches, save_schedule, token_batches
+from slm.training.hub_checkpoints import HubCheckpoints
+from slm.training.loggers import MetricsFile, WriteMetricsRow, wandb_run_id
+from slm.training.metrics import TrainMetrics, build_metrics, byte_lengths
+from slm.training.model import (
+    CausalLM,
+    CompileTime,
+    build_hf_model,
+    context_length,
+    count_parameters,
+    use_special_tokens,
+)
+from slm.training.preemption import SIGNALS, StopOnSignal
+from slm.training.run_info import RunInfo, record_state
+from slm.training.schedules import Schedule
+from slm.training.warm_start import IGNORE_KEYS, check_fits, warm_start_checkpoint, warm_start_record
+
+
+@dataclass
+class Plan:
+    """What preflight checked and built: everything the Trainer needs that does not touch the run folder."""
+
+    cfg: TrainConfig
+    gpu: bool
+    per_device_batch: int
+    seq_len: int  # tokens of every sample
+    tokenizer: dict  # its identity (slm/data/tokenizer.py `tokenizer_identity`): name, ids, content hash
+    model: CausalLM
+    train_metrics: list[Metric]  # updated and logged by the TrainMetrics callback, not by Composer
+
+
+def meet(gpu: bool, timeout: float) -> None:
+    """Have every process of the run join the process group (Composer's `dist.initialize_dist`); the rendezvous that
+    did not happen within `timeout` is one line naming its host and port."""
+    try:
+        dist.initialize_dist("gpu" if gpu else "cpu", timeout)
+    except Exception as e:  # torch's store and network errors (DistError, RuntimeError, TimeoutError)
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        raise SlmError(f"the processes of this run did not all meet at the rendezvous {where} within "
+                       f"{timeout:g} s (dist_timeout): check that every node of the job started and reaches "
+                       f"{where} ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
+
+
+def preflight(cfg: TrainConfig) -> Plan:
+    """Run every check of the config, the data and the model against each other; nothing is written."""
+    if cfg.deterministic:  # cuBLAS reads it when CUDA starts, before Composer's deterministic mode would set it
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if cfg.logging.wandb.project:
+        workarounds.check_wandb_login(cfg.logging.wandb.project)
+    gpu = torch.cuda.is_available()
+    if cfg.device_microbatch_size == "auto" and not gpu:
+        raise SlmError("device_microbatch_size=auto needs a GPU; give a number on CPU")
+    meet(gpu, cfg.dist_timeout)
+    world = dist.get_world_size()
+    if cfg.global_batch_size % world:
+        raise SlmError(f"global_batch_size {cfg.global_batch_size} is not divisible by the {world} processes")
+
+    metas = split_metadatas(cfg.data.train, "train") + split_metadatas(cfg.data.eval, "eval")  # each folder/stream
+    tokenizer_name = cfg.tokenizer or metas[0][1]["tokenizer"]["name"]  # the (first) train folder's
+    tokenizer = load_tokenizer(tokenizer_name)
+    for label, meta in metas:
+        if not tokenizer_matches(tokenizer, meta["tokenizer"]):
+            raise SlmError(f"tokenizer {tokenizer_name} is not the one {label} was tokenized with "
+                           f"(content hashes differ){mismatch_hint(tokenizer, meta['tokenizer'])}")
+    hf_model = build_hf_model(cfg.model, cfg.seed)
+    use_special_tokens(hf_model, tokenizer)  # after building: pad_token_id would be llama's padding_idx
+    check_compatible(metas, hf_model.config.vocab_size, context_length(hf_model.config))
+    table = byte_lengths(tokenizer)
+    model = CausalLM(hf_model, tokenizer, eval_metrics=build_metrics(table))
+    return Plan(cfg, gpu, cfg.global_batch_size // world, metas[0][1]["seq_len"],
+                tokenizer_identity(tokenizer, tokenizer_name), model, build_metrics(table, sync=world > 1))
+
+
+def prepare_run_folder(cfg: TrainConfig, model: PreTrainedModel) -> Path | None:
+    """Make the run folder ready to start or resume in, on every process; return its newest whole checkpoint (None: a
+    new run).
+
+    Streaming shared memory that killed runs left on this node is removed (only blocks no living
+    process maps); a folder holding another model's run is refused before anything in it changes;
+    rank 0 creates the folder (W&B, set up inside Trainer(), writes into it) and points `latest`
+    at the newest whole checkpoint (a kill can leave a torn file or no symlink); the others wait.
+    """
+    folder = cfg.folder
+    if dist.get_local_rank() == 0:
+        clean_stale_shared_memory()
+    newest = newest_complete(folder)  # once: the check reads each candidate's pickle
+    refuse_another_model(folder, cfg, model, newest)
+    if dist.get_global_rank() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        repair_latest(folder, newest)
+    dist.barrier()
+    return newest
+
+
+def refuse_another_model(folder: Path, cfg: TrainConfig, model: PreTrainedModel, newest: Path | None) -> None:
+    """Refuse to resume a run folder with another model config, which would fail deep in Composer: name the difference.
+
+    run.json names the model config; a folder without one (an older slm, a copied checkpoint) is
+    compared tensor by tensor with its newest whole checkpoint, `newest`.
+    """
+    hint = "use another run_name or save_folder, or this run's model config to resume it"
+    try:
+        before = json.loads((folder / "run.json").read_text())["config"]["model"]
+    except (OSError, ValueError, KeyError):
+        before = None
+    if before is not None:
+        differ = [k for k in sorted(set(before) | set(cfg.model)) if before.get(k) != cfg.model.get(k)]
+        if differ:
+            k = differ[0]
+            raise SlmError(f"{folder} holds a run of another model (model.{k} is {before.get(k)} there, "
+                           f"{cfg.model.get(k)} here): {hint}")
+        return
+    if newest is not None:
+        check_fits(newest, model, hint)
+
+
+@dataclass
+class RunCallbacks:
+    """A run's Composer callbacks and loggers, in the order Composer calls them, and the ones the run reaches again."""
+
+    callbacks: list[Callback]
+    loggers: list[LoggerDestination]
+    schedule: Schedule  # also the Trainer's scheduler; refuses an idle continuation once autoresume has loaded
+    stop: StopOnSignal  # how training ended: finished, or stopped by a signal or Ctrl-C
+    hub: HubCheckpoints | None  # drains its upload queue before the run exits
+    interactive: bool  # a progress bar on a terminal instead of Composer's console log
+
+
+@dataclass
+class Run:
+    """A run ready to train: its Trainer and the callbacks the run reaches again after making it."""
+
+    trainer: Trainer
+    callbacks: RunCallbacks
+
+
+def run_callbacks(cfg: TrainConfig, folder: Path, run_info: RunInfo, metrics: MetricsFile,
+                  train_metrics: TrainMetrics, seq_len: int) -> RunCallbacks:
+    """Make a run's callbacks and loggers, in the order Composer must call them.
+
+    Composer runs the callbacks in list order at every event, before the loggers (except at
+    INIT). So, at each BATCH_CHECKPOINT:
+    - SpeedMonitor, LRMonitor, TrainMetrics, RunInfo: log and record first (TrainMetrics logs its window
+      at BATCH_END); the state of the last two rides in every checkpoint, as does the Schedule's (the lr
+      schedule, also handed to the Trainer as its scheduler: it answers no event).
+    - WriteMetricsRow: the batch's metrics.jsonl row goes to disk before the saver runs, so no
+      checkpoint ever holds a batch missing from metrics.jsonl.
+    - StopOnSignal: a scheduler's signal ends training at this batch, where the saver, next, sees it.
+    - CheckpointSaver: writes the checkpoint and hands it to every logger's upload_file (the Hub's queues it,
+      with its export, in the run folder's .hub-pending/; a thread uploads it).
+    - KeepNewestPeriodic: prunes last, once the newest checkpoint is written and queued.
+    - CompileTime, with `compile: true`: says once how long the first batch's compile took.
+    The loggers: metrics.jsonl, then the Hub and W&B, then the terminal's progress bar.
+    """
+    early = early_batches(cfg.early_checkpoints) | token_batches(cfg.checkpoints_per_token_decade,
+                                                                 cfg.global_batch_size * seq_len)
+    saver = CheckpointSaver(folder=str(folder), filename=FILENAME, latest_filename=LATEST_FILENAME,
+                            save_interval=save_schedule(cfg.save_interval, early), overwrite=True,
+                            remote_file_name=remote_name(FILENAME),
+                            latest_remote_file_name=remote_name(LATEST_FILENAME))
+    schedule, stop = Schedule(cfg.scheduler), StopOnSignal()
+    callbacks = [SpeedMonitor(window_size=10), LRMonitor(), schedule, train_metrics, run_info,
+                WriteMetricsRow(metrics), stop, saver, KeepNewestPeriodic(folder, cfg.keep, early),
+                *([CompileTime()] if cfg.compile else [])]
+
+    loggers: list[LoggerDestination] = [metrics]
+    hub = None
+    if cfg.hub.repo:
+        hub = HubCheckpoints(Hub(cfg.hub.retries, cfg.hub.retry_wait,
+                                 budget=CommitBudget(cfg.hub.max_commits_per_hour, cfg.hub.budget_window_s)),
+                             cfg.hub.repo, folder, cfg.hub.private, cfg.hub.export, cfg.run_name)
+        loggers.append(hub)
+    w = cfg.logging.wandb
+    if w.project:
+        loggers.append(workarounds.WandB(project=w.project, entity=w.entity, group=w.group, tags=w.tags or None,
+                                         init_kwargs={"id": wandb_run_id(cfg.run_name), "resume": "allow",
+                                                      "dir": str(folder), "config": cfg.to_dict()}))
+    interactive = sys.stderr.isatty()
+    if interactive:
+        loggers.append(workarounds.ResumableProgressBar())
+    return RunCallbacks(callbacks, loggers, schedule, stop, hub, interactive)
+
+
+def _optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """Build AdamW; weight decay on matrices only (not on norms and biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=cfg.fused or None)
+
+
+def make_trainer(plan: Plan, folder: Path, warm_start: Path | None = None) -> Run:
+    """Make Composer's Trainer over a checked plan and a prepared run folder (no checks of its own): it autoresumes
+    from the run folder (or the Hub), and a new run starts from `warm_start` (a checkpoint file) when given."""
+    cfg, model = plan.cfg, plan.model
+    metrics = MetricsFile(folder / "metrics.jsonl")
+    run_info = RunInfo(cfg, plan.tokenizer, count_parameters(model.model), folder, metrics,
+                       warm_start_record(cfg.load, warm_start) if warm_start else None)
+    train_metrics = TrainMetrics(model, plan.train_metrics, cfg.log_interval)
+    callbacks = run_callbacks(cfg, folder, run_info, metrics, train_metrics, plan.seq_len)
+    train_data = build_dataloader(cfg.data.train, cfg.data, plan.per_device_batch, train=True)
+    eval_data = build_dataloader(cfg.data.eval, cfg.data, plan.per_device_batch, train=False)
+    trainer = Trainer(
+        model=model,
+        run_name=cfg.run_name,
+        seed=cfg.seed,
+        device="gpu" if plan.gpu else "cpu",
+        precision=cfg.precision or ("amp_bf16" if plan.gpu else "fp32"),
+        max_duration=Time.from_timestring(cfg.max_duration),
+        train_dataloader=train_data,
+        eval_dataloader=Evaluator(label="eval", dataloader=eval_data, metric_names=list(model.val_metrics)),
+        eval_interval=Time.from_timestring(cfg.eval_interval),
+        eval_subset_num_batches=cfg.eval_batches,
+        device_train_microbatch_size=cfg.device_microbatch_size or plan.per_device_batch,
+        optimizers=_optimizer(model.model, cfg.optimizer),
+        schedulers=callbacks.schedule,
+        algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=cfg.grad_clip)] if cfg.grad_clip else [],
+        callbacks=callbacks.callbacks,
+        loggers=callbacks.loggers,
+        save_folder=str(folder),
+        autoresume=True,
+        load_path=str(warm_start) if warm_start else None,
+        load_weights_only=cfg.load.weights_only,
+        load_ignore_keys=None if cfg.load.weights_only else IGNORE_KEYS,
+        spin_dataloaders=False,  # Streaming restores its own position
+        progress_bar=False,  # the ResumableProgressBar logger instead, when interactive
+        log_to_console=not callbacks.interactive,
+        console_log_interval=Time.from_timestring(cfg.log_interval),
+        deterministic_mode=cfg.deterministic or not plan.gpu,
+        compile_config={} if cfg.compile else None,
+        python_log_level="WARNING" if dist.get_global_rank() == 0 else "ERROR",
+        dist_timeout=cfg.dist_timeout,
+    )
+    return Run(trainer, callbacks)
+
+
+def start_run(cfg: TrainConfig) -> Run:
+    """Check everything and make the run ready to fit: preflight, then the run folder, the warm start and the
+    Trainer (autoresumed), then the schedule's refusal of an idle continuation; config.yaml is written only once
+    the start is accepted."""
+    plan = preflight(cfg)
+    folder = cfg.folder
+    own = prepare_run_folder(cfg, plan.model.model)
+    warm_start = warm_start_checkpoint(cfg.load, folder, resumes=own is not None)
+    if warm_start:
+        check_fits(warm_start, plan.model.model, "load.path must be a checkpoint of a model with this model config")
+    run = make_trainer(plan, folder, warm_start)
+    run.callbacks.schedule.refuse_idle_continuation(run.trainer.state, str(folder))  # the ends it committed to
+    if dist.get_global_rank() == 0:
+        save_config(cfg, folder / "config.yaml")  # only now: a refused start leaves the folder as it was
+    return run
+
+
+def train(cfg: TrainConfig) -> int:
+    """Start or resume the run and train it to max_duration; return the exit status (EXIT_PREEMPTED: stopped by a
+    signal, EXIT_INTERRUPTED: by Ctrl-C)."""
+    run = start_run(cfg)
+    trainer, stop = run.trainer, run.callbacks.stop
+    finished = trainer.state.get_elapsed_duration() >= 1
+    batch = int(trainer.state.timestamp.batch)
+    # What Composer loaded: the run's own latest (autoresume, from the folder or downloaded into it from the Hub),
+    # else a warm start's checkpoint, never directly in the run folder (slm/training/warm_start.py). Compared as real
+    # paths: Composer's is absolute, save_folder may be relative or reached through a symlink.
+    loaded = trainer.state.load_path
+    branched = (f", branched off {loaded} ({'its weights' if cfg.load.weights_only else 'its whole state'})"
+                if loaded and Path(loaded).resolve().parent != cfg.folder.resolve() else "")
+    started = "resumed" if loaded and not branched else "starting"
+    say(f"{cfg.run_name}: {started} at batch {batch} of {cfg.max_duration}{branched}"
+        + ("; already finished (a larger max_duration continues it)" if finished else ""))
+    record_state(cfg.folder, "running", batch=batch)
+    try:
+        if not finished:  # a resubmitted or requeued job whose run is done has nothing to do, and is no error
+            trainer.fit()
+        if run.callbacks.hub:
+            run.callbacks.hub.finish(trainer.state)  # the upload queue drains (an earlier start's too) before exit
+        trainer.close()
+    except KeyboardInterrupt:
+        record_state(cfg.folder, "stopped", detail="a second Ctrl-C stopped it at once")
+        raise
+    except Exception as e:
+        record_state(cfg.folder, "failed", detail=describe_error(e))
+        raise
+    batch = int(trainer.state.timestamp.batch)
+    if stop.stopped_at is None:
+        record_state(cfg.folder, "finished", batch=batch, detail=f"at batch {batch}")
+        return 0
+    record_state(cfg.folder, "stopped", batch=batch, detail=f"at batch {stop.stopped_at} on {stop.received}",
+                 exit_status=stop.exit_status)
+    say(f"{cfg.run_name}: stopped at batch {stop.stopped_at} on {stop.received}, checkpoint saved; the same command "
+        "resumes it")
+    return stop.exit_status  # 75 (requeued by jobs/*), or 130 after a Ctrl-C
+
+
+@contextmanager
+def same_numerics_in_any_process() -> Iterator[None]:
+    """Set the process-wide settings a run's arithmetic depends on the same way whatever the process did before
+    (a notebook or a test session runs many things before a run): the CPU thread
+    count set explicitly (which turns off MKL's dynamic threading: docs/design.md, "Training"; it stays so) and
+    float32 as the default dtype (the caller's is put back afterwards)."""
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(dtype)
+
+
+def train_command(configs: list[str], overrides: list[str], debug: bool = False, from_python: bool = True) -> int:
+    """Run `slm/train.py CONFIGS... OVERRIDES...` (slm/train.py parses them) and return its exit status: any error
+    one line (`slm train: error: ...`), a full disk naming the run folder."""
+
+    def run() -> int:
+        cfg = load_config(configs, overrides)
+        try:
+            with workarounds.applied(), same_numerics_in_any_process():
+                return train(cfg)
+        except Exception as e:  # a full disk: name the run folder when the error does not name a file
+            problem = disk_error(e, where=str(cfg.folder))
+            if problem:
+                raise SlmError(problem) from e
+            raise
+
+    previous_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, *SIGNALS)}
+    try:
+        return run_command("slm train", run, debug)
+    finally:
+        # Called from Python (a notebook, tests), the process goes on: its Ctrl-C and the schedulers' signals
+        # are its own again. As the script, the run ignores those signals until exit (slm/training/preemption.py),
+        # Ctrl-C too once its status is settled: Python resets a signal it handles to the default (death) while the
+        # interpreter shuts down, and a second Ctrl-C then killed the process (status -2, not 130).
+        if from_python and threading.current_thread() is threading.main_thread():
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+        elif not from_python:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+

@@ -1,0 +1,159 @@
+"""`slm logprobs`: per-token log-probabilities of the eval split under every checkpoint of one tiny run."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from slm.cli import main
+from slm.data.documents import load_documents
+from slm.data.tokenizer import load_tokenizer
+from slm.training.export import model_from_checkpoint, read_checkpoint
+
+from helpers import run_slm, train, write_yaml
+
+LABELS = ["ba1", "ba2", "ba4"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, shards) -> Path:
+    """Checkpoints at batches 1, 2 and 4."""
+    root = tmp_path_factory.mktemp("lp")
+    train(write_yaml(root / "t.yaml", shards), "run_name=lp", "max_duration=4ba")
+    return root / "ckpt" / "lp"
+
+
+@pytest.fixture(scope="module")
+def tables(run, shards, tmp_path_factory) -> tuple[Path, str]:
+    """The tables of every checkpoint of the run, from the real `slm` command, and what it printed."""
+    out = tmp_path_factory.mktemp("tables")
+    proc = run_slm("logprobs", str(run), "-d", str(shards / "eval"), "--out-dir", str(out), "--batch-size", "5")
+    return out, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory) -> Path:
+    """The run's last checkpoint (batch 4), exported."""
+    out = tmp_path_factory.mktemp("export") / "hf"
+    run_slm("export", str(run / "latest-rank0.pt"), "-o", str(out))
+    return out
+
+
+def read(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """sample, token_ids and logprobs of a table, as arrays."""
+    table = pq.read_table(path)
+    return (table["sample"].to_numpy(), np.array(table["token_ids"].to_pylist()),
+            np.array(table["logprobs"].to_pylist(), dtype=np.float32))
+
+
+def assert_same_figures(a: Path, b: Path) -> None:
+    for x, y in zip(read(a), read(b), strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-5, equal_nan=True)
+
+
+def eval_split_samples(corpus: Path, tokenizer_dir: Path, seq_len: int = 64) -> np.ndarray:
+    """The eval split's samples by the chunking rule, computed here from the corpus (so the order is checked too)."""
+    tok = load_tokenizer(str(tokenizer_dir))
+    docs = load_documents(str(corpus), "story", "train[90%:]")["story"]
+    stream = [i for doc in docs for i in [*tok(doc, add_special_tokens=False)["input_ids"], tok.eos_token_id]]
+    n = len(stream) // (seq_len - 1)
+    pieces = np.array(stream[: n * (seq_len - 1)]).reshape(n, seq_len - 1)
+    return np.concatenate([np.full((n, 1), tok.bos_token_id), pieces], axis=1)
+
+
+@pytest.mark.train
+def test_every_checkpoint_gets_the_logprobs_of_its_own_forward_pass(run, tables, corpus, tokenizer_dir):
+    out, stdout = tables
+    assert sorted(p.name for p in out.iterdir()) == [f"{label}.parquet" for label in LABELS]  # no partial files
+    assert [line.split(":")[0] for line in stdout.splitlines()] == LABELS
+    expected_ids = eval_split_samples(corpus, tokenizer_dir)
+    for label in LABELS:
+        schema = pq.read_schema(out / f"{label}.parquet")
+        assert schema.names == ["sample", "token_ids", "logprobs"]
+        assert schema.types == [pa.int64(), pa.list_(pa.int32()), pa.list_(pa.float32())]
+        samples, ids, logprobs = read(out / f"{label}.parquet")
+        assert samples.tolist() == list(range(len(expected_ids)))
+        assert np.array_equal(ids, expected_ids)
+        model = model_from_checkpoint(read_checkpoint(next(run.glob(f"ep*-{label}-rank0.pt"))))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # forwards this small wait on a second thread far longer than they compute
+        try:
+            for row, lp in zip(ids, logprobs, strict=True):
+                x = torch.tensor(row)[None]
+                with torch.no_grad():
+                    logits = model(x).logits.float()
+                direct = torch.log_softmax(logits[0, :-1], -1).gather(-1, x[0, 1:, None])[:, 0]
+                assert np.isnan(lp[0])
+                assert torch.allclose(torch.from_numpy(lp[1:]), direct, atol=1e-5)
+        finally:
+            torch.set_num_threads(threads)
+
+
+@pytest.mark.train
+def test_a_rerun_skips_what_is_done(run, tables, shards, capsys):
+    out, _ = tables
+    mtimes = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main(["logprobs", str(run), "-d", str(shards / "eval"), "--out-dir", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"skipped {label} (already in {out / label}.parquet)"
+                                                    for label in LABELS]
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+
+
+@pytest.mark.train
+def test_checkpoints_selects_labels_and_names_the_ones_there_are(run, tables, shards, tmp_path, capsys):
+    data = str(shards / "eval")
+    run_slm("logprobs", str(run), "-d", data, "--out-dir", str(tmp_path / "one"), "--checkpoints", "ba2")
+    assert [p.name for p in (tmp_path / "one").iterdir()] == ["ba2.parquet"]
+    assert_same_figures(tmp_path / "one" / "ba2.parquet", tables[0] / "ba2.parquet")
+
+    assert main(["logprobs", str(run), "-d", data, "--out-dir", str(tmp_path / "two"), "--checkpoints",
+                 "ba2,ba3"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"slm logprobs: error: no checkpoint ba3 in {run}; it has: ba1, ba2, ba4"]
+    assert not (tmp_path / "two").exists()
+
+
+@pytest.mark.train
+def test_a_checkpoint_file_and_its_export_folder_give_the_figures_of_the_run(run, exported, tables, shards, tmp_path):
+    for model in (run / "latest-rank0.pt", exported):  # labelled ba4 by the checkpoint, by slm-run.json
+        assert main(["logprobs", str(model), "-d", str(shards / "eval"), "--out-dir", str(tmp_path / model.name)]) == 0
+        assert_same_figures(tmp_path / model.name / "ba4.parquet", tables[0] / "ba4.parquet")
+
+
+@pytest.mark.train
+def test_hub_dataset_branches_and_a_hub_model(fake_hub, run, tables, exported, shards, tmp_path, capsys):
+    out, data = tables[0], str(shards / "eval")
+    assert main(["logprobs", str(run), "-d", data, "--out-repo", "me/lp", "--checkpoints", "ba1,ba2"]) == 0
+    # With the tables already in --out-dir, the missing branch is pushed from there, nothing is recomputed.
+    assert main(["logprobs", str(run), "-d", data, "--out-repo", "me/lp", "--out-dir", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-3:-1] == [f"skipped {label} (already in {out / label}.parquet and hf://datasets/me/lp@{label})"
+                              for label in ("ba1", "ba2")]
+    assert printed[-1].startswith(f"ba4: taken from {out / 'ba4.parquet'}; wrote hf://datasets/me/lp@ba4 in ")
+    for label in LABELS:
+        branch = fake_hub.repo_dir("me/lp", "dataset", label)
+        assert {p.name for p in branch.iterdir()} - {".gitattributes"} == {"logprobs.parquet"}
+        assert_same_figures(branch / "logprobs.parquet", out / f"{label}.parquet")
+
+    fake_hub.repo_dir("me/model").mkdir(parents=True)
+    shutil.copytree(exported, fake_hub.repo_dir("me/model", revision="ba4"))
+    assert main(["logprobs", "me/model", "-d", data, "--out-dir", str(tmp_path / "hub")]) == 0
+    assert_same_figures(tmp_path / "hub" / "ba4.parquet", out / "ba4.parquet")
+
+
+def test_bad_inputs_are_one_line(shards, tmp_path, capsys):
+    data = str(shards / "eval")
+    assert main(["logprobs", str(tmp_path / "nothing"), "-d", data, "--out-dir", str(tmp_path)]) == 1
+    assert main(["logprobs", str(tmp_path), "-d", data]) == 1
+    assert main(["logprobs", str(tmp_path), "-d", data, "--out-dir", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"slm logprobs: error: model not found: {tmp_path / 'nothing'}",
+        "slm logprobs: error: give --out-dir, --out-repo, or both",
+        f"slm logprobs: error: {tmp_path} holds no complete checkpoint (ep*-ba*-rank0.pt) and is not a folder "
+        "written by `slm export` (no config.json)"]

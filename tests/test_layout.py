@@ -1,0 +1,77 @@
+"""The package's layout (docs/design.md, "Code layout"): each subpackage imports only those below it, no module
+imports another subpackage's private names, the README's map lists every module there is, and the tests have a
+folder per subpackage."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO
+
+# Lowest first: a subpackage may import those before it, never one after it; slm's top-level modules (the `slm`
+# command, slm/train.py, slm.open) may import any.
+LAYERS = ["core", "cluster", "data", "hub", "training", "analysis"]
+PACKAGE = REPO / "slm"
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+def subpackage(module: Path) -> str | None:
+    """The subpackage a module of slm/ is in (None: a top-level module)."""
+    parts = module.relative_to(PACKAGE).parts
+    return parts[0] if len(parts) > 1 else None
+
+
+def imports(module: Path) -> list[tuple[str, list[str]]]:
+    """Every `slm` import of a module, at the top or inside a function: (module imported, names taken from it)."""
+    found = []
+    for node in ast.walk(ast.parse(module.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "slm":
+            found.append((node.module, [alias.name for alias in node.names]))
+        elif isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names if alias.name.split(".")[0] == "slm"]
+    return found
+
+
+def imported_subpackages(target: str, names: list[str]) -> set[str]:
+    """The subpackages an import reaches: `slm.data.shards`, or `from slm import data`."""
+    parts = target.split(".")
+    return {parts[1]} & set(LAYERS) if len(parts) > 1 else set(names) & set(LAYERS)
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: str(m.relative_to(REPO)))
+def test_no_subpackage_imports_one_above_it(module):
+    own = subpackage(module)
+    if own is None:
+        return
+    above = [(target, names) for target, names in imports(module)
+             if any(LAYERS.index(other) > LAYERS.index(own) for other in imported_subpackages(target, names))]
+    assert not above, f"slm.{own} sits below what {module.relative_to(REPO)} imports: {above}"
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: str(m.relative_to(REPO)))
+def test_no_private_name_crosses_a_subpackage(module):
+    crossing = [(target, name) for target, names in imports(module) for name in names
+                if name.startswith("_") and target.split(".")[1:2] != [subpackage(module)]]
+    assert not crossing, f"{module.relative_to(REPO)} imports private names of another subpackage: {crossing}"
+
+
+def test_every_subpackage_is_a_layer_and_every_test_folder_a_subpackage():
+    packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert packages == set(LAYERS)
+    test_folders = {p.parent.name for p in (REPO / "tests").glob("*/test_*.py")}
+    assert test_folders == set(LAYERS), test_folders
+
+
+def test_the_readme_map_lists_every_module():
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Where things are", 1)[1].split("```", 2)[1]
+    listed = re.findall(r"^(slm/\S+)", block, re.M)
+    modules = [str(m.relative_to(REPO)) for m in MODULES if m.name != "__init__.py"]
+    packages = [f"slm/{name}/" for name in LAYERS]
+    assert sorted(listed) == sorted(modules + packages), (
+        f"missing from README's map: {sorted(set(modules + packages) - set(listed))}; "
+        f"listed but not there: {sorted(set(listed) - set(modules + packages))}")
