@@ -153,10 +153,9 @@ def sge(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def two_hosts(tmp_path_factory: pytest.TempPathFactory):
-    """The two test hosts with Slurm and SGE across them (tests/clusters.py `TwoHosts`) for a test module (torn
-    down before the one-node clusters' tests, which run after them in make test's cluster session); the repository
-    and the session's temporary folders shared between them. Afterwards no namespace, link or daemon of theirs is
-    left."""
+    """The two test hosts with Slurm and SGE across them (tests/clusters.py `TwoHosts`) for their test module (torn
+    down before any test after it); the repository and the session's temporary folders shared between them.
+    Afterwards no namespace, link or daemon of theirs is left."""
     from clusters import TwoHosts, install_schedulers
 
     reason = TwoHosts.usable() or install_schedulers()

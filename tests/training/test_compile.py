@@ -10,7 +10,7 @@ import torch
 
 from helpers import train, write_yaml
 
-pytestmark = [pytest.mark.train, pytest.mark.beside]  # make test: in the `beside` session
+pytestmark = [pytest.mark.train, pytest.mark.beside]  # make test: in the second session
 
 
 def losses(folder) -> dict[int, float]:
