@@ -191,14 +191,14 @@ def expand(configs: Sequence[str | Sequence[str]], overrides: Sequence[str] = ()
     if not configs:
         raise SlmError("no config given: name at least one CONFIG.yaml")
     axes_given = parse_grid(grid)
-    keys = [parse_override(item)[0] for item in overrides]
-    for item, key in zip(overrides, keys, strict=True):
+    parsed = {item: parse_override(item) for item in overrides}
+    keys = [key for key, _ in parsed.values()]
+    for item, (key, _) in parsed.items():
         clash = next((k for k in axes_given if _covers(key, k) or _covers(k, key)), None)
         if clash:
             raise SlmError(f"'{clash}' is both swept (--grid) and set ({item}): drop one")
-    user_name = next((parse_override(o)[1] for o, key in zip(reversed(overrides), reversed(keys), strict=True)
-                      if key == "run_name"), None)
-    kept = tuple(o for o, key in zip(overrides, keys, strict=True) if key != "run_name")
+    user_name = next((value for key, value in reversed(parsed.values()) if key == "run_name"), None)
+    kept = tuple(item for item, (key, _) in parsed.items() if key != "run_name")
 
     tasks: list[Task] = []
     for entry in configs:

@@ -43,15 +43,6 @@ def shown_on_failure(cmd: list[str], stderr: str | Callable[[], str]) -> None:
     OUTPUTS.append((" ".join(map(str, cmd)), stderr))
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 120.0, interval: float = 0.005) -> None:
-    """Poll `predicate` until it holds; TimeoutError after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("the training process never got there")
-        time.sleep(interval)
-
-
 def job_log(log: Path) -> Path:
     """`log`, a scheduler job's output file, shown with the report if the test fails (a wait that timed out
     included)."""

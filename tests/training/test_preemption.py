@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from clusters import wait_until
 
 from slm.core.run_folder import checkpoints, newest_complete, read_metrics
 from slm.training.preemption import StopOnSignal
@@ -27,7 +28,6 @@ from helpers import (
     run_cmd,
     train,
     train_cmd,
-    wait_for,
     write_yaml,
 )
 
@@ -84,7 +84,7 @@ class Terminal:
         return self.proc.stderr_text
 
     def wait_for_line(self, text: str) -> None:
-        wait_for(lambda: text in self.stderr or self.proc.poll() is not None)
+        wait_until(lambda: text in self.stderr or self.proc.poll() is not None, 120, repr(text), 0.005)
 
     def ctrl_c(self) -> None:
         os.killpg(self.proc.pid, signal.SIGINT)

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from clusters import wait_until
 
 from slm.core.run_folder import read_metrics
 
@@ -21,7 +22,6 @@ from helpers import (
     run_cmd,
     train,
     train_cmd,
-    wait_for,
     write_yaml,
 )
 
@@ -93,7 +93,7 @@ def test_sigkill_at_any_moment_then_resume_is_bitwise_equal(reference, tmp_path,
     for moment in kill_when:
         proc = Started(cmd)
         try:
-            wait_for(lambda: moment() or proc.poll() is not None)  # noqa: B023
+            wait_until(lambda: moment() or proc.poll() is not None, 120, "the moment to kill at", 0.005)  # noqa: B023
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -182,7 +182,8 @@ def test_mamba_killed_mid_run_resumes_bitwise(tmp_path, shards):
     cmd = train_cmd(config, "run_name=m2", *args)
     proc = Started(cmd)
     try:  # the instant the batch-3 checkpoint appears: mid-write, or just after
-        wait_for(lambda: (folder / "ep0-ba3-rank0.pt").exists() or proc.poll() is not None)
+        wait_until(lambda: (folder / "ep0-ba3-rank0.pt").exists() or proc.poll() is not None, 120,
+                   "the checkpoint of batch 3", 0.005)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
