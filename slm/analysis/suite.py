@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from slm.analysis.harness import analysis_package
 from slm.core.errors import SlmError
 from slm.core.paths import is_local_path
-from slm.core.run_folder import json_lines, read_metrics
+from slm.core.run_folder import METRICS, json_lines, read_metrics
 from slm.core.trust import plain_name
 
 if TYPE_CHECKING:
@@ -283,7 +283,7 @@ def run_from_hub(repo: str, cache: HubCache) -> Run:
     try:
         manifest = Manifest.parse(hub.read_file(repo, MANIFEST), f"{MANIFEST} of the Hub repo {repo}")
         info = json.loads(hub.read_file(repo, "run.json"))
-        rows = json_lines(hub.read_file(repo, "metrics.jsonl").decode(), f"metrics.jsonl of the Hub repo {repo}")
+        rows = json_lines(hub.read_file(repo, METRICS).decode(), f"{METRICS} of the Hub repo {repo}")
     except FileNotFoundError:
         raise SlmError(f"{repo} is neither a local run folder nor the Hub model repo of an slm run (no "
                        f"{MANIFEST}, run.json and metrics.jsonl on its main branch)") from None

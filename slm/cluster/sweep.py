@@ -222,7 +222,7 @@ def expand(configs: Sequence[str | Sequence[str]], overrides: Sequence[str] = ()
     for i, task in enumerate(tasks):
         unsafe = safe_run_name("run_name", task.run_name, None)
         if unsafe:
-            raise SlmError(f"task {i}: {unsafe}, in yaml names, run_name=... and grid values")
+            raise SlmError(f"task {i}: {unsafe}; run_names come from yaml names, run_name=... and grid values")
         if task.run_name in seen:
             raise SlmError(f"tasks {seen[task.run_name]} and {i} would both train run_name '{task.run_name}': "
                            "give the yamls distinct names, or sweep a value that tells them apart")

@@ -38,7 +38,7 @@ from composer.utils import dist
 
 from slm.core.errors import say
 from slm.core.paths import partial_file, write_atomically
-from slm.core.run_folder import CHECKPOINT, LATEST, checkpoints, is_complete
+from slm.core.run_folder import CHECKPOINT, LATEST, METRICS, checkpoints, is_complete
 from slm.hub.client import Hub, HubError
 from slm.hub.manifest import (
     LATEST_POINTER,
@@ -56,7 +56,7 @@ from slm.hub.manifest import (
 from slm.training.export import export_checkpoint
 
 PENDING = ".hub-pending"  # in the run folder: the upload queue (checkpoint hard links, export folders)
-RUN_DATA = ("metrics.jsonl", "run.json", "config.yaml")  # files of the run folder that go up with each checkpoint
+RUN_DATA = (METRICS, "run.json", "config.yaml")  # files of the run folder that go up with each checkpoint
 PROGRESS_EVERY = 10.0  # seconds between "waiting for the Hub" lines at the end of a run
 REPAIRS = 3  # uploads of a file the Hub keeps holding differently before the run stops
 

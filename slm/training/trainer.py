@@ -27,7 +27,7 @@ from transformers import PreTrainedModel
 from slm.core import workarounds
 from slm.core.config import OptimizerConfig, TrainConfig, load_config, save_config
 from slm.core.errors import SlmError, describe_error, disk_error, run_command, say
-from slm.core.run_folder import FILENAME, LATEST_FILENAME, newest_complete, repair_latest
+from slm.core.run_folder import FILENAME, LATEST_FILENAME, METRICS, newest_complete, repair_latest
 from slm.core.shared_memory import clean_stale_shared_memory
 from slm.data.loading import build_dataloader, check_compatible, split_metadatas
 from slm.data.tokenizer import load_tokenizer, mismatch_hint, tokenizer_identity, tokenizer_matches
@@ -228,7 +228,7 @@ def make_trainer(plan: Plan, folder: Path, warm_start: Path | None = None) -> Ru
     """Make Composer's Trainer over a checked plan and a prepared run folder (no checks of its own): it autoresumes
     from the run folder (or the Hub), and a new run starts from `warm_start` (a checkpoint file) when given."""
     cfg, model = plan.cfg, plan.model
-    metrics = MetricsFile(folder / "metrics.jsonl")
+    metrics = MetricsFile(folder / METRICS)
     run_info = RunInfo(cfg, plan.tokenizer, count_parameters(model.model), folder, metrics,
                        warm_start_record(cfg.load, warm_start) if warm_start else None)
     train_metrics = TrainMetrics(model, plan.train_metrics, cfg.log_interval)
