@@ -25,6 +25,9 @@ PACKAGES = ["slurm-wlm", "munge", "gridengine-master", "gridengine-exec", "gride
 PROGRAMS = ["slurmctld", "slurmd", "sbatch", "munged", "sge_qmaster", "sge_execd", "qsub"]
 CPUS, MEMORY_MB, GPUS = 16, 64000, 2
 INSTALL_LOCK = "/tmp/slm-install-schedulers.lock"
+# How long a test waits for a job to end: a guard against a hang, not a speed check. On a busy machine (make test
+# BUSY=2) a 16-batch one-node job took over 300 s.
+JOB_TIMEOUT = 900
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.5):

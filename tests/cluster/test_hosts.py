@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from clusters import wait_until
+from clusters import JOB_TIMEOUT, wait_until
 
 from helpers import REPO, Hold, assert_bitwise_equal, final_state, job_log, shown_on_failure, train, write_yaml
 
@@ -95,10 +95,10 @@ def test_sge_two_hosts_train_one_run_stopped_requeued_and_resumed_bitwise(two_ho
     # script's process group); the ranks on the other host stop at the same batch (slm/training/preemption.py).
     os.killpg(wait_until(lambda: two_hosts.sge_job_pid(job), 30, "the job's pid"), signal.SIGUSR1)
     hold.release()
-    wait_until(lambda: not two_hosts.sge_in_queue(job), 300, f"SGE job {job}")
+    wait_until(lambda: not two_hosts.sge_in_queue(job), JOB_TIMEOUT, f"SGE job {job}")
     copy = re.search(rf"a copy of job {job} resumes it: Your job (\d+)", log.read_text())
     assert copy, log.read_text()[-4000:]  # SGE does not restart a requeued job where qrsh -inherit ran (train.sh)
-    wait_until(lambda: not two_hosts.sge_in_queue(int(copy.group(1))), 300, f"SGE job {copy.group(1)}")
+    wait_until(lambda: not two_hosts.sge_in_queue(int(copy.group(1))), JOB_TIMEOUT, f"SGE job {copy.group(1)}")
     text = log.read_text()
     assert "slm launch: node 1 of 2" in text and "slm launch: node 2 of 2" in text, text[-4000:]
     stopped = re.search(r"stopped at batch (\d+) on SIGUSR1, checkpoint saved", text)

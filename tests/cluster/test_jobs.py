@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from clusters import wait_until
+from clusters import JOB_TIMEOUT, wait_until
 from omegaconf import OmegaConf
 
 from helpers import REPO, Hold, assert_bitwise_equal, final_state, job_log, train, write_yaml
@@ -75,7 +75,7 @@ def test_slurm_train_job_then_resubmitting_resumes(slurm, reference, tmp_path, s
     config = write_yaml(tmp_path / "slurm-train.yaml", shards)
     job = slurm.submit("jobs/train.sbatch", str(config), cwd=REPO)  # the scripts' own directives, unchanged
     default_log = job_log(REPO / "logs" / f"slm-train-{job}.out")
-    info = wait_until(lambda: slurm.finished(job), 300, f"Slurm job {job}")
+    info = wait_until(lambda: slurm.finished(job), JOB_TIMEOUT, f"Slurm job {job}")
     log = read_and_remove(default_log)
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert f"slm job: Slurm job {job} (start 1) on" in log
@@ -83,7 +83,7 @@ def test_slurm_train_job_then_resubmitting_resumes(slurm, reference, tmp_path, s
     assert_bitwise_equal(final_state(reference / "ref"), final_state(tmp_path / "ckpt" / "slurm-train"))
 
     again = slurm.submit("--output", str(job_log(tmp_path / "again.out")), "jobs/train.sbatch", str(config), cwd=REPO)
-    assert wait_until(lambda: slurm.finished(again), 300, "the resubmitted job")["JobState"] == "COMPLETED"
+    assert wait_until(lambda: slurm.finished(again), JOB_TIMEOUT, "the resubmitted job")["JobState"] == "COMPLETED"
     assert "slm train: slurm-train: resumed at batch 16 of 16ba" in (tmp_path / "again.out").read_text()
 
 
@@ -103,7 +103,7 @@ def test_slurm_time_limit_signal_then_preemption_resume_bitwise(slurm, reference
     slurm.run("scontrol", "requeue", str(job))
     hold.wait_signalled(12)
     hold.release(12)
-    info = wait_until(lambda: slurm.finished(job), 300, f"Slurm job {job}")
+    info = wait_until(lambda: slurm.finished(job), JOB_TIMEOUT, f"Slurm job {job}")
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", text[-4000:]
     first = re.search(r"stopped at batch (\d+) on SIGUSR1, checkpoint saved", text)
@@ -123,7 +123,7 @@ def test_slurm_suite_runs_a_2x2_grid_two_runs_per_device_as_a_2_task_array(slurm
     array = int(re.search(r"Submitted batch job (\d+)", submitted.stdout).group(1))
     logs = []
     for task in range(2):
-        info = wait_until(lambda: slurm.finished(f"{array}_{task}"), 300, f"array task {task}")  # noqa: B023
+        info = wait_until(lambda: slurm.finished(f"{array}_{task}"), JOB_TIMEOUT, f"array task {task}")  # noqa: B023
         logs += [read_and_remove(REPO / "logs" / f"slm-suite-{array}_{task}.out")] * 2  # its two runs' log
         assert info["JobState"] == "COMPLETED", logs[-1][-3000:]
         assert "slm launch: 2 runs share this node" in logs[-1], logs[-1][-3000:]
@@ -136,14 +136,14 @@ def test_sge_train_job_then_resubmitting_resumes(sge, reference, tmp_path, shard
     config = write_yaml(tmp_path / "sge-train.yaml", shards)
     job = sge.submit("jobs/train.sh", str(config), cwd=REPO)  # the scripts' own directives, unchanged
     default_log = job_log(REPO / "logs" / f"slm-train.o{job}")
-    wait_until(lambda: not sge.in_queue(job), 300, f"SGE job {job}")
+    wait_until(lambda: not sge.in_queue(job), JOB_TIMEOUT, f"SGE job {job}")
     log = read_and_remove(default_log)
     assert f"slm job: SGE job {job} (restarted: 0) on" in log, log[-3000:]
     assert "slm train: sge-train: starting at batch 0 of 16ba" in log, log[-3000:]
     assert_bitwise_equal(final_state(reference / "ref"), final_state(tmp_path / "ckpt" / "sge-train"))
 
     again = sge.submit("-o", str(job_log(tmp_path / "again.out")), "jobs/train.sh", str(config), cwd=REPO)
-    wait_until(lambda: not sge.in_queue(again), 300, "the resubmitted job")
+    wait_until(lambda: not sge.in_queue(again), JOB_TIMEOUT, "the resubmitted job")
     assert "slm train: sge-train: resumed at batch 16 of 16ba" in (tmp_path / "again.out").read_text()
 
 
@@ -156,7 +156,7 @@ def test_sge_soft_time_limit_signal_requeues_and_resumes_bitwise(sge, reference,
     # What SGE does at the soft limit (s_rt): USR1 to every process of the job.
     os.killpg(wait_until(lambda: sge.job_pid(job), 30, "the job's pid"), signal.SIGUSR1)
     hold.release()
-    wait_until(lambda: not sge.in_queue(job), 300, f"SGE job {job}")
+    wait_until(lambda: not sge.in_queue(job), JOB_TIMEOUT, f"SGE job {job}")
     text = log.read_text()
     stopped = re.search(r"stopped at batch (\d+) on SIGUSR1, checkpoint saved", text)
     assert stopped and "exit 99 asks SGE to requeue" in text, text[-4000:]
