@@ -206,7 +206,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 
 def cmd_batches(args: argparse.Namespace) -> None:
-    from slm.analysis.batches import Batches, Processes, run_config
+    from slm.analysis.batches import Batches, Processes, read_only, run_config
 
     target = Path(args.target)
     if not target.exists():
@@ -221,9 +221,10 @@ def cmd_batches(args: argparse.Namespace) -> None:
     if ranks % args.nodes:
         raise SlmError(f"--world-size {ranks} does not split over --nodes {args.nodes}")
     from slm.core import workarounds
-    with workarounds.streaming_datasets():
-        _show_batches(args, Batches(cfg, Processes(args.nodes, ranks // args.nodes, max(cfg.data.num_workers, 1))),
-                      ranks, out)
+    with tempfile.TemporaryDirectory(prefix="slm-batches-") as scratch, workarounds.streaming_datasets():
+        folders = read_only(cfg, Path(scratch), "slm batches") if target.is_dir() else None
+        world = Processes(args.nodes, ranks // args.nodes, max(cfg.data.num_workers, 1))
+        _show_batches(args, Batches(cfg, world, folders), ranks, out)
 
 
 def _show_batches(args: argparse.Namespace, batches: Batches, ranks: int, out: Path | None) -> None:
@@ -241,7 +242,7 @@ def _show_batches(args: argparse.Namespace, batches: Batches, ranks: int, out: P
         print("slm batches: note: shards written before slm recorded documents (no slm-documents.npz): "
               "samples only; re-run `slm tokenize` for documents", file=sys.stderr)
     if args.text:
-        texts = _document_texts(batches, rows)
+        texts = _document_texts(batches, rows, args.source or [])
     if out is not None:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -261,17 +262,31 @@ def _show_batches(args: argparse.Namespace, batches: Batches, ranks: int, out: P
             print(f"  document {document}: {texts[(row['stream'], document)]}")
 
 
-def _document_texts(batches, rows: list[dict]) -> dict[tuple[str, int], str]:
-    """Return the text of each document the rows name, read from the source `slm tokenize` recorded."""
+def _document_texts(batches, rows: list[dict], sources: list[str]) -> dict[tuple[str, int], str]:
+    """Return the text of each document the rows name, read from the source you name (`--source`, for every stream or
+    as STREAM=DATASET), with the feature and split `slm tokenize` recorded. The source a shard folder records is only
+    shown, never opened: the folder may be someone else's, and that path any file of yours."""
     from slm.data.documents import load_documents
     from slm.data.shards import read_metadata
 
+    streams = sorted({row["stream"] for row in rows if row.get("documents")})
+    named = {}
+    for source in sources:
+        stream, _, dataset = source.partition("=")
+        named.update({stream: dataset} if dataset and stream in batches.streams else {"": source})
     texts = {}
-    for stream in sorted({row["stream"] for row in rows if row.get("documents")}):
+    for stream in streams:
         source = read_metadata(batches.stream_folder(stream)).get("source") or {}
-        if not source.get("dataset"):
-            raise SlmError(f"the shards of {stream} do not record their source dataset: --text cannot find the text")
-        ds = load_documents(source["dataset"], source["feature"], source["split"])
+        dataset = named.get(stream) or named.get("")
+        if not dataset:
+            recorded = f"record {source['dataset']!r}" if source.get("dataset") else "record no source"
+            raise SlmError(f"--text reads the documents' text from their source, which slm opens only when you name "
+                           f"it: the shards of {stream} {recorded}; name it with --source DATASET"
+                           + (" (or STREAM=DATASET)" if len(batches.streams) > 1 else ""))
+        if not (source.get("feature") and source.get("split")):
+            raise SlmError(f"the shards of {stream} do not record the feature and split they were tokenized from: "
+                           "--text cannot find the documents")
+        ds = load_documents(dataset, source["feature"], source["split"])
         for row in rows:
             for document in (row.get("documents") or []) if row["stream"] == stream else []:
                 texts[(stream, document)] = ds[document][source["feature"]]
@@ -285,27 +300,30 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from omegaconf import OmegaConf
-
     from slm.analysis.verify import verify
     from slm.core.config_rules import HUB_REPO
+    from slm.core.foreign import read_yaml, shown
+    from slm.core.run_folder import checked_run_folder
 
     target, run = args.target, Path(args.run_folder) if args.run_folder else None
     if Path(target).is_dir():  # a run folder: its repo, and its checkpoints
-        config = Path(target) / "config.yaml"
+        config = checked_run_folder(target) / "config.yaml"
         if not config.is_file():
             raise SlmError(f"{target} is no run folder (no config.yaml): give a Hub repo ORG/NAME or a run folder")
         run = run or Path(target)
-        saved = OmegaConf.to_container(OmegaConf.load(config), resolve=False)  # a folder handed over: read, not run
-        target = (saved.get("hub") or {}).get("repo") if isinstance(saved, dict) else None
+        saved = read_yaml(config, "config")  # a folder handed over: read, not run
+        hub = saved.get("hub") if isinstance(saved, dict) else None
+        target = hub.get("repo") if isinstance(hub, dict) else None
         if not target:
             raise SlmError(f"{config} has no hub.repo: give the Hub repo, e.g. slm verify ORG/NAME --run {args.target}")
         if not isinstance(target, str) or not HUB_REPO.fullmatch(target):
-            raise SlmError(f"{config}: hub.repo {target!r} is no Hub repo id ORG/NAME")
+            raise SlmError(f"{config}: hub.repo {shown(target)} is no Hub repo id ORG/NAME")
     elif target.count("/") != 1:
         raise SlmError(f"{target} is neither a run folder nor a Hub model repo ORG/NAME")
     if run is not None and not run.is_dir():
         raise SlmError(f"--run {run}: no such run folder")
+    if run is not None:
+        checked_run_folder(run)
     report = verify(target, args.revision, run, args.deep)
     print(report.to_json() if args.json else report.to_text())
     return 0 if report.ok else 1
@@ -468,7 +486,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", action="store_true", help="also each sample's token ids")
     p.add_argument("--documents", action="store_true", help="also the source documents each sample holds "
                                                             "(their index in the split slm tokenize read)")
-    p.add_argument("--text", action="store_true", help="also the text of those documents (implies --documents)")
+    p.add_argument("--text", action="store_true", help="also the text of those documents (implies --documents), read "
+                                                       "from --source")
+    p.add_argument("--source", action="append", metavar="[STREAM=]DATASET",
+                   help="with --text: the dataset the shards were tokenized from (as `slm tokenize -i` took it; the "
+                        "shards record it, but slm opens only a source you name); STREAM=DATASET for one stream of a "
+                        "mixture; repeat for several")
     p.add_argument("--out", help="write a Parquet table (one row per sample) instead of printing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(run=cmd_batches)

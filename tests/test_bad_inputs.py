@@ -134,7 +134,7 @@ CASES = {
                                 "config file not found: {ws}/nope.yaml"),
     "logprobs of an export labelled with a path": (["logprobs", "{ws}/bad_export", "--data", "{shards}/eval",
                                                     "--out-dir", "{ws}/o"], "{ws}/bad_export/slm-run.json: "
-                                                   "timestamp.batch is '1/../../x', not a batch number"),
+                                                   "timestamp.batch is '1/../../x', not a whole number from 0"),
 }
 
 
@@ -200,8 +200,10 @@ TRAIN_CASES = {
                                                                    "is 1000 bytes but index.json says"),
     "corrupt shard": (["data.train.local={ws}/corrupt_shard"], "shard {ws}/corrupt_shard/shard.00000.mds.zstd does "
                                                                "not match its sha1 in index.json"),
+    "shard missing from its folder": (["data.train.local={ws}/incomplete"], "{ws}/incomplete lacks the shard file "
+                                                                          "shard.00000.mds.zstd its index.json names"),
     "truncated index.json": (["data.train.local={ws}/truncated_index"],
-                             "{ws}/truncated_index/index.json is truncated or corrupt"),
+                             "{ws}/truncated_index/index.json is not valid JSON"),
     "run folder of another model": (["run_name=other"], "{ws}/ckpt/other holds a run of another model "
                                                         "(model.hidden_size is 16 there, 32 here)"),
     "checkpoint of another model": (["run_name=foreign"], "the checkpoint {ws}/ckpt/foreign/ep0-ba2-rank0.pt does "
@@ -218,7 +220,8 @@ TRAIN_CASES = {
     "token pasted into an override": (["logging.wandb.group=x-{token}"], "the config: 'logging.wandb.group' holds a "
                                                                          "secret (the value of a token, key or "
                                                                          "password this process can see)"),
-    "shard name leading outside": (["data.train.local={ws}/escaping"], "shard index {ws}/escaping/index.json names "
+    "shard name leading outside": (["data.train.local={ws}/escaping"], "shard index {ws}/escaping/index.json, "
+                                                                       "shard 0: raw_data.basename names "
                                                                        "'../../ESCAPED.mds', which is not a relative "
                                                                        "path below its folder"),
     "warm start off a checkpoint carrying code": (["run_name=branch", "load.path={ws}/payload.pt"],
@@ -256,8 +259,9 @@ def train_ws(tmp_path, shards, tokenizer_dir, other_model_run, monkeypatch):
     train_tokenizer([["some other text entirely"]], 300).save_pretrained(tmp_path / "other_tok")
     edited_tokenizer(tokenizer_dir, tmp_path / "swapped_tok", swap_a_b)
     (tmp_path / "malformed.yaml").write_text(f"base: {config}\nmax_duration: [16ba\n")
-    for name in ("no_samples", "truncated_shard", "corrupt_shard", "truncated_index", "escaping"):
+    for name in ("no_samples", "truncated_shard", "corrupt_shard", "truncated_index", "escaping", "incomplete"):
         shutil.copytree(shards / "train", tmp_path / name, ignore=shutil.ignore_patterns("*.mds"))
+    (tmp_path / "incomplete" / "shard.00000.mds.zstd").unlink()
     index = json.loads((tmp_path / "no_samples" / "index.json").read_text())
     (tmp_path / "no_samples" / "index.json").write_text(json.dumps({**index, "shards": []}))
     zstd = "shard.00000.mds.zstd"

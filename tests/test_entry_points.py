@@ -38,7 +38,7 @@ def malformed_yaml(tmp_path):
 def test_slm_keeps_the_cause(bad_metrics, tmp_path, capsys, debug):
     code = slm_main(["plot", str(bad_metrics), "--out", str(tmp_path / "x.png"), *(["--debug"] if debug else [])])
     err = capsys.readouterr().err
-    assert code == 1 and len(error_lines(err)) == 1 and "is not JSON lines" in err.splitlines()[-1]
+    assert code == 1 and len(error_lines(err)) == 1 and "line 1 is not valid JSON" in err.splitlines()[-1]
     assert ("Traceback" in err and "JSONDecodeError" in err and "direct cause" in err) == debug
 
 
@@ -63,9 +63,13 @@ def test_launch_shares_the_error_path(monkeypatch, capsys, debug):
     assert ("Traceback" in err) == debug
 
 
-def test_an_unexpected_error_is_one_line_that_points_at_debug(tmp_path, capsys):
-    (tmp_path / "metrics.jsonl").write_text('{"batch": 1}\n')
-    (tmp_path / "run.json").write_text("[1, 2]\n")  # valid JSON, not a run: plot trips over it
+def test_an_unexpected_error_is_one_line_that_points_at_debug(tmp_path, capsys, monkeypatch):
+    import slm.analysis.plot
+
+    def trip(folder):
+        raise RuntimeError("a bug of slm's own")
+
+    monkeypatch.setattr(slm.analysis.plot, "read_run", trip)
     code = slm_main(["plot", str(tmp_path), "--out", str(tmp_path / "x.png")])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and lines[0].endswith("(rerun with --debug for the traceback)")

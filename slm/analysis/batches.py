@@ -11,7 +11,6 @@ A killed and resumed run trains on the same batches (resumption is exact: tests/
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +20,11 @@ from composer.core import Time, TimeUnit
 from streaming.base.batching import generate_work
 from streaming.base.world import World
 
-from slm.core.config import TrainConfig, load_config
-from slm.core.errors import SlmError
+from slm.core.config import TrainConfig, load_config, load_saved_config
+from slm.core.errors import SlmError, say
+from slm.core.run_folder import checked_run_folder, read_run_record
 from slm.core.workarounds import require
-from slm.data.loading import build_dataset, split_folders
+from slm.data.loading import build_dataset, check_shards, split_folders
 from slm.data.shards import Documents, read_documents
 
 
@@ -44,7 +44,8 @@ class Processes:
 class Batches:
     """The training batches of one config (its `data.train`), for one world of processes."""
 
-    def __init__(self, cfg: TrainConfig, world: Processes):
+    def __init__(self, cfg: TrainConfig, world: Processes, folders: dict[str, Path] | None = None):
+        """`folders`: each stream's folder where `cfg` reads it as a remote (`read_only`), else its own local."""
         require("mosaicml-streaming", "slm batches (it reproduces Streaming's sample order)")
         if cfg.global_batch_size % world.ranks:
             raise SlmError(f"global_batch_size {cfg.global_batch_size} does not split across {world.ranks} "
@@ -56,6 +57,7 @@ class Batches:
                         for label, _ in split_folders(cfg.data.train, "train")]
         self.steps_per_epoch = len(self._epoch(0)[0])
         self._documents: dict[str, Documents | None] = {}
+        self.folders = folders or {}
 
     def _epoch(self, epoch: int) -> list[np.ndarray]:
         """Return, per rank, the epoch's batches: an array (steps, per_rank) of global sample ids."""
@@ -129,6 +131,8 @@ class Batches:
         return record.of_sample(row["sample"]) if record else None
 
     def stream_folder(self, stream: str) -> Path:
+        if stream in self.folders:
+            return self.folders[stream]
         split = self.cfg.data.train
         return Path(split.streams[stream].local if split.streams else split.local)
 
@@ -144,19 +148,35 @@ def _in_turn(per_worker: list[list]) -> list:
 
 
 def run_config(target: Path) -> tuple[TrainConfig, int | None]:
-    """Read the config of a run folder (its config.yaml) or a yaml, and the run's world size if a run recorded one."""
+    """Read the config of a run folder (its config.yaml, maybe someone else's: read, not run) or a yaml of yours, and
+    the run's world size if a run recorded one."""
     if target.is_dir():
-        config = target / "config.yaml"
+        config = checked_run_folder(target) / "config.yaml"
         if not config.is_file():
             raise SlmError(f"{target} is no run folder (no config.yaml): give a run folder or a config yaml")
-        processes = None
-        try:
-            starts = json.loads((target / "run.json").read_text()).get("starts") or [{}]
-            processes = starts[-1].get("hardware", {}).get("processes")
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        return load_config(config), processes
+        starts = (read_run_record(target) or {}).get("starts") or [{}]
+        return load_saved_config(config), (starts[-1].get("hardware") or {}).get("processes")
     return load_config(target), None
+
+
+def read_only(cfg: TrainConfig, scratch: Path, prog: str) -> dict[str, Path]:
+    """Make `cfg` (a run folder's config, maybe someone else's) read each training stream's folder as Streaming's
+    remote, copying what it needs into `scratch`: nothing is written where a config from elsewhere says (a compressed
+    shard would be decompressed into its folder). A remote it names is never fetched. Return each stream's folder, as
+    read; each is said, checked first as any shard folder."""
+    split, folders = cfg.data.train, {}
+    sources = split.streams.items() if split.streams else [("train", split)]
+    for stream, source in sources:
+        if source.remote:
+            raise SlmError(f"the run's config reads data.train{'.streams.' + stream if split.streams else ''} from "
+                           f"{source.remote}, which slm batches does not fetch for a run folder's config: give a "
+                           "config yaml of yours instead (slm batches CONFIG.yaml)")
+        folder = Path(source.local)
+        check_shards(folder, hashes=False)
+        folders[stream] = folder
+        source.remote, source.local = str(folder.resolve()), str(scratch / stream)
+        say(f"the samples of {stream} from {folder}, as the run's config.yaml names it (read, never written)", prog)
+    return folders
 
 
 def parse_steps(text: str, max_steps: int | None) -> tuple[int, int]:

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from slm.core.errors import SlmError
+from slm.core.foreign import checked_folder
 from slm.core.paths import partial_file
 from slm.data.shards import read_documents
 
@@ -164,6 +165,8 @@ def dynamics_of(run: Run, data: Path, margin: float = MARGIN, max_samples: int |
         raise SlmError(f"{run.name} has {len(run.checkpoints)} checkpoint(s): dynamics need two or more")
     if margin <= 0:
         raise SlmError(f"the margin must be above 0 nats, got {margin}")
+    if logprobs is not None:
+        checked_folder(logprobs, "folder of log-prob tables")
     from tqdm import tqdm
 
     losses, token_ids = [], None

@@ -18,7 +18,8 @@ from slm.analysis.harness import Harness, task_source
 from slm.analysis.trained_models import Loaded, find_models, load_model, select
 from slm.core import workarounds
 from slm.core.errors import SlmError
-from slm.core.paths import partial_file
+from slm.core.foreign import checked_file
+from slm.core.paths import partial_file, refuse_secrets
 from slm.data.loading import check_compatible, check_shards, collate
 from slm.data.shards import read_metadata
 from slm.data.tokenizer import load_tokenizer, mismatch_hint, tokenizer_matches
@@ -44,15 +45,17 @@ def evaluate_loaded(loaded: Loaded, data: Path, batch_size: int = 16, max_batche
     wrapper = CausalLM(model, tokenizer, metrics=metrics)
     samples = 0
     with workarounds.streaming_datasets(), torch.no_grad():
-        loader = DataLoader(StreamingDataset(local=str(data), shuffle=False, batch_size=batch_size),
-                            batch_size=batch_size, collate_fn=collate)
-        for i, batch in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            samples += len(batch["input_ids"])
-            outputs = wrapper.eval_forward(batch)
-            for metric in metrics:
-                metric.update(outputs, wrapper.labels)
+        dataset = StreamingDataset(local=str(data), shuffle=False, batch_size=batch_size)
+        try:
+            for i, batch in enumerate(DataLoader(dataset, batch_size=batch_size, collate_fn=collate)):
+                if max_batches is not None and i >= max_batches:
+                    break
+                samples += len(batch["input_ids"])
+                outputs = wrapper.eval_forward(batch)
+                for metric in metrics:
+                    metric.update(outputs, wrapper.labels)
+        finally:
+            workarounds.stop_reading(dataset)
     return {"samples": samples, **{type(m).__name__: m.compute().item() for m in metrics}}
 
 
@@ -73,7 +76,7 @@ def evaluate(model_path: Path, data: Path | None, batch_size: int = 16, max_batc
 
 def read_table(path: Path) -> list[dict]:
     """Read the rows of an eval table written before (none if there is no file)."""
-    if not path.exists():
+    if not checked_file(path, "eval table").exists():
         return []
     try:
         table = pq.read_table(path) if path.suffix == ".parquet" else pcsv.read_csv(path)
@@ -82,7 +85,9 @@ def read_table(path: Path) -> list[dict]:
     missing = set(COLUMNS) - set(table.column_names)
     if missing:
         raise SlmError(f"{path} is no eval table of slm (no column {', '.join(sorted(missing))})")
-    return table.to_pylist()
+    rows = table.to_pylist()
+    refuse_secrets(rows, f"the eval table {path}")  # its rows are written again with the new ones
+    return rows
 
 
 def _write_table(rows: list[dict], path: Path) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from slm.core.errors import SlmError
 from slm.core.paths import is_local_path
 from slm.data.tokenizer import load_tokenizer
+from slm.training.model import load_pretrained
 
 
 def generate(model_dir: str, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
@@ -22,10 +22,7 @@ def generate(model_dir: str, prompt: str, max_new_tokens: int = 100, temperature
     if not Path(model_dir).exists() and is_local_path(model_dir):
         raise SlmError(f"model folder not found: {model_dir} (make one with `slm export`)")
     tokenizer = load_tokenizer(model_dir)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).eval()
-    except (OSError, ValueError) as e:
-        raise SlmError(f"cannot load a model from {model_dir}: {str(e).splitlines()[0]}") from e
+    model = load_pretrained(model_dir, "a model from").eval()
     ids = [tokenizer.bos_token_id, tokenizer.eos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
     limit = getattr(model.config, "max_position_embeddings", None)  # llama has one; mamba has none
     if limit is not None:

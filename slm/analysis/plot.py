@@ -9,13 +9,12 @@ power law loss = a * N^b and its exponent b (scale).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from slm.core.errors import SlmError
 from slm.core.paths import partial_file
-from slm.core.run_folder import METRICS, read_metrics
+from slm.core.run_folder import METRICS, checked_run_folder, read_metrics, read_run_record
 
 TRAIN_LOSS, EVAL_LOSS, LR = "loss/train/total", "metrics/eval/CrossEntropy", "lr-AdamW/group0"
 
@@ -37,14 +36,12 @@ class Run:
 
 def read_run(folder: Path) -> Run:
     """Read a run folder of slm/train.py (checkpoints/RUN_NAME): its metrics and parameter count."""
+    checked_run_folder(folder)
     if not (folder / METRICS).is_file():
         raise SlmError(f"{folder} has no {METRICS}: give the run folder of slm/train.py (its save_folder, "
                        "e.g. checkpoints/RUN_NAME)")
     rows = read_metrics(folder)
-    try:
-        info = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
-    except json.JSONDecodeError as e:
-        raise SlmError(f"{folder}/run.json is not valid JSON ({e})") from e
+    info = read_run_record(folder) or {}
     if not rows:
         raise SlmError(f"{folder / METRICS} is empty: the run has not logged a batch yet")
     return Run(info.get("run_name", folder.name), rows, info)

@@ -15,9 +15,18 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from slm.core.config import load_config
+from slm.core.config import load_config, load_saved_config
 from slm.core.errors import SlmError
-from slm.core.run_folder import STATE_FILE, checkpoints, is_complete, read_metrics
+from slm.core.foreign import read_json
+from slm.core.run_folder import (
+    STATE_FILE,
+    check_run_state,
+    checked_run_folder,
+    checkpoints,
+    is_complete,
+    read_metrics,
+    read_run_record,
+)
 
 TRAIN_LOSS, EVAL_LOSS = "loss/train/total", "metrics/eval/CrossEntropy"
 
@@ -57,17 +66,15 @@ def _alive(pid: int) -> bool:
 
 def _state(folder: Path, has_checkpoints: bool) -> tuple[str, str]:
     try:
-        record = json.loads((folder / STATE_FILE).read_text())
+        record = check_run_state(read_json(folder / STATE_FILE, "run state"), str(folder / STATE_FILE))
     except FileNotFoundError:
         return ("unknown", f"no {STATE_FILE} (written by slm since it reports states)") if has_checkpoints else \
             ("not started", "")
-    except json.JSONDecodeError:
-        return "unknown", f"{STATE_FILE} is not valid JSON"
     state, since = record["state"], record.get("time", "?")
     if state == "running":
         if record.get("host") != socket.gethostname():
             return "running", f"on {record.get('host')} (pid {record.get('pid')}) since {since}, as far as known here"
-        if not _alive(record.get("pid", -1)):
+        if record.get("pid") is None or not _alive(record["pid"]):
             return "killed", f"its process ({record.get('pid')}) is gone, no exit recorded: the same command resumes it"
         return "running", f"pid {record['pid']} since {since}"
     return state, f"{record.get('detail', '')} ({since})".strip()
@@ -78,21 +85,18 @@ def run_status(target: Path) -> RunStatus:
     if target.is_file():
         cfg = load_config(target)
         folder, name, model, duration = cfg.folder, cfg.run_name, _model(cfg.model), cfg.max_duration
+        checked_run_folder(folder)
     elif target.is_dir():
-        folder, name, model, duration = target, target.name, None, None
-        if (target / "config.yaml").is_file():
-            cfg = load_config(target / "config.yaml")
+        folder, name, model, duration = checked_run_folder(target), target.name, None, None
+        if (target / "config.yaml").exists():
+            cfg = load_saved_config(target / "config.yaml")
             name, model, duration = cfg.run_name, _model(cfg.model), cfg.max_duration
     else:
         raise SlmError(f"{target}: no such run folder or config yaml")
     found = {b: p for b, p in checkpoints(folder).items() if is_complete(p)}
     state, detail = _state(folder, bool(found))
     status = RunStatus(name, str(folder), state, detail, model, max_duration=duration)
-    try:
-        info = json.loads((folder / "run.json").read_text())
-        status.parameters = info.get("parameters")
-    except (FileNotFoundError, json.JSONDecodeError):
-        pass
+    status.parameters = (read_run_record(folder) or {}).get("parameters")
     rows = read_metrics(folder)
     if rows:
         status.batch, status.tokens = rows[-1].get("batch"), rows[-1].get("tokens")

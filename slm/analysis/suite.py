@@ -19,7 +19,6 @@ branch evicted first (docs/analysis.md, "From Python").
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
 import tempfile
@@ -30,9 +29,17 @@ from typing import TYPE_CHECKING, Any
 
 from slm.analysis.harness import analysis_package
 from slm.core.errors import SlmError
+from slm.core.foreign import parsed_json, plain_name
 from slm.core.paths import is_local_path
-from slm.core.run_folder import METRICS, json_lines, read_metrics
-from slm.core.trust import plain_name
+from slm.core.run_folder import (
+    METRICS,
+    RUN_RECORD,
+    check_run_record,
+    checked_run_folder,
+    parse_metrics,
+    read_metrics,
+    read_run_record,
+)
 
 if TYPE_CHECKING:
     import pandas
@@ -126,15 +133,19 @@ class Checkpoint:
         """Return the tokenizer the run trained with."""
         from slm.data.tokenizer import load_tokenizer
 
-        return load_tokenizer(str(self.export_folder()) if self.file is None else self.run.info["tokenizer"])
+        if self.file is None:
+            return load_tokenizer(str(self.export_folder()))
+        return load_tokenizer(self.run.info["tokenizer"], content_hash=self.run.info.get("tokenizer_hash"))
 
     def loaded(self):
         """Return the model with where it was taken (slm.analysis.trained_models.Loaded), as `slm eval` and
         `slm logprobs` take it."""
         from slm.analysis.trained_models import Loaded
 
-        return Loaded(self.model(), self.run.info.get("tokenizer") if self.file else str(self.export_folder()),
-                      self.run.name, self.batch, self.tokens)
+        if self.file is None:
+            return Loaded(self.model(), str(self.export_folder()), self.run.name, self.batch, self.tokens)
+        return Loaded(self.model(), self.run.info.get("tokenizer"), self.run.name, self.batch, self.tokens,
+                      self.run.info.get("tokenizer_hash"))
 
     def nnsight(self):
         """Return the checkpoint as nnsight's `TransformersModel` (what its deprecated `LanguageModel` is; the analysis
@@ -147,7 +158,7 @@ class Checkpoint:
         `run_with_cache` over the transformers model, llama and mamba alike."""
         bridge = analysis_package("transformer_lens.model_bridge", "Checkpoint.transformer_lens()")
         return bridge.TransformerBridge.boot_transformers(f"{self.run.name}-{self.label}", hf_model=self.model(),
-                                                          tokenizer=self.tokenizer())
+                                                          tokenizer=self.tokenizer(), trust_remote_code=False)
 
     def logprobs(self, data: str | Path, max_samples: int | None = None, batch_size: int = 16) -> pandas.DataFrame:
         """Compute log p(token i | tokens < i) of every sample of the shards at `data` (or the first `max_samples`): the
@@ -214,7 +225,7 @@ class Run:
         them: a row per sample, with its token ids and its source documents if asked (run folders only)."""
         import pandas
 
-        from slm.analysis.batches import Batches, Processes, parse_steps, run_config
+        from slm.analysis.batches import Batches, Processes, parse_steps, read_only, run_config
         from slm.core import workarounds
 
         if self.folder is None:
@@ -222,8 +233,9 @@ class Run:
                            f"Hub repo {self.source}")
         cfg, recorded = run_config(self.folder)
         ranks = recorded or 1
-        with workarounds.streaming_datasets():
-            batches = Batches(cfg, Processes(1, ranks, max(cfg.data.num_workers, 1)))
+        with tempfile.TemporaryDirectory(prefix="slm-batches-") as scratch, workarounds.streaming_datasets():
+            folders = read_only(cfg, Path(scratch), "slm.open")
+            batches = Batches(cfg, Processes(1, ranks, max(cfg.data.num_workers, 1)), folders)
             first, last = parse_steps(str(steps), batches.max_steps())
             return pandas.DataFrame(batches.samples(first, last, list(range(ranks)), tokens, documents))
 
@@ -258,13 +270,10 @@ def run_from_folder(folder: Path) -> Run:
     """Open a run folder of slm/train.py: its run.json, metrics.jsonl and complete checkpoints."""
     from slm.core.run_folder import checkpoints, is_complete
 
-    try:
-        info = json.loads((folder / "run.json").read_text())
-    except FileNotFoundError:
+    info = read_run_record(checked_run_folder(folder))
+    if info is None:
         raise SlmError(f"{folder} has no run.json: give the run folder of slm/train.py (its save_folder, e.g. "
-                       "checkpoints/RUN_NAME)") from None
-    except json.JSONDecodeError as e:
-        raise SlmError(f"{folder / 'run.json'} is not valid JSON ({e})") from e
+                       "checkpoints/RUN_NAME)")
     rows = read_metrics(folder)
     by_batch = {r["batch"]: r for r in rows if "batch" in r}
     gbs = info.get("config", {}).get("global_batch_size")
@@ -282,12 +291,13 @@ def run_from_hub(repo: str, cache: HubCache) -> Run:
     hub = Hub()
     try:
         manifest = Manifest.parse(hub.read_file(repo, MANIFEST), f"{MANIFEST} of the Hub repo {repo}")
-        info = json.loads(hub.read_file(repo, "run.json"))
-        rows = json_lines(hub.read_file(repo, METRICS).decode(), f"{METRICS} of the Hub repo {repo}")
+        where = f"{RUN_RECORD} of the Hub repo {repo}"
+        info = check_run_record(parsed_json(hub.read_file(repo, RUN_RECORD), where), where)
+        rows = parse_metrics(hub.read_file(repo, METRICS), f"{METRICS} of the Hub repo {repo}")
     except FileNotFoundError:
         raise SlmError(f"{repo} is neither a local run folder nor the Hub model repo of an slm run (no "
                        f"{MANIFEST}, run.json and metrics.jsonl on its main branch)") from None
-    except (ValueError, json.JSONDecodeError) as e:
+    except ValueError as e:
         raise SlmError(f"the Hub repo {repo}: {e}") from e
     found = [{"batch": batch, "tokens": e.get("tokens"), "samples": e.get("samples"), "branch": e.get("branch")}
              for batch, e in manifest.entries.items()]

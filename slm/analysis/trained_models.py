@@ -3,34 +3,36 @@ repo's `ba{B}` branches), by label `ba{B}`, each loaded only when asked: what `s
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from slm.core.errors import SlmError
+from slm.core.foreign import checked_folder, read_json
 from slm.core.paths import is_local_path
-from slm.core.run_folder import checkpoints, is_complete
-from slm.core.trust import Refused
+from slm.core.run_folder import check_run_record, checked_run_folder, checkpoints, is_complete
 from slm.hub.client import Hub
 from slm.training.export import model_from_checkpoint, read_checkpoint
+from slm.training.model import load_pretrained
 
-LABEL = re.compile(r"ba(\d+)")
+LABEL = re.compile(r"ba(\d{1,15})")  # a checkpoint's label, a Hub branch: at most 15 digits (it names files)
+EXPORT_RECORD = "slm-run.json"
 
 
 @dataclass
 class Loaded:
-    """A checkpoint's model, its tokenizer's name, and where in its run it was taken (None where unknown)."""
+    """A checkpoint's model, its tokenizer's name (and content hash, where recorded), and where in its run it was taken
+    (None where unknown)."""
 
     model: torch.nn.Module
     tokenizer: str
     run: str | None = None
     batch: int | None = None
     tokens: int | None = None
+    tokenizer_hash: str | None = None
 
 
 # A checkpoint's loader: given a scratch folder that lives while the model is used, the loaded checkpoint.
@@ -41,17 +43,27 @@ def load_checkpoint(path: Path) -> Loaded:
     """Load a checkpoint file of slm/train.py."""
     state = read_checkpoint(path)
     info, timestamp = state["callbacks"]["RunInfo"], state["timestamp"]["Timestamp"]
-    return Loaded(model_from_checkpoint(state), info["tokenizer"], info.get("run_name"), timestamp["batch"],
-                  timestamp["token"])
+    return Loaded(model_from_checkpoint(state, str(path)), info["tokenizer"], info.get("run_name"), timestamp["batch"],
+                  timestamp["token"], info.get("tokenizer_hash"))
+
+
+def export_record(folder: Path) -> dict:
+    """Read an export folder's slm-run.json, checked (`check_run_record`: its labels and counts); {} where there is
+    none (a save_pretrained folder of another tool)."""
+    try:
+        return check_run_record(read_json(folder / EXPORT_RECORD, "export record"), str(folder / EXPORT_RECORD))
+    except FileNotFoundError:
+        return {}
 
 
 def load_export(folder: Path) -> Loaded:
     """Load a folder written by `slm export` (or any save_pretrained folder: then without run, batch and tokens)."""
+    checked_folder(folder, "export folder")
     if not (folder / "config.json").exists():
         raise SlmError(f"{folder} is neither a checkpoint file nor an exported model folder (no config.json)")
-    run = json.loads((folder / "slm-run.json").read_text()) if (folder / "slm-run.json").exists() else {}
+    run = export_record(folder)
     timestamp = run.get("timestamp", {})
-    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True).eval()  # weights that run no code
+    model = load_pretrained(str(folder), "the exported model").eval()  # safetensors: weights that run no code
     return Loaded(model, str(folder), run.get("run_name"), timestamp.get("batch"), timestamp.get("token"))
 
 
@@ -71,7 +83,8 @@ def find_models(model: str) -> dict[str, Loader]:
         loaded = load_checkpoint(path)
         return {f"ba{loaded.batch}": lambda _: loaded}
     if (path / "config.json").exists():
-        return {_export_label(path): lambda _: load_export(path)}
+        return {_export_label(checked_folder(path, "export folder")): lambda _: load_export(path)}
+    checked_run_folder(path)
     found = {f"ba{batch}": file for batch, file in sorted(checkpoints(path).items()) if is_complete(file)}
     if not found:
         raise SlmError(f"{path} holds no complete checkpoint (ep*-ba*-rank0.pt) and is not a folder written by "
@@ -80,10 +93,8 @@ def find_models(model: str) -> dict[str, Loader]:
 
 
 def _export_label(folder: Path) -> str:
-    run = folder / "slm-run.json"
-    batch = json.loads(run.read_text()).get("timestamp", {}).get("batch") if run.exists() else None
-    if batch is not None and type(batch) is not int:  # the label names output files and Hub branches
-        raise Refused(f"{run}: timestamp.batch is {batch!r}, not a batch number (docs/security.md)")
+    """Return an export's label: `ba{B}` of its record's batch (checked: a count), else the folder's name."""
+    batch = export_record(folder).get("timestamp", {}).get("batch")
     return folder.name if batch is None else f"ba{batch}"
 
 

@@ -19,9 +19,8 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from slm.core.errors import SlmError
+from slm.core.errors import Refused, SlmError
 from slm.core.run_folder import CHECKPOINT, checkpoints, is_complete
-from slm.core.trust import Refused
 from slm.hub.client import Hub
 from slm.hub.manifest import (
     BRANCH,

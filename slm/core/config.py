@@ -27,6 +27,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from slm.core.config_rules import (
     a_length,
+    a_location,
     a_time,
     at_least_one,
     hub_repo,
@@ -42,15 +43,15 @@ from slm.core.config_rules import (
     shard_folder,
     stream_mixture,
 )
-from slm.core.errors import SlmError
-from slm.core.paths import write_atomically
-from slm.core.trust import Refused, refuse_secrets
+from slm.core.errors import Refused, SlmError
+from slm.core.foreign import read_yaml, shown
+from slm.core.paths import refuse_secrets, write_atomically
 
 
 @dataclass
 class StreamConfig:  # one source of a mixture (Streaming's `Stream`); no weight: each sample once an epoch
-    local: str | None = None  # folder of MDS shards, or the local cache of `remote`
-    remote: str | None = None  # hf://datasets/ORG/REPO/PATH, s3://..., or None
+    local: str | None = ruled(None, a_location)  # folder of MDS shards, or the local cache of `remote`
+    remote: str | None = ruled(None, a_location)  # hf://datasets/ORG/REPO/PATH, s3://..., or None
     # share of each epoch's samples, relative to the other streams' (an epoch keeps the streams' total sample count),
     # drawn with repetition where it exceeds the stream's size; on every stream of the split or on none
     proportion: float | None = None
@@ -60,7 +61,7 @@ class StreamConfig:  # one source of a mixture (Streaming's `Stream`); no weight
 @dataclass
 class DataSplit:  # a split (train or eval): one MDS folder, or a mixture of streams
     local: str | None = ruled(None, shard_folder)  # folder of MDS shards, or the local cache of `remote`
-    remote: str | None = None  # hf://datasets/ORG/REPO/PATH, s3://..., or None
+    remote: str | None = ruled(None, a_location)  # hf://datasets/ORG/REPO/PATH, s3://..., or None
     streams: dict[str, StreamConfig] = ruled(rule=stream_mixture, factory=dict)  # a mixture, instead of local/remote
 
 
@@ -70,7 +71,7 @@ class DataConfig:  # the shards and Streaming's reading of them (docs/design.md,
     eval: DataSplit = field(default_factory=DataSplit)  # the evaluation split
     shuffle: bool = True  # shuffle the training samples (Streaming's shuffle, seeded by shuffle_seed)
     shuffle_seed: int = 1337  # the data order; independent of the init seed
-    shuffle_algo: str = "py1e"  # Streaming's shuffle algorithm
+    shuffle_algo: str = ruled("py1e", one_of("py1e", "py1br", "py1s", "py2s", "naive"))  # Streaming's shuffle algorithm
     num_canonical_nodes: int = 1  # fixed, so the sample order is the same on any number of nodes
     # loader processes per training process. 0 reads in the training process: MappedShards slices samples from
     # memory-mapped shards at >100k samples/s, and worker processes cost more in hand-over than they save
@@ -101,7 +102,8 @@ class SchedulerConfig:  # slm/training/schedules.py; docs/design.md, "Schedules"
 
 @dataclass
 class LoadConfig:  # a warm start: a new run branched off another run's checkpoint (docs/design.md, "Warm starts")
-    path: str | None = None  # a checkpoint file, a run folder (its newest checkpoint), or a Hub repo ORG/NAME
+    # a checkpoint file, a run folder (its newest checkpoint), or a Hub repo ORG/NAME
+    path: str | None = ruled(None, a_location)
     revision: str | None = None  # Hub repo: the checkpoint's batch (ba400); None: its latest
     weights_only: bool = True  # False: also the optimizer, schedule, data position and batch count
 
@@ -146,7 +148,8 @@ class TrainConfig:  # the top level of a training yaml
     # collective (a node whose processes died); past it the run stops with an error naming the rendezvous
     dist_timeout: float = ruled(300.0, positive)
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
-    save_folder: str = "checkpoints/{run_name}"  # the run folder: checkpoints, metrics.jsonl, run.json, config.yaml
+    # the run folder: checkpoints, metrics.jsonl, run.json, config.yaml
+    save_folder: str = ruled("checkpoints/{run_name}", a_location)
     save_interval: str = ruled("1000ba", a_time)  # a checkpoint every this long
     early_checkpoints: int = 512  # also save at batches 1, 2, 4, ... up to this; 0 turns them off
     # also save at the first batch that reaches 10^(k/N) tokens seen (k = 1, 2, ...) for N = this: the same token
@@ -156,7 +159,8 @@ class TrainConfig:  # the top level of a training yaml
     eval_interval: str = ruled("1000ba", a_time)  # an evaluation every this long; 0ba: none
     eval_batches: int = -1  # batches per evaluation; -1 = the whole eval split
     log_interval: str = ruled("10ba", a_time)  # console lines, metrics.jsonl rows and train metrics every this long
-    tokenizer: str | None = None  # None: the tokenizer recorded in the train shards' slm-dataset.json
+    # None: the tokenizer recorded in the train shards' slm-dataset.json
+    tokenizer: str | None = ruled(None, a_location)
     data: DataConfig = field(default_factory=DataConfig)  # the shards
     # `class` (a causal LM's model_type, e.g. llama, mamba, gpt2) plus kwargs of its transformers config, or
     # `pretrained: FOLDER_OR_HUB_ID` (its weights and config)
@@ -293,10 +297,33 @@ def load_config(paths: str | Path | Sequence[str | Path], overrides: Sequence[st
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     if not paths:
         raise SlmError("no config file given: name at least one yaml")
+    return _merged([link for path in paths for link in yaml_chain(path)], overrides, paths)
+
+
+def load_saved_config(path: Path) -> TrainConfig:
+    """Read a run folder's config.yaml, which may be someone else's (a run folder handed over, read, not run): plain
+    yaml within a size bound and without aliases (slm/core/foreign.py), naming no `base:` (it names no other file),
+    then the schema and its rules as any config; nothing it names is opened here."""
+    data = read_yaml(path, "config")
+    if not isinstance(data, dict) or not all(isinstance(key, str) for key in data):
+        raise SlmError(f"{path} must hold a mapping of config keys, not a {type(data).__name__}")
+    if data.get("base") is not None:
+        raise Refused(f"{path} names a base yaml ({shown(data['base'])}), which a saved config never does: refused "
+                      "(docs/security.md)")
+    try:
+        node = OmegaConf.create(data)
+    except OmegaConfBaseException as e:
+        raise SlmError(f"cannot read {path}: {str(e).splitlines()[0]}") from e
+    refuse_resolvers(node, str(path))
+    return _merged([(path, node)], (), [path])
+
+
+def _merged(chain: list[tuple[Path, DictConfig]], overrides: Sequence[str], paths: list[Path]) -> TrainConfig:
+    """Merge the yamls of `chain` in order, then the overrides, into the schema; check every value."""
     schema = OmegaConf.structured(TrainConfig)
     cfg = schema.copy()
     origins: dict[str, str] = {}
-    for file, node in (link for path in paths for link in yaml_chain(path)):
+    for file, node in chain:
         try:
             cfg = OmegaConf.merge(cfg, node)
         except OmegaConfBaseException as e:
@@ -313,7 +340,10 @@ def load_config(paths: str | Path | Sequence[str | Path], overrides: Sequence[st
     cfg.base = None
     cfg.run_name = cfg.run_name or default_run_name(paths)
     cfg.configs = [str(p) for p in paths]
-    config: TrainConfig = OmegaConf.to_object(cfg)
+    try:
+        config: TrainConfig = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:  # an interpolation that leads nowhere, or in a loop
+        raise SlmError(f"bad config in {', '.join(map(str, paths))}: {str(e).splitlines()[0]}") from e
     refuse_secrets(config.to_dict(), "the config")  # a token pasted into a yaml or an override
     check(config, origins=origins)
     return config

@@ -51,9 +51,21 @@ def a_time(key: str, value: Any, owner: Any) -> str | None:
             "10ep (epochs), 5000000tok (tokens)")
 
 
+def a_location(key: str, value: Any, owner: Any) -> str | None:
+    """Check a folder, file or remote a config names (maybe a saved config from elsewhere): unset, or text a path can
+    be: no control character, no part longer than a file name may be (255 bytes), at most 4,096 characters."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 4096 or any(ord(c) < 32 for c in value) \
+            or any(len(part.encode()) > 255 for part in value.split("/")):
+        return (f"config key '{key}' = {str(value)[:60]!r}{'...' if len(str(value)) > 60 else ''} is no path: give "
+                "a folder, file or remote (at most 255 bytes between slashes, no control characters)")
+    return None
+
+
 def shard_folder(key: str, value: Any, owner: Any) -> str | None:
     if value is not None or getattr(owner, "streams", None):  # a split of streams has no folder of its own
-        return None
+        return a_location(key, value, owner)
     return f"config key '{key}' is not set: give the folder of the MDS shards"
 
 

@@ -13,9 +13,10 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from slm.core.errors import SlmError
-from slm.core.trust import refuse_secrets
+from slm.core.credentials import secret_place
+from slm.core.errors import Refused, SlmError
 
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # NAME or ORG/NAME
 
@@ -24,6 +25,15 @@ def is_local_path(name: str) -> bool:
     """Return whether a string can only be a local path, never a Hub id (so a missing one is 'not found', not a
     download)."""
     return name.startswith(("/", ".", "~")) or not HUB_ID.match(name)
+
+
+def refuse_secrets(values: Any, where: str) -> None:
+    """Refuse to write `values` (a config, a record, a file's text or bytes: strings anywhere inside) when one holds a
+    known secret, naming its key, never the value."""
+    place = secret_place(values)
+    if place is not None:
+        raise Refused(f"{where}: '{place or 'the text'}' holds a secret (the value of a token, key or password this "
+                      "process can see); slm never writes one to a file: give the value another way")
 
 
 def refuse_to_clobber(path: Path | None, overwrite: bool) -> None:

@@ -16,24 +16,46 @@ so the check costs milliseconds whatever the model's size.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
 import zipfile
 from pathlib import Path
+from typing import Any
 
-from slm.core.errors import SlmError
+from slm.core.credentials import secret_place
+from slm.core.errors import Refused
+from slm.core.foreign import (
+    checked_folder,
+    count,
+    flag,
+    mapping,
+    number,
+    optional,
+    parsed_json,
+    read_bytes,
+    read_json,
+    sequence,
+    stored_members,
+    text,
+)
 from slm.core.paths import partial_file
 
 # Composer's name patterns for the CheckpointSaver; every other use of a checkpoint's name derives from these.
 FILENAME = "ep{epoch}-ba{batch}-rank{rank}.pt"
 LATEST_FILENAME = "latest-rank{rank}.pt"
 LATEST = LATEST_FILENAME.format(rank=0)
-CHECKPOINT = re.compile(re.escape(FILENAME).replace(r"\{epoch\}", r"(\d+)").replace(r"\{batch\}", r"(\d+)")
+# (At most 15 digits: a name read from elsewhere becomes a label, a branch and file names, which must stay short.)
+CHECKPOINT = re.compile(re.escape(FILENAME).replace(r"\{epoch\}", r"(\d{1,15})").replace(r"\{batch\}", r"(\d{1,15})")
                         .replace(r"\{rank\}", "0") + "$")
 METRICS = "metrics.jsonl"  # a row per logged batch (slm.training.loggers.MetricsFile)
 STATE_FILE = "run-state.json"  # how the newest start stands or ended (slm.training.run_info.record_state)
+RUN_RECORD = "run.json"  # what the run is and where it ran (slm.training.run_info.RunInfo)
+# W&B's folder in a run folder: W&B's own (its logs link into W&B's cache by design); slm reads nothing there, and W&B
+# writes a new folder at each start and replaces its own links by renaming, never writing through one.
+WANDB_FOLDER = "wandb"
+STATES = ("running", "finished", "stopped", "failed")
+TIMESTAMP = ("epoch", "batch", "sample", "token", "batch_in_epoch", "sample_in_epoch", "token_in_epoch")
 
 
 def checkpoints(folder: Path) -> dict[int, Path]:
@@ -106,8 +128,9 @@ class _StorageSizes(pickle.Unpickler):
 
 def is_complete(path: Path) -> bool:
     """Return whether the checkpoint file is whole: its pickle and every storage it refers to, each with its full
-    size."""
+    size, nothing compressed (`slm.core.foreign.stored_members`)."""
     try:
+        stored_members(path, "checkpoint")
         with zipfile.ZipFile(path) as z:
             records = {info.filename: info.file_size for info in z.infolist()}
             pickles = [name for name in records if name.endswith("/data.pkl")]
@@ -142,15 +165,96 @@ def repair_latest(folder: Path, path: Path | None) -> None:
 
 
 
-def json_lines(text: str, where: str) -> list[dict]:
-    """Parse the rows of a JSON-lines text (blank lines skipped); one line naming `where` when one is not JSON."""
-    try:
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise SlmError(f"{where} is not JSON lines ({e})") from e
+METRIC_NAME = re.compile(r"[\w./@:+-]{1,200}")  # metrics.jsonl's keys: loss/train/total, lr-AdamW/group0, ...
+
+
+def parse_metrics(data: bytes, where: str) -> list[dict]:
+    """Parse the rows of a metrics.jsonl (from a run folder or a Hub repo: read from elsewhere), each checked: a mapping
+    of metric names to numbers, its `batch` and `tokens` counts; blank lines skipped."""
+    if secret_place(data) is not None:
+        raise Refused(f"{where} holds a secret (the value of a token, key or password this process can see): refused "
+                      "(docs/security.md)")
+    rows = []
+    for number_, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        at = f"{where}, line {number_}"
+        row = mapping(parsed_json(line, at), at)
+        for key, value in row.items():
+            if not METRIC_NAME.fullmatch(key):
+                raise Refused(f"{at} has a key {key!r:.80}, not a metric's name (docs/security.md)")
+            if key in ("batch", "tokens"):
+                count(value, f"{at}: {key}")
+            else:
+                number(value, f"{at}: {key}")
+        rows.append(row)
+    return rows
 
 
 def read_metrics(folder: Path) -> list[dict]:
     """Read the rows of the run folder's metrics.jsonl, one per logged batch (none when it has no such file)."""
     path = folder / METRICS
-    return json_lines(path.read_text(), str(path)) if path.is_file() else []
+    try:
+        return parse_metrics(read_bytes(path, "metrics file", None), str(path))
+    except FileNotFoundError:
+        return []
+
+
+def check_run_record(info: Any, where: str) -> dict:
+    """Return a run's record (run.json, a checkpoint's RunInfo state, an export's slm-run.json: possibly from elsewhere)
+    once every field slm reads from it has its type and bounds: the names and labels text, the counts counts (the
+    record's config is checked by the schema where it is used)."""
+    info = mapping(info, where)
+    for key in ("run_name", "tokenizer", "tokenizer_hash", "checkpoint", "checkpoint_sha256", "weights_sha256"):
+        optional(text, info.get(key), f"{where}: {key}", limit=4096)
+    optional(count, info.get("parameters"), f"{where}: parameters")
+    config = mapping(info.get("config") or {}, f"{where}: config")
+    optional(count, config.get("global_batch_size"), f"{where}: config.global_batch_size")
+    optional(count, config.get("seed"), f"{where}: config.seed")
+    model = mapping(config.get("model") or {}, f"{where}: config.model")
+    for key in ("class", "pretrained"):
+        optional(text, model.get(key), f"{where}: config.model.{key}", limit=4096)
+    for i, start in enumerate(sequence(info.get("starts") or [], f"{where}: starts", at_most=2**20)):
+        start = mapping(start, f"{where}: starts[{i}]")
+        optional(count, start.get("batch"), f"{where}: starts[{i}].batch")
+        hardware = mapping(start.get("hardware") or {}, f"{where}: starts[{i}].hardware")
+        optional(count, hardware.get("processes"), f"{where}: starts[{i}].hardware.processes", at_most=2**20)
+    warm = optional(mapping, info.get("warm_start"), f"{where}: warm_start") or {}
+    for key in ("path", "revision", "checkpoint"):
+        optional(text, warm.get(key), f"{where}: warm_start.{key}", limit=4096)
+    optional(count, warm.get("batch"), f"{where}: warm_start.batch")
+    optional(flag, warm.get("weights_only"), f"{where}: warm_start.weights_only")
+    for key, value in mapping(info.get("metrics") or {}, f"{where}: metrics").items():
+        number(value, f"{where}: metrics.{key}")
+    for key, value in mapping(info.get("timestamp") or {}, f"{where}: timestamp").items():
+        count(value, f"{where}: timestamp.{key}")
+    return info
+
+
+def read_run_record(folder: Path) -> dict | None:
+    """Read the run folder's run.json, checked (`check_run_record`); None where there is none."""
+    path = folder / RUN_RECORD
+    try:
+        return check_run_record(read_json(path, "run record"), str(path))
+    except FileNotFoundError:
+        return None
+
+
+def check_run_state(record: Any, where: str) -> dict:
+    """Return a run-state.json record (`slm.training.run_info.record_state`) once its fields are what slm writes."""
+    record = mapping(record, where)
+    if record.get("state") not in STATES:
+        raise Refused(f"{where}: state is {str(record.get('state'))[:40]!r}, not one of {', '.join(STATES)} "
+                      "(docs/security.md)")
+    for key in ("time", "host", "detail"):
+        optional(text, record.get(key), f"{where}: {key}")
+    for key in ("pid", "batch", "exit_status"):
+        optional(count, record.get(key), f"{where}: {key}", at_most=2**31)
+    return record
+
+
+
+def checked_run_folder(folder: Path) -> Path:
+    """Return a run folder (maybe someone else's) once nothing in it leads outside it (slm/core/foreign.py,
+    `checked_folder`), W&B's own folder aside."""
+    return checked_folder(folder, "run folder", skip=(WANDB_FOLDER,))

@@ -11,7 +11,8 @@ Here (nothing changes on import; `applied()` is entered by slm/train.py for a ru
 classes and `check_wandb_login` are used where the Trainer is made): Composer's node signal file, its warnings,
 its engine's debug log, its event dispatch, its collectives in one process, its progress bar after a resume,
 its checkpoint unpickling (through slm/core/trust.py's gate), W&B's checkpoint downloads and login check, Streaming's
-shard names from index.json and its shared memory (its prefix registration, its blocks held until exit). Elsewhere:
+reading of a shard folder and its index.json (links out of the folder, shard names, counts against bytes), its shared
+memory (its prefix registration, its blocks held until exit) and its threads after a partial read. Elsewhere:
 - slm/data/mapped_shards.py: Streaming's private sample partition and MDS reader fields (falls back: the stock read);
 - slm/analysis/batches.py: Streaming's partition calls, to name each step's samples (refuses);
 - tests/helpers/pytest_capture.py: pytest's capture manager, to train in the test process (pytest 9.2).
@@ -40,10 +41,13 @@ from composer.core.event import _AFTER_EVENTS, _BEFORE_EVENTS
 from composer.loggers import Logger, LoggerDestination, ProgressBarLogger, WandBLogger
 from composer.trainer import Trainer
 from composer.utils import dist
+from streaming.base.format.mds.reader import MDSReader
 
-from slm.core.errors import SlmError
+from slm.core.errors import Refused, SlmError
+from slm.core.foreign import checked_folder, plain_name
+from slm.core.shard_index import checked_shard
 from slm.core.shared_memory import node_lock
-from slm.core.trust import Refused, plain_name, unpickle_checkpoint
+from slm.core.trust import unpickle_checkpoint
 
 # Package -> the versions (or version prefixes) whose behaviour the workarounds below were written against and
 # tested on: the pinned stack's first, then the current stack's (stacks/, docs/design.md "The stack").
@@ -254,31 +258,41 @@ def checkpoints_through_the_gate() -> Iterator[None]:
         yield
 
 
-def _names_checked(get_shards: Any) -> Any:
+def _index_checked(get_shards: Any) -> Any:
     @functools.wraps(get_shards)
     def checked(self: Any, world: Any, allow_unsafe_types: bool) -> Any:
+        folder = Path(self.local, self.split or "")
+        checked_folder(folder, "shard folder")  # before anything is downloaded into it
         shards = get_shards(self, world, allow_unsafe_types)
-        index = os.path.join(self.local, self.split or "", "index.json")
-        for shard in shards:
+        where = f"shard index {folder / 'index.json'}"
+        for i, shard in enumerate(shards):
+            if isinstance(shard, MDSReader):
+                zipped = shard.zip_data
+                checked_shard({"samples": shard.samples, "column_sizes": shard.column_sizes,
+                               "raw_data": {"basename": shard.raw_data.basename, "bytes": shard.raw_data.bytes},
+                               "zip_data": {"basename": zipped.basename, "bytes": zipped.bytes} if zipped else None},
+                              folder, f"{where}, shard {i}")
             for pair in shard.file_pairs:
                 for info in filter(None, pair):
-                    plain_name(info.basename, f"shard index {index}", below=True)
+                    plain_name(info.basename, where, below=True)
         return shards
 
     return checked
 
 
 @contextmanager
-def shard_names_checked() -> Iterator[None]:
-    """Check the shard names Streaming reads from an index.json. Streaming joins the shard names of an index.json
-    (`raw_data`/`zip_data` basenames) to the local folder unchecked: `../x` downloads a remote's file outside the
-    folder, decompresses into it or deletes it. Its `Stream.get_shards` (streaming/base/stream.py) fetches and reads the
-    index before any shard is touched; here every name it read is checked (`slm.core.trust.plain_name`) before it
-    returns, on every process, for every stream."""
+def shard_index_checked() -> Iterator[None]:
+    """Check a shard folder and what its index.json says before Streaming acts on it. Streaming joins the shard names of
+    an index.json (`raw_data`/`zip_data` basenames) to the local folder unchecked (`../x` downloads a remote's file
+    outside the folder, decompresses into it or deletes it), writes into the folder through any link it finds there
+    (the temporary names it downloads and decompresses into included), and allocates for as many samples as the index
+    says. Its `Stream.get_shards` (streaming/base/stream.py) fetches and reads the index before any shard is touched;
+    here the folder is checked first (no link leading out: slm/core/foreign.py), and every shard the index names after
+    (its names, and its counts against its bytes: slm/core/shard_index.py), on every process, for every stream."""
     require("mosaicml-streaming", "Streaming's shard names read from index.json")
     from streaming.base.stream import Stream
 
-    with _replaced((Stream, "get_shards", _names_checked(Stream.get_shards))):
+    with _replaced((Stream, "get_shards", _index_checked(Stream.get_shards))):
         yield
 
 
@@ -308,7 +322,7 @@ def resource_tracker_deaf_to_job_signals() -> Iterator[None]:
 def applied() -> Iterator[None]:
     """Apply the process-wide workarounds, for the duration of a training run; Composer is as installed afterwards."""
     with (per_node_signal_file(), quiet_composer_warnings(), engine_debug_log_when_asked(), quick_event_dispatch(),
-          single_process_collectives(), checkpoints_through_the_gate(), shard_names_checked(),
+          single_process_collectives(), checkpoints_through_the_gate(), shard_index_checked(),
           resource_tracker_deaf_to_job_signals(), prefix_registered_under_node_lock(), shared_memory_released()):
         yield
 
@@ -406,12 +420,25 @@ def shared_memory_released() -> Iterator[None]:
                 block.cleanup()
 
 
+def stop_reading(dataset: Any) -> None:
+    """Stop the background threads of a StreamingDataset iterated only in part, before its shared memory goes.
+    Streaming's `__iter__` (streaming/base/dataset.py) leaves its prepare and ready threads running when the caller
+    stops early (`slm eval --max-batches`); once `shared_memory_released` has let go of the blocks, they read a shard
+    state that is gone and print a traceback ("Invalid shard state") from their thread. Its own `_iterator.exit()` and
+    thread pool are used, where this Streaming has them."""
+    iterator, executor = getattr(dataset, "_iterator", None), getattr(dataset, "_executor", None)
+    if iterator is not None:
+        iterator.exit()
+    if executor is not None:
+        executor.shutdown(wait=True)
+
+
 @contextmanager
 def streaming_datasets() -> Iterator[None]:
     """Provide what a command reading shards through Streaming outside a training run needs (`slm eval`, `slm logprobs`,
     a notebook calling them): its datasets' prefixes registered under the node's lock, and their shared memory let
     go of when it is done, and their shard names checked."""
-    with shard_names_checked(), prefix_registered_under_node_lock(), shared_memory_released():
+    with shard_index_checked(), prefix_registered_under_node_lock(), shared_memory_released():
         yield
 
 

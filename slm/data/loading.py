@@ -11,7 +11,6 @@ each other and the model, and the datasets and loaders built from the config.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import time
@@ -27,7 +26,8 @@ from torch.utils.data import DataLoader
 
 from slm.core.config import DataConfig, DataSplit, StreamConfig
 from slm.core.errors import SlmError
-from slm.core.trust import plain_name
+from slm.core.foreign import checked_folder, mapping, read_json
+from slm.core.shard_index import checked_index
 from slm.data.mapped_shards import MappedShards
 from slm.data.shards import read_metadata
 
@@ -86,38 +86,42 @@ def _fetch(remote: str, name: str, local: Path, label: str) -> None:
 def folder_metadata(folder: StreamConfig, label: str) -> dict:
     """Read the folder's `slm-dataset.json`, fetched from its remote when only the remote has it; its shards checked
     (a remote's index.json is fetched first, so its names are checked before Streaming reads any shard)."""
-    local = Path(folder.local)
+    local = checked_folder(Path(folder.local), "shard folder")
     if folder.remote:
         for name in ("slm-dataset.json", "index.json"):
             _fetch(folder.remote, name, local, label)
     elif not (local / "index.json").exists():
         raise SlmError(f"{label}.local = {local} holds no MDS shards (no index.json): make them with "
                        f"`slm tokenize`, or set {label}.local to the right folder")
-    check_shards(local, hashes=dist.get_local_rank() == 0)  # one reader per node hashes; all check sizes
+    check_shards(local, hashes=dist.get_local_rank() == 0, complete=not folder.remote)  # one node reader hashes
     return read_metadata(local)
 
 
-def check_shards(folder: Path, hashes: bool = True) -> None:
-    """Refuse a truncated or corrupt index.json or shard (size, and sha1 if `hashes`, against index.json) before
-    training starts on it, and shard names that lead outside the folder; only the files present are checked (a
+def check_shards(folder: Path, hashes: bool = True, complete: bool = True) -> None:
+    """Refuse a folder (maybe someone else's) with a link leading out of it, a truncated or corrupt index.json, or one
+    whose names lead outside the folder or whose counts its files cannot hold (slm/core/shard_index.py), a shard of
+    another size (and sha1, if `hashes`) than index.json says, and, if `complete` (a folder without a remote to fill
+    it), a shard whose file Streaming needs is not there (a compressed shard's compressed file: without it, Streaming
+    deletes the plain one and looks for a remote), before anything reads it; only the files present are checked (a
     remote's cache fills in as it goes)."""
+    checked_folder(folder, "shard folder")
     index = folder / "index.json"
     try:
-        shards = json.loads(index.read_text())["shards"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise SlmError(f"{index} is truncated or corrupt ({type(e).__name__}: {e}): re-run `slm tokenize`") from e
-    if not sum(shard.get("samples", 0) for shard in shards):
+        shards = checked_index(read_json(index, "shard index"), folder, f"shard index {index}")
+    except FileNotFoundError:
+        raise SlmError(f"{folder} holds no MDS shards (no index.json): make them with `slm tokenize`") from None
+    if not sum(shard["samples"] for shard in shards):
         raise SlmError(f"{folder} holds no samples: re-run `slm tokenize` on a non-empty corpus")
     for shard in shards:
+        needed = (shard.get("zip_data") or shard["raw_data"])["basename"]
+        if complete and not (folder / needed).is_file():
+            raise SlmError(f"{folder} lacks the shard file {needed} its index.json names: the folder is incomplete; "
+                           "copy it whole, or re-run `slm tokenize`")
         for part in (shard.get("zip_data"), shard.get("raw_data")):
-            path = folder / plain_name(part["basename"], f"shard index {index}", below=True) if part else None
+            path = folder / part["basename"] if part else None
             if path is None or not path.exists():
                 continue
-            size = path.stat().st_size
-            if size != part["bytes"]:
-                raise SlmError(f"shard {path} is {size} bytes but index.json says {part['bytes']}: it is truncated "
-                               "or corrupt; re-run `slm tokenize`")
-            expected = part.get("hashes", {}).get("sha1") if hashes else None
+            expected = mapping(part.get("hashes") or {}, f"{index}: hashes").get("sha1") if hashes else None
             if expected and hashlib.sha1(path.read_bytes()).hexdigest() != expected:
                 raise SlmError(f"shard {path} does not match its sha1 in index.json: it is corrupt; re-run "
                                "`slm tokenize`")

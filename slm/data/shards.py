@@ -27,13 +27,16 @@ import numpy as np
 from streaming import MDSWriter
 from tqdm import tqdm
 
-from slm.core.errors import SlmError
+from slm.core.errors import Refused, SlmError
+from slm.core.foreign import checked_folder, count, mapping, optional, read_json, shown, stored_members, text
 from slm.core.paths import partial_folder, refuse_to_clobber
+from slm.core.shard_index import checked_index
 
 CHUNKING_RULE = "slm-v1"
 METADATA_FILE = "slm-dataset.json"
 DOCUMENTS_FILE = "slm-documents.npz"
 DOCUMENTS_FORMAT = 1
+MAX_SEQ_LEN = 2**24  # tokens of a sample read from elsewhere: far past any context
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -103,18 +106,40 @@ class Documents:
 
 
 def read_documents(folder: Path) -> Documents | None:
-    """Read the folder's document record; None for shards written before slm kept one."""
-    path = Path(folder) / DOCUMENTS_FILE
+    """Read a shard folder's document record (maybe someone else's: an npz of plain arrays, nothing compressed, no
+    pickle; a record per sample its index.json counts, each value within what it may be); None for shards written
+    before slm kept one."""
+    path = checked_folder(folder, "shard folder") / DOCUMENTS_FILE
     if not path.exists():
         return None
+    index = Path(folder) / "index.json"
+    samples = sum(shard["samples"] for shard in checked_index(read_json(index, "shard index"), Path(folder),
+                                                              f"shard index {index}"))
+    stored_members(path, "document record")
     try:
-        with np.load(path) as data:
-            if int(data["format"]) != DOCUMENTS_FORMAT:
-                raise SlmError(f"{path} is format {int(data['format'])}; this slm reads format {DOCUMENTS_FORMAT}")
-            return Documents(data["sample_document"], data["sample_offset"], data["document_tokens"],
-                             int(data["seq_len"]))
-    except (OSError, KeyError, ValueError) as e:
-        raise SlmError(f"{path} is truncated or corrupt ({e}): re-run `slm tokenize`") from e
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in ("format", "seq_len", "sample_document", "sample_offset",
+                                                 "document_tokens")}
+    except (OSError, KeyError, ValueError, EOFError) as e:
+        raise SlmError(f"{path} is truncated or corrupt ({str(e)[:200]}): re-run `slm tokenize`") from e
+    scalars = {key: arrays[key].item() if arrays[key].shape == () and arrays[key].dtype.kind == "i" else None
+               for key in ("format", "seq_len")}
+    if scalars["format"] != DOCUMENTS_FORMAT:
+        raise SlmError(f"{path} is format {shown(scalars['format'])}; this slm reads format {DOCUMENTS_FORMAT}")
+    seq_len = count(scalars["seq_len"], f"{path}: seq_len", at_most=MAX_SEQ_LEN)
+    documents = arrays["document_tokens"]
+    for key, length in (("document_tokens", None), ("sample_document", samples), ("sample_offset", samples)):
+        array = arrays[key]
+        if array.ndim != 1 or array.dtype != np.int64 or (length is not None and len(array) != length):
+            raise Refused(f"{path}: {key} is no array of {length if length is not None else 'any number of'} "
+                          f"whole numbers ({array.dtype}, shape {array.shape}): refused (docs/security.md)")
+        low, high = (1, np.iinfo(np.int64).max) if key == "document_tokens" else (0, len(documents) - 1)
+        if key == "sample_offset":
+            high = int(documents.max(initial=0))
+        if len(array) and (array.min() < low or array.max() > high):
+            raise Refused(f"{path}: {key} holds {array.min()}..{array.max()}, outside {low}..{high}: refused "
+                          "(docs/security.md)")
+    return Documents(arrays["sample_document"], arrays["sample_offset"], documents, seq_len)
 
 
 @dataclass
@@ -207,11 +232,23 @@ def _write_metadata(folder: Path, identity: dict, seq_len: int, dtype: np.dtype,
 
 
 def read_metadata(folder: Path) -> dict:
-    """Read the `slm-dataset.json` of a shard folder."""
-    path = Path(folder) / METADATA_FILE
-    if not path.exists():
-        raise SlmError(f"{folder} has no {METADATA_FILE}: make it with `slm tokenize`")
+    """Read the `slm-dataset.json` of a shard folder (maybe someone else's), every field slm reads checked: the
+    tokenizer's name (a location: opened only as a tokenizer, with its content hash: slm/data/tokenizer.py) and ids,
+    the seq_len and counts; the source it names is only ever shown, never opened, unless named again (`--source`)."""
+    path = checked_folder(folder, "shard folder") / METADATA_FILE
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SlmError(f"{path} is not valid JSON ({e}); re-run `slm tokenize`") from e
+        meta = mapping(read_json(path, "dataset record"), str(path))
+    except FileNotFoundError:
+        raise SlmError(f"{folder} has no {METADATA_FILE}: make it with `slm tokenize`") from None
+    tokenizer = mapping(meta.get("tokenizer"), f"{path}: tokenizer")
+    for key in ("name", "content_hash"):
+        text(tokenizer.get(key), f"{path}: tokenizer.{key}", limit=4096)
+    count(tokenizer.get("vocab_size"), f"{path}: tokenizer.vocab_size", at_most=2**32)
+    for key in ("bos_id", "eos_id", "pad_id"):
+        optional(count, tokenizer.get(key), f"{path}: tokenizer.{key}", at_most=2**32)
+    count(meta.get("seq_len"), f"{path}: seq_len", at_most=MAX_SEQ_LEN)
+    for key in ("samples", "tokens", "documents", "dropped_tail_tokens"):
+        optional(count, meta.get(key), f"{path}: {key}")
+    for key, value in mapping(meta.get("source") or {}, f"{path}: source").items():
+        optional(text, value, f"{path}: source.{key}", limit=4096)
+    return meta

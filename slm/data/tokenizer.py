@@ -15,7 +15,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from slm.core.errors import SlmError
+from slm.core.errors import Refused, SlmError
+from slm.core.foreign import checked_folder, mapping, read_json, shown
 from slm.core.paths import is_local_path
 
 SPECIAL_TOKENS = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
@@ -41,24 +42,49 @@ def train_tokenizer(batches: Iterable[list[str]], vocab_size: int, num_docs: int
     return PreTrainedTokenizerFast(tokenizer_object=bpe, clean_up_tokenization_spaces=False, **SPECIAL_TOKENS)
 
 
-def load_tokenizer(name: str, bos_token: str | None = None, eos_token: str | None = None
-                   ) -> PreTrainedTokenizerFast:
-    """Load a fast tokenizer from a folder or Hub id, with bos/eos ids guaranteed."""
+def check_tokenizer_folder(folder: Path) -> None:
+    """Check a tokenizer folder (maybe from elsewhere, or named by a record from elsewhere) before transformers reads
+    it: nothing in it leads outside it (slm/core/foreign.py), and its tokenizer_config.json names no file of its own
+    (`tokenizer_file`, `vocab_file`, ...: transformers would read one from wherever it points, when the folder lacks
+    it). Its `auto_map` code never runs: slm loads with trust_remote_code=False."""
+    checked_folder(folder, "tokenizer folder")
+    config = folder / "tokenizer_config.json"
+    if not config.exists():
+        return
+    for key, value in mapping(read_json(config, "tokenizer config"), str(config)).items():
+        if key.endswith("_file") and value is not None:
+            raise Refused(f"{config} names a file of its own ({key}: {shown(value)}), which transformers would read "
+                          "from wherever it points and slm never writes: refused (docs/security.md)")
+
+
+def load_tokenizer(name: str, bos_token: str | None = None, eos_token: str | None = None,
+                   content_hash: str | None = None) -> PreTrainedTokenizerFast:
+    """Load a fast tokenizer from a folder or Hub id, with bos/eos ids guaranteed; with `content_hash` (a record's),
+    only if it is the tokenizer that hash names (a location read from elsewhere opens nothing but that tokenizer)."""
     local = Path(name).expanduser()
     if not local.exists() and is_local_path(name):
         raise SlmError(f"tokenizer not found: {name}")
+    if local.exists():
+        if not local.is_dir():
+            raise SlmError(f"tokenizer {name} is a file, not a tokenizer folder")
+        check_tokenizer_folder(local)
     source = str(local) if local.exists() else name
+    options = {"clean_up_tokenization_spaces": False, "trust_remote_code": False}
     try:
         try:
-            tok = AutoTokenizer.from_pretrained(source, clean_up_tokenization_spaces=False)
+            tok = AutoTokenizer.from_pretrained(source, **options)
         except ValueError as e:
             # A folder saved by transformers >= 5 names the class `TokenizersBackend`, unknown to the pinned
             # transformers; its tokenizer.json and special tokens are all a fast tokenizer needs.
             if "does not exist or is not currently imported" not in str(e):
                 raise
-            tok = PreTrainedTokenizerFast.from_pretrained(source, clean_up_tokenization_spaces=False)
-    except (OSError, ValueError) as e:
-        raise SlmError(f"cannot load tokenizer '{name}': {str(e).splitlines()[0]}") from e
+            tok = PreTrainedTokenizerFast.from_pretrained(source, **options)
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, and the tokenizers library's bare Exception
+        raise SlmError(f"cannot load tokenizer '{name}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from e
+    if content_hash is not None and not tokenizer_matches(tok, {"content_hash": content_hash}):
+        raise SlmError(f"tokenizer {name} is not the one recorded with it (content hashes differ): put that "
+                       "tokenizer there")
     if not isinstance(tok, PreTrainedTokenizerFast):
         raise SlmError(f"tokenizer '{name}' has no fast (Rust) version; slm needs a fast tokenizer")
     for role, token in (("bos_token", bos_token), ("eos_token", eos_token)):

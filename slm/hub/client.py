@@ -36,8 +36,9 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from slm.core.errors import SlmError
-from slm.core.trust import masked, plain_name
+from slm.core.credentials import file_holds_secret, known_secrets, masked, secret_place
+from slm.core.errors import Refused, SlmError
+from slm.core.foreign import checked_folder, plain_name
 
 log = logging.getLogger(__name__)
 TRANSIENT_STATUS = {408, 500, 502, 503, 504}
@@ -113,6 +114,17 @@ def parse_hf_uri(uri: str) -> tuple[str, str, str]:
     if not uri.startswith(HF_URI) or len(parts) < 2 or not all(parts[:2]):
         raise SlmError(f"'{uri}' is not a Hub location: use hf://datasets/ORG/NAME[/PATH]")
     return repo_type, "/".join(parts[:2]), "/".join(parts[2:])
+
+
+def refuse_uploading_secrets(files: dict[str, Path | bytes], repo_id: str) -> None:
+    """Refuse an upload any of whose files or contents holds a known secret (slm/core/credentials.py): checked here, at
+    the one way out to the Hub, for every byte slm uploads, not only the files it renders."""
+    secrets = known_secrets()
+    for name, data in files.items():
+        held = secret_place(data, secrets) is not None if isinstance(data, bytes) else file_holds_secret(data, secrets)
+        if held:
+            raise Refused(f"the upload to the Hub repo {repo_id}: {name} holds a secret (the value of a token, key or "
+                          "password this process can see); slm never uploads one (docs/security.md)")
 
 
 class CommitBudget:
@@ -199,6 +211,7 @@ class Hub:
 
     def upload_file(self, path: Path, repo_id: str, path_in_repo: str, message: str,
                     repo_type: str = "model") -> None:
+        refuse_uploading_secrets({path_in_repo: path}, repo_id)
         self.commit_call(f"upload of {path_in_repo} to the Hub repo {repo_id}", repo_id, self.api.upload_file,
                          path_or_fileobj=str(path), path_in_repo=path_in_repo, repo_id=repo_id, repo_type=repo_type,
                          commit_message=message)
@@ -206,6 +219,7 @@ class Hub:
     def commit(self, repo_id: str, files: dict[str, Path | bytes], message: str, repo_type: str = "model",
                revision: str | None = None) -> None:
         """Make one commit adding (or replacing) `files` (path in repo -> local file or content)."""
+        refuse_uploading_secrets(files, repo_id)
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(data) if isinstance(data, Path)
                                          else data) for name, data in files.items()]
         names = next(iter(files)) + (f" (and {len(files) - 1} more files)" if len(files) > 1 else "")
@@ -222,6 +236,7 @@ class Hub:
             got = self.call(f"download of {path_in_repo} from the Hub repo {repo_id}", self.api.hf_hub_download,
                             repo_id=repo_id, filename=path_in_repo, repo_type=repo_type, revision=revision,
                             local_dir=tmp)
+            checked_folder(tmp, f"the download of {path_in_repo} from the Hub repo {repo_id}")
             shutil.move(got, destination)
 
     def read_file(self, repo_id: str, path_in_repo: str, revision: str | None = None) -> bytes:
@@ -236,7 +251,7 @@ class Hub:
         destination.mkdir(parents=True, exist_ok=True)
         self.call(f"download of revision {revision} of the Hub repo {repo_id}", self.api.snapshot_download,
                   repo_id=repo_id, revision=revision, repo_type=repo_type, local_dir=str(destination))
-        return destination
+        return checked_folder(destination, f"the download of {revision} of the Hub repo {repo_id}")
 
     def list_files(self, repo_id: str, repo_type: str = "model", revision: str | None = None) -> list[str]:
         return self.call(f"listing the Hub repo {repo_id}", self.api.list_repo_files, repo_id=repo_id,
@@ -268,6 +283,9 @@ class Hub:
                     path_in_repo: str = "", branch: str | None = None, private: bool = True,
                     delete_patterns: list[str] | None = None) -> None:
         """Upload `folder` into the repo (created if missing), on `branch` (created from main) if given."""
+        checked_folder(folder, "folder to upload")
+        refuse_uploading_secrets({p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
+                                  if p.is_file()}, repo_id)
         self.ensure_repo(repo_id, repo_type, private)
         if branch:
             self.call(f"creating branch {branch} of the Hub repo {repo_id}", self.api.create_branch,

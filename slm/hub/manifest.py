@@ -18,8 +18,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slm.core.run_folder import CHECKPOINT, LATEST
-from slm.core.trust import Refused, unpickle_checkpoint
+from slm.core.errors import Refused, SlmError
+from slm.core.foreign import count, mapping, optional, parsed_json, read_json, sequence, shown, text
+from slm.core.run_folder import CHECKPOINT, LATEST, check_run_record
+from slm.core.trust import unpickle_checkpoint
 
 if TYPE_CHECKING:  # `slm verify` without --deep reads no tensor: it starts without torch
     import torch
@@ -28,7 +30,8 @@ REMOTE_FOLDER = "checkpoints"
 MANIFEST = "slm-manifest.json"
 MANIFEST_FORMAT = 1
 LATEST_POINTER = f"{REMOTE_FOLDER}/{LATEST}.symlink"  # text: the remote name of the newest checkpoint
-BRANCH = re.compile(r"ba(\d+)")
+BRANCH = re.compile(r"ba(\d{1,15})")  # an export branch; its batch names files: at most 15 digits
+HEX = re.compile(r"[0-9a-f]{1,128}")  # a hash recorded in a manifest
 READ_CHUNK = 1 << 20
 
 
@@ -110,13 +113,37 @@ def weights_record(checkpoint: Path, export: Path | None = None) -> dict[str, An
     """Return the batch, epoch, tokens, samples and weights digest of a checkpoint: from its export's slm-run.json when
     there is one, else from the file. (It loads tensors: call it where the training may, not from another thread.)"""
     if export is not None:
-        run = json.loads((export / "slm-run.json").read_text())
-        timestamp, digest = run["timestamp"], run["weights_sha256"]
+        where = str(export / "slm-run.json")
+        run = check_run_record(read_json(export / "slm-run.json", "export record"), where)
+        timestamp, digest = mapping(run.get("timestamp"), f"{where}: timestamp"), run.get("weights_sha256")
     else:
         state = unpickle_checkpoint(checkpoint)["state"]
         timestamp, digest = state["timestamp"]["Timestamp"], weights_digest(checkpoint_weights(state))
-    return {"batch": timestamp["batch"], "epoch": timestamp["epoch"], "tokens": timestamp["token"],
-            "samples": timestamp["sample"], "weights_sha256": digest}
+    return check_weights_record({"batch": timestamp.get("batch"), "epoch": timestamp.get("epoch"),
+                                 "tokens": timestamp.get("token"), "samples": timestamp.get("sample"),
+                                 "weights_sha256": digest}, str(export or checkpoint))
+
+
+def check_file_record(record: Any, where: str) -> dict[str, Any]:
+    """Return a file's record (`file_record`, read from elsewhere) once its size is a count and its hashes hex text."""
+    record = mapping(record, where)
+    count(record.get("size"), f"{where}: size")
+    for key in ("sha256", "blob_id"):
+        if record.get(key) is not None and not HEX.fullmatch(str(record[key])):
+            raise Refused(f"{where}: {key} is {shown(record[key])}, not a hash (docs/security.md)")
+    return record
+
+
+def check_weights_record(record: Any, where: str) -> dict[str, Any]:
+    """Return a checkpoint's `weights_record` (a manifest entry, a queued upload's record: read from elsewhere) once its
+    batch, epoch, tokens and samples are counts and its weights digest a hash."""
+    record = mapping(record, where)
+    count(record.get("batch"), f"{where}: batch")
+    for key in ("epoch", "tokens", "samples"):
+        optional(count, record.get(key), f"{where}: {key}")
+    if record.get("weights_sha256") is not None and not HEX.fullmatch(str(record["weights_sha256"])):
+        raise Refused(f"{where}: weights_sha256 is {shown(record['weights_sha256'])}, not a hash (docs/security.md)")
+    return record
 
 
 def checkpoint_entry(path: Path, weights: dict[str, Any], export: Path | None) -> dict[str, Any]:
@@ -136,19 +163,27 @@ class Manifest:
         self.entries: dict[int, dict] = dict(entries or {})
 
     @classmethod
-    def parse(cls, text: str | bytes, where: str) -> Manifest:
+    def parse(cls, content: str | bytes, where: str) -> Manifest:
+        """Read a manifest (from the run folder or the Hub: maybe someone else's), every field slm reads checked."""
         try:
-            data = json.loads(text)
+            data = mapping(parsed_json(content, where), where)
             if data.get("format") != MANIFEST_FORMAT:
-                raise ValueError(f"format {data.get('format')!r}, this slm reads format {MANIFEST_FORMAT}")
-            entries = {entry["batch"]: entry for entry in data["checkpoints"]}
-            for batch, entry in entries.items():
-                if type(batch) is not int or entry.get("branch") not in (None, branch_name(batch)):
-                    raise ValueError(f"the entry of batch {batch!r} is not an slm checkpoint's (branch "
-                                     f"{entry.get('branch')!r})")
-                checked_remote_name(entry["checkpoint"]["path"], f"{where}, batch {batch}")
-            return cls(data["run_name"], entries)
-        except (ValueError, KeyError, TypeError, AttributeError, Refused) as e:
+                raise ValueError(f"format {shown(data.get('format'))}, this slm reads format {MANIFEST_FORMAT}")
+            entries = {}
+            for entry in sequence(data.get("checkpoints"), "its checkpoints"):
+                entry = check_weights_record(mapping(entry, "an entry"), f"{where}: an entry")
+                batch = entry["batch"]
+                if entry.get("branch") not in (None, branch_name(batch)):
+                    raise ValueError(f"the entry of batch {batch} is not an slm checkpoint's (branch "
+                                     f"{shown(entry.get('branch'))})")
+                checkpoint = mapping(entry.get("checkpoint"), f"batch {batch}'s checkpoint")
+                checked_remote_name(checkpoint.get("path"), f"{where}, batch {batch}")
+                for name, record in [("checkpoint", checkpoint),
+                                     *mapping(entry.get("export") or {}, f"batch {batch}'s export").items()]:
+                    check_file_record(record, f"batch {batch}'s {shown(name)}")
+                entries[batch] = entry
+            return cls(text(data.get("run_name"), "its run_name"), entries)
+        except (SlmError, ValueError) as e:
             raise ValueError(f"{where} is no slm manifest: {e}") from e
 
     def to_bytes(self) -> bytes:

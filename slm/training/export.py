@@ -13,33 +13,43 @@ import torch
 from omegaconf import OmegaConf
 
 from slm.core.errors import SlmError
-from slm.core.paths import partial_folder, refuse_to_clobber
-from slm.core.trust import refuse_secrets, unpickle_checkpoint
+from slm.core.foreign import count, mapping
+from slm.core.paths import partial_folder, refuse_secrets, refuse_to_clobber
+from slm.core.run_folder import check_run_record
+from slm.core.trust import unpickle_checkpoint
 from slm.data.loading import describe_split
 from slm.data.tokenizer import load_tokenizer, tokenizer_matches
 from slm.hub.manifest import file_record, weights_digest
 from slm.training.model import (
-    build_hf_model,
     context_length,
     count_parameters,
+    model_of_weights,
     use_special_tokens,
     with_transformers_4_rope_keys,
 )
 
 
 def read_checkpoint(path: Path) -> dict:
-    """Read the Composer state of a checkpoint file written by slm/train.py."""
-    state = unpickle_checkpoint(path)["state"]
-    if "RunInfo" not in state.get("callbacks", {}):
+    """Read the Composer state of a checkpoint file written by slm/train.py (maybe someone else's: through the gate of
+    slm/core/trust.py), the fields slm reads from it checked: its timestamp's counts and its run record."""
+    state = mapping(mapping(unpickle_checkpoint(path), str(path)).get("state"), f"{path}: state")
+    callbacks = mapping(state.get("callbacks") or {}, f"{path}: callbacks")
+    if "RunInfo" not in callbacks:
         raise SlmError(f"{path} was not written by slm/train.py (it carries no run config)")
+    info = check_run_record(callbacks["RunInfo"], f"{path}: its run record")
+    mapping(info.get("config"), f"{path}: its run record's config")
+    timestamp = mapping(mapping(state.get("timestamp"), f"{path}: timestamp").get("Timestamp"), f"{path}: timestamp")
+    for key in ("epoch", "batch", "sample", "token"):
+        count(timestamp.get(key), f"{path}: timestamp.{key}")
     return state
 
 
-def model_from_checkpoint(state: dict) -> torch.nn.Module:
-    """Build the transformers model of a checkpoint, weights loaded."""
-    model = build_hf_model(state["callbacks"]["RunInfo"]["config"]["model"], seed=0)
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state["model"].items()})
-    return model.eval()
+def model_from_checkpoint(state: dict, where: str = "the checkpoint") -> torch.nn.Module:
+    """Build the transformers model of a checkpoint's state (`read_checkpoint`), weights loaded (`where` names the
+    checkpoint in an error line)."""
+    model_cfg = mapping(state["callbacks"]["RunInfo"]["config"].get("model"), f"{where}: config.model")
+    weights = {k.removeprefix("model."): v for k, v in mapping(state.get("model"), f"{where}: model").items()}
+    return model_of_weights(model_cfg, weights, where).eval()
 
 
 def _metrics_table(metrics: dict) -> str:
@@ -115,7 +125,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, overwrite: bool = False) 
     state = read_checkpoint(checkpoint)
     info = state["callbacks"]["RunInfo"]
     refuse_secrets(info, f"the run record in {checkpoint}")  # written into the model card and slm-run.json
-    model = model_from_checkpoint(state)
+    model = model_from_checkpoint(state, str(checkpoint))
     tokenizer = load_tokenizer(info["tokenizer"])
     if info.get("tokenizer_hash") and not tokenizer_matches(tokenizer, {"content_hash": info["tokenizer_hash"]}):
         raise SlmError(f"tokenizer {info['tokenizer']} is not the one the run of {checkpoint} trained with (content "

@@ -37,6 +37,7 @@ from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
 
 from slm.core.errors import say
+from slm.core.foreign import read_bytes, read_json
 from slm.core.paths import partial_file, write_atomically
 from slm.core.run_folder import CHECKPOINT, LATEST, METRICS, checkpoints, is_complete
 from slm.hub.client import Hub, HubError
@@ -45,6 +46,7 @@ from slm.hub.manifest import (
     MANIFEST,
     Manifest,
     branch_name,
+    check_weights_record,
     checked_remote_name,
     checkpoint_entry,
     file_record,
@@ -190,7 +192,7 @@ class HubPublisher:
         data = {}
         for name in RUN_DATA:
             try:
-                content = (self.folder / name).read_bytes()
+                content = read_bytes(self.folder / name, "run file", None)
             except FileNotFoundError:
                 continue
             if name.endswith(".jsonl"):  # the training thread may be appending a line right now
@@ -203,7 +205,7 @@ class HubPublisher:
         if self._manifest is None:
             local = self.folder / MANIFEST
             try:
-                text, where = local.read_bytes(), str(local)
+                text, where = read_bytes(local, "manifest"), str(local)
             except FileNotFoundError:
                 try:
                     text, where = self.hub.read_file(self.repo, MANIFEST), f"{MANIFEST} of the Hub repo {self.repo}"
@@ -219,7 +221,9 @@ class HubPublisher:
     def _commit_checkpoints(self, files: dict[int, Path], exports: dict[int, Path]) -> None:
         manifest = self._manifest_now()
         for batch, path in files.items():
-            entry = checkpoint_entry(path, json.loads(self._record_file(path).read_text()), exports.get(batch))
+            record = check_weights_record(read_json(self._record_file(path), "queued upload's record"),
+                                          str(self._record_file(path)))
+            entry = checkpoint_entry(path, record, exports.get(batch))
             old = manifest.entries.get(batch) or {}
             if entry["export"] is None and (self._exported.get(batch) or old.get("export")):
                 entry["branch"], entry["export"] = branch_name(batch), self._exported.get(batch) or old["export"]

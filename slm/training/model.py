@@ -15,6 +15,7 @@ import difflib
 import importlib.util
 import inspect
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +28,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL_LM_NAMES
 from transformers.pytorch_utils import Conv1D
 
-from slm.core.errors import SlmError, say
+from slm.core.errors import Refused, SlmError, say
+from slm.core.foreign import checked_folder
 
 
 def mamba_kernels_available() -> bool:
@@ -69,6 +71,8 @@ def resolve_class(name: str) -> type[PreTrainedModel]:
                        f"...) or class name (LlamaForCausalLM, GPT2LMHeadModel, ...){hint}")
     return cls
 
+
+MAX_LAYERS = 2**16  # layers of a model config read from elsewhere: far past any causal LM's (each is built)
 
 # transformers 5 folds these into one `rope_parameters` argument, and still takes them as keywords (a config.json
 # written by transformers 4 has them): RotaryEmbeddingConfigMixin.convert_rope_params_to_dict.
@@ -125,14 +129,86 @@ def build_config(model_cfg: dict[str, Any]) -> PretrainedConfig:
         raise SlmError(f"bad model config for {config_class.__name__}: {e}") from e
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def pretrained_config(source: str, what: str) -> PretrainedConfig:
+    """Read the config of a save_pretrained folder or Hub id (maybe from elsewhere): a local folder checked first
+    (nothing in it leads outside it: slm/core/foreign.py), none of its own code run (trust_remote_code=False)."""
+    if Path(source).is_dir():
+        checked_folder(source, "model folder")
+    try:
+        return transformers.AutoConfig.from_pretrained(source, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - whatever a config from elsewhere makes transformers raise
+        raise SlmError(f"cannot load {what} {source}: {_first_line(e)}") from e
+
+
+def _tensor_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def load_pretrained(source: str, what: str) -> PreTrainedModel:
+    """Load the causal LM of a save_pretrained folder or Hub id (maybe from elsewhere): safetensors only, none of its
+    own code (trust_remote_code=False); a local folder's config is built on the meta device first, and one that would
+    take more than twice the bytes of its weights files (tied weights are stored once) is refused before anything is
+    allocated. `what` names it in an error line."""
+    config = pretrained_config(source, what)
+    folder = Path(source)
+    if folder.is_dir():
+        weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+        layers = getattr(config, "num_hidden_layers", 0)
+        if not isinstance(layers, int) or not 0 <= layers <= MAX_LAYERS:
+            raise SlmError(f"cannot load {what} {source}: its config has {layers!r} layers")
+        try:
+            with torch.device("meta"):
+                needed = _tensor_bytes(transformers.AutoModelForCausalLM.from_config(config))
+        except Exception as e:  # noqa: BLE001 - whatever a config from elsewhere makes transformers raise
+            raise SlmError(f"cannot load {what} {source}: {type(e).__name__}: {_first_line(e)}") from e
+        if weights and needed > 2 * weights + 2**20:
+            raise Refused(f"cannot load {what} {source}: its config.json makes a model of {needed:,} bytes, and its "
+                          f"weights files hold {weights:,}: refused before allocating it (docs/security.md)")
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(source, config=config, use_safetensors=True,
+                                                                 trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - whatever a folder from elsewhere makes transformers raise
+        raise SlmError(f"cannot load {what} {source}: {_first_line(e)}") from e
+
+
+def model_of_weights(model_cfg: dict[str, Any], weights: dict[str, torch.Tensor], where: str) -> PreTrainedModel:
+    """Build the model a run's model config describes (a checkpoint's, maybe from elsewhere) holding `weights`: built
+    on the meta device first and its tensors' names and shapes compared with the weights', so a config that does not
+    fit them, or would allocate more than they hold, is refused before anything is allocated. A run started from
+    `model.pretrained` takes its architecture from that model's config.json (its weights are the checkpoint's)."""
+    if model_cfg.get("pretrained"):
+        config = pretrained_config(str(model_cfg["pretrained"]), "the model.pretrained of")
+        cls = transformers.AutoModelForCausalLM._model_mapping[type(config)]  # noqa: SLF001 - its class for it
+    else:
+        config, cls = build_config(model_cfg), resolve_class(str(model_cfg["class"]))
+    layers = getattr(config, "num_hidden_layers", 0)
+    if not isinstance(layers, int) or not 0 <= layers <= len(weights):
+        raise SlmError(f"{where}: its model config has {layers!r} layers and its weights {len(weights)} tensors: it "
+                       "does not fit them")
+    try:
+        with torch.device("meta"):
+            shapes = {name: tuple(t.shape) for name, t in cls(config).state_dict().items()}
+    except Exception as e:  # noqa: BLE001 - whatever a config from elsewhere makes transformers raise
+        raise SlmError(f"{where}: its model config builds no model ({type(e).__name__}: {_first_line(e)})") from e
+    given = {name: tuple(t.shape) for name, t in weights.items()}
+    for name in sorted(shapes.keys() | given.keys()):
+        if shapes.get(name) != given.get(name):
+            raise SlmError(f"{where}: its model config does not fit its weights ({name}: {shapes.get(name, 'absent')} "
+                           f"in the config, {given.get(name, 'absent')} in the weights)")
+    model = cls(config)
+    model.load_state_dict(weights)
+    return model
+
+
 def pretrained_model(model_cfg: dict[str, Any]) -> PreTrainedModel:
     """Load `model.pretrained` (a folder or Hub id) with `AutoModelForCausalLM`; any other model key must agree
     with its config (the suite's `vocab_size` from base.yaml, say), since the weights fix the architecture."""
     source = str(model_cfg["pretrained"])
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)
-    except (OSError, ValueError) as e:
-        raise SlmError(f"cannot load model.pretrained {source}: {str(e).splitlines()[0]}") from e
+    model = load_pretrained(source, "model.pretrained")
     for key, value in model_cfg.items():
         if key == "class":
             if resolve_class(str(value)) is not type(model):

@@ -4,7 +4,6 @@ Trainer (autoresumed), and the run's start and end recorded (`train_command`, wh
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -27,7 +26,15 @@ from transformers import PreTrainedModel
 from slm.core import workarounds
 from slm.core.config import OptimizerConfig, TrainConfig, load_config, save_config
 from slm.core.errors import SlmError, describe_error, disk_error, run_command, say
-from slm.core.run_folder import FILENAME, LATEST_FILENAME, METRICS, newest_complete, repair_latest
+from slm.core.run_folder import (
+    FILENAME,
+    LATEST_FILENAME,
+    METRICS,
+    checked_run_folder,
+    newest_complete,
+    read_run_record,
+    repair_latest,
+)
 from slm.core.shared_memory import clean_stale_shared_memory
 from slm.data.loading import build_dataloader, check_compatible, split_metadatas
 from slm.data.tokenizer import load_tokenizer, mismatch_hint, tokenizer_identity, tokenizer_matches
@@ -111,11 +118,12 @@ def prepare_run_folder(cfg: TrainConfig, model: PreTrainedModel) -> Path | None:
     new run).
 
     Streaming shared memory that killed runs left on this node is removed (only blocks no living
-    process maps); a folder holding another model's run is refused before anything in it changes;
+    process maps); a folder with a link leading outside it (a run folder handed over: slm/core/foreign.py), or holding
+    another model's run, is refused before anything in it changes;
     rank 0 creates the folder (W&B, set up inside Trainer(), writes into it) and points `latest`
     at the newest whole checkpoint (a kill can leave a torn file or no symlink); the others wait.
     """
-    folder = cfg.folder
+    folder = checked_run_folder(cfg.folder)
     if dist.get_local_rank() == 0:
         clean_stale_shared_memory()
     newest = newest_complete(folder)  # once: the check reads each candidate's pickle
@@ -134,10 +142,7 @@ def refuse_another_model(folder: Path, cfg: TrainConfig, model: PreTrainedModel,
     compared tensor by tensor with its newest whole checkpoint, `newest`.
     """
     hint = "use another run_name or save_folder, or this run's model config to resume it"
-    try:
-        before = json.loads((folder / "run.json").read_text())["config"]["model"]
-    except (OSError, ValueError, KeyError):
-        before = None
+    before = ((read_run_record(folder) or {}).get("config") or {}).get("model")
     if before is not None:
         differ = [k for k in sorted(set(before) | set(cfg.model)) if before.get(k) != cfg.model.get(k)]
         if differ:

@@ -21,9 +21,9 @@ from composer.utils import dist
 
 from slm.core.config import LoadConfig
 from slm.core.config_rules import HUB_REPO
-from slm.core.errors import SlmError
-from slm.core.run_folder import CHECKPOINT, checkpoints, is_complete, newest_complete
-from slm.core.trust import Refused, refuse_foreign_globals, unpickle_checkpoint
+from slm.core.errors import Refused, SlmError
+from slm.core.run_folder import CHECKPOINT, checked_run_folder, checkpoints, is_complete, newest_complete
+from slm.core.trust import refuse_foreign_globals, unpickle_checkpoint
 from slm.hub.client import Hub
 from slm.hub.manifest import REMOTE_FOLDER
 
@@ -82,7 +82,7 @@ def warm_start_checkpoint(load: LoadConfig, folder: Path, resumes: bool) -> Path
     if resumes:
         return None
     if source.is_dir():
-        newest = newest_complete(source)
+        newest = newest_complete(checked_run_folder(source))
         if newest is None:
             raise SlmError(f"load.path {load.path} holds no complete checkpoint "
                            f"({', '.join(p.name for p in checkpoints(source).values()) or 'none at all'})")

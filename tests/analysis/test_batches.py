@@ -115,7 +115,11 @@ def test_batches_name_the_documents_a_sample_was_cut_from(tmp_path, shards, corp
         assert ids[offset: offset + 63] == row["tokens"][1:], row["sample"]
         last = tok(stories[row["documents"][-1]]["story"], add_special_tokens=False)["input_ids"]
         assert len(row["documents"]) == 1 or len(ids) - len(last) - 1 < offset + 63  # no document more than held
-    main(["batches", str(config), "--steps", "3", "--rank", "0", "--text"])
+    capsys.readouterr()
+    assert main(["batches", str(config), "--steps", "3", "--rank", "0", "--text"]) == 1  # the source it records
+    assert capsys.readouterr().err.strip().endswith(  # is shown, never opened: it may name any file of yours
+        f"the shards of train record {str(corpus)!r}; name it with --source DATASET")
+    assert main(["batches", str(config), "--steps", "3", "--rank", "0", "--text", "--source", str(corpus)]) == 0
     text = capsys.readouterr().out
     first = rows[0]
     assert f"step 3 rank 0 [0]: train sample {first['sample']}" in text
@@ -133,3 +137,30 @@ def test_batches_of_shards_without_a_document_record_say_so(tmp_path, shards, ca
     out, err = capsys.readouterr()
     assert "note: shards written before slm recorded documents (no slm-documents.npz): samples only" in err
     assert len(out.splitlines()) == 8 and "documents" not in out
+
+
+def test_a_run_folders_config_is_read_not_run(tmp_path, shards, capsys):
+    """A run folder handed over names its data in its config.yaml: slm batches reads those folders as they are (the
+    shard it decompresses goes to a scratch folder, not where the config says) and fetches no remote it names."""
+    import shutil
+
+    from slm.core.config import load_config, save_config
+
+    data = tmp_path / "theirs"
+    for split in ("train", "eval"):
+        shutil.copytree(shards / split, data / split)
+    (data / "train" / "shard.00000.mds").unlink()  # compressed only: reading it decompresses it
+    before = sorted(p.name for p in (data / "train").iterdir())
+    folder = tmp_path / "handed"
+    folder.mkdir()
+    save_config(load_config(write_yaml(tmp_path / "tiny.yaml", data)), folder / "config.yaml")
+    assert main(["batches", str(folder), "--steps", "1", "--tokens"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 2 * 8 and sorted(p.name for p in (data / "train").iterdir()) == before
+    assert f"the samples of train from {data / 'train'}, as the run's config.yaml names it (read, never written)" \
+        in err
+    save_config(load_config(write_yaml(tmp_path / "tiny.yaml", data), [f"data.train.remote={tmp_path}/remote"]),
+                folder / "config.yaml")
+    assert main(["batches", str(folder), "--steps", "1"]) == 1
+    assert "which slm batches does not fetch for a run folder's config" in capsys.readouterr().err
+    assert not (tmp_path / "remote").exists() and sorted(p.name for p in (data / "train").iterdir()) == before

@@ -35,5 +35,5 @@ def test_metrics_rows_and_a_line_that_is_not_json(tmp_path):
     (tmp_path / METRICS).write_text('{"batch": 1}\n\n{"batch": 2}\n')
     assert read_metrics(tmp_path) == [{"batch": 1}, {"batch": 2}]
     (tmp_path / METRICS).write_text('{"batch": 1}\n{"batch": \n')
-    with pytest.raises(SlmError, match="metrics.jsonl is not JSON lines"):
+    with pytest.raises(SlmError, match="metrics.jsonl, line 2 is not valid JSON"):
         read_metrics(tmp_path)

@@ -200,9 +200,9 @@ def test_shard_names_leading_outside_the_folder_are_refused(tmp_path, shards, wh
         data = [f"data.train.remote={bad}", f"data.train.local={tmp_path}/cache/train"]
         index = tmp_path / "cache" / "train" / "index.json"
     err = train_stderr(write_yaml(tmp_path / "tiny.yaml", shards), *data, "max_duration=2ba", *QUIET, status=1)
-    assert error_lines(err) == [f"slm train: error: shard index {index} names {name!r}, which is not a relative "
-                                "path below its folder: refused, since it would lead outside its folder "
-                                "(docs/security.md)"], err
+    assert error_lines(err) == [f"slm train: error: shard index {index}, shard 0: {part}.basename names {name!r}, "
+                                "which is not a relative path below its folder: refused, since it would lead "
+                                "outside its folder (docs/security.md)"], err
     assert (tmp_path / "precious.txt").read_text() == "precious" and not (tmp_path / "ESCAPED.mds").exists()
 
 
@@ -212,7 +212,7 @@ def test_streaming_itself_is_kept_inside_the_folder(tmp_path, shards):
     the dataset."""
     from streaming import Stream, StreamingDataset
 
-    from slm.core.trust import Refused
+    from slm.core.errors import Refused
     from slm.core.workarounds import shared_memory_released, streaming_datasets
 
     bad = escaping_copy(shards, tmp_path / "a" / "train", "raw_data", "../../ESCAPED.mds")
