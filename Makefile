@@ -14,7 +14,7 @@ ifeq ($(wildcard $(LOCK)),)
 $(error STACK=$(STACK) has no lock file $(LOCK): use STACK=pinned or STACK=current)
 endif
 
-.PHONY: venv lock data demo test test-fast test-hosts test-stack lint docs bench clean
+.PHONY: venv lock data demo test test-fast test-hosts test-hostile test-stack lint docs bench clean
 
 # pip brings uv (the version the lock names), uv installs the lock exactly and removes what it does not name,
 # compiled to bytecode as pip does (with PYTHONDONTWRITEBYTECODE set, every process would compile torch and
@@ -124,8 +124,8 @@ BUSY ?= 0
 test: lint
 	@log=$$(mktemp); export OMP_NUM_THREADS=1; \
 	TMPDIR=$$(mktemp -d) $(PYTEST) --durations=8 -m "cluster or beside" >$$log 2>&1 & second=$$!; \
-	echo "$(PYTEST) -m 'not (cluster or beside or hosts)' --busy $(BUSY), and beside it: $(PYTEST) -m 'cluster or beside'"; \
-	$(PYTEST) --durations=8 -m "not (cluster or beside or hosts)" --busy $(BUSY); status=$$?; \
+	echo "$(PYTEST) -m 'not (cluster or beside or hosts or hostile)' --busy $(BUSY), and beside it: $(PYTEST) -m 'cluster or beside'"; \
+	$(PYTEST) --durations=8 -m "not (cluster or beside or hosts or hostile)" --busy $(BUSY); status=$$?; \
 	wait $$second || status=1; \
 	echo "== the second session: $(PYTEST) -m 'cluster or beside' =="; cat $$log; rm -f $$log; \
 	exit $$status
@@ -134,6 +134,11 @@ test: lint
 # Slurm and SGE.
 test-hosts: lint
 	$(PYTEST) -m hosts
+
+# The whole hostile-input sweep (docs/security.md, "The hostile-input harness"): every variant of every kind of input
+# under every command that reads it; make test runs a fixed sample of it. It prints its counts per kind and command.
+test-hostile: lint
+	OMP_NUM_THREADS=1 HOSTILE_LANES=2 $(PYTEST) -s -m hostile
 
 # The tests of what differs between the stacks (pytest -m stack): CI runs them on the current stack.
 test-stack: lint
