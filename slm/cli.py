@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from slm.core.errors import SlmError, run_command
+from slm.core.errors import SlmError, run_command, say
 from slm.core.paths import refuse_to_clobber
 
 if TYPE_CHECKING:  # the commands import what they need when they run: `slm --help` starts at once
@@ -84,19 +84,49 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
         raise SlmError(f"--seq-len must be at least 2 (one <bos> plus one token), got {args.seq_len}")
     if not (args.out_dir or args.out_remote):
         raise SlmError("give --out-dir, --out-remote, or both")
+    in_parts = args.parts is not None
+    if (args.part is not None or args.merge) and not in_parts:
+        raise SlmError("--part and --merge are steps of --parts N: give --parts too")
+    if in_parts:
+        from slm.data import parts
+
+        parts.check_parts(args.parts, args.part)
+        if not args.out_dir:
+            raise SlmError("--parts needs --out-dir: the parts are written beside it (OUT.parts/), on a filesystem "
+                           "every host sees")
     # hf:// goes through slm's own Hub code (one commit, retries); other remotes through Streaming's uploaders.
     to_hub = parse_hf_uri(args.out_remote) if (args.out_remote or "").startswith(HF_URI) else None
     out_dir = Path(args.out_dir) if args.out_dir else None
     refuse_to_clobber(out_dir, args.overwrite)
     tok = load_tokenizer(args.tokenizer, args.bos_token, args.eos_token)
-    ds = load_documents(args.in_dataset, args.feature, args.split, args.txt_per_file)
+    identity = tokenizer_identity(tok, args.tokenizer)
+    input_args = (args.in_dataset, args.feature, args.split, args.txt_per_file)
+    ds = load_documents(*input_args)
     source = {"dataset": args.in_dataset, "feature": args.feature, "split": args.split}
     with tempfile.TemporaryDirectory() as tmp:
         local = out_dir or (Path(tmp) / "shards" if to_hub else None)
-        stats = write_shards(iter_batches(ds, args.feature, args.batch_size), tok,
-                             tokenizer_identity(tok, args.tokenizer), args.seq_len, out_dir=local,
-                             out_remote=None if to_hub else args.out_remote, compression=args.compression,
-                             overwrite=args.overwrite, total_docs=len(ds), source=source)
+        remote = None if to_hub else args.out_remote
+        if in_parts:
+            job = parts.new_job(source, ds, identity, args.seq_len, args.parts, out_dir)
+            if args.part is not None:
+                done = job.done(args.part)
+                if not done:
+                    parts.tokenize_part(job, args.part, ds, args.feature, tok, identity, args.batch_size)
+                print(f"part {args.part} of {args.parts} {'was done already' if done else 'done'}: "
+                      f"{job.part_folder(args.part)}; merge the parts with --merge once all are done")
+                return
+            missing = [] if args.merge else job.missing()
+            if missing:
+                say(f"tokenizing {len(missing)} of {args.parts} parts ({len(ds):,} documents in all) side by side",
+                    "slm tokenize")
+                parts.run_parts(job, missing, input_args, (args.tokenizer, args.bos_token, args.eos_token),
+                                identity, args.batch_size)
+            stats = parts.merge_parts(job, identity, out_remote=remote, compression=args.compression,
+                                      overwrite=args.overwrite)
+        else:
+            stats = write_shards(iter_batches(ds, args.feature, args.batch_size), tok, identity, args.seq_len,
+                                 out_dir=local, out_remote=remote, compression=args.compression,
+                                 overwrite=args.overwrite, total_docs=len(ds), source=source)
         if to_hub:
             repo_type, repo_id, path = to_hub
             Hub().push_folder(local, repo_id, f"MDS shards of {args.in_dataset} [{args.split}] by slm",
@@ -374,6 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out-dir")
     p.add_argument("--bos-token", help="the tokenizer's beginning-of-sequence token, if it does not declare one")
     p.add_argument("--eos-token", help="the tokenizer's end-of-sequence token, if it does not declare one")
+    p.add_argument("--parts", type=int, help="tokenize in N parts (contiguous ranges of documents) side by side, "
+                                             "then merge them: the same shards as one process; finished parts "
+                                             "(in OUT.parts/ beside --out-dir) are kept and a killed one is redone")
+    p.add_argument("--part", type=int, help="with --parts N: tokenize only part P (1..N), e.g. a scheduler array "
+                                            "task's id (jobs/tokenize.sbatch, jobs/tokenize.sh)")
+    p.add_argument("--merge", action="store_true", help="with --parts N: only merge the N parts (refusing a "
+                                                        "missing one), once every --part is done")
     p.set_defaults(run=cmd_tokenize)
 
     p = sub.add_parser("export", parents=[common], help="export a checkpoint as a HuggingFace model folder",

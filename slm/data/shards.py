@@ -44,6 +44,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
+def token_stream(docs: Iterable[list[int]], eos_id: int, dtype: np.dtype) -> np.ndarray:
+    """Return the documents' ids (without specials) as the chunking rule's stream: each followed by <eos>."""
+    return np.fromiter(chain.from_iterable(chain(doc, (eos_id,)) for doc in docs), dtype)
+
+
 class Chunker:
     """Applies the chunking rule incrementally: documents' token ids in, full samples out."""
 
@@ -55,8 +60,12 @@ class Chunker:
 
     def add(self, docs: Iterable[list[int]]) -> np.ndarray:
         """Feed documents (ids without specials); returns the samples completed, shape (n, seq_len)."""
-        ids = list(chain.from_iterable(chain(doc, (self.eos_id,)) for doc in docs))
-        stream = np.concatenate([self.pending, np.array(ids, dtype=self.dtype)])
+        return self.add_stream(token_stream(docs, self.eos_id, self.dtype))
+
+    def add_stream(self, tokens: np.ndarray) -> np.ndarray:
+        """Feed the next tokens of the stream (`token_stream`'s: each document's ids, then its <eos>); returns the
+        samples completed, shape (n, seq_len)."""
+        stream = np.concatenate([self.pending, tokens.astype(self.dtype, copy=False)])
         piece = self.seq_len - 1
         n = len(stream) // piece
         samples = np.empty((n, self.seq_len), self.dtype)
@@ -151,13 +160,13 @@ class ShardStats:
     seconds: float = 0.0
 
 
-def _encode_batches(tokenizer, batches: Iterable[list[str]]) -> Iterator[tuple[int, list[list[int]]]]:
-    """Yield (documents, ids) per batch, in order. The Rust tokenizer's thread pool encodes batch k+1
-    (without the GIL) while the caller chunks and writes batch k."""
+def _encode_batches(tokenizer, batches: Iterable[list[str]]) -> Iterator[list[list[int]]]:
+    """Yield each batch's ids, in order. The Rust tokenizer's thread pool encodes batch k+1 (without the GIL) while
+    the caller chunks and writes batch k."""
     backend = tokenizer.backend_tokenizer
 
-    def encode(texts: list[str]) -> tuple[int, list[list[int]]]:
-        return len(texts), [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    def encode(texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
@@ -170,11 +179,30 @@ def _encode_batches(tokenizer, batches: Iterable[list[str]]) -> Iterator[tuple[i
             yield pending.result()
 
 
+def encoded_streams(tokenizer, batches: Iterable[list[str]], eos_id: int, dtype: np.dtype
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield, per batch of texts: its token stream (`token_stream`) and each document's tokens, <eos> included."""
+    for ids in _encode_batches(tokenizer, batches):
+        yield token_stream(ids, eos_id, dtype), np.fromiter(map(len, ids), np.int64, len(ids)) + 1
+
+
 def write_shards(batches: Iterable[list[str]], tokenizer, identity: dict, seq_len: int, *,
                  out_dir: Path | None, out_remote: str | None = None, compression: str | None = "zstd",
                  overwrite: bool = False, total_docs: int | None = None, source: dict | None = None
                  ) -> ShardStats:
     """Tokenize, chunk and write MDS shards plus `slm-dataset.json`; returns the counts."""
+    streams = encoded_streams(tokenizer, batches, identity["eos_id"], token_dtype(identity["vocab_size"]))
+    return write_streams(streams, identity, seq_len, out_dir=out_dir, out_remote=out_remote, compression=compression,
+                         overwrite=overwrite, total_docs=total_docs, source=source)
+
+
+def write_streams(streams: Iterable[tuple[np.ndarray, np.ndarray]], identity: dict, seq_len: int, *,
+                  out_dir: Path | None, out_remote: str | None = None, compression: str | None = "zstd",
+                  overwrite: bool = False, total_docs: int | None = None, source: dict | None = None,
+                  desc: str = "Tokenizing") -> ShardStats:
+    """Chunk token streams (pieces of the whole stream in order, each with its documents' lengths) and write MDS
+    shards plus `slm-dataset.json` and `slm-documents.npz`; returns the counts. The shards are the same whatever
+    the pieces are: they depend on the whole stream only."""
     if out_dir is None and out_remote is None:
         raise SlmError("give --out-dir, --out-remote, or both")
     dtype = token_dtype(identity["vocab_size"])
@@ -184,23 +212,23 @@ def write_shards(batches: Iterable[list[str]], tokenizer, identity: dict, seq_le
         if out_dir.is_file():
             raise SlmError(f"output {out_dir} is a file, not a folder")
     stats = ShardStats()
-    lengths: list[np.ndarray] = []  # per batch: each document's tokens, its <eos> included
+    lengths: list[np.ndarray] = []  # per piece: each document's tokens, its <eos> included
     start = time.perf_counter()
     with partial_folder(out_dir) if out_dir else nullcontext() as partial:
         out = (str(partial), out_remote) if partial and out_remote else str(partial or out_remote)
         with MDSWriter(out=out, columns={"tokens": f"ndarray:{dtype.name}:{seq_len}"},
                        compression=None if compression in (None, "none") else compression,
                        hashes=["sha1"], keep_local=partial is not None) as writer, \
-                tqdm(total=total_docs, unit="doc", unit_scale=True, desc="Tokenizing") as bar:
-            for n_docs, ids in _encode_batches(tokenizer, batches):
-                samples = chunker.add(ids)
+                tqdm(total=total_docs, unit="doc", unit_scale=True, desc=desc) as bar:
+            for tokens, documents in streams:
+                samples = chunker.add_stream(tokens)
                 for sample in samples:
                     writer.write({"tokens": sample})
-                lengths.append(np.fromiter(map(len, ids), np.int64, n_docs) + 1)
-                stats.documents += n_docs
-                stats.tokens += int(lengths[-1].sum())
+                lengths.append(documents)
+                stats.documents += len(documents)
+                stats.tokens += len(tokens)
                 stats.samples += len(samples)
-                bar.update(n_docs)
+                bar.update(len(documents))
                 bar.set_postfix(tokens=f"{stats.tokens:,}",
                                 tok_per_s=f"{stats.tokens / (time.perf_counter() - start):,.0f}")
             if stats.samples == 0:

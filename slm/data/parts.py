@@ -1,0 +1,198 @@
+"""Tokenizing a corpus in parts (`slm tokenize --parts N`): the same shards as one process, from N processes or hosts.
+
+Part p of N is a contiguous range of the input's documents (`part_range`), tokenized alone — a process of this
+machine, or an array task on another host — into its token stream: each document's ids and its <eos>, in order, as
+the chunking rule concatenates them (`tokens.bin`), and each document's length (`lengths.npy`). A part cannot cut
+its own samples: where its first sample starts depends on how many tokens all earlier parts hold. The merge does
+that: it feeds the parts' streams in order through the one chunker and writer of `slm tokenize`
+(slm/data/shards.py, `write_streams`), so the samples, the shards they fill and the document record are byte for
+byte those of one process (docs/design.md, "Tokenizing in parts").
+
+The parts live in `OUT.parts/` beside the output folder `OUT`, each `part-P-of-N/` written whole or not at all
+(written beside and renamed): a killed part leaves nothing and is redone alone on the next run, finished ones are
+kept. Each records what it was made from (the input's fingerprint and size, the tokenizer, seq_len, its range);
+the merge refuses a part missing or made from anything else, naming it. `OUT.parts/` is removed once `OUT` is
+written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from slm.core.errors import SlmError
+from slm.core.foreign import mapping, read_json
+from slm.core.paths import partial_folder
+from slm.data.shards import ShardStats, encoded_streams, token_dtype, write_streams
+
+PART_RECORD = "part.json"
+TOKENS_FILE = "tokens.bin"
+LENGTHS_FILE = "lengths.npy"
+MAX_PARTS = 100_000
+MERGE_DOCUMENTS = 10_000  # documents a merge step feeds the chunker: bounded memory, whatever a part holds
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one `slm tokenize --parts N` makes: its input, tokenizer and seq_len, each part's folder."""
+
+    source: dict[str, Any]  # dataset, feature, split: `slm-dataset.json`'s source
+    fingerprint: str  # the loaded input's `datasets` fingerprint: another file, edit or slice, another value
+    documents: int
+    tokenizer: str  # the tokenizer's content hash
+    seq_len: int
+    parts: int
+    out_dir: Path
+
+    @property
+    def folder(self) -> Path:
+        return self.out_dir.with_name(self.out_dir.name + ".parts")
+
+    def part_folder(self, part: int) -> Path:
+        return self.folder / f"part-{part}-of-{self.parts}"
+
+    def record(self, part: int) -> dict[str, Any]:
+        """What part `part` (1-based) must have been made from."""
+        start, end = part_range(self.documents, self.parts, part)
+        return {"source": self.source, "fingerprint": self.fingerprint, "input_documents": self.documents,
+                "tokenizer": self.tokenizer, "seq_len": self.seq_len, "part": part, "parts": self.parts,
+                "start": start, "end": end}
+
+    def done(self, part: int) -> bool:
+        """Return whether part `part` is done, refusing it if it was made from anything else."""
+        return self.part_folder(part).is_dir() and _checked_part(self, part) is not None
+
+    def missing(self) -> list[int]:
+        """Return the parts not done yet, refusing a part there that was made from anything else."""
+        return [part for part in range(1, self.parts + 1) if not self.done(part)]
+
+
+def check_parts(parts: int, part: int | None = None) -> None:
+    """Refuse a number of parts, or a part of them (1-based, as scheduler array task ids count), that cannot be."""
+    if not 1 <= parts <= MAX_PARTS:
+        raise SlmError(f"--parts must be between 1 and {MAX_PARTS:,}, got {parts}")
+    if part is not None and not 1 <= part <= parts:
+        raise SlmError(f"--part must be between 1 and --parts ({parts}), got {part}")
+
+
+def part_range(documents: int, parts: int, part: int) -> tuple[int, int]:
+    """Return the documents [start, end) of part `part` (1-based) of `parts`: contiguous, sizes differing by one."""
+    return documents * (part - 1) // parts, documents * part // parts
+
+
+def tokenize_part(job: Job, part: int, documents, feature: str, tokenizer, identity: dict,
+                  batch_size: int = 1000, position: int = 0) -> Path:
+    """Tokenize part `part` of `documents` (the loaded input) into its folder, whole or not at all; return it."""
+    from slm.data.documents import iter_batches
+
+    start, end = part_range(job.documents, job.parts, part)
+    dtype = token_dtype(identity["vocab_size"])
+    lengths = []
+    with partial_folder(job.part_folder(part)) as folder:
+        with open(folder / TOKENS_FILE, "wb") as out, \
+                tqdm(total=end - start, unit="doc", unit_scale=True, desc=f"part {part} of {job.parts}",
+                     position=position, leave=False) as bar:
+            batches = iter_batches(documents.select(range(start, end)), feature, batch_size)
+            for tokens, document_tokens in encoded_streams(tokenizer, batches, identity["eos_id"], dtype):
+                out.write(tokens.tobytes())
+                lengths.append(document_tokens)
+                bar.update(len(document_tokens))
+        np.save(folder / LENGTHS_FILE, np.concatenate(lengths) if lengths else np.zeros(0, np.int64))
+        (folder / PART_RECORD).write_text(json.dumps(job.record(part), indent=2) + "\n")
+    return job.part_folder(part)
+
+
+def _checked_part(job: Job, part: int) -> np.ndarray:
+    """Return part `part`'s document lengths once its record says it is this job's part and whole."""
+    folder = job.part_folder(part)
+    if not folder.is_dir():
+        raise SlmError(f"part {part} of {job.parts} is missing ({folder}): run it (`slm tokenize ... --parts "
+                       f"{job.parts} --part {part}`), or `--parts {job.parts}` without --merge to run what is missing")
+    record = mapping(read_json(folder / PART_RECORD, "part record"), str(folder / PART_RECORD))
+    for key, value in job.record(part).items():
+        if record.get(key) != value:
+            made_from = {"fingerprint": "other input (its files changed since?)", "input_documents": "other input",
+                         "source": "another input", "tokenizer": "another tokenizer", "seq_len": "another seq_len"}
+            raise SlmError(f"part {part} of {job.parts} in {folder} was made from "
+                           f"{made_from.get(key, f'another {key}')} ({key} {record.get(key)!r} there, {value!r} "
+                           f"now): remove {job.folder} to tokenize every part again")
+    lengths = np.load(folder / LENGTHS_FILE, allow_pickle=False)
+    if lengths.ndim != 1 or len(lengths) != record["end"] - record["start"] or (lengths < 1).any():
+        raise SlmError(f"part {part} of {job.parts} in {folder}: {LENGTHS_FILE} is not one length per document: "
+                       f"remove {folder} to tokenize that part again")
+    return lengths
+
+
+def _part_streams(job: Job, dtype: np.dtype) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield the parts' token streams in order, `MERGE_DOCUMENTS` documents at a time, with their lengths."""
+    for part in range(1, job.parts + 1):
+        lengths = _checked_part(job, part)
+        path = job.part_folder(part) / TOKENS_FILE
+        ends = np.concatenate([[0], np.cumsum(lengths)])
+        if path.stat().st_size != ends[-1] * dtype.itemsize:
+            raise SlmError(f"part {part} of {job.parts}: {path} holds {path.stat().st_size:,} bytes, not the "
+                           f"{ends[-1]:,} tokens its lengths add up to: remove {path.parent} to tokenize that part "
+                           "again")
+        tokens = np.memmap(path, dtype=dtype, mode="r") if ends[-1] else np.zeros(0, dtype)
+        for first in range(0, len(lengths), MERGE_DOCUMENTS):
+            last = min(first + MERGE_DOCUMENTS, len(lengths))
+            yield np.array(tokens[ends[first]:ends[last]]), lengths[first:last]
+
+
+def merge_parts(job: Job, identity: dict, *, out_remote: str | None = None, compression: str | None = "zstd",
+                overwrite: bool = False) -> ShardStats:
+    """Write the output folder from every part, as one process would have written it; then remove the parts."""
+    for part in range(1, job.parts + 1):
+        _checked_part(job, part)  # every refusal before anything is written
+    dtype = token_dtype(identity["vocab_size"])
+    stats = write_streams(_part_streams(job, dtype), identity, job.seq_len, out_dir=job.out_dir,
+                          out_remote=out_remote, compression=compression, overwrite=overwrite,
+                          total_docs=job.documents, source=job.source, desc=f"Merging {job.parts} parts")
+    shutil.rmtree(job.folder, ignore_errors=True)
+    return stats
+
+
+def _run_part(args: tuple) -> int:
+    """Tokenize one part in a process of its own (the pool's), loading the input and the tokenizer again."""
+    job, part, input_args, tokenizer_args, identity, batch_size, position = args
+    from slm.data.documents import load_documents
+    from slm.data.tokenizer import load_tokenizer
+
+    documents = load_documents(*input_args)
+    tokenizer = load_tokenizer(*tokenizer_args, content_hash=identity["content_hash"])
+    tokenize_part(job, part, documents, input_args[1], tokenizer, identity, batch_size, position)
+    return part
+
+
+def _threads_per_part(parts: int) -> None:
+    """Give each part process an equal share of the cores for the Rust tokenizer's threads (set before it starts)."""
+    threads = str(max(1, (os.cpu_count() or 1) // parts))
+    os.environ["RAYON_NUM_THREADS"] = os.environ["RAYON_RS_NUM_CPUS"] = threads
+
+
+def run_parts(job: Job, parts: list[int], input_args: tuple, tokenizer_args: tuple, identity: dict,
+              batch_size: int) -> None:
+    """Tokenize `parts` side by side, a process each (at most one a core): `input_args` are `load_documents`'s,
+    `tokenizer_args` `load_tokenizer`'s."""
+    workers = min(len(parts), os.cpu_count() or 1)
+    tasks = [(job, part, input_args, tokenizer_args, identity, batch_size, i) for i, part in enumerate(parts)]
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_threads_per_part,
+                             initargs=(workers,)) as pool:
+        for future in [pool.submit(_run_part, task) for task in tasks]:
+            future.result()
+
+
+def new_job(source: dict[str, Any], documents, identity: dict, seq_len: int, parts: int, out_dir: Path) -> Job:
+    """Return the job of tokenizing `documents` (the loaded input, a `datasets.Dataset`) in `parts` parts into
+    `out_dir`."""
+    return Job(source, documents._fingerprint, len(documents), identity["content_hash"], seq_len, parts, out_dir)

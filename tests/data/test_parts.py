@@ -1,0 +1,154 @@
+"""`slm tokenize --parts N` (slm/data/parts.py): the folder one process writes, byte for byte, from N parts run side
+by side or one at a time as array tasks; finished parts kept, a killed one redone, a foreign one refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import edited_tokenizer, run_slm, swap_a_b
+
+pytestmark = pytest.mark.train  # several tokenize runs each
+
+
+@pytest.fixture(scope="module")
+def uneven_corpus(tmp_path_factory, corpus) -> Path:
+    """The session corpus with empty documents in it, 403 documents: parts of 3 and 5 are uneven."""
+    lines = corpus.read_text().splitlines()
+    empty = json.dumps({"story": ""})
+    path = tmp_path_factory.mktemp("uneven") / "stories.jsonl"
+    path.write_text("\n".join([empty, *lines[:200], empty, *lines[200:], empty]) + "\n")
+    return path
+
+
+def tokenize(corpus: Path, tokenizer: Path, out: Path, *extra: str, seq_len: int = 64, check: bool = True):
+    return run_slm("tokenize", "-i", str(corpus), "-f", "story", "-t", str(tokenizer), "-l", str(seq_len),
+                   "--out-dir", str(out), *extra, check=check)
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, uneven_corpus, tokenizer_dir) -> dict[str, bytes]:
+    out = tmp_path_factory.mktemp("one") / "mds"
+    tokenize(uneven_corpus, tokenizer_dir, out, "--batch-size", "37")
+    return files(out)
+
+
+def assert_same_folder(out: Path, expected: dict[str, bytes]) -> None:
+    got = files(out)
+    assert sorted(got) == sorted(expected)
+    assert [name for name in got if got[name] != expected[name]] == []
+    assert not out.with_name(out.name + ".parts").exists()  # the parts are gone once merged
+
+
+@pytest.mark.parametrize("parts", [2, 5])
+def test_parts_side_by_side_write_what_one_process_writes(parts, uneven_corpus, tokenizer_dir, one_process,
+                                                          tmp_path):
+    out = tmp_path / "mds"
+    proc = tokenize(uneven_corpus, tokenizer_dir, out, "--parts", str(parts))
+    assert f"tokenizing {parts} of {parts} parts (403 documents in all)" in proc.stderr
+    assert_same_folder(out, one_process)
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_parts_as_array_tasks_then_a_merge_write_what_one_process_writes(parts, uneven_corpus, tokenizer_dir,
+                                                                         one_process, tmp_path):
+    out = tmp_path / "mds"
+    for part in reversed(range(1, parts + 1)):  # tasks end in any order
+        tokenize(uneven_corpus, tokenizer_dir, out, "--parts", str(parts), "--part", str(part))
+    assert not out.exists()
+    assert sorted(p.name for p in (tmp_path / "mds.parts").iterdir()) == [f"part-{p}-of-{parts}"
+                                                                          for p in range(1, parts + 1)]
+    tokenize(uneven_corpus, tokenizer_dir, out, "--parts", str(parts), "--merge")
+    assert_same_folder(out, one_process)
+
+
+def test_empty_parts_write_what_one_process_writes(tokenizer_dir, corpus, tmp_path):
+    """Three documents in five parts: two parts hold none."""
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(corpus.read_text().splitlines()[:3]) + "\n")
+    tokenize(small, tokenizer_dir, tmp_path / "one", seq_len=16)
+    for part in range(1, 6):
+        tokenize(small, tokenizer_dir, tmp_path / "mds", "--parts", "5", "--part", str(part), seq_len=16)
+    lengths = [json.loads((tmp_path / "mds.parts" / f"part-{p}-of-5" / "part.json").read_text())
+               for p in range(1, 6)]
+    assert [r["end"] - r["start"] for r in lengths] == [0, 1, 0, 1, 1]
+    tokenize(small, tokenizer_dir, tmp_path / "mds", "--parts", "5", "--merge", seq_len=16)
+    assert_same_folder(tmp_path / "mds", files(tmp_path / "one"))
+
+
+def test_finished_parts_are_kept_and_a_killed_one_is_redone(uneven_corpus, tokenizer_dir, one_process, tmp_path):
+    out = tmp_path / "mds"
+    for part in (1, 3):
+        tokenize(uneven_corpus, tokenizer_dir, out, "--parts", "3", "--part", str(part))
+    killed = tmp_path / "mds.parts" / ".part-2-of-3.partial"  # what a part killed while it wrote leaves
+    killed.mkdir()
+    (killed / "tokens.bin").write_bytes(b"\x01\x02half a part")
+    proc = tokenize(uneven_corpus, tokenizer_dir, out, "--parts", "3")
+    assert "tokenizing 1 of 3 parts" in proc.stderr  # parts 1 and 3 were kept, not made again
+    assert_same_folder(out, one_process)
+    assert not killed.exists()
+
+
+BAD_MERGES = {
+    "a part missing": (lambda ws: None, "part 2 of 3 is missing ({ws}/mds.parts/part-2-of-3): run it"),
+    "a part of another seq_len": (lambda ws: ["-l", "32"], "part 2 of 3 in {ws}/mds.parts/part-2-of-3 was made "
+                                                           "from another seq_len (seq_len 32 there, 64 now)"),
+    "a part of another tokenizer": (lambda ws: ["-t", f"{ws}/swapped"], "part 2 of 3 in {ws}/mds.parts/part-2-of-3 "
+                                                                        "was made from another tokenizer"),
+    "a part of other input": (lambda ws: ["-i", f"{ws}/edited.jsonl"], "part 2 of 3 in {ws}/mds.parts/part-2-of-3 "
+                                                                       "was made from another input"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_MERGES))
+def test_a_merge_refuses_a_part_missing_or_made_from_anything_else(name, uneven_corpus, tokenizer_dir, tmp_path):
+    edit, message = BAD_MERGES[name]
+    edited_tokenizer(tokenizer_dir, tmp_path / "swapped", swap_a_b)
+    (tmp_path / "edited.jsonl").write_text(uneven_corpus.read_text().replace("the", "a"))
+    out = tmp_path / "mds"
+    for part in (1, 3):
+        tokenize(uneven_corpus, tokenizer_dir, out, "--parts", "3", "--part", str(part))
+    override = edit(tmp_path)
+    if override is not None:  # part 2 made with one thing changed
+        argv = ["tokenize", "-i", str(uneven_corpus), "-f", "story", "-t", str(tokenizer_dir), "-l", "64",
+                "--out-dir", str(out), "--parts", "3", "--part", "2"]
+        for flag, value in zip(override[::2], override[1::2], strict=True):
+            argv[argv.index(flag) + 1] = value
+        run_slm(*argv)
+    before = {p: p.read_bytes() for p in (tmp_path / "mds.parts").rglob("*") if p.is_file()}
+    proc = tokenize(uneven_corpus, tokenizer_dir, out, "--parts", "3", "--merge", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"slm tokenize: error: {message.format(ws=tmp_path)}"), lines[0]
+    assert not out.exists()
+    assert {p: p.read_bytes() for p in (tmp_path / "mds.parts").rglob("*") if p.is_file()} == before
+
+
+def test_a_changed_input_is_refused_when_its_parts_are_merged(uneven_corpus, tokenizer_dir, tmp_path):
+    corpus = tmp_path / "stories.jsonl"
+    corpus.write_text(uneven_corpus.read_text())
+    out = tmp_path / "mds"
+    tokenize(corpus, tokenizer_dir, out, "--parts", "2", "--part", "1")
+    corpus.write_text(uneven_corpus.read_text().replace("the", "a"))  # edited after part 1 ran
+    tokenize(corpus, tokenizer_dir, out, "--parts", "2", "--part", "2")
+    proc = tokenize(corpus, tokenizer_dir, out, "--parts", "2", "--merge", check=False)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert f"part 1 of 2 in {out}.parts/part-1-of-2 was made from other input" in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--parts", "0"], "--parts must be between 1 and 100,000, got 0"),
+    (["--parts", "3", "--part", "4"], "--part must be between 1 and --parts (3), got 4"),
+    (["--part", "1"], "--part and --merge are steps of --parts N: give --parts too"),
+])
+def test_bad_parts_arguments(argv, message, uneven_corpus, tokenizer_dir, tmp_path):
+    proc = tokenize(uneven_corpus, tokenizer_dir, tmp_path / "mds", *argv, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"slm tokenize: error: {message}"]
