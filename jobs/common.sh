@@ -56,3 +56,30 @@ slm_wait() {
 
 # Exit status of a training run that stopped on a signal after saving a checkpoint (slm/cluster/launch.py).
 SLM_EXIT_PREEMPTED=75
+
+# The tokenize scripts' checks (jobs/tokenize.sbatch, jobs/tokenize.sh): `--parts N` among the arguments (N, the
+# array's size, in $SLM_PARTS) and --out-dir (the parts are written beside it), $SLM_VENV in the submission folder;
+# the usage line ($SLM_JOB_USAGE) and exit 2 otherwise. Activates $SLM_VENV.
+slm_tokenize_setup() {
+    local previous="" arg out=""
+    SLM_PARTS=""
+    for arg in "$@"; do
+        if [ "$previous" = --parts ]; then SLM_PARTS="$arg"; fi
+        if [ "$previous" = --out-dir ]; then out=1; fi
+        if [ "$arg" = --part ] || [ "$arg" = --merge ]; then
+            echo "slm tokenize: the job gives --part and --merge itself: usage: $SLM_JOB_USAGE" >&2
+            exit 2
+        fi
+        previous="$arg"
+    done
+    if ! [[ "$SLM_PARTS" =~ ^[1-9][0-9]*$ ]] || [ -z "$out" ]; then
+        echo "slm tokenize: usage: $SLM_JOB_USAGE" >&2
+        exit 2
+    fi
+    if [ ! -x "$SLM_VENV/bin/python" ]; then
+        echo "slm tokenize: no $SLM_VENV in $PWD: submit from the repository root, after 'make venv' there" >&2
+        exit 2
+    fi
+    # shellcheck disable=SC1091
+    source "$SLM_VENV/bin/activate"
+}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from clusters import JOB_TIMEOUT, wait_until
 
-from helpers import REPO, Hold, assert_bitwise_equal, final_state, job_log, shown_on_failure, train, write_yaml
+from helpers import REPO, Hold, assert_bitwise_equal, final_state, job_log, run_slm, shown_on_failure, train, write_yaml
 
 RUN = ["max_duration=24ba", "dist_timeout=60"]  # every wait on the other host bounded by a minute
 
@@ -146,3 +146,58 @@ def test_a_rendezvous_host_that_is_not_there_is_one_line(two_hosts, reference):
         "5 s (dist_timeout): check that every node of the job started and reaches h1:29999 (The client socket has "
         "timed out after 5000ms while trying to connect to (h1, 29999).)"], proc.stderr[-3000:]
     assert not (config.parent / "ckpt" / "alone" / "config.yaml").exists()
+
+
+# ---------------------------------------------------------------- tokenizing in parts across the hosts
+
+@pytest.fixture(scope="module")
+def one_process_shards(tmp_path_factory: pytest.TempPathFactory, corpus: Path, tokenizer_dir: Path
+                       ) -> tuple[list[str], dict[str, bytes]]:
+    """`slm tokenize`'s arguments but --out-dir, and the files it writes in one process."""
+    args = ["-i", str(corpus), "-f", "story", "-t", str(tokenizer_dir), "-l", "64"]
+    out = tmp_path_factory.mktemp("hosts-one-process") / "mds"
+    run_slm("tokenize", *args, "--out-dir", str(out))
+    return args, {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def assert_parts_on_both_hosts_merged(out: Path, expected: dict[str, bytes], part_logs: list[str], merge_log: str
+                                      ) -> None:
+    logs = "".join(part_logs) + merge_log
+    assert all(f"part {task} of 3 done" in log for task, log in enumerate(part_logs, 1)), logs[-4000:]
+    hosts = {re.search(r"slm job: \w+ job \d+ on (h[12])", log).group(1) for log in part_logs}
+    assert hosts == {"h1", "h2"}, logs[-4000:]
+    assert out.is_dir(), merge_log[-4000:]
+    got = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    assert sorted(got) == sorted(expected) and [n for n in got if got[n] != expected[n]] == [], logs[-4000:]
+
+
+def test_slurm_tokenize_parts_on_both_hosts_then_a_merge_equal_one_process(two_hosts, one_process_shards,
+                                                                           tmp_path):
+    """Each part a whole node (--exclusive): parts 1 and 2 on the two hosts, part 3 after either."""
+    args, expected = one_process_shards
+    args = ["--parts", "3", *args, "--out-dir", str(tmp_path / "mds")]
+    array = two_hosts.slurm.submit("--array=1-3", "--exclusive", "--output", str(job_log(tmp_path / "part-%a.out")),
+                                   "jobs/tokenize.sbatch", *args, cwd=REPO)
+    merge = two_hosts.slurm.submit(f"--dependency=afterok:{array}", "--output", str(job_log(tmp_path / "merge.out")),
+                                   "jobs/tokenize.sbatch", *args, cwd=REPO, env={"SLM_TOKENIZE_MERGE": "1"})
+    info = wait_until(lambda: two_hosts.slurm.finished(merge), JOB_TIMEOUT, f"the merge job {merge}")
+    merge_log = (tmp_path / "merge.out").read_text()
+    assert info["JobState"] == "COMPLETED", merge_log[-4000:]
+    part_logs = [(tmp_path / f"part-{task}.out").read_text() for task in (1, 2, 3)]
+    assert_parts_on_both_hosts_merged(tmp_path / "mds", expected, part_logs, merge_log)
+
+
+def test_sge_tokenize_parts_on_both_hosts_then_a_merge_equal_one_process(two_hosts, one_process_shards, tmp_path):
+    """Each part a whole host (both of its GPUs, SGE's consumable `gpu`: the PE `mpi` puts one slot on a host): parts
+    1 and 2 on the two hosts, part 3 after either."""
+    args, expected = one_process_shards
+    args = ["--parts", "3", *args, "--out-dir", str(tmp_path / "mds")]
+    for task in (1, 2, 3):
+        job_log(tmp_path / f"part.{task}.out")
+    array = two_hosts.qsub("-t", "1-3", "-pe", "mpi", "1", "-l", "gpu=2", "-o", f"{tmp_path}/part.$TASK_ID.out",
+                           "jobs/tokenize.sh", *args, cwd=REPO)
+    merge = two_hosts.qsub("-hold_jid", str(array), "-pe", "mpi", "1", "-o", str(job_log(tmp_path / "merge.out")),
+                           "jobs/tokenize.sh", *args, cwd=REPO, env={"SLM_TOKENIZE_MERGE": "1"})
+    wait_until(lambda: not two_hosts.sge_in_queue(merge), JOB_TIMEOUT, f"the merge job {merge}")
+    part_logs = [(tmp_path / f"part.{task}.out").read_text() for task in (1, 2, 3)]
+    assert_parts_on_both_hosts_merged(tmp_path / "mds", expected, part_logs, (tmp_path / "merge.out").read_text())

@@ -1,5 +1,6 @@
 """The job scripts on real one-node Slurm and SGE clusters (tests/clusters.py): a training job, resubmission,
-preemption and requeue ending bitwise equal to an uninterrupted run, and a 2 x 2 grid run as a 4-task suite array."""
+preemption and requeue ending bitwise equal to an uninterrupted run, a 2 x 2 grid run as a 4-task suite array, and a
+corpus tokenized as a 3-task array and a merge, equal to one process's shards."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from clusters import JOB_TIMEOUT, wait_until
 from omegaconf import OmegaConf
 
-from helpers import REPO, Hold, assert_bitwise_equal, final_state, job_log, train, write_yaml
+from helpers import REPO, Hold, assert_bitwise_equal, final_state, job_log, run_slm, train, write_yaml
 
 SLOW = ["max_duration=64ba", "global_batch_size=32"]  # signalled while held at a batch end (Hold)
 
@@ -26,6 +27,27 @@ def reference(tmp_path_factory: pytest.TempPathFactory, shards: Path) -> Path:
     train(config, "run_name=ref")
     train(config, "run_name=ref-slow", *SLOW)
     return root / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def one_process_shards(tmp_path_factory: pytest.TempPathFactory, corpus: Path, tokenizer_dir: Path
+                       ) -> dict[str, bytes]:
+    """The files `slm tokenize` writes in one process, which the tokenize jobs' merges must equal byte for byte."""
+    out = tmp_path_factory.mktemp("one-process") / "mds"
+    run_slm(*tokenize_args(corpus, tokenizer_dir, out))
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def tokenize_args(corpus: Path, tokenizer_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["tokenize", "-i", str(corpus), "-f", "story", "-t", str(tokenizer_dir), "-l", "64", "--out-dir",
+            str(out), *extra]
+
+
+def assert_merged(out: Path, expected: dict[str, bytes], logs: str) -> None:
+    assert out.is_dir(), logs[-4000:]
+    got = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    assert sorted(got) == sorted(expected) and [n for n in got if got[n] != expected[n]] == [], logs[-4000:]
+    assert not out.with_name("mds.parts").exists()
 
 
 def read_and_remove(log: Path) -> str:
@@ -62,6 +84,10 @@ def assert_grid_trained(ckpt: Path, stem: str, logs: list[str], reference: Path)
     ("jobs/suite.sh", [], "usage: bash jobs/suite.sh [--dry-run] [--per-device K] [--grid KEY=V1,V2,...]... "
                           "CONFIG.yaml..."),
     ("jobs/suite.sbatch", ["--grid", "seed", "yamls/demo-llama.yaml"], "slm sweep: error: --grid 'seed' is not KEY="),
+    ("jobs/tokenize.sbatch", ["-i", "corpus.jsonl", "--out-dir", "mds"], "usage: bash jobs/tokenize.sbatch --parts N "
+                                                                         "[slm tokenize arguments"),
+    ("jobs/tokenize.sh", ["--parts", "3", "--out-dir", "mds", "--part", "1"], "the job gives --part and --merge "
+                                                                               "itself"),
 ])
 def test_job_scripts_refuse_bad_arguments_in_one_line(script, args, message):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SGE_"))} | {"JOB_ID": "1"}
@@ -130,6 +156,23 @@ def test_slurm_suite_runs_a_2x2_grid_two_runs_per_device_as_a_2_task_array(slurm
     assert_grid_trained(tmp_path / "ckpt", "grid", logs, reference)
 
 
+def test_slurm_tokenize_in_three_parts_then_a_merge_equals_one_process(slurm, one_process_shards, corpus,
+                                                                       tokenizer_dir, tmp_path):
+    out = tmp_path / "mds"
+    args = tokenize_args(corpus, tokenizer_dir, out, "--parts", "3")[1:]
+    submitted = subprocess.run(["bash", "jobs/tokenize.sbatch", *args], cwd=REPO, env=slurm.env,
+                               capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr
+    array = int(re.search(r"Submitted batch job (\d+) \(the parts, array 1-3\)", submitted.stdout).group(1))
+    merge = int(re.findall(r"Submitted batch job (\d+)", submitted.stdout)[-1])
+    info = wait_until(lambda: slurm.finished(merge), JOB_TIMEOUT, "the merge job")
+    logs = "".join(read_and_remove(REPO / "logs" / f"slm-tokenize-{array}_{task}.out") for task in (1, 2, 3))
+    logs += read_and_remove(REPO / "logs" / f"slm-tokenize-merge-{merge}.out")
+    assert info["JobState"] == "COMPLETED", logs[-4000:]
+    assert all(f"part {task} of 3 done" in logs for task in (1, 2, 3)), logs[-4000:]
+    assert_merged(out, one_process_shards, logs)
+
+
 # ---------------------------------------------------------------- SGE
 
 def test_sge_train_job_then_resubmitting_resumes(sge, reference, tmp_path, shards):
@@ -191,3 +234,19 @@ def test_sge_suite_runs_a_2x2_grid_as_a_4_task_array(sge, reference, tmp_path, s
     statuses = wait_until(lambda: len(sge_exit_statuses(sge, job)) == 4 and sge_exit_statuses(sge, job), 60, "qacct")
     assert statuses == {1: 0, 2: 0, 3: 0, 4: 0}, "\n".join(log[-2000:] for log in logs)
     assert_grid_trained(tmp_path / "ckpt", "sge-grid", logs, reference)
+
+
+def test_sge_tokenize_in_three_parts_then_a_merge_equals_one_process(sge, one_process_shards, corpus,
+                                                                     tokenizer_dir, tmp_path):
+    out = tmp_path / "mds"
+    args = tokenize_args(corpus, tokenizer_dir, out, "--parts", "3")[1:]
+    submitted = subprocess.run(["bash", "jobs/tokenize.sh", *args], cwd=REPO, env=sge.env, capture_output=True,
+                               text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr
+    array = int(re.search(r"Your job-array (\d+) \(the parts, tasks 1-3\)", submitted.stdout).group(1))
+    merge = int(re.search(r"Your job (\d+) \(\"slm-tokenize-merge\"\)", submitted.stdout).group(1))
+    wait_until(lambda: not sge.in_queue(merge) and not sge.in_queue(array), JOB_TIMEOUT, "the merge job")
+    logs = "".join(read_and_remove(REPO / "logs" / f"slm-tokenize.o{array}.{task}") for task in (1, 2, 3))
+    logs += read_and_remove(REPO / "logs" / f"slm-tokenize-merge.o{merge}")
+    assert all(f"part {task} of 3 done" in logs for task in (1, 2, 3)), logs[-4000:]
+    assert_merged(out, one_process_shards, logs)
