@@ -119,10 +119,10 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
             if missing:
                 say(f"tokenizing {len(missing)} of {args.parts} parts ({len(ds):,} documents in all) side by side",
                     "slm tokenize")
-                parts.run_parts(job, missing, input_args, (args.tokenizer, args.bos_token, args.eos_token),
-                                identity, args.batch_size)
-            stats = parts.merge_parts(job, identity, out_remote=remote, compression=args.compression,
-                                      overwrite=args.overwrite)
+            with parts.parts_running(job, missing, input_args, (args.tokenizer, args.bos_token, args.eos_token),
+                                     identity, args.batch_size) as running:
+                stats = parts.merge_parts(job, identity, out_remote=remote, compression=args.compression,
+                                          overwrite=args.overwrite, running=running)
         else:
             stats = write_shards(iter_batches(ds, args.feature, args.batch_size), tok, identity, args.seq_len,
                                  out_dir=local, out_remote=remote, compression=args.compression,

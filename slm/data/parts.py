@@ -21,7 +21,8 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -133,9 +134,12 @@ def _checked_part(job: Job, part: int) -> np.ndarray:
     return lengths
 
 
-def _part_streams(job: Job, dtype: np.dtype) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield the parts' token streams in order, `MERGE_DOCUMENTS` documents at a time, with their lengths."""
+def _part_streams(job: Job, dtype: np.dtype, running: dict[int, Future]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield the parts' token streams in order, `MERGE_DOCUMENTS` documents at a time, with their lengths; a part
+    still `running` once it is done."""
     for part in range(1, job.parts + 1):
+        if part in running:
+            running[part].result()
         lengths = _checked_part(job, part)
         path = job.part_folder(part) / TOKENS_FILE
         ends = np.concatenate([[0], np.cumsum(lengths)])
@@ -150,12 +154,15 @@ def _part_streams(job: Job, dtype: np.dtype) -> Iterator[tuple[np.ndarray, np.nd
 
 
 def merge_parts(job: Job, identity: dict, *, out_remote: str | None = None, compression: str | None = "zstd",
-                overwrite: bool = False) -> ShardStats:
-    """Write the output folder from every part, as one process would have written it; then remove the parts."""
+                overwrite: bool = False, running: dict[int, Future] | None = None) -> ShardStats:
+    """Write the output folder from every part, as one process would have written it; then remove the parts.
+    `running`: parts still being tokenized (`parts_running`), each merged once it is done, while later ones run."""
+    running = running or {}
     for part in range(1, job.parts + 1):
-        _checked_part(job, part)  # every refusal before anything is written
+        if part not in running:
+            _checked_part(job, part)  # every refusal of a part made before, before anything is written
     dtype = token_dtype(identity["vocab_size"])
-    stats = write_streams(_part_streams(job, dtype), identity, job.seq_len, out_dir=job.out_dir,
+    stats = write_streams(_part_streams(job, dtype, running), identity, job.seq_len, out_dir=job.out_dir,
                           out_remote=out_remote, compression=compression, overwrite=overwrite,
                           total_docs=job.documents, source=job.source, desc=f"Merging {job.parts} parts")
     shutil.rmtree(job.folder, ignore_errors=True)
@@ -180,16 +187,21 @@ def _threads_per_part(parts: int) -> None:
     os.environ["RAYON_NUM_THREADS"] = os.environ["RAYON_RS_NUM_CPUS"] = threads
 
 
-def run_parts(job: Job, parts: list[int], input_args: tuple, tokenizer_args: tuple, identity: dict,
-              batch_size: int) -> None:
-    """Tokenize `parts` side by side, a process each (at most one a core): `input_args` are `load_documents`'s,
-    `tokenizer_args` `load_tokenizer`'s."""
-    workers = min(len(parts), os.cpu_count() or 1)
-    tasks = [(job, part, input_args, tokenizer_args, identity, batch_size, i) for i, part in enumerate(parts)]
+@contextmanager
+def parts_running(job: Job, parts: list[int], input_args: tuple, tokenizer_args: tuple, identity: dict,
+                  batch_size: int) -> Iterator[dict[int, Future]]:
+    """Tokenize `parts` side by side, a process each (at most one a core), in order; yield each part's future, so
+    the merge can take a part as soon as it is done. `input_args` are `load_documents`'s, `tokenizer_args`
+    `load_tokenizer`'s."""
+    workers = max(1, min(len(parts), os.cpu_count() or 1))
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_threads_per_part,
                              initargs=(workers,)) as pool:
-        for future in [pool.submit(_run_part, task) for task in tasks]:
-            future.result()
+        try:
+            yield {part: pool.submit(_run_part, (job, part, input_args, tokenizer_args, identity, batch_size,
+                                                 i % workers)) for i, part in enumerate(parts)}
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # the parts not started; those running end whole or not at all
+            raise
 
 
 def new_job(source: dict[str, Any], documents, identity: dict, seq_len: int, parts: int, out_dir: Path) -> Job:
