@@ -2,6 +2,7 @@
 with the machine, the date and the commit.
 
   tokenizing   `slm tokenize` pipeline against the raw `tokenizers` batch encode
+  parts        `slm tokenize --parts 2` against one process; each part and the merge alone
   train        slm's Trainer against a bare PyTorch loop, taking turns: the framework's ms per batch at 8 x 64
                (llama-50k, mamba-50k) and the ratio at 256 x 512 (llama-100k, llama-1m); Mamba's fast path
                against its fallback; the data loader's samples/s against what training consumes; bf16 MFU on a GPU
@@ -37,6 +38,7 @@ CHAOS_SAVE_INTERVAL = 25  # bench/chaos.py's default: no kill may lose more batc
 # name -> (script and arguments, the same with --quick)
 BENCHES = {
     "tokenizing": (["bench/tokenizing.py"], ["bench/tokenizing.py", "--num-docs", "5000"]),
+    "parts": (["bench/parts.py"], ["bench/parts.py", "--num-docs", "5000"]),
     "train": (["bench/train.py"], ["bench/train.py", "--quick"]),
     "loader": (["bench/loader.py"], ["bench/loader.py", "--docs", "3000"]),
     "resume": (["bench/resume.py"], ["bench/resume.py", "--far", "300", "--docs", "4000", "--repeats", "1"]),
@@ -88,6 +90,32 @@ def tokenizing_rows(r: dict) -> tuple[list[str], list[str]]:
 
 # shape -> (the slm / bare goal of each model there, the framework ms-per-batch goal)
 TRAIN_GOALS = {"floor": ({"llama-50k": 0.9}, 3.0), "suite": ({"llama-1m": 0.95}, None), "gpu": ({}, None)}
+
+
+def parts_rows(r: dict) -> tuple[list[str], list[str]]:
+    one, parts, merge = r["one"], r["in_parts"], r["merge"]
+    ratio = parts["seconds"] / one["seconds"]
+    peak = max(p["peak_bytes"] for p in r["each_part"]) / 2**30
+    writer = merge["seconds"] / (sum(p["seconds"] for p in r["each_part"]) + merge["seconds"])
+    summary = [f"| tokenizing in {r['parts']} parts side by side, then the merge, against one process | "
+               f"{parts['seconds']:.1f} s | one `slm tokenize`: {one['seconds']:.1f} s | {ratio:.2f} | ≤ 1.1 "
+               f"| {met(ratio <= 1.1)} |",
+               f"| tokenizing in parts: peak memory of a part | {peak:.2f} GiB | one process: "
+               f"{one['peak_bytes'] / 2**30:.2f} GiB | | ≤ 2.5 GiB | {met(peak <= 2.5)} |"]
+    detail = [f"{r['docs']:,} generated stories ({r['megabytes']:.1f} MB, {r['tokens']:,} tokens) on {r['cpus']} "
+              f"cores; every command a fresh process with a `datasets` cache of its own. The folders are "
+              f"{'byte for byte equal' if r['identical'] else '**not equal**'}.", "",
+              "| | seconds | tokens/s | peak of its largest process, GiB |", "|---|---|---|---|",
+              f"| one `slm tokenize` process | {one['seconds']:.1f} | {r['tokens'] / one['seconds']:,.0f} | "
+              f"{one['peak_bytes'] / 2**30:.2f} |",
+              f"| `--parts {r['parts']}`: side by side, then the merge | {parts['seconds']:.1f} | "
+              f"{r['tokens'] / parts['seconds']:,.0f} | {parts['peak_bytes'] / 2**30:.2f} |"]
+    for i, part in enumerate(r["each_part"], 1):
+        detail.append(f"| `--part {i}` alone | {part['seconds']:.1f} | | {part['peak_bytes'] / 2**30:.2f} |")
+    detail += [f"| `--merge` alone (the writer: chunking, MDS encoding, zstd, sha1) | {merge['seconds']:.1f} | | "
+               f"{merge['peak_bytes'] / 2**30:.2f} |", "",
+               f"The writer's share of parts run one at a time plus the merge: {writer:.0%}."]
+    return summary, detail
 
 
 def train_rows(r: dict) -> tuple[list[str], list[str]]:
@@ -288,9 +316,11 @@ def ctrl_c_rows(c: dict, who: str) -> tuple[list[str], list[str]]:
     return summary, detail
 
 
-ROWS = {"tokenizing": tokenizing_rows, "train": train_rows, "loader": loader_rows, "resume": resume_rows,
+ROWS = {"tokenizing": tokenizing_rows, "parts": parts_rows, "train": train_rows, "loader": loader_rows,
+        "resume": resume_rows,
         "memory": memory_rows, "chaos": chaos_rows, "chaos-n2": chaos_rows}
-TITLES = {"tokenizing": "Tokenizing", "train": "Training", "loader": "Data path", "resume": "Resume time",
+TITLES = {"tokenizing": "Tokenizing", "parts": "Tokenizing in parts", "train": "Training", "loader": "Data path",
+          "resume": "Resume time",
           "memory": "Tokenizer memory",
           "chaos": "Chaos resume, one process", "chaos-n2": "Chaos resume, `composer -n 2`"}
 
