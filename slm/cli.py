@@ -18,7 +18,8 @@ if TYPE_CHECKING:  # the commands import what they need when they run: `slm --he
 
 def _add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", "--in-dataset", required=True,
-                   help="local file or folder (txt, json/jsonl, parquet, csv, save_to_disk) or Hub dataset id")
+                   help="local file, glob ('data/*.jsonl.gz', read in sorted order) or folder (txt, json/jsonl, "
+                        "parquet, csv, save_to_disk) or Hub dataset id")
     p.add_argument("-f", "--feature", default="text", help="column holding the text (default: %(default)s)")
     p.add_argument("-s", "--split", default="train",
                    help="split, with datasets slicing such as 'train[:95%%]' (default: %(default)s)")

@@ -31,6 +31,10 @@ def ws(tmp_path, corpus, tokenizer_dir):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "tiny.jsonl").write_text('{"story": "Hi."}\n')
     (tmp_path / "latin1.txt").write_bytes("first line\nsecond line\ncaf\xe9 au lait\n".encode("latin-1"))
+    (tmp_path / "glob").mkdir()
+    for name, text in (("a.txt", "first\n"), ("b.txt", "second\ncaf\xe9\n"), ("c.txt", "third\n")):
+        (tmp_path / "glob" / name).write_bytes(text.encode("latin-1"))
+    (tmp_path / "glob" / "d.jsonl").write_text('{"text": "a story"}\n')
     (tmp_path / "a_file").write_text("not a folder")
     (tmp_path / "existing").mkdir()
     (tmp_path / "existing" / "keep.txt").write_text("precious")
@@ -105,6 +109,12 @@ CASES = {
                                  "cannot write {ws}/a_file/x.jsonl"),
     "non-UTF-8 txt": ([*TOK, "-i", "{ws}/latin1.txt", "-f", "text", "--out-dir", "{ws}/o"],
                       "input is not valid UTF-8: {ws}/latin1.txt line 3"),
+    "non-UTF-8 file in the middle of a glob": ([*TOK, "-i", "{ws}/glob/*.txt", "-f", "text", "--out-dir", "{ws}/o"],
+                                               "input is not valid UTF-8: {ws}/glob/b.txt line 2"),
+    "glob matching nothing": ([*TOK, "-i", "{ws}/glob/*.parquet", "--out-dir", "{ws}/o"],
+                              "no file matches {ws}/glob/*.parquet"),
+    "glob of two file types": ([*TOK, "-i", "{ws}/glob/*", "--out-dir", "{ws}/o"],
+                               "{ws}/glob/* matches files of 2 types (json, text)"),
     "existing output folder": ([*TOK, "-i", "{ws}/stories.jsonl", "--out-dir", "{ws}/existing"],
                                "{ws}/existing already exists; pass --overwrite"),
     "existing corpus file": (["corpus", "--out", "{ws}/stories.jsonl", "-n", "3"], "already exists"),

@@ -1,12 +1,13 @@
 """Reading input documents for `slm tokenizer` and `slm tokenize`, all through `datasets`.
 
 `-i` may be a local file (txt, json/jsonl, parquet, csv, arrow, optionally compressed),
-a folder of such files, a `save_to_disk` folder, or a Hub dataset id; `-s` takes the
-`datasets` split syntax, slicing included (`train[:95%]`).
+a glob of such files (read in sorted order), a folder of them, a `save_to_disk` folder, or a
+Hub dataset id; `-s` takes the `datasets` split syntax, slicing included (`train[:95%]`).
 """
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,18 @@ def _builder(path: Path) -> str:
     if builder is None:
         raise SlmError(f"{path}: unknown file type; use one of {', '.join(sorted(BUILDERS))}")
     return builder
+
+
+def _glob_files(pattern: str) -> list[Path]:
+    """Return the files a glob names, sorted (the documents' order), all of one type; refuse none or a mix."""
+    files = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True) if Path(p).is_file())
+    if not files:
+        raise SlmError(f"no file matches {pattern}: give a file, a folder, a glob that matches, or a Hub dataset id")
+    builders = {_builder(file) for file in files}
+    if len(builders) > 1:
+        raise SlmError(f"{pattern} matches files of {len(builders)} types ({', '.join(sorted(builders))}): give a "
+                       "glob of one type, e.g. '*.jsonl'")
+    return files
 
 
 def _first_bad_utf8(files: list[Path]) -> str:
@@ -58,12 +71,13 @@ def load_documents(source: str, feature: str, split: str = "train", txt_per_file
     """Load the `feature` column of `source`'s `split` as a (memory-mapped) Dataset."""
     path = Path(source).expanduser()
     text_kwargs = {"sample_by": "document"} if txt_per_file else {}
-    if path.is_file() and path.stat().st_size == 0:
+    files = _glob_files(source) if glob.has_magic(source) and not path.exists() else [path]
+    if all(file.is_file() and file.stat().st_size == 0 for file in files):
         raise SlmError(f"{source} is empty: there are no documents to read")
     try:
-        if path.is_file():
-            builder = _builder(path)
-            ds = datasets.load_dataset(builder, data_files=str(path), split=split,
+        if all(file.is_file() for file in files):
+            builder = _builder(files[0])
+            ds = datasets.load_dataset(builder, data_files=[str(file) for file in files], split=split,
                                        **(text_kwargs if builder == "text" else {}))
         elif path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
             ds = _select_split(datasets.load_from_disk(str(path)), split, source)
@@ -77,7 +91,7 @@ def load_documents(source: str, feature: str, split: str = "train", txt_per_file
         raise
     except (datasets.exceptions.DatasetGenerationError, UnicodeDecodeError) as e:
         if isinstance(e, UnicodeDecodeError) or isinstance(e.__cause__, UnicodeDecodeError):
-            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+            files = files if files[0].is_file() else sorted(p for p in path.rglob("*") if p.is_file())
             raise SlmError(f"input is not valid UTF-8: {_first_bad_utf8(files)}; "
                            "re-encode it (e.g. iconv -t utf-8) or remove the bad bytes") from e
         if isinstance(e.__cause__, SchemaInferenceError):

@@ -171,3 +171,18 @@ def test_remote_output_through_streaming_uploader(corpus, tokenizer_dir, tmp_pat
     ds = StreamingDataset(remote=str(remote), local=str(tmp_path / "cache"), shuffle=False, batch_size=1)
     got = np.stack([ds[i]["tokens"] for i in range(len(ds))])
     np.testing.assert_array_equal(got, read_samples(tmp_path / "local"))
+
+
+def test_a_glob_of_files_reads_them_in_sorted_order(corpus, tokenizer_dir, tmp_path):
+    """Three files matched by a glob give the samples and document record of the one file they were cut from."""
+    lines = corpus.read_text().splitlines(keepends=True)
+    (tmp_path / "parts").mkdir()
+    for name, chunk in (("b.jsonl", lines[150:300]), ("a.jsonl", lines[:150]), ("c.jsonl", lines[300:])):
+        (tmp_path / "parts" / name).write_text("".join(chunk))
+    tokenize(corpus, tokenizer_dir, tmp_path / "whole")
+    tokenize(f"{tmp_path}/parts/*.jsonl", tokenizer_dir, tmp_path / "globbed")
+    np.testing.assert_array_equal(read_samples(tmp_path / "globbed"), read_samples(tmp_path / "whole"))
+    for name in ("slm-documents.npz", "index.json"):
+        assert (tmp_path / "globbed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    meta = json.loads((tmp_path / "globbed" / "slm-dataset.json").read_text())
+    assert meta["source"]["dataset"] == f"{tmp_path}/parts/*.jsonl" and meta["documents"] == len(lines)
