@@ -71,7 +71,10 @@ class Job:
 
     def done(self, part: int) -> bool:
         """Return whether part `part` is done, refusing it if it was made from anything else."""
-        return self.part_folder(part).is_dir() and _checked_part(self, part) is not None
+        if not self.part_folder(part).is_dir():
+            return False
+        _checked_part(self, part)
+        return True
 
     def missing(self) -> list[int]:
         """Return the parts not done yet, refusing a part there that was made from anything else."""
