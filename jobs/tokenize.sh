@@ -11,7 +11,8 @@
 # The parts are written beside --out-dir (OUT.parts/), which every host must see. Submitting the same command
 # again runs only what is missing: finished parts are kept, a killed one is redone. The merge refuses a part
 # missing (SGE starts it when the array ends, failed tasks too) or made from other input, another tokenizer or
-# seq_len, naming it. Logs in logs/slm-tokenize.oJOBID.TASK and logs/slm-tokenize-merge.oJOBID.
+# seq_len, naming it. Resources: the directives below; to change them, submit by hand with qsub's options. Logs
+# in logs/slm-tokenize.oJOBID.TASK and logs/slm-tokenize-merge.oJOBID.
 #$ -N slm-tokenize
 #$ -S /bin/bash
 #$ -cwd
@@ -27,17 +28,18 @@ SLM_JOB_USAGE="bash jobs/tokenize.sh --parts N [slm tokenize arguments: -i, -t, 
 source jobs/common.sh || exit 2
 slm_tokenize_setup "$@"
 if [ -z "${JOB_ID:-}" ]; then  # run with bash: submit the parts, then the merge held on them
+    unset SLM_TOKENIZE_MERGE  # -V passes the environment on: the parts must not see it
     array=$(qsub -terse -t 1-"$SLM_PARTS" "$0" "$@") || exit 2
     echo "Your job-array ${array%%.*} (the parts, tasks 1-$SLM_PARTS) has been submitted"
     SLM_TOKENIZE_MERGE=1 exec qsub -N slm-tokenize-merge -hold_jid "${array%%.*}" "$0" "$@"
 fi
 echo "slm job: SGE job $JOB_ID on $(hostname) at $(date -Is)"
+task=${SGE_TASK_ID:-undefined}
+if [ "$task" != undefined ]; then
+    exec slm tokenize "$@" --part "$task"
+fi
 if [ -n "${SLM_TOKENIZE_MERGE:-}" ]; then
     exec slm tokenize "$@" --merge
 fi
-task=${SGE_TASK_ID:-undefined}
-if [ "$task" = undefined ]; then
-    echo "slm tokenize: not an array task: submit with bash jobs/tokenize.sh, or qsub -t 1-N" >&2
-    exit 2
-fi
-exec slm tokenize "$@" --part "$task"
+echo "slm tokenize: neither an array task nor the merge: submit with bash jobs/tokenize.sh, or qsub -t 1-N" >&2
+exit 2

@@ -88,6 +88,8 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     in_parts = args.parts is not None
     if (args.part is not None or args.merge) and not in_parts:
         raise SlmError("--part and --merge are steps of --parts N: give --parts too")
+    if args.part is not None and args.merge:
+        raise SlmError("give --part P (tokenize one part) or --merge (merge them all), not both")
     if in_parts:
         from slm.data import parts
 
@@ -135,7 +137,7 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     where = " and ".join(filter(None, [str(out_dir) if out_dir else None, args.out_remote]))
     print(f"wrote {stats.samples:,} samples of {args.seq_len} tokens to {where}: {stats.documents:,} documents, "
           f"{stats.tokens:,} tokens ({stats.dropped_tail_tokens} dropped at the tail), "
-          f"{stats.tokens / stats.seconds:,.0f} tokens/s")
+          f"{stats.tokens / stats.seconds:,.0f} tokens/s{' merged' if args.merge else ''}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -9,10 +9,11 @@ that: it feeds the parts' streams in order through the one chunker and writer of
 byte those of one process (docs/design.md, "Tokenizing in parts").
 
 The parts live in `OUT.parts/` beside the output folder `OUT`, each `part-P-of-N/` written whole or not at all
-(written beside and renamed): a killed part leaves nothing and is redone alone on the next run, finished ones are
-kept. Each records what it was made from (the input's fingerprint and size, the tokenizer, seq_len, its range);
-the merge refuses a part missing or made from anything else, naming it. `OUT.parts/` is removed once `OUT` is
-written.
+(written beside, under a name of its writer's own, and renamed): a killed part leaves only its writer's `.partial`
+folder and is redone alone on the next run, finished ones are kept, and two writers of one part (a resubmission
+while the first still runs) both end with the one folder. Each records what it was made from (the input's
+fingerprint and size, the tokenizer, seq_len, its range); the merge refuses a part missing, incomplete or made from
+anything else, naming it. `OUT.parts/` is removed once `OUT` is written.
 """
 
 from __future__ import annotations
@@ -20,27 +21,35 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
+from multiprocessing.pool import AsyncResult
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
 
-from slm.core.errors import SlmError
+from slm.core.errors import SlmError, describe_error
 from slm.core.foreign import mapping, read_json
-from slm.core.paths import partial_folder
 from slm.data.shards import ShardStats, encoded_streams, token_dtype, write_streams
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerFast
 
 PART_RECORD = "part.json"
 TOKENS_FILE = "tokens.bin"
 LENGTHS_FILE = "lengths.npy"
 MAX_PARTS = 100_000
 MERGE_DOCUMENTS = 10_000  # documents a merge step feeds the chunker: bounded memory, whatever a part holds
+MADE_FROM = {"fingerprint": "other input (its files changed since, or are at another path?)",
+             "input_documents": "other input", "source": "another input", "tokenizer": "another tokenizer",
+             "seq_len": "another seq_len"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,7 @@ class Job:
     fingerprint: str  # the loaded input's `datasets` fingerprint: another file, edit or slice, another value
     documents: int
     tokenizer: str  # the tokenizer's content hash
+    dtype: str  # of its token ids (slm/data/shards.py, `token_dtype`)
     seq_len: int
     parts: int
     out_dir: Path
@@ -94,15 +104,39 @@ def part_range(documents: int, parts: int, part: int) -> tuple[int, int]:
     return documents * (part - 1) // parts, documents * part // parts
 
 
-def tokenize_part(job: Job, part: int, documents, feature: str, tokenizer, identity: dict,
-                  batch_size: int = 1000, position: int = 0) -> Path:
+@contextmanager
+def _written_whole(folder: Path) -> Iterator[Path]:
+    """Yield a fresh folder of this writer's own beside `folder` to fill, renamed onto `folder` if the block
+    succeeds (if another writer got there first, theirs is kept: a part's content is the same whoever writes it),
+    else removed."""
+    partial = folder.with_name(f".{folder.name}.partial.{socket.gethostname()}.{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        partial.mkdir(parents=True)
+    except OSError as e:
+        raise SlmError(f"cannot write to {folder}: {e.strerror or e}") from e
+    try:
+        yield partial
+        partial.rename(folder)
+    except OSError:
+        if not folder.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+def tokenize_part(job: Job, part: int, documents: datasets.Dataset, feature: str, tokenizer: PreTrainedTokenizerFast,
+                  identity: dict, batch_size: int = 1000, position: int = 0) -> Path:
     """Tokenize part `part` of `documents` (the loaded input) into its folder, whole or not at all; return it."""
     from slm.data.documents import iter_batches
 
     start, end = part_range(job.documents, job.parts, part)
-    dtype = token_dtype(identity["vocab_size"])
+    dtype = np.dtype(job.dtype)
     lengths = []
-    with partial_folder(job.part_folder(part)) as folder:
+    with _written_whole(job.part_folder(part)) as folder:
         with open(folder / TOKENS_FILE, "wb") as out, \
                 tqdm(total=end - start, unit="doc", unit_scale=True, desc=f"part {part} of {job.parts}",
                      position=position, leave=False) as bar:
@@ -117,39 +151,40 @@ def tokenize_part(job: Job, part: int, documents, feature: str, tokenizer, ident
 
 
 def _checked_part(job: Job, part: int) -> np.ndarray:
-    """Return part `part`'s document lengths once its record says it is this job's part and whole."""
+    """Return part `part`'s document lengths once its record says it is this job's part and its files are whole."""
     folder = job.part_folder(part)
     if not folder.is_dir():
         raise SlmError(f"part {part} of {job.parts} is missing ({folder}): run it (`slm tokenize ... --parts "
                        f"{job.parts} --part {part}`), or `--parts {job.parts}` without --merge to run what is missing")
-    record = mapping(read_json(folder / PART_RECORD, "part record"), str(folder / PART_RECORD))
+    try:
+        record = mapping(read_json(folder / PART_RECORD, "part record"), str(folder / PART_RECORD))
+        lengths = np.load(folder / LENGTHS_FILE, allow_pickle=False)
+        size = (folder / TOKENS_FILE).stat().st_size
+    except (OSError, ValueError) as e:
+        raise SlmError(f"part {part} of {job.parts} in {folder} is incomplete ({describe_error(e)}): remove "
+                       f"{folder} to tokenize that part again") from e
     for key, value in job.record(part).items():
         if record.get(key) != value:
-            made_from = {"fingerprint": "other input (its files changed since?)", "input_documents": "other input",
-                         "source": "another input", "tokenizer": "another tokenizer", "seq_len": "another seq_len"}
             raise SlmError(f"part {part} of {job.parts} in {folder} was made from "
-                           f"{made_from.get(key, f'another {key}')} ({key} {record.get(key)!r} there, {value!r} "
+                           f"{MADE_FROM.get(key, f'another {key}')} ({key} {record.get(key)!r} there, {value!r} "
                            f"now): remove {job.folder} to tokenize every part again")
-    lengths = np.load(folder / LENGTHS_FILE, allow_pickle=False)
-    if lengths.ndim != 1 or len(lengths) != record["end"] - record["start"] or (lengths < 1).any():
-        raise SlmError(f"part {part} of {job.parts} in {folder}: {LENGTHS_FILE} is not one length per document: "
-                       f"remove {folder} to tokenize that part again")
+    if lengths.ndim != 1 or len(lengths) != record["end"] - record["start"] or (lengths < 1).any() \
+            or size != int(lengths.sum()) * np.dtype(job.dtype).itemsize:
+        raise SlmError(f"part {part} of {job.parts} in {folder}: its {TOKENS_FILE} and {LENGTHS_FILE} do not agree "
+                       f"with its record: remove {folder} to tokenize that part again")
     return lengths
 
 
-def _part_streams(job: Job, dtype: np.dtype, running: dict[int, Future]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _part_streams(job: Job, running: Running | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield the parts' token streams in order, `MERGE_DOCUMENTS` documents at a time, with their lengths; a part
     still `running` once it is done."""
     for part in range(1, job.parts + 1):
-        if part in running:
-            running[part].result()
+        if running is not None:
+            running.wait(part)
         lengths = _checked_part(job, part)
-        path = job.part_folder(part) / TOKENS_FILE
+        dtype = np.dtype(job.dtype)
         ends = np.concatenate([[0], np.cumsum(lengths)])
-        if path.stat().st_size != ends[-1] * dtype.itemsize:
-            raise SlmError(f"part {part} of {job.parts}: {path} holds {path.stat().st_size:,} bytes, not the "
-                           f"{ends[-1]:,} tokens its lengths add up to: remove {path.parent} to tokenize that part "
-                           "again")
+        path = job.part_folder(part) / TOKENS_FILE
         tokens = np.memmap(path, dtype=dtype, mode="r") if ends[-1] else np.zeros(0, dtype)
         for first in range(0, len(lengths), MERGE_DOCUMENTS):
             last = min(first + MERGE_DOCUMENTS, len(lengths))
@@ -157,57 +192,98 @@ def _part_streams(job: Job, dtype: np.dtype, running: dict[int, Future]) -> Iter
 
 
 def merge_parts(job: Job, identity: dict, *, out_remote: str | None = None, compression: str | None = "zstd",
-                overwrite: bool = False, running: dict[int, Future] | None = None) -> ShardStats:
+                overwrite: bool = False, running: Running | None = None) -> ShardStats:
     """Write the output folder from every part, as one process would have written it; then remove the parts.
     `running`: parts still being tokenized (`parts_running`), each merged once it is done, while later ones run."""
-    running = running or {}
     for part in range(1, job.parts + 1):
-        if part not in running:
+        if running is None or part not in running.parts:
             _checked_part(job, part)  # every refusal of a part made before, before anything is written
-    dtype = token_dtype(identity["vocab_size"])
-    stats = write_streams(_part_streams(job, dtype, running), identity, job.seq_len, out_dir=job.out_dir,
+    stats = write_streams(_part_streams(job, running), identity, job.seq_len, out_dir=job.out_dir,
                           out_remote=out_remote, compression=compression, overwrite=overwrite,
                           total_docs=job.documents, source=job.source, desc=f"Merging {job.parts} parts")
     shutil.rmtree(job.folder, ignore_errors=True)
     return stats
 
 
-def _run_part(args: tuple) -> int:
-    """Tokenize one part in a process of its own (the pool's), loading the input and the tokenizer again."""
-    job, part, input_args, tokenizer_args, identity, batch_size, position = args
+def _run_part(job: Job, part: int, input_args: tuple, tokenizer_args: tuple, identity: dict, batch_size: int,
+              position: int) -> int:
+    """Tokenize one part in a process of its own (the pool's), loading the input and the tokenizer again: the same
+    input (its fingerprint and size are the job's) and tokenizer (its content hash)."""
     from slm.data.documents import load_documents
     from slm.data.tokenizer import load_tokenizer
 
     documents = load_documents(*input_args)
+    if (documents._fingerprint, len(documents)) != (job.fingerprint, job.documents):
+        raise SlmError(f"{input_args[0]} changed while its parts were being tokenized: run again")
     tokenizer = load_tokenizer(*tokenizer_args, content_hash=identity["content_hash"])
     tokenize_part(job, part, documents, input_args[1], tokenizer, identity, batch_size, position)
     return part
 
 
-def _threads_per_part(parts: int) -> None:
-    """Give each part process an equal share of the cores for the Rust tokenizer's threads (set before it starts)."""
-    threads = str(max(1, (os.cpu_count() or 1) // parts))
+def _start_worker(workers: int) -> None:
+    """Set up a part process: Ctrl-C is the parent's to handle (it stops the workers), and the Rust tokenizer's
+    threads get an equal share of the cores (set before its thread pool starts)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threads = str(max(1, len(os.sched_getaffinity(0)) // workers))
     os.environ["RAYON_NUM_THREADS"] = os.environ["RAYON_RS_NUM_CPUS"] = threads
+
+
+class Running:
+    """Parts being tokenized by a pool of processes: `wait(part)` returns once that part is done, and raises, naming
+    the part, as soon as any part has failed."""
+
+    def __init__(self, results: dict[int, AsyncResult]):
+        self.results = results
+
+    @property
+    def parts(self) -> list[int]:
+        return list(self.results)
+
+    def wait(self, part: int) -> None:
+        if part not in self.results:
+            return
+        while not self.results[part].ready():
+            self._raise_a_failure()
+            self.results[part].wait(1)
+        self._raise_a_failure()
+
+    def _raise_a_failure(self) -> None:
+        for part, result in self.results.items():
+            if result.ready() and not result.successful():
+                try:
+                    result.get()
+                except Exception as e:
+                    raise SlmError(f"part {part} failed: {describe_error(e)}") from e
 
 
 @contextmanager
 def parts_running(job: Job, parts: list[int], input_args: tuple, tokenizer_args: tuple, identity: dict,
-                  batch_size: int) -> Iterator[dict[int, Future]]:
-    """Tokenize `parts` side by side, a process each (at most one a core), in order; yield each part's future, so
-    the merge can take a part as soon as it is done. `input_args` are `load_documents`'s, `tokenizer_args`
-    `load_tokenizer`'s."""
-    workers = max(1, min(len(parts), os.cpu_count() or 1))
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_threads_per_part,
-                             initargs=(workers,)) as pool:
-        try:
-            yield {part: pool.submit(_run_part, (job, part, input_args, tokenizer_args, identity, batch_size,
-                                                 i % workers)) for i, part in enumerate(parts)}
-        except BaseException:
-            pool.shutdown(cancel_futures=True)  # the parts not started; those running end whole or not at all
-            raise
+                  batch_size: int) -> Iterator[Running]:
+    """Tokenize `parts` side by side, a process each (at most one a core this process may use), in order; yield them
+    running, so the merge can take a part as soon as it is done. On any error or Ctrl-C the workers are stopped
+    (a part stopped leaves its `.partial` folder, removed with the parts). `input_args` are `load_documents`'s,
+    `tokenizer_args` `load_tokenizer`'s."""
+    if not parts:
+        yield Running({})
+        return
+    workers = min(len(parts), len(os.sched_getaffinity(0)))
+    pool = get_context("spawn").Pool(workers, initializer=_start_worker, initargs=(workers,))
+    try:
+        yield Running({part: pool.apply_async(_run_part, (job, part, input_args, tokenizer_args, identity,
+                                                           batch_size, 1 + i % workers))
+                       for i, part in enumerate(parts)})
+    except BaseException:
+        pool.terminate()
+        raise
+    else:
+        pool.close()
+    finally:
+        pool.join()
 
 
-def new_job(source: dict[str, Any], documents, identity: dict, seq_len: int, parts: int, out_dir: Path) -> Job:
+def new_job(source: dict[str, Any], documents: datasets.Dataset, identity: dict, seq_len: int, parts: int,
+            out_dir: Path) -> Job:
     """Return the job of tokenizing `documents` (the loaded input, a `datasets.Dataset`) in `parts` parts into
     `out_dir`."""
-    return Job(source, documents._fingerprint, len(documents), identity["content_hash"], seq_len, parts, out_dir)
+    return Job(source, documents._fingerprint, len(documents), identity["content_hash"],
+               token_dtype(identity["vocab_size"]).name, seq_len, parts, out_dir)

@@ -4,6 +4,7 @@ by side or one at a time as array tasks; finished parts kept, a killed one redon
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -86,7 +87,7 @@ def test_finished_parts_are_kept_and_a_killed_one_is_redone(uneven_corpus, token
     out = tmp_path / "mds"
     for part in (1, 3):
         tokenize(uneven_corpus, tokenizer_dir, out, "--parts", "3", "--part", str(part))
-    killed = tmp_path / "mds.parts" / ".part-2-of-3.partial"  # what a part killed while it wrote leaves
+    killed = tmp_path / "mds.parts" / ".part-2-of-3.partial.h2.4242"  # what a part killed while it wrote leaves
     killed.mkdir()
     (killed / "tokens.bin").write_bytes(b"\x01\x02half a part")
     proc = tokenize(uneven_corpus, tokenizer_dir, out, "--parts", "3")
@@ -143,10 +144,22 @@ def test_a_changed_input_is_refused_when_its_parts_are_merged(uneven_corpus, tok
     assert not out.exists()
 
 
+def test_a_part_that_fails_stops_the_run_in_one_line_naming_it(uneven_corpus, tokenizer_dir, tmp_path):
+    (tmp_path / "mds.parts").write_text("a file where the parts would go")
+    proc = tokenize(uneven_corpus, tokenizer_dir, tmp_path / "mds", "--parts", "2", check=False)
+    lines = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert re.fullmatch(rf"slm tokenize: error: part [12] failed: cannot write to {tmp_path}/mds.parts/part-[12]-of-2"
+                        r": .*", lines[0]), lines[0]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "mds").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--parts", "0"], "--parts must be between 1 and 100,000, got 0"),
     (["--parts", "3", "--part", "4"], "--part must be between 1 and --parts (3), got 4"),
     (["--part", "1"], "--part and --merge are steps of --parts N: give --parts too"),
+    (["--parts", "2", "--part", "1", "--merge"], "give --part P (tokenize one part) or --merge (merge them all), "
+                                                 "not both"),
 ])
 def test_bad_parts_arguments(argv, message, uneven_corpus, tokenizer_dir, tmp_path):
     proc = tokenize(uneven_corpus, tokenizer_dir, tmp_path / "mds", *argv, check=False)

@@ -266,8 +266,10 @@ def _load_pickle(path: Path) -> dict:
 
     from slm.core.trust import checkpoint_globals
 
-    with torch.serialization.safe_globals(checkpoint_globals()):
-        return torch.load(path, weights_only=True)
+    # Added for the whole (harness) process: `safe_globals` is a context of the process, and lanes on threads
+    # entering and leaving it at once took each other's globals away.
+    torch.serialization.add_safe_globals(checkpoint_globals())
+    return torch.load(path, weights_only=True)
 
 
 def _edit_checkpoint(path: Path, field: str, change: Callable[[Any], Any]) -> None:
