@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,12 +68,15 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 @contextmanager
-def partial_folder(out_dir: Path) -> Iterator[Path]:
+def partial_folder(out_dir: Path, shared: bool = False) -> Iterator[Path]:
     """Yield a fresh folder beside `out_dir` to fill; swapped in for `out_dir` if the block succeeds, else removed.
 
-    An old `out_dir` (only there with --overwrite) is removed last, after the new one is in place.
+    An old `out_dir` (only there with --overwrite) is removed last, after the new one is in place. `shared`: other
+    writers (processes, hosts) may fill the same `out_dir` at once, with the same content: each fills a folder of its
+    own, and the first one done is kept.
     """
-    partial = out_dir.with_name(f".{out_dir.name}.partial")
+    partial = out_dir.with_name(f".{out_dir.name}.partial" + (f".{socket.gethostname()}.{os.getpid()}"
+                                                              if shared else ""))
     shutil.rmtree(partial, ignore_errors=True)
     try:
         partial.mkdir(parents=True)
@@ -83,6 +87,14 @@ def partial_folder(out_dir: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    if shared:
+        try:
+            partial.rename(out_dir)
+        except OSError:  # another writer's is there (an empty folder would have been replaced)
+            shutil.rmtree(partial, ignore_errors=True)
+            if not out_dir.is_dir():
+                raise
+        return
     old = out_dir.with_name(f".{out_dir.name}.old")
     if out_dir.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from tqdm import tqdm
 
 from slm.core.errors import SlmError, describe_error
 from slm.core.foreign import mapping, read_json
+from slm.core.paths import partial_folder
 from slm.data.shards import ShardStats, encoded_streams, token_dtype, write_streams
 
 if TYPE_CHECKING:
@@ -104,30 +104,6 @@ def part_range(documents: int, parts: int, part: int) -> tuple[int, int]:
     return documents * (part - 1) // parts, documents * part // parts
 
 
-@contextmanager
-def _written_whole(folder: Path) -> Iterator[Path]:
-    """Yield a fresh folder of this writer's own beside `folder` to fill, renamed onto `folder` if the block
-    succeeds (if another writer got there first, theirs is kept: a part's content is the same whoever writes it),
-    else removed."""
-    partial = folder.with_name(f".{folder.name}.partial.{socket.gethostname()}.{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        partial.mkdir(parents=True)
-    except OSError as e:
-        raise SlmError(f"cannot write to {folder}: {e.strerror or e}") from e
-    try:
-        yield partial
-        partial.rename(folder)
-    except OSError:
-        if not folder.is_dir():
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    shutil.rmtree(partial, ignore_errors=True)
-
-
 def tokenize_part(job: Job, part: int, documents: datasets.Dataset, feature: str, tokenizer: PreTrainedTokenizerFast,
                   identity: dict, batch_size: int = 1000, position: int = 0) -> Path:
     """Tokenize part `part` of `documents` (the loaded input) into its folder, whole or not at all; return it."""
@@ -136,7 +112,7 @@ def tokenize_part(job: Job, part: int, documents: datasets.Dataset, feature: str
     start, end = part_range(job.documents, job.parts, part)
     dtype = np.dtype(job.dtype)
     lengths = []
-    with _written_whole(job.part_folder(part)) as folder:
+    with partial_folder(job.part_folder(part), shared=True) as folder:
         with open(folder / TOKENS_FILE, "wb") as out, \
                 tqdm(total=end - start, unit="doc", unit_scale=True, desc=f"part {part} of {job.parts}",
                      position=position, leave=False) as bar:

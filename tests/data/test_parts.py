@@ -165,3 +165,17 @@ def test_bad_parts_arguments(argv, message, uneven_corpus, tokenizer_dir, tmp_pa
     proc = tokenize(uneven_corpus, tokenizer_dir, tmp_path / "mds", *argv, check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"slm tokenize: error: {message}"]
+
+
+def test_a_part_written_twice_keeps_the_first_writers_folder(tmp_path):
+    """Two writers of one part (a resubmission while the first still runs): the one done first is kept whole."""
+    from slm.core.paths import partial_folder
+
+    part = tmp_path / "mds.parts" / "part-1-of-2"
+    part.mkdir(parents=True)
+    (part / "tokens.bin").write_bytes(b"first writer")
+    with partial_folder(part, shared=True) as folder:
+        assert folder != part and folder.parent == part.parent
+        (folder / "tokens.bin").write_bytes(b"second writer")
+    assert (part / "tokens.bin").read_bytes() == b"first writer"
+    assert sorted(p.name for p in part.parent.iterdir()) == ["part-1-of-2"]
