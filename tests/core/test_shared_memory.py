@@ -60,9 +60,11 @@ def test_runs_one_after_another_in_one_process_hold_no_more_descriptors(tmp_path
     it, even beside a dataset this process keeps open. And the notebook's Ctrl-C and signals are its own again."""
     from streaming import StreamingDataset
 
+    from slm.core.workarounds import prefix_registered_under_node_lock
     from slm.train import main as train_main
 
-    kept = StreamingDataset(local=str(shards / "train"), batch_size=1)  # noqa: F841 (a user's own dataset, open)
+    with prefix_registered_under_node_lock():  # as slm's readers do: a session beside this one reads too
+        kept = StreamingDataset(local=str(shards / "train"), batch_size=1)  # noqa: F841 (a user's own dataset, open)
     config = write_yaml(tmp_path / "tiny.yaml", shards)
     signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
     handlers = {sig: signal.getsignal(sig) for sig in signals}

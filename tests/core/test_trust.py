@@ -213,7 +213,7 @@ def test_streaming_itself_is_kept_inside_the_folder(tmp_path, shards):
     from streaming import Stream, StreamingDataset
 
     from slm.core.errors import Refused
-    from slm.core.workarounds import shared_memory_released, streaming_datasets
+    from slm.core.workarounds import prefix_registered_under_node_lock, shared_memory_released, streaming_datasets
 
     bad = escaping_copy(shards, tmp_path / "a" / "train", "raw_data", "../../ESCAPED.mds")
     for streams in ({"local": str(bad)}, {"streams": [Stream(local=str(bad))]}):  # a folder, a mixture
@@ -221,7 +221,7 @@ def test_streaming_itself_is_kept_inside_the_folder(tmp_path, shards):
             StreamingDataset(**streams, batch_size=1)
     assert not (tmp_path / "ESCAPED.mds").exists()
     assert not hasattr(Stream.get_shards, "__wrapped__")  # undone on exit: Streaming is as installed
-    with shared_memory_released():  # what the workaround stops
+    with prefix_registered_under_node_lock(), shared_memory_released():  # what the workaround stops
         StreamingDataset(local=str(bad), batch_size=1)[0]
     assert (tmp_path / "ESCAPED.mds").exists()
     (tmp_path / "ESCAPED.mds").unlink()

@@ -16,6 +16,7 @@ import torch
 from streaming import MDSWriter, StreamingDataset
 from torch.utils.data import DataLoader
 
+from slm.core.workarounds import streaming_datasets
 from slm.data.loading import collate
 from slm.data.mapped_shards import MappedShards
 
@@ -45,19 +46,20 @@ def read(cls: type[StreamingDataset], local: Path, workers: int = 0, remote: Pat
     def loader(ds: StreamingDataset) -> DataLoader:
         return DataLoader(ds, batch_size=BATCH, collate_fn=collate, num_workers=workers, drop_last=True)
 
-    ds = dataset()
-    first = [b["input_ids"] for b in loader(ds)]
-    if cls is MappedShards and not workers:  # its own read, not the stock fallback (which leaves an _iterator)
-        assert not hasattr(ds, "_iterator")
-    batches = iter(loader(ds))
-    second = [next(batches)["input_ids"] for _ in range(5)]
-    state = ds.state_dict(num_samples=5 * BATCH, from_beginning=False)
-    del batches, ds
-    gc.collect()  # Streaming frees its shared memory when the dataset goes
-    resumed = dataset()
-    resumed.load_state_dict(state)
-    second += [b["input_ids"] for b in loader(resumed)]
-    return first, second
+    with streaming_datasets():  # prefixes registered as slm's readers do: a session beside this one reads too
+        ds = dataset()
+        first = [b["input_ids"] for b in loader(ds)]
+        if cls is MappedShards and not workers:  # its own read, not the stock fallback (which leaves an _iterator)
+            assert not hasattr(ds, "_iterator")
+        batches = iter(loader(ds))
+        second = [next(batches)["input_ids"] for _ in range(5)]
+        state = ds.state_dict(num_samples=5 * BATCH, from_beginning=False)
+        del batches, ds
+        gc.collect()  # Streaming frees its shared memory when the dataset goes
+        resumed = dataset()
+        resumed.load_state_dict(state)
+        second += [b["input_ids"] for b in loader(resumed)]
+        return first, second
 
 
 @pytest.mark.parametrize("workers", [0, 2])

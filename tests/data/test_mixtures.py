@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from slm.core.config import DataConfig, DataSplit, StreamConfig, load_config
 from slm.core.errors import SlmError
 from slm.core.run_folder import read_metrics
+from slm.core.workarounds import streaming_datasets
 from slm.data.loading import build_dataloader, collate, describe_split
 from slm.data.mapped_shards import MappedShards
 
@@ -134,18 +135,19 @@ def read(cls: type[StreamingDataset], root: Path, weights: dict[str, dict]) -> l
     def loader(ds: StreamingDataset) -> DataLoader:
         return DataLoader(ds, batch_size=BATCH, collate_fn=collate, drop_last=True)
 
-    ds = dataset()
-    batches = [b["input_ids"] for b in loader(ds)]
-    if cls is MappedShards:  # its own read, not the stock fallback (which leaves an _iterator)
-        assert not hasattr(ds, "_iterator")
-    it = iter(loader(ds))
-    batches += [next(it)["input_ids"] for _ in range(5)]
-    state = ds.state_dict(num_samples=5 * BATCH, from_beginning=False)
-    del it, ds
-    gc.collect()  # Streaming frees its shared memory when the dataset goes
-    resumed = dataset()
-    resumed.load_state_dict(state)
-    return batches + [b["input_ids"] for b in loader(resumed)]
+    with streaming_datasets():  # prefixes registered as slm's readers do: a session beside this one reads too
+        ds = dataset()
+        batches = [b["input_ids"] for b in loader(ds)]
+        if cls is MappedShards:  # its own read, not the stock fallback (which leaves an _iterator)
+            assert not hasattr(ds, "_iterator")
+        it = iter(loader(ds))
+        batches += [next(it)["input_ids"] for _ in range(5)]
+        state = ds.state_dict(num_samples=5 * BATCH, from_beginning=False)
+        del it, ds
+        gc.collect()  # Streaming frees its shared memory when the dataset goes
+        resumed = dataset()
+        resumed.load_state_dict(state)
+        return batches + [b["input_ids"] for b in loader(resumed)]
 
 
 WEIGHTS = {"proportion": {"a": {"proportion": 0.3}, "b": {"proportion": 0.7}},  # b drawn 2.4 times over

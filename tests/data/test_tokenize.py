@@ -9,15 +9,9 @@ import datasets
 import numpy as np
 import pandas as pd
 import pytest
-from streaming import StreamingDataset
 from transformers import AutoTokenizer
 
-from helpers import run_slm
-
-
-def read_samples(folder: Path) -> np.ndarray:
-    ds = StreamingDataset(local=str(folder), shuffle=False, batch_size=1)
-    return np.stack([ds[i]["tokens"] for i in range(len(ds))])
+from helpers import mds_tokens, run_slm
 
 
 def expected_samples(docs: list[str], tokenizer_dir: Path, seq_len: int) -> np.ndarray:
@@ -43,7 +37,7 @@ def tokenize(inp, tokenizer_dir, out, *extra, seq_len=64, feature="story"):
 def test_shards_equal_an_independent_recomputation(corpus, tokenizer_dir, tmp_path):
     out = tmp_path / "mds"
     proc = tokenize(corpus, tokenizer_dir, out, "--batch-size", "37")
-    samples = read_samples(out)
+    samples = mds_tokens(out)
     docs = corpus_docs(corpus)
     np.testing.assert_array_equal(samples, expected_samples(docs, tokenizer_dir, 64))
     assert samples.dtype == np.uint16 and (samples[:, 0] == 0).all()
@@ -60,7 +54,7 @@ def test_shards_equal_an_independent_recomputation(corpus, tokenizer_dir, tmp_pa
 
 def test_decoded_samples_reproduce_the_corpus_in_order(corpus, tokenizer_dir, tmp_path):
     tokenize(corpus, tokenizer_dir, tmp_path / "mds", seq_len=128)
-    samples = read_samples(tmp_path / "mds")
+    samples = mds_tokens(tmp_path / "mds")
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     text = tok.decode(samples[:, 1:].reshape(-1).tolist())  # drop every <bos>, keep the <eos> separators
     docs = corpus_docs(corpus)
@@ -75,7 +69,7 @@ def test_split_slicing(corpus, tokenizer_dir, tmp_path):
     tokenize(corpus, tokenizer_dir, tmp_path / "b", "-s", "train[75%:]")
     docs = corpus_docs(corpus)
     for name, part in (("a", docs[:300]), ("b", docs[300:])):
-        np.testing.assert_array_equal(read_samples(tmp_path / name), expected_samples(part, tokenizer_dir, 64))
+        np.testing.assert_array_equal(mds_tokens(tmp_path / name), expected_samples(part, tokenizer_dir, 64))
         assert json.loads((tmp_path / name / "slm-dataset.json").read_text())["documents"] == len(part)
 
 
@@ -130,7 +124,7 @@ def test_every_input_format(kind, corpus, tokenizer_dir, tmp_path):
     run_slm("tokenize", "-i", str(path), *args, "-s", split, "-t", str(tokenizer_dir), "-l", "32",
             "--out-dir", str(tmp_path / "mds"))
     expected = seen[:50] if split != "train" else seen
-    np.testing.assert_array_equal(read_samples(tmp_path / "mds"), expected_samples(expected, tokenizer_dir, 32))
+    np.testing.assert_array_equal(mds_tokens(tmp_path / "mds"), expected_samples(expected, tokenizer_dir, 32))
 
 
 def test_uint32_tokens_for_a_vocabulary_above_65536(tmp_path):
@@ -145,7 +139,7 @@ def test_uint32_tokens_for_a_vocabulary_above_65536(tmp_path):
     docs = ["w69999 w5 w65535", "w65536 w1 w69000 w70", "w2"]
     pd.DataFrame({"text": docs}).to_json(tmp_path / "d.jsonl", orient="records", lines=True)
     tokenize(tmp_path / "d.jsonl", tmp_path / "big", tmp_path / "mds", seq_len=4, feature="text")
-    samples = read_samples(tmp_path / "mds")
+    samples = mds_tokens(tmp_path / "mds")
     assert samples.dtype == np.uint32
     assert samples.tolist() == [[0, 70002, 8, 65538], [0, 1, 65539, 4], [0, 69003, 73, 1]]
 
@@ -168,9 +162,7 @@ def test_remote_output_through_streaming_uploader(corpus, tokenizer_dir, tmp_pat
     run_slm("tokenize", "-i", str(corpus), "-f", "story", "-t", str(tokenizer_dir), "-l", "64",
             "--out-dir", str(tmp_path / "local"), "--out-remote", str(remote), "--compression", "none")
     assert (remote / "slm-dataset.json").exists() and (remote / "index.json").exists()
-    ds = StreamingDataset(remote=str(remote), local=str(tmp_path / "cache"), shuffle=False, batch_size=1)
-    got = np.stack([ds[i]["tokens"] for i in range(len(ds))])
-    np.testing.assert_array_equal(got, read_samples(tmp_path / "local"))
+    np.testing.assert_array_equal(mds_tokens(tmp_path / "cache", remote), mds_tokens(tmp_path / "local"))
 
 
 def test_a_glob_of_files_reads_them_in_sorted_order(corpus, tokenizer_dir, tmp_path):
@@ -181,7 +173,7 @@ def test_a_glob_of_files_reads_them_in_sorted_order(corpus, tokenizer_dir, tmp_p
         (tmp_path / "parts" / name).write_text("".join(chunk))
     tokenize(corpus, tokenizer_dir, tmp_path / "whole")
     tokenize(f"{tmp_path}/parts/*.jsonl", tokenizer_dir, tmp_path / "globbed")
-    np.testing.assert_array_equal(read_samples(tmp_path / "globbed"), read_samples(tmp_path / "whole"))
+    np.testing.assert_array_equal(mds_tokens(tmp_path / "globbed"), mds_tokens(tmp_path / "whole"))
     for name in ("slm-documents.npz", "index.json"):
         assert (tmp_path / "globbed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
     meta = json.loads((tmp_path / "globbed" / "slm-dataset.json").read_text())

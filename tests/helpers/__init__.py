@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers.pytest_capture import capture_manager, run_in_this_process
@@ -162,6 +163,20 @@ def run_slm(*args: str, check: bool = True, own_process: bool = False) -> subpro
     if check and proc.returncode != 0:
         raise AssertionError(f"slm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def mds_tokens(local: Path, remote: Path | None = None) -> np.ndarray:
+    """Read every sample's tokens of an MDS folder (or remote, through `local` as cache) in order, with the stock
+    Streaming reader. Its prefix is registered the way slm's readers do (slm/core/workarounds.py): a stock dataset
+    opened here raced the slm runs of a session beside this one for the same prefix (FileExistsError)."""
+    from streaming import StreamingDataset
+
+    from slm.core.workarounds import streaming_datasets
+
+    with streaming_datasets():
+        ds = StreamingDataset(local=str(local), remote=None if remote is None else str(remote), shuffle=False,
+                              batch_size=1)
+        return np.stack([ds[i]["tokens"] for i in range(len(ds))])
 
 
 def edited_tokenizer(src: Path, dst: Path, edit: Callable[[dict], None]) -> Path:

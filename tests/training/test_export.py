@@ -10,7 +10,7 @@ from slm.training.export import model_from_checkpoint
 from slm.training.metrics import build_metrics, byte_lengths
 from slm.training.model import CausalLM, build_hf_model
 
-from helpers import final_state, run_slm, train, write_yaml
+from helpers import final_state, mds_tokens, run_slm, train, write_yaml
 
 pytestmark = pytest.mark.train
 
@@ -118,19 +118,17 @@ def test_generate_is_seeded_and_refuses_to_clobber(exported):
 
 def test_eval_of_checkpoint_and_export_agree_with_a_direct_computation(exported, shards):
     import numpy as np
-    from streaming import StreamingDataset
 
     ckpt = exported / "ckpt" / "exp" / "latest-rank0.pt"
     results = [json.loads(run_slm("eval", str(m), "-d", str(shards / "eval"), "--batch-size", "7").stdout)
                for m in (ckpt, exported / "hf")]
     assert {k: v for k, v in results[0].items() if k != "model"} == {k: v for k, v in results[1].items()
                                                                      if k != "model"}
-    ds = StreamingDataset(local=str(shards / "eval"), shuffle=False, batch_size=1)
-    ids = torch.from_numpy(np.stack([ds[i]["tokens"] for i in range(len(ds))]).astype(np.int64))
+    ids = torch.from_numpy(mds_tokens(shards / "eval").astype(np.int64))
     hf = transformers.AutoModelForCausalLM.from_pretrained(exported / "hf").eval()
     with torch.no_grad():
         loss = hf(input_ids=ids, labels=ids).loss.item()
-    assert results[0]["samples"] == len(ds)
+    assert results[0]["samples"] == len(ids)
     assert abs(results[0]["CrossEntropy"] - loss) < 1e-4
     assert abs(results[0]["Perplexity"] - np.exp(loss)) < 1e-3 * np.exp(loss)
     assert 0 < results[0]["Accuracy"] < 1 and 0 < results[0]["BitsPerByte"] < results[0]["CrossEntropy"]

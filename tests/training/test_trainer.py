@@ -17,6 +17,7 @@ from helpers import (
     Started,
     assert_bitwise_equal,
     final_state,
+    mds_tokens,
     newest_loadable,
     resumed_at,
     run_cmd,
@@ -196,7 +197,6 @@ def test_mamba_killed_mid_run_resumes_bitwise(tmp_path, shards):
 
 def test_a_100k_model_learns_the_corpus_well_below_unigram_entropy(tmp_path, tokenizer_dir):
     import numpy as np
-    from streaming import StreamingDataset
 
     from slm.data.corpus import write_corpus
     from slm.training.model import build_hf_model, count_parameters
@@ -214,8 +214,7 @@ def test_a_100k_model_learns_the_corpus_well_below_unigram_entropy(tmp_path, tok
           f"data.train.local={tmp_path / 'train'}", f"data.eval.local={tmp_path / 'eval'}")
 
     def tokens(name: str) -> np.ndarray:
-        ds = StreamingDataset(local=str(tmp_path / name), shuffle=False, batch_size=1)
-        return np.stack([ds[i]["tokens"] for i in range(len(ds))]).astype(np.int64)
+        return mds_tokens(tmp_path / name).astype(np.int64)
 
     counts = np.bincount(tokens("train")[:, 1:].ravel())
     p = counts[counts > 0] / counts.sum()
