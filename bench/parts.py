@@ -6,8 +6,10 @@
              (chunking, MDS encoding, zstd, sha1: the writer) costs
 Every command runs as a subprocess with a datasets cache of its own (each pays the jsonl -> Arrow conversion), its
 peak RSS that of its largest process. Goals (issue 45): parts / one <= 1.1 on this machine; <= 2.5 GB a part.
+`--stream`: the corpus as 8 files, every command reading them streamed (`--stream`: no Arrow cache, a part reads
+only its own files).
 
-    python bench/parts.py [--num-docs 200000] [--parts 2] [--json FILE]
+    python bench/parts.py [--num-docs 200000] [--parts 2] [--stream] [--json FILE]
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def main() -> None:
     parser.add_argument("--num-docs", type=int, default=200_000, help="stories in the corpus (default: %(default)s)")
     parser.add_argument("--parts", type=int, default=2, help="parts (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--stream", action="store_true", help="the corpus in 8 files, read streamed")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     from benchlib import BIN, machine, slm
@@ -56,7 +59,14 @@ def main() -> None:
         with corpus.open() as f:
             sample.write_text("".join(f.readline() for _ in range(5000)))
         slm("tokenizer", "-i", str(sample), "-f", "story", "-v", "4096", "--out-dir", str(tmp / "tok"))
-        tokenize = [str(BIN / "slm"), "tokenize", "-i", str(corpus), "-f", "story", "-t", str(tmp / "tok"),
+        source = [str(corpus)]
+        if args.stream:
+            lines = corpus.read_text().splitlines(keepends=True)
+            for i in range(8):
+                (tmp / f"stories-{i}.jsonl").write_text("".join(lines[len(lines) * i // 8:len(lines) * (i + 1) // 8]))
+            corpus.unlink()
+            source = [str(tmp / "stories-*.jsonl"), "--stream"]
+        tokenize = [str(BIN / "slm"), "tokenize", "-i", *source, "-f", "story", "-t", str(tmp / "tok"),
                     "-l", str(args.seq_len)]
         cache = tmp / "cache"
         one = timed("one process", [*tokenize, "--out-dir", str(tmp / "one")], cache)
@@ -68,19 +78,21 @@ def main() -> None:
         merge = timed("merge", [*tokenize, "--out-dir", str(tmp / "each"), "--parts", str(args.parts), "--merge"],
                       cache)
         meta = json.loads((tmp / "one" / "slm-dataset.json").read_text())
-        megabytes = corpus.stat().st_size / 1e6
+        megabytes = sum(f.stat().st_size for f in tmp.glob("stories*.jsonl")) / 1e6
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     tokens = meta["tokens"]
     tokenizing = sum(s for s, _ in each)
     figures = {"docs": args.num_docs, "megabytes": megabytes, "tokens": tokens, "parts": args.parts,
+               "streamed": args.stream,
                "one": {"seconds": one[0], "peak_bytes": one[1]}, "in_parts": {"seconds": parts[0],
                                                                               "peak_bytes": parts[1]},
                "each_part": [{"seconds": s, "peak_bytes": b} for s, b in each],
                "merge": {"seconds": merge[0], "peak_bytes": merge[1]}, "identical": same, "cpus": os.cpu_count()}
     print(f"machine: {machine()}")
-    print(f"corpus: {args.num_docs:,} stories, {megabytes:.1f} MB, {tokens:,} tokens")
+    print(f"corpus: {args.num_docs:,} stories, {megabytes:.1f} MB, {tokens:,} tokens"
+          + (", 8 files read streamed" if args.stream else ""))
     print(f"  one process            {one[0]:7.1f} s  {tokens / one[0]:>12,.0f} tokens/s  peak "
           f"{one[1] / 2**30:.2f} GiB")
     print(f"  {args.parts} parts side by side   {parts[0]:7.1f} s  {tokens / parts[0]:>12,.0f} tokens/s  peak "

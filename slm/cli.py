@@ -13,19 +13,35 @@ from slm.core.errors import SlmError, run_command, say
 from slm.core.paths import refuse_to_clobber
 
 if TYPE_CHECKING:  # the commands import what they need when they run: `slm --help` starts at once
+    from collections.abc import Iterator
+
     from slm.analysis.batches import Batches
 
 
 def _add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", "--in-dataset", required=True,
-                   help="local file, glob ('data/*.jsonl.gz', read in sorted order) or folder (txt, json/jsonl, "
-                        "parquet, csv, save_to_disk) or Hub dataset id")
+                   help="local file, glob ('data/*.jsonl.gz', read in sorted order) or folder (txt, BabyLM's "
+                        ".train/.dev/.test, json/jsonl, parquet, csv, save_to_disk), Hub dataset id, or URL "
+                        "(hf://, s3://, https://...; always streamed)")
     p.add_argument("-f", "--feature", default="text", help="column holding the text (default: %(default)s)")
     p.add_argument("-s", "--split", default="train",
-                   help="split, with datasets slicing such as 'train[:95%%]' (default: %(default)s)")
-    p.add_argument("--txt-per-file", action="store_true",
-                   help="txt input: one document per file instead of one per line")
+                   help="split, with datasets slicing such as 'train[:95%%]' when not streamed (default: "
+                        "%(default)s)")
+    p.add_argument("--stream", action="store_true",
+                   help="read the input as it goes, in order, without downloading or preparing it whole first")
+    p.add_argument("--max-docs", type=int, metavar="N", help="only the first N documents (e.g. a fixed-size sample "
+                   "of a streamed corpus to train the tokenizer on)")
+    p.add_argument("--txt-by", metavar="{line,paragraph,file}",
+                   help="text input: what a document is: a line, a blank-line block or a file (default: a line; "
+                        "a blank-line block in BabyLM's .train/.dev/.test files)")
+    p.add_argument("--txt-per-file", dest="txt_by", action="store_const", const="file", help="the same as "
+                   "--txt-by file")
     p.add_argument("--batch-size", type=int, default=1000, help="documents per encode batch (default: %(default)s)")
+
+
+def _input_args(args: argparse.Namespace) -> tuple:
+    """Return `open_input`'s arguments from the command line's."""
+    return args.in_dataset, args.feature, args.split, args.txt_by, args.stream, args.max_docs
 
 
 def cmd_corpus(args: argparse.Namespace) -> None:
@@ -46,7 +62,7 @@ def cmd_corpus(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
-    from slm.data.documents import iter_batches, load_documents
+    from slm.data.documents import open_input
     from slm.data.tokenizer import check_vocab_size, train_tokenizer
     from slm.hub.client import Hub
 
@@ -55,10 +71,20 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
     check_vocab_size(args.vocab_size)
     out_dir = Path(args.out_dir) if args.out_dir else None
     refuse_to_clobber(out_dir, args.overwrite)
-    ds = load_documents(args.in_dataset, args.feature, args.split, args.txt_per_file)
-    if len(ds) == 0:
+    documents = open_input(*_input_args(args))
+    if documents.documents == 0:
         raise SlmError(f"split '{args.split}' of {args.in_dataset} has no documents")
-    tok = train_tokenizer(iter_batches(ds, args.feature, args.batch_size), args.vocab_size, len(ds))
+    read = 0
+
+    def batches() -> Iterator[list[str]]:
+        nonlocal read
+        for batch in documents.batches(args.batch_size):
+            read += len(batch)
+            yield batch
+
+    tok = train_tokenizer(batches(), args.vocab_size, documents.documents)
+    if read == 0:
+        raise SlmError(f"split '{args.split}' of {args.in_dataset} has no documents")
     with tempfile.TemporaryDirectory() as tmp:
         folder = out_dir or Path(tmp)
         try:
@@ -70,13 +96,13 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
     if len(tok) < args.vocab_size:
         print(f"note: the corpus has too few distinct words for more merges: {len(tok):,} tokens, not "
               f"{args.vocab_size:,}; model vocab sizes >= {len(tok):,} work with it", file=sys.stderr)
-    print(f"trained a byte-level BPE tokenizer with {len(tok):,} tokens on {len(ds):,} documents; saved to "
+    print(f"trained a byte-level BPE tokenizer with {len(tok):,} tokens on {read:,} documents; saved to "
           + " and ".join(filter(None, [str(out_dir) if out_dir else None,
                                        f"hf://{args.out_repo}" if args.out_repo else None])))
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
-    from slm.data.documents import iter_batches, load_documents
+    from slm.data.documents import open_input
     from slm.data.shards import write_shards
     from slm.data.tokenizer import load_tokenizer, tokenizer_identity
     from slm.hub.client import HF_URI, Hub, parse_hf_uri
@@ -103,33 +129,37 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     refuse_to_clobber(out_dir, args.overwrite)
     tok = load_tokenizer(args.tokenizer, args.bos_token, args.eos_token)
     identity = tokenizer_identity(tok, args.tokenizer)
-    input_args = (args.in_dataset, args.feature, args.split, args.txt_per_file)
-    ds = load_documents(*input_args)
-    source = {"dataset": args.in_dataset, "feature": args.feature, "split": args.split}
+    if in_parts and args.max_docs is not None and (args.stream or "://" in args.in_dataset):
+        raise SlmError("--max-docs and --parts do not go together on a streamed input (its parts are runs of its "
+                       "files): tokenize the sample in one part")
+    documents = open_input(*_input_args(args))
+    source = {"dataset": args.in_dataset, "feature": args.feature, "split": args.split,
+              **({"txt_by": args.txt_by} if args.txt_by else {})}
     with tempfile.TemporaryDirectory() as tmp:
         local = out_dir or (Path(tmp) / "shards" if to_hub else None)
         remote = None if to_hub else args.out_remote
         if in_parts:
-            job = parts.new_job(source, ds, identity, args.seq_len, args.parts, out_dir)
+            job = parts.new_job(source, documents, identity, args.seq_len, args.parts, out_dir)
             if args.part is not None:
                 done = job.done(args.part)
                 if not done:
-                    parts.tokenize_part(job, args.part, ds, args.feature, tok, identity, args.batch_size)
+                    parts.tokenize_part(job, args.part, documents, tok, identity, args.batch_size)
                 print(f"part {args.part} of {args.parts} {'was done already' if done else 'done'}: "
                       f"{job.part_folder(args.part)}; merge the parts with --merge once all are done")
                 return
             missing = [] if args.merge else job.missing()
             if missing:
-                say(f"tokenizing {len(missing)} of {args.parts} parts ({len(ds):,} documents in all) side by side",
-                    "slm tokenize")
-            with parts.parts_running(job, missing, input_args, (args.tokenizer, args.bos_token, args.eos_token),
+                count = f"{documents.documents:,} documents" if documents.documents is not None else \
+                    f"{documents.files:,} files"
+                say(f"tokenizing {len(missing)} of {args.parts} parts ({count} in all) side by side", "slm tokenize")
+            with parts.parts_running(job, missing, _input_args(args), (args.tokenizer, args.bos_token, args.eos_token),
                                      identity, args.batch_size) as running:
                 stats = parts.merge_parts(job, identity, out_remote=remote, compression=args.compression,
                                           overwrite=args.overwrite, running=running)
         else:
-            stats = write_shards(iter_batches(ds, args.feature, args.batch_size), tok, identity, args.seq_len,
-                                 out_dir=local, out_remote=remote, compression=args.compression,
-                                 overwrite=args.overwrite, total_docs=len(ds), source=source)
+            stats = write_shards(documents.batches(args.batch_size), tok, identity, args.seq_len, out_dir=local,
+                                 out_remote=remote, compression=args.compression, overwrite=args.overwrite,
+                                 total_docs=documents.documents, source=source)
         if to_hub:
             repo_type, repo_id, path = to_hub
             Hub().push_folder(local, repo_id, f"MDS shards of {args.in_dataset} [{args.split}] by slm",
@@ -319,7 +349,7 @@ def _document_texts(batches, rows: list[dict], sources: list[str]) -> dict[tuple
         if not (source.get("feature") and source.get("split")):
             raise SlmError(f"the shards of {stream} do not record the feature and split they were tokenized from: "
                            "--text cannot find the documents")
-        ds = load_documents(dataset, source["feature"], source["split"])
+        ds = load_documents(dataset, source["feature"], source["split"], source.get("txt_by"))
         for row in rows:
             for document in (row.get("documents") or []) if row["stream"] == stream else []:
                 texts[(stream, document)] = ds[document][source["feature"]]

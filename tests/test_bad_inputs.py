@@ -3,6 +3,7 @@ that was there changed (the workspace hashed before and after)."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import subprocess
@@ -35,6 +36,13 @@ def ws(tmp_path, corpus, tokenizer_dir):
     for name, text in (("a.txt", "first\n"), ("b.txt", "second\ncaf\xe9\n"), ("c.txt", "third\n")):
         (tmp_path / "glob" / name).write_bytes(text.encode("latin-1"))
     (tmp_path / "glob" / "d.jsonl").write_text('{"text": "a story"}\n')
+    (tmp_path / "linked").mkdir()  # someone's corpus folder: b is a link to a file of yours outside it
+    (tmp_path / "linked" / "a.jsonl").write_text('{"story": "a story"}\n')
+    (tmp_path / "linked" / "b.jsonl").symlink_to(tmp_path / "tiny.jsonl")
+    (tmp_path / "gz").mkdir()  # b is no gzip file, whatever its name says
+    for name in ("a", "b", "c"):
+        text = f'{{"story": "story {name}"}}\n'.encode()
+        (tmp_path / "gz" / f"{name}.jsonl.gz").write_bytes(text if name == "b" else gzip.compress(text))
     (tmp_path / "a_file").write_text("not a folder")
     (tmp_path / "existing").mkdir()
     (tmp_path / "existing" / "keep.txt").write_text("precious")
@@ -122,6 +130,39 @@ CASES = {
                       "Unknown split"),
     "Hub id while offline": ([*TOK, "-i", "someone/no-such-dataset", "--out-dir", "{ws}/o"],
                              "cannot load 'someone/no-such-dataset' (HF_HUB_OFFLINE is set)"),
+    "streamed: Hub id while offline": ([*TOK, "-i", "someone/no-such-dataset", "--stream", "--out-dir", "{ws}/o"],
+                                       "cannot load 'someone/no-such-dataset' (HF_HUB_OFFLINE is set)"),
+    "streamed: Hub URL while offline": ([*TOK, "-i", "hf://datasets/someone/no-such/a.jsonl", "--out-dir", "{ws}/o"],
+                                        "cannot load 'hf://datasets/someone/no-such/a.jsonl' (HF_HUB_OFFLINE is set)"),
+    "streamed: non-UTF-8 file in the middle of a glob": ([*TOK, "-i", "{ws}/glob/*.txt", "-f", "text", "--stream",
+                                                          "--out-dir", "{ws}/o"],
+                                                         "input is not valid UTF-8: {ws}/glob/b.txt line 2"),
+    "streamed: a file in the middle of a glob that is not what its name says": (
+        [*TOK, "-i", "{ws}/gz/*.jsonl.gz", "--stream", "--out-dir", "{ws}/o"],
+        "cannot read {ws}/gz/*.jsonl.gz: Not a gzipped file"),
+    "a file in the middle of a glob that is not what its name says": (
+        [*TOK, "-i", "{ws}/gz/*.jsonl.gz", "--out-dir", "{ws}/o"],
+        "cannot read {ws}/gz/*.jsonl.gz: Not a gzipped file"),
+    "streamed: empty corpus": ([*TOK, "-i", "{ws}/empty.jsonl", "--stream", "--out-dir", "{ws}/o"],
+                               "{ws}/empty.jsonl is empty: there are no documents to read"),
+    "streamed: a feature it lacks": ([*TOK, "-i", "{ws}/glob/d.jsonl", "--stream", "--out-dir", "{ws}/o"],
+                                     "feature 'story' is not a column of {ws}/glob/d.jsonl; columns: text"),
+    "a corpus folder holding a link out": ([*TOK, "-i", "{ws}/linked", "--out-dir", "{ws}/o"],
+                                           "corpus folder {ws}/linked holds b.jsonl, a link to {ws}/tiny.jsonl, "
+                                           "which leads outside it"),
+    "streamed: a corpus folder holding a link out": ([*TOK, "-i", "{ws}/linked", "--stream", "--out-dir", "{ws}/o"],
+                                                     "corpus folder {ws}/linked holds b.jsonl, a link to "
+                                                     "{ws}/tiny.jsonl, which leads outside it"),
+    "a glob matching a link out": ([*TOK, "-i", "{ws}/linked/*.jsonl", "--out-dir", "{ws}/o"],
+                                   "{ws}/linked/*.jsonl matches {ws}/linked/b.jsonl, which leads to {ws}/tiny.jsonl, "
+                                   "outside {ws}/linked"),
+    "streamed: a glob matching a link out": ([*TOK, "-i", "{ws}/linked/*.jsonl", "--stream", "--out-dir", "{ws}/o"],
+                                             "{ws}/linked/*.jsonl matches {ws}/linked/b.jsonl, which leads to "
+                                             "{ws}/tiny.jsonl, outside {ws}/linked"),
+    "no documents asked for": ([*TOK, "-i", "{ws}/stories.jsonl", "--max-docs", "0", "--out-dir", "{ws}/o"],
+                               "--max-docs must be at least 1, got 0"),
+    "unknown kind of text document": ([*TOK, "-i", "{ws}/latin1.txt", "--txt-by", "word", "--out-dir", "{ws}/o"],
+                                      "--txt-by takes line, paragraph, file, not 'word'"),
     "out-remote not a Hub location": ([*TOK, "-i", "{ws}/stories.jsonl", "--out-remote", "hf://datasets/only-org"],
                                       "'hf://datasets/only-org' is not a Hub location: use hf://datasets/ORG/NAME"),
     "plot of a folder without metrics": (["plot", "{ws}/existing", "--out", "{ws}/o.png"],

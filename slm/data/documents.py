@@ -1,26 +1,35 @@
 """Reading input documents for `slm tokenizer` and `slm tokenize`, all through `datasets`.
 
-`-i` may be a local file (txt, json/jsonl, parquet, csv, arrow, optionally compressed),
-a glob of such files (read in sorted order), a folder of them, a `save_to_disk` folder, or a
-Hub dataset id; `-s` takes the `datasets` split syntax, slicing included (`train[:95%]`).
+`-i` may be a local file (txt, BabyLM's .train/.dev/.test, json/jsonl, parquet, csv, arrow, optionally
+compressed), a glob of such files (read in sorted order), a folder of them, a `save_to_disk` folder, a Hub dataset id,
+or a URL fsspec reads; `-s` takes the `datasets` split syntax, slicing included (`train[:95%]`). Loaded whole
+(`load_documents`: `datasets` prepares the input once, in its cache) or streamed (`open_input(..., stream=True)`:
+read as it goes, nothing downloaded or prepared whole; a URL always is).
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import datasets
 from datasets.arrow_writer import SchemaInferenceError
 
-from slm.core.errors import SlmError
+from slm.core.errors import Refused, SlmError
+from slm.core.foreign import checked_folder
 from slm.core.paths import is_local_path
 
-BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
-            ".csv": "csv", ".arrow": "arrow"}
+BABYLM = (".train", ".dev", ".test")  # BabyLM's text files: a sentence or utterance a line
+BUILDERS = {".txt": "text", ".text": "text", **dict.fromkeys(BABYLM, "text"), ".json": "json", ".jsonl": "json",
+            ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 COMPRESSIONS = {".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip"}
+TXT_DOCUMENTS = {"line": "line", "paragraph": "paragraph", "file": "document"}  # --txt-by: datasets' sample_by
 
 
 def _builder(path: Path) -> str:
@@ -66,33 +75,54 @@ def _select_split(ds: datasets.Dataset | datasets.DatasetDict, split: str, sourc
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
-def load_documents(source: str, feature: str, split: str = "train", txt_per_file: bool = False
-                   ) -> datasets.Dataset:
-    """Load the `feature` column of `source`'s `split` as a (memory-mapped) Dataset."""
-    path = Path(source).expanduser()
-    text_kwargs = {"sample_by": "document"} if txt_per_file else {}
-    files = _glob_files(source) if glob.has_magic(source) and not path.exists() else [path]
-    if all(file.is_file() and file.stat().st_size == 0 for file in files):
+def _file_builder(files: list[Path], txt_by: str | None) -> tuple[str, dict, str]:
+    """Return the `datasets` builder of files of one type, its arguments, and what a document of a text file is: as
+    asked, else a blank-line block in BabyLM's files, else a line."""
+    builder = _builder(files[0])
+    if txt_by is None:
+        txt_by = "paragraph" if any(set(file.suffixes) & set(BABYLM) for file in files) else "line"
+    return builder, {"sample_by": TXT_DOCUMENTS[txt_by]} if builder == "text" else {}, txt_by
+
+
+def _refuse_empty(source: str, files: list[Path]) -> None:
+    if files and all(file.is_file() and file.stat().st_size == 0 for file in files):
         raise SlmError(f"{source} is empty: there are no documents to read")
+
+
+def _folder_kwargs(txt_by: str | None) -> dict:
+    """Return what `datasets` needs to read a folder: what a document of its text files is, if asked."""
+    return {"sample_by": TXT_DOCUMENTS[txt_by]} if txt_by else {}
+
+
+def _input_files(source: str) -> tuple[Path, list[Path]]:
+    """Return a local input's path and its files (the glob's, or the path itself), once none of a folder or a glob
+    leads outside it (docs/security.md: a corpus may be someone else's, a file in it a link to one of yours)."""
+    path = Path(source).expanduser()
+    if not (glob.has_magic(source) and not path.exists()):
+        checked_folder(path, "corpus folder")
+        return path, [path]
+    files = _glob_files(source)
+    base = Path(os.path.expanduser(source))
+    while glob.has_magic(str(base)):
+        base = base.parent
+    for file in files:  # what the glob matched, not the whole folder it starts at
+        if not file.resolve().is_relative_to(base.resolve()):
+            raise Refused(f"{source} matches {file}, which leads to {file.resolve()}, outside {base}: slm reads only "
+                          "inside a folder from elsewhere (docs/security.md); put the file itself there", str(file))
+    return path, files
+
+
+@contextmanager
+def _reading(source: str, split: str, files: list[Path]) -> Iterator[None]:
+    """Turn what `datasets` raises while loading or reading `source` into one line saying what to do."""
     try:
-        if all(file.is_file() for file in files):
-            builder = _builder(files[0])
-            ds = datasets.load_dataset(builder, data_files=[str(file) for file in files], split=split,
-                                       **(text_kwargs if builder == "text" else {}))
-        elif path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
-            ds = _select_split(datasets.load_from_disk(str(path)), split, source)
-        elif path.is_dir():
-            ds = datasets.load_dataset(str(path), split=split, **text_kwargs)
-        elif is_local_path(source) or source.endswith(tuple(BUILDERS)):  # a file name is no Hub dataset id
-            raise SlmError(f"input not found: {source} (give a file, a folder, or a Hub dataset id)")
-        else:
-            ds = datasets.load_dataset(source, split=split)
+        yield
     except SlmError:
         raise
     except (datasets.exceptions.DatasetGenerationError, UnicodeDecodeError) as e:
         if isinstance(e, UnicodeDecodeError) or isinstance(e.__cause__, UnicodeDecodeError):
-            files = files if files[0].is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-            raise SlmError(f"input is not valid UTF-8: {_first_bad_utf8(files)}; "
+            local = [p for f in files for p in ([f] if f.is_file() else sorted(f.rglob("*"))) if p.is_file()]
+            raise SlmError(f"input is not valid UTF-8: {_first_bad_utf8(local)}; "
                            "re-encode it (e.g. iconv -t utf-8) or remove the bad bytes") from e
         if isinstance(e.__cause__, SchemaInferenceError):
             raise SlmError(f"{source} has no documents") from None  # the cause adds nothing
@@ -103,13 +133,147 @@ def load_documents(source: str, feature: str, split: str = "train", txt_per_file
         raise SlmError(f"cannot read '{split}' of {source}: {e}") from e
     except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise SlmError(f"cannot load '{source}'{offline}: {str(e).splitlines()[0]}") from e
-    if feature not in ds.column_names:
-        raise SlmError(f"feature '{feature}' is not a column of {source}; columns: {', '.join(ds.column_names)}")
+        raise SlmError(f"cannot load '{source}'{offline}: {_first_line(e)}") from e
+    except (OSError, ImportError) as e:  # a file unreadable or not what its name says; no s3fs for s3://
+        raise SlmError(f"cannot read {source}: {_first_line(e)}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def load_documents(source: str, feature: str, split: str = "train", txt_by: str | None = None
+                   ) -> datasets.Dataset:
+    """Load the `feature` column of `source`'s `split` as a (memory-mapped) Dataset. `txt_by`: what a text file's
+    document is (`TXT_DOCUMENTS`; by default a line, or a blank-line block in BabyLM's files)."""
+    path, files = _input_files(source)
+    _refuse_empty(source, files)
+    with _reading(source, split, files):
+        if all(file.is_file() for file in files):
+            builder, kwargs, txt_by = _file_builder(files, txt_by)
+            ds = datasets.load_dataset(builder, data_files=[str(file) for file in files], split=split, **kwargs)
+        elif path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+            ds = _select_split(datasets.load_from_disk(str(path)), split, source)
+        elif path.is_dir():
+            ds = datasets.load_dataset(str(path), split=split, **_folder_kwargs(txt_by))
+        elif is_local_path(source) or source.endswith(tuple(BUILDERS)):  # a file name is no Hub dataset id
+            raise SlmError(f"input not found: {source} (give a file, a folder, or a Hub dataset id)")
+        else:
+            ds = datasets.load_dataset(source, split=split)
+    return _text_column(ds, feature, source, txt_by)
+
+
+def _text_column(ds: datasets.Dataset | datasets.IterableDataset, feature: str, source: str, txt_by: str | None
+                 ) -> datasets.Dataset | datasets.IterableDataset:
+    """Keep the `feature` column alone, refusing a dataset without it; drop a text input's blank documents, and the
+    line breaks around a blank-line block (`datasets` leaves a file's last line break on its last block)."""
+    columns = ds.column_names
+    if columns is None:  # a streamed input whose features are known only once read
+        first = next(iter(ds), None)
+        if first is None:
+            raise SlmError(f"{source} has no documents")
+        columns = list(first)
+    if feature not in columns:
+        raise SlmError(f"feature '{feature}' is not a column of {source}; columns: {', '.join(columns) or 'none'}")
     ds = ds.select_columns([feature])
-    if ds.info.builder_name == "text" and not txt_per_file:  # one document per line: blank lines are none
-        ds = ds.filter(lambda b: [bool(t.strip()) for t in b[feature]], batched=True, desc="Dropping blank lines")
+    loaded = isinstance(ds, datasets.Dataset)
+    if ds.info.builder_name == "text" and txt_by == "paragraph":
+        ds = ds.map(lambda b: {feature: [t.strip("\n") for t in b[feature]]}, batched=True,
+                    **({"desc": "Trimming blank-line blocks"} if loaded else {}))
+    if ds.info.builder_name == "text" and txt_by != "file":  # a blank line or block is no document
+        ds = ds.filter(lambda b: [bool(t.strip()) for t in b[feature]], batched=True,
+                       **({"desc": "Dropping blank lines"} if loaded else {}))
     return ds
+
+
+def _stream(source: str, feature: str, split: str, txt_by: str | None) -> Input:
+    """Open `source` streamed: its files read in order as the documents are asked for, nothing prepared whole."""
+    if "[" in split or "+" in split:
+        raise SlmError(f"a streamed input takes a split's name, not '{split}': give --max-docs N for its first N "
+                       "documents")
+    url = "://" in source
+    path, files = (Path(), []) if url else _input_files(source)
+    _refuse_empty(source, files)
+    with _reading(source, split, files):
+        if url or all(file.is_file() for file in files):
+            kind, kwargs, txt_by = _file_builder([Path(source.split("?")[0])] if url else files, txt_by)
+            builder = datasets.load_dataset_builder(kind, data_files=[source] if url else [str(f) for f in files],
+                                                    **kwargs)
+        elif path.is_dir():
+            builder = datasets.load_dataset_builder(str(path), **_folder_kwargs(txt_by))
+        elif is_local_path(source):
+            raise SlmError(f"input not found: {source} (give a file, a folder, a URL, or a Hub dataset id)")
+        else:
+            builder = datasets.load_dataset_builder(source)
+        if split not in (builder.config.data_files or {}):
+            known = ", ".join(builder.config.data_files or {}) or "none"
+            raise SlmError(f"{source} has no split '{split}' (its splits: {known})")
+        resolved = [str(f) for f in builder.config.data_files[split]]
+        ds = builder.as_streaming_dataset(split=split)
+        stats = [[os.stat(f).st_size, os.stat(f).st_mtime_ns] if os.path.isfile(f) else None for f in resolved]
+        identity = {"source": source, "split": split, "config": builder.config.name, "files": resolved,
+                    "stats": stats, "txt_by": txt_by}
+        fingerprint = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+        return Input(_text_column(ds, feature, source, txt_by), feature, fingerprint, None, ds.n_shards, source,
+                     split)
+
+
+@dataclass(frozen=True)
+class Input:
+    """The documents `slm tokenizer` and `slm tokenize` read: loaded whole, or streamed."""
+
+    data: datasets.Dataset | datasets.IterableDataset
+    feature: str
+    fingerprint: str  # another file, edit, slice or sample gives another
+    documents: int | None  # how many, where known before they are all read (a loaded input)
+    files: int | None  # a streamed input's files: its parts are contiguous runs of them
+    source: str
+    split: str
+
+    @property
+    def streamed(self) -> bool:
+        return self.documents is None
+
+    def batches(self, batch_size: int = 1000) -> Iterator[list[str]]:
+        """Yield the documents in order, `batch_size` at a time."""
+        with _reading(self.source, self.split, [] if "://" in self.source else _input_files(self.source)[1]):
+            yield from iter_batches(self.data, self.feature, batch_size)
+
+    def head(self, count: int) -> Input:
+        """Return the input's first `count` documents (all of them, where it has fewer)."""
+        if self.streamed:
+            fingerprint = hashlib.sha256(f"{self.fingerprint} first {count}".encode()).hexdigest()[:16]
+            return replace(self, data=self.data.take(count), fingerprint=fingerprint)
+        data = self.data.select(range(min(count, self.documents)))
+        return replace(self, data=data, fingerprint=data._fingerprint, documents=len(data))
+
+    def part(self, part: int, parts: int) -> Input:
+        """Return part `part` (1-based) of `parts`: a contiguous range of a loaded input's documents (`part_range`),
+        a contiguous run of a streamed one's files (as `datasets` divides them)."""
+        if self.streamed:
+            return replace(self, data=self.data.shard(parts, part - 1, contiguous=True))
+        start, end = part_range(self.documents, parts, part)
+        return replace(self, data=self.data.select(range(start, end)), documents=end - start)
+
+
+def part_range(documents: int, parts: int, part: int) -> tuple[int, int]:
+    """Return the documents [start, end) of part `part` (1-based) of `parts`: contiguous, sizes differing by one."""
+    return documents * (part - 1) // parts, documents * part // parts
+
+
+def open_input(source: str, feature: str, split: str = "train", txt_by: str | None = None, stream: bool = False,
+               max_docs: int | None = None) -> Input:
+    """Open `source`'s documents: loaded whole, or streamed (asked, or a URL); only the first `max_docs`, if given."""
+    if max_docs is not None and max_docs < 1:
+        raise SlmError(f"--max-docs must be at least 1, got {max_docs}")
+    if txt_by is not None and txt_by not in TXT_DOCUMENTS:
+        raise SlmError(f"--txt-by takes {', '.join(TXT_DOCUMENTS)}, not '{txt_by}'")
+    if stream or "://" in source:
+        opened = _stream(source, feature, split, txt_by)
+    else:
+        ds = load_documents(source, feature, split, txt_by)
+        opened = Input(ds, feature, ds._fingerprint, len(ds), None, source, split)
+    return opened if max_docs is None else opened.head(max_docs)
 
 
 def iter_batches(ds: datasets.Dataset, feature: str, batch_size: int = 1000) -> Iterator[list[str]]:

@@ -1,6 +1,7 @@
 """Tokenizing a corpus in parts (`slm tokenize --parts N`): the same shards as one process, from N processes or hosts.
 
-Part p of N is a contiguous range of the input's documents (`part_range`), tokenized alone — a process of this
+Part p of N is a contiguous range of the input's documents (`part_range`; of a streamed input, whose documents are
+not counted before they are read, a contiguous run of its files), tokenized alone — a process of this
 machine, or an array task on another host — into its token stream: each document's ids and its <eos>, in order, as
 the chunking rule concatenates them (`tokens.bin`), and each document's length (`lengths.npy`). A part cannot cut
 its own samples: where its first sample starts depends on how many tokens all earlier parts hold. The merge does
@@ -36,11 +37,13 @@ from tqdm import tqdm
 from slm.core.errors import SlmError, describe_error
 from slm.core.foreign import mapping, read_json
 from slm.core.paths import partial_folder
+from slm.data.documents import part_range
 from slm.data.shards import ShardStats, encoded_streams, token_dtype, write_streams
 
 if TYPE_CHECKING:
-    import datasets
     from transformers import PreTrainedTokenizerFast
+
+    from slm.data.documents import Input
 
 PART_RECORD = "part.json"
 TOKENS_FILE = "tokens.bin"
@@ -48,7 +51,8 @@ LENGTHS_FILE = "lengths.npy"
 MAX_PARTS = 100_000
 MERGE_DOCUMENTS = 10_000  # documents a merge step feeds the chunker: bounded memory, whatever a part holds
 MADE_FROM = {"fingerprint": "other input (its files changed since, or are at another path?)",
-             "input_documents": "other input", "source": "another input", "tokenizer": "another tokenizer",
+             "input_documents": "other input", "input_files": "other input", "source": "another input",
+             "tokenizer": "another tokenizer",
              "seq_len": "another seq_len"}
 
 
@@ -57,8 +61,9 @@ class Job:
     """What one `slm tokenize --parts N` makes: its input, tokenizer and seq_len, each part's folder."""
 
     source: dict[str, Any]  # dataset, feature, split: `slm-dataset.json`'s source
-    fingerprint: str  # the loaded input's `datasets` fingerprint: another file, edit or slice, another value
-    documents: int
+    fingerprint: str  # the input's (slm/data/documents.py, `Input`): another file, edit or slice, another value
+    documents: int | None  # the input's documents, where counted before reading (not a streamed input)
+    files: int | None  # a streamed input's files
     tokenizer: str  # the tokenizer's content hash
     dtype: str  # of its token ids (slm/data/shards.py, `token_dtype`)
     seq_len: int
@@ -74,10 +79,13 @@ class Job:
 
     def record(self, part: int) -> dict[str, Any]:
         """What part `part` (1-based) must have been made from."""
-        start, end = part_range(self.documents, self.parts, part)
-        return {"source": self.source, "fingerprint": self.fingerprint, "input_documents": self.documents,
-                "tokenizer": self.tokenizer, "seq_len": self.seq_len, "part": part, "parts": self.parts,
-                "start": start, "end": end}
+        if self.documents is None:
+            of_input = {"input_files": self.files}
+        else:
+            start, end = part_range(self.documents, self.parts, part)
+            of_input = {"input_documents": self.documents, "start": start, "end": end, "documents": end - start}
+        return {"source": self.source, "fingerprint": self.fingerprint, **of_input, "tokenizer": self.tokenizer,
+                "seq_len": self.seq_len, "part": part, "parts": self.parts}
 
     def done(self, part: int) -> bool:
         """Return whether part `part` is done, refusing it if it was made from anything else."""
@@ -99,30 +107,24 @@ def check_parts(parts: int, part: int | None = None) -> None:
         raise SlmError(f"--part must be between 1 and --parts ({parts}), got {part}")
 
 
-def part_range(documents: int, parts: int, part: int) -> tuple[int, int]:
-    """Return the documents [start, end) of part `part` (1-based) of `parts`: contiguous, sizes differing by one."""
-    return documents * (part - 1) // parts, documents * part // parts
-
-
-def tokenize_part(job: Job, part: int, documents: datasets.Dataset, feature: str, tokenizer: PreTrainedTokenizerFast,
-                  identity: dict, batch_size: int = 1000, position: int = 0) -> Path:
-    """Tokenize part `part` of `documents` (the loaded input) into its folder, whole or not at all; return it."""
-    from slm.data.documents import iter_batches
-
-    start, end = part_range(job.documents, job.parts, part)
+def tokenize_part(job: Job, part: int, documents: Input, tokenizer: PreTrainedTokenizerFast, identity: dict,
+                  batch_size: int = 1000, position: int = 0) -> Path:
+    """Tokenize part `part` of `documents` (the job's input) into its folder, whole or not at all; return it."""
     dtype = np.dtype(job.dtype)
-    lengths = []
+    lengths = [np.zeros(0, np.int64)]
+    mine = documents.part(part, job.parts)
     with partial_folder(job.part_folder(part), shared=True) as folder:
         with open(folder / TOKENS_FILE, "wb") as out, \
-                tqdm(total=end - start, unit="doc", unit_scale=True, desc=f"part {part} of {job.parts}",
+                tqdm(total=mine.documents, unit="doc", unit_scale=True, desc=f"part {part} of {job.parts}",
                      position=position, leave=False) as bar:
-            batches = iter_batches(documents.select(range(start, end)), feature, batch_size)
-            for tokens, document_tokens in encoded_streams(tokenizer, batches, identity["eos_id"], dtype):
+            for tokens, document_tokens in encoded_streams(tokenizer, mine.batches(batch_size), identity["eos_id"],
+                                                           dtype):
                 out.write(tokens.tobytes())
                 lengths.append(document_tokens)
                 bar.update(len(document_tokens))
-        np.save(folder / LENGTHS_FILE, np.concatenate(lengths) if lengths else np.zeros(0, np.int64))
-        (folder / PART_RECORD).write_text(json.dumps(job.record(part), indent=2) + "\n")
+        np.save(folder / LENGTHS_FILE, np.concatenate(lengths))
+        record = {**job.record(part), "documents": sum(map(len, lengths))}
+        (folder / PART_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return job.part_folder(part)
 
 
@@ -144,7 +146,7 @@ def _checked_part(job: Job, part: int) -> np.ndarray:
             raise SlmError(f"part {part} of {job.parts} in {folder} was made from "
                            f"{MADE_FROM.get(key, f'another {key}')} ({key} {record.get(key)!r} there, {value!r} "
                            f"now): remove {job.folder} to tokenize every part again")
-    if lengths.ndim != 1 or len(lengths) != record["end"] - record["start"] or (lengths < 1).any() \
+    if lengths.ndim != 1 or len(lengths) != record.get("documents") or (lengths < 1).any() \
             or size != int(lengths.sum()) * np.dtype(job.dtype).itemsize:
         raise SlmError(f"part {part} of {job.parts} in {folder}: its {TOKENS_FILE} and {LENGTHS_FILE} do not agree "
                        f"with its record: remove {folder} to tokenize that part again")
@@ -185,14 +187,14 @@ def _run_part(job: Job, part: int, input_args: tuple, tokenizer_args: tuple, ide
               position: int) -> int:
     """Tokenize one part in a process of its own (the pool's), loading the input and the tokenizer again: the same
     input (its fingerprint and size are the job's) and tokenizer (its content hash)."""
-    from slm.data.documents import load_documents
+    from slm.data.documents import open_input
     from slm.data.tokenizer import load_tokenizer
 
-    documents = load_documents(*input_args)
-    if (documents._fingerprint, len(documents)) != (job.fingerprint, job.documents):
+    documents = open_input(*input_args)
+    if (documents.fingerprint, documents.documents) != (job.fingerprint, job.documents):
         raise SlmError(f"{input_args[0]} changed while its parts were being tokenized: run again")
     tokenizer = load_tokenizer(*tokenizer_args, content_hash=identity["content_hash"])
-    tokenize_part(job, part, documents, input_args[1], tokenizer, identity, batch_size, position)
+    tokenize_part(job, part, documents, tokenizer, identity, batch_size, position)
     return part
 
 
@@ -237,7 +239,7 @@ def parts_running(job: Job, parts: list[int], input_args: tuple, tokenizer_args:
                   batch_size: int) -> Iterator[Running]:
     """Tokenize `parts` side by side, a process each (at most one a core this process may use), in order; yield them
     running, so the merge can take a part as soon as it is done. On any error or Ctrl-C the workers are stopped
-    (a part stopped leaves its `.partial` folder, removed with the parts). `input_args` are `load_documents`'s,
+    (a part stopped leaves its `.partial` folder, removed with the parts). `input_args` are `open_input`'s,
     `tokenizer_args` `load_tokenizer`'s."""
     if not parts:
         yield Running({})
@@ -257,9 +259,11 @@ def parts_running(job: Job, parts: list[int], input_args: tuple, tokenizer_args:
         pool.join()
 
 
-def new_job(source: dict[str, Any], documents: datasets.Dataset, identity: dict, seq_len: int, parts: int,
-            out_dir: Path) -> Job:
-    """Return the job of tokenizing `documents` (the loaded input, a `datasets.Dataset`) in `parts` parts into
-    `out_dir`."""
-    return Job(source, documents._fingerprint, len(documents), identity["content_hash"],
+def new_job(source: dict[str, Any], documents: Input, identity: dict, seq_len: int, parts: int, out_dir: Path) -> Job:
+    """Return the job of tokenizing `documents` in `parts` parts into `out_dir`; refuse more parts than a streamed
+    input has files."""
+    if documents.streamed and parts > documents.files:
+        raise SlmError(f"{documents.source} has {documents.files} file{'s' * (documents.files != 1)}: a streamed "
+                       f"input's parts are runs of its files, so give --parts {documents.files} or fewer")
+    return Job(source, documents.fingerprint, documents.documents, documents.files, identity["content_hash"],
                token_dtype(identity["vocab_size"]).name, seq_len, parts, out_dir)

@@ -3,8 +3,10 @@ by side or one at a time as array tasks; finished parts kept, a killed one redon
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -165,6 +167,64 @@ def test_bad_parts_arguments(argv, message, uneven_corpus, tokenizer_dir, tmp_pa
     proc = tokenize(uneven_corpus, tokenizer_dir, tmp_path / "mds", *argv, check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"slm tokenize: error: {message}"]
+
+
+@pytest.fixture(scope="module")
+def corpus_files(tmp_path_factory, uneven_corpus) -> str:
+    """The uneven corpus as 4 files of uneven sizes, one of them gzip-compressed: a glob, read in sorted order."""
+    lines = uneven_corpus.read_text().splitlines(keepends=True)
+    root = tmp_path_factory.mktemp("files")
+    for name, chunk in (("a.jsonl", lines[:10]), ("b.jsonl.gz", lines[10:200]), ("c.jsonl", lines[200:201]),
+                        ("d.jsonl", lines[201:])):
+        (root / name).write_bytes(gzip.compress("".join(chunk).encode()) if name.endswith(".gz")
+                                  else "".join(chunk).encode())
+    return str(root / "*.jsonl*")
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_a_streamed_input_in_parts_writes_what_one_process_writes(parts, corpus_files, tokenizer_dir, tmp_path):
+    """Streamed (`--stream`: no document count before reading), a part is a contiguous run of the input's files: side
+    by side, or as array tasks and a merge, the folder of one process that loaded the files whole."""
+    tokenize(corpus_files, tokenizer_dir, tmp_path / "one")
+    out = tmp_path / "mds"
+    if parts == 3:
+        for part in (3, 1, 2):
+            tokenize(corpus_files, tokenizer_dir, out, "--stream", "--parts", "3", "--part", str(part))
+        records = [json.loads((tmp_path / "mds.parts" / f"part-{p}-of-3" / "part.json").read_text())
+                   for p in (1, 2, 3)]
+        assert [r["documents"] for r in records] == [200, 1, 202]  # a+b, c, d: as `datasets` divides 4 files
+        tokenize(corpus_files, tokenizer_dir, out, "--stream", "--parts", "3", "--merge")
+    else:
+        proc = tokenize(corpus_files, tokenizer_dir, out, "--stream", "--parts", str(parts))
+        assert f"tokenizing {parts} of {parts} parts (4 files in all)" in proc.stderr
+    assert_same_folder(out, files(tmp_path / "one"))
+
+
+def test_a_streamed_file_changed_between_its_parts_is_refused(corpus_files, tokenizer_dir, tmp_path):
+    shutil.copytree(Path(corpus_files).parent, tmp_path / "in")
+    pattern = str(tmp_path / "in" / "*.jsonl*")
+    out = tmp_path / "mds"
+    tokenize(pattern, tokenizer_dir, out, "--stream", "--parts", "2", "--part", "1")
+    with open(tmp_path / "in" / "d.jsonl", "a") as f:  # a file of the other part, grown after part 1 ran
+        f.write(json.dumps({"story": "One more."}) + "\n")
+    proc = tokenize(pattern, tokenizer_dir, out, "--stream", "--parts", "2", check=False)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert f"part 1 of 2 in {out}.parts/part-1-of-2 was made from other input" in proc.stderr
+    assert not out.exists() and (tmp_path / "mds.parts" / "part-1-of-2").is_dir()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stream", "--parts", "5"], "{glob} has 4 files: a streamed input's parts are runs of its files, so give "
+                                   "--parts 4 or fewer"),
+    (["--stream", "--parts", "2", "--max-docs", "10"], "--max-docs and --parts do not go together on a streamed "
+                                                       "input"),
+    (["--stream", "-s", "train[:10%]"], "a streamed input takes a split's name, not 'train[:10%]'"),
+])
+def test_bad_streamed_arguments(argv, message, corpus_files, tokenizer_dir, tmp_path):
+    proc = tokenize(corpus_files, tokenizer_dir, tmp_path / "mds", *argv, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"slm tokenize: error: {message.format(glob=corpus_files)}")
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_part_written_twice_keeps_the_first_writers_folder(tmp_path):

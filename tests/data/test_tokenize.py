@@ -86,6 +86,15 @@ def write_format(kind: str, docs: list[str], root: Path) -> tuple[Path, list[str
         for i, d in enumerate(multi):
             (root / "txt" / f"{i:04d}.txt").write_text(d)
         return root / "txt", ["-f", "text", "--txt-per-file"], multi
+    if kind.startswith("babylm"):  # BabyLM's files: a sentence a line, documents between blank lines
+        (root / "babylm").mkdir()
+        blocks = [d.replace(". ", ".\n") for d in docs]
+        for name, chunk in (("a.train", blocks[:40]), ("b.train", blocks[40:])):
+            (root / "babylm" / name).write_text("\n\n".join(chunk) + "\n")
+        if kind == "babylm":
+            return root / "babylm" / "*.train", ["-f", "text"], blocks
+        return root / "babylm" / "*.train", ["-f", "text", "--txt-by", "line"], \
+            [line for block in blocks for line in block.splitlines()]
     if kind == "json":
         path = root / "docs.json"
         frame.to_json(path, orient="records")
@@ -112,8 +121,9 @@ def write_format(kind: str, docs: list[str], root: Path) -> tuple[Path, list[str
     return path, ["-f", "story"], docs
 
 
-FORMATS = ["txt-lines", "txt-per-file", "json", "jsonl", "jsonl-folder", "parquet", "csv", "save_to_disk",
-           "save_to_disk-dataset"]
+FILE_FORMATS = ["txt-lines", "txt-per-file", "babylm", "babylm-lines", "json", "jsonl", "jsonl-folder", "parquet",
+                "csv"]
+FORMATS = [*FILE_FORMATS, "save_to_disk", "save_to_disk-dataset"]
 
 
 @pytest.mark.parametrize("kind", FORMATS)
@@ -125,6 +135,15 @@ def test_every_input_format(kind, corpus, tokenizer_dir, tmp_path):
             "--out-dir", str(tmp_path / "mds"))
     expected = seen[:50] if split != "train" else seen
     np.testing.assert_array_equal(mds_tokens(tmp_path / "mds"), expected_samples(expected, tokenizer_dir, 32))
+
+
+@pytest.mark.parametrize("kind", FILE_FORMATS)
+def test_every_file_format_streamed(kind, corpus, tokenizer_dir, tmp_path):
+    """Read as it goes (`--stream`, `datasets` streaming): the same documents in the same order as loaded whole."""
+    path, args, seen = write_format(kind, corpus_docs(corpus)[:100], tmp_path)
+    run_slm("tokenize", "-i", str(path), *args, "--stream", "-t", str(tokenizer_dir), "-l", "32",
+            "--out-dir", str(tmp_path / "mds"))
+    np.testing.assert_array_equal(mds_tokens(tmp_path / "mds"), expected_samples(seen, tokenizer_dir, 32))
 
 
 def test_uint32_tokens_for_a_vocabulary_above_65536(tmp_path):
@@ -178,3 +197,11 @@ def test_a_glob_of_files_reads_them_in_sorted_order(corpus, tokenizer_dir, tmp_p
         assert (tmp_path / "globbed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
     meta = json.loads((tmp_path / "globbed" / "slm-dataset.json").read_text())
     assert meta["source"]["dataset"] == f"{tmp_path}/parts/*.jsonl" and meta["documents"] == len(lines)
+
+
+def test_a_url_is_read_streamed_as_the_file_would_be_loaded(corpus, tokenizer_dir, tmp_path):
+    """A URL fsspec reads (here file://, as hf:// and s3:// go through the same code) is streamed."""
+    tokenize(corpus, tokenizer_dir, tmp_path / "loaded", "-s", "train")
+    proc = tokenize(f"file://{corpus}", tokenizer_dir, tmp_path / "url")
+    assert "Generating train split" not in proc.stderr  # nothing prepared whole in the cache
+    np.testing.assert_array_equal(mds_tokens(tmp_path / "url"), mds_tokens(tmp_path / "loaded"))

@@ -139,3 +139,17 @@ def test_tokenizer_without_bos_eos_needs_them_named(tmp_path):
         load_tokenizer(str(tmp_path), bos_token="<nope>", eos_token="</s>")
     tok = load_tokenizer(str(tmp_path), bos_token="<s>", eos_token="</s>")
     assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
+
+
+def test_a_tokenizer_trained_on_the_first_documents_of_a_streamed_corpus(corpus, tmp_path):
+    """`--max-docs N` on a streamed input: the tokenizer one gets from the first N documents loaded whole."""
+    from helpers import run_slm
+
+    common = ["tokenizer", "-i", str(corpus), "-f", "story", "-v", "300"]
+    proc = run_slm(*common, "--stream", "--max-docs", "150", "--out-dir", str(tmp_path / "streamed"))
+    assert "on 150 documents" in proc.stdout
+    run_slm(*common, "-s", "train[:150]", "--out-dir", str(tmp_path / "sliced"))
+    run_slm(*common, "--out-dir", str(tmp_path / "whole"))
+    vocab = {name: json.loads((tmp_path / name / "tokenizer.json").read_text())["model"]["vocab"]
+             for name in ("streamed", "sliced", "whole")}
+    assert vocab["streamed"] == vocab["sliced"] != vocab["whole"]
