@@ -83,3 +83,9 @@ slm_tokenize_setup() {
     # shellcheck disable=SC1091
     source "$SLM_VENV/bin/activate"
 }
+
+# Before submitting: check the arguments, the tokenizer and the input's first document (`slm tokenize --check`), so
+# that a typo fails here in one line, not in every array task.
+slm_tokenize_check() {
+    slm tokenize "$@" --check > /dev/null || exit 2
+}

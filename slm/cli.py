@@ -132,6 +132,15 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     if in_parts and args.max_docs is not None and (args.stream or "://" in args.in_dataset):
         raise SlmError("--max-docs and --parts do not go together on a streamed input (its parts are runs of its "
                        "files): tokenize the sample in one part")
+    if args.check:
+        from slm.data.documents import check_input
+
+        checked = check_input(args.in_dataset, args.feature, args.split, args.txt_by, args.stream)
+        if in_parts and (args.stream or "://" in args.in_dataset):
+            parts.new_job({}, checked, identity, args.seq_len, args.parts, out_dir)  # at most a part a file
+        print(f"slm tokenize: checked: the tokenizer ({identity['vocab_size']:,} tokens), the input's first "
+              f"document and where the output goes")
+        return
     documents = open_input(*_input_args(args))
     source = {"dataset": args.in_dataset, "feature": args.feature, "split": args.split,
               **({"txt_by": args.txt_by} if args.txt_by else {})}
@@ -437,11 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out-dir")
     p.add_argument("--bos-token", help="the tokenizer's beginning-of-sequence token, if it does not declare one")
     p.add_argument("--eos-token", help="the tokenizer's end-of-sequence token, if it does not declare one")
-    p.add_argument("--parts", type=int, help="tokenize in N parts (contiguous ranges of documents) side by side, "
+    p.add_argument("--parts", type=int, help="tokenize in N parts (contiguous ranges of documents; of a streamed "
+                                             "input, runs of its files) side by side, "
                                              "then merge them: the same shards as one process; finished parts "
                                              "(in OUT.parts/ beside --out-dir) are kept and a killed one is redone")
     p.add_argument("--part", type=int, help="with --parts N: tokenize only part P (1..N), e.g. a scheduler array "
                                             "task's id (jobs/tokenize.sbatch, jobs/tokenize.sh)")
+    p.add_argument("--check", action="store_true", help="only check the arguments, the tokenizer and the input's "
+                   "first document, and write nothing (the job scripts run this before they submit)")
     p.add_argument("--merge", action="store_true", help="with --parts N: only merge the N parts (refusing a "
                                                         "missing one), once every --part is done")
     p.set_defaults(run=cmd_tokenize)

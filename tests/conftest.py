@@ -40,6 +40,21 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def foreign_corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A corpus no one here wrote: Python's own reference documentation (`pydoc_data.topics`, shipped with every
+    CPython), a document per topic in name order, as 4 jsonl files (field 'text'); returns their glob."""
+    import json
+    from pydoc_data.topics import topics
+
+    root = tmp_path_factory.mktemp("foreign")
+    names = sorted(topics)
+    for i in range(4):
+        chunk = names[len(names) * i // 4:len(names) * (i + 1) // 4]
+        (root / f"topics-{i}.jsonl").write_text("".join(json.dumps({"text": topics[n]}) + "\n" for n in chunk))
+    return str(root / "topics-*.jsonl")
+
+
+@pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
     run_slm("tokenizer", "-i", str(corpus), "-f", "story", "-v", "512", "--out-dir", str(out))

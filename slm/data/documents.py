@@ -13,6 +13,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -259,6 +260,20 @@ class Input:
 def part_range(documents: int, parts: int, part: int) -> tuple[int, int]:
     """Return the documents [start, end) of part `part` (1-based) of `parts`: contiguous, sizes differing by one."""
     return documents * (part - 1) // parts, documents * part // parts
+
+
+def check_input(source: str, feature: str, split: str = "train", txt_by: str | None = None, stream: bool = False
+                ) -> Input:
+    """Read the input's first document, streamed where it can be (a saved dataset is memory-mapped), so that a bad
+    path, feature or file is refused in seconds, before jobs are submitted, without preparing the whole input;
+    return the input opened so."""
+    path = Path(source).expanduser()
+    saved = path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists())
+    if not (stream or "://" in source):  # a slice of a loaded input is checked when the jobs read it
+        split = re.split(r"[\[+]", split)[0]
+    documents = open_input(source, feature, split, txt_by, stream=not saved, max_docs=1)
+    next(documents.batches(1), None)
+    return documents
 
 
 def open_input(source: str, feature: str, split: str = "train", txt_by: str | None = None, stream: bool = False,

@@ -151,10 +151,11 @@ def test_a_rendezvous_host_that_is_not_there_is_one_line(two_hosts, reference):
 # ---------------------------------------------------------------- tokenizing in parts across the hosts
 
 @pytest.fixture(scope="module")
-def one_process_shards(tmp_path_factory: pytest.TempPathFactory, corpus: Path, tokenizer_dir: Path
+def one_process_shards(tmp_path_factory: pytest.TempPathFactory, foreign_corpus: str, tokenizer_dir: Path
                        ) -> tuple[list[str], dict[str, bytes]]:
-    """`slm tokenize`'s arguments but --out-dir, and the files it writes in one process."""
-    args = ["-i", str(corpus), "-f", "story", "-t", str(tokenizer_dir), "-l", "64"]
+    """`slm tokenize`'s arguments but --out-dir, and the files it writes in one process (of a corpus no one here
+    wrote, conftest.py)."""
+    args = ["-i", foreign_corpus, "-f", "text", "-t", str(tokenizer_dir), "-l", "64"]
     out = tmp_path_factory.mktemp("hosts-one-process") / "mds"
     run_slm("tokenize", *args, "--out-dir", str(out))
     return args, {p.name: p.read_bytes() for p in sorted(out.iterdir())}
@@ -189,9 +190,9 @@ def test_slurm_tokenize_parts_on_both_hosts_then_a_merge_equal_one_process(two_h
 
 def test_sge_tokenize_parts_on_both_hosts_then_a_merge_equal_one_process(two_hosts, one_process_shards, tmp_path):
     """Each part a whole host (both of its GPUs, SGE's consumable `gpu`: the PE `mpi` puts one slot on a host): parts
-    1 and 2 on the two hosts, part 3 after either."""
+    1 and 2 on the two hosts, part 3 after either; each reads its run of the corpus's files streamed."""
     args, expected = one_process_shards
-    args = ["--parts", "3", *args, "--out-dir", str(tmp_path / "mds")]
+    args = ["--parts", "3", "--stream", *args, "--out-dir", str(tmp_path / "mds")]
     for task in (1, 2, 3):
         job_log(tmp_path / f"part.{task}.out")
     array = two_hosts.qsub("-t", "1-3", "-pe", "mpi", "1", "-l", "gpu=2", "-o", f"{tmp_path}/part.$TASK_ID.out",

@@ -1,6 +1,7 @@
 """The job scripts on real one-node Slurm and SGE clusters (tests/clusters.py): a training job, resubmission,
 preemption and requeue ending bitwise equal to an uninterrupted run, a 2 x 2 grid run as a 4-task suite array, and a
-corpus tokenized as a 3-task array and a merge, equal to one process's shards."""
+corpus no one here wrote tokenized as a 3-task array (loaded on Slurm, streamed on SGE) and a merge, equal to one
+process's shards."""
 
 from __future__ import annotations
 
@@ -30,17 +31,18 @@ def reference(tmp_path_factory: pytest.TempPathFactory, shards: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def one_process_shards(tmp_path_factory: pytest.TempPathFactory, corpus: Path, tokenizer_dir: Path
+def one_process_shards(tmp_path_factory: pytest.TempPathFactory, foreign_corpus: str, tokenizer_dir: Path
                        ) -> dict[str, bytes]:
-    """The files `slm tokenize` writes in one process, which the tokenize jobs' merges must equal byte for byte."""
+    """The files `slm tokenize` writes in one process from a corpus no one here wrote (conftest.py), which the
+    tokenize jobs' merges must equal byte for byte."""
     out = tmp_path_factory.mktemp("one-process") / "mds"
-    run_slm(*tokenize_args(corpus, tokenizer_dir, out))
+    run_slm(*tokenize_args(foreign_corpus, tokenizer_dir, out))
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
 
-def tokenize_args(corpus: Path, tokenizer_dir: Path, out: Path, *extra: str) -> list[str]:
-    return ["tokenize", "-i", str(corpus), "-f", "story", "-t", str(tokenizer_dir), "-l", "64", "--out-dir",
-            str(out), *extra]
+def tokenize_args(corpus: str, tokenizer_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["tokenize", "-i", corpus, "-f", "text", "-t", str(tokenizer_dir), "-l", "64", "--out-dir", str(out),
+            *extra]
 
 
 def assert_merged(out: Path, expected: dict[str, bytes], logs: str) -> None:
@@ -88,6 +90,8 @@ def assert_grid_trained(ckpt: Path, stem: str, logs: list[str], reference: Path)
                                                                          "[slm tokenize arguments"),
     ("jobs/tokenize.sh", ["--parts", "3", "--out-dir", "mds", "--part", "1"], "the job gives --part and --merge "
                                                                                "itself"),
+    ("jobs/tokenize.sbatch", ["--parts", "3", "-i", "corpus.jsonl", "-t", "./no-tokenizer", "--out-dir", "mds"],
+     "slm tokenize: error: tokenizer not found: ./no-tokenizer"),  # checked before anything is submitted
 ])
 def test_job_scripts_refuse_bad_arguments_in_one_line(script, args, message):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SGE_"))} | {"JOB_ID": "1"}
@@ -156,10 +160,10 @@ def test_slurm_suite_runs_a_2x2_grid_two_runs_per_device_as_a_2_task_array(slurm
     assert_grid_trained(tmp_path / "ckpt", "grid", logs, reference)
 
 
-def test_slurm_tokenize_in_three_parts_then_a_merge_equals_one_process(slurm, one_process_shards, corpus,
+def test_slurm_tokenize_in_three_parts_then_a_merge_equals_one_process(slurm, one_process_shards, foreign_corpus,
                                                                        tokenizer_dir, tmp_path):
     out = tmp_path / "mds"
-    args = tokenize_args(corpus, tokenizer_dir, out, "--parts", "3")[1:]
+    args = tokenize_args(foreign_corpus, tokenizer_dir, out, "--parts", "3")[1:]  # loaded: ranges of documents
     submitted = subprocess.run(["bash", "jobs/tokenize.sbatch", *args], cwd=REPO, env=slurm.env,
                                capture_output=True, text=True, timeout=120)
     assert submitted.returncode == 0, submitted.stderr
@@ -236,10 +240,10 @@ def test_sge_suite_runs_a_2x2_grid_as_a_4_task_array(sge, reference, tmp_path, s
     assert_grid_trained(tmp_path / "ckpt", "sge-grid", logs, reference)
 
 
-def test_sge_tokenize_in_three_parts_then_a_merge_equals_one_process(sge, one_process_shards, corpus,
+def test_sge_tokenize_in_three_parts_then_a_merge_equals_one_process(sge, one_process_shards, foreign_corpus,
                                                                      tokenizer_dir, tmp_path):
     out = tmp_path / "mds"
-    args = tokenize_args(corpus, tokenizer_dir, out, "--parts", "3")[1:]
+    args = tokenize_args(foreign_corpus, tokenizer_dir, out, "--stream", "--parts", "3")[1:]  # runs of its files
     submitted = subprocess.run(["bash", "jobs/tokenize.sh", *args], cwd=REPO, env=sge.env, capture_output=True,
                                text=True, timeout=120)
     assert submitted.returncode == 0, submitted.stderr

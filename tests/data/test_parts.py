@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from helpers import edited_tokenizer, run_slm, swap_a_b
+from helpers import (
+    assert_bitwise_equal,
+    edited_tokenizer,
+    final_state,
+    resumed_at,
+    run_slm,
+    swap_a_b,
+    train,
+    write_yaml,
+)
 
 pytestmark = pytest.mark.train  # several tokenize runs each
 
@@ -169,6 +178,23 @@ def test_bad_parts_arguments(argv, message, uneven_corpus, tokenizer_dir, tmp_pa
     assert proc.stderr.strip().splitlines() == [f"slm tokenize: error: {message}"]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_check_reads_the_first_document_and_writes_nothing(stream, corpus_files, tokenizer_dir, tmp_path):
+    """`--check` (what the job scripts run before they submit): good arguments pass, a bad one fails in one line."""
+    streamed = ["--stream"] if stream else []
+    proc = tokenize(corpus_files, tokenizer_dir, tmp_path / "mds", *streamed, "--parts", "4", "--check")
+    assert "checked: the tokenizer (512 tokens)" in proc.stdout
+    for argv, message in ((["-f", "text"], "feature 'text' is not a column of"),
+                          (["-s", "validation[:5]"], "validation"),
+                          (["--parts", "5"], "has 4 files: a streamed input's parts are runs of its files")):
+        if argv[0] == "--parts" and not stream:
+            continue  # a loaded input's parts are ranges of documents: any number
+        proc = tokenize(corpus_files, tokenizer_dir, tmp_path / "mds", *streamed, "--parts", "4", *argv, "--check",
+                        check=False)
+        assert proc.returncode == 1 and message in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.fixture(scope="module")
 def corpus_files(tmp_path_factory, uneven_corpus) -> str:
     """The uneven corpus as 4 files of uneven sizes, one of them gzip-compressed: a glob, read in sorted order."""
@@ -225,6 +251,25 @@ def test_bad_streamed_arguments(argv, message, corpus_files, tokenizer_dir, tmp_
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith(f"slm tokenize: error: {message.format(glob=corpus_files)}")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_corpus_no_one_here_wrote_in_streamed_parts_trains_and_resumes_bitwise(foreign_corpus, tokenizer_dir,
+                                                                                 shards, tmp_path):
+    """Python's reference documentation in 3 streamed parts: the folder one process writes, byte for byte; a run on
+    it whose checkpoints after batch 8 are lost resumes there and ends bitwise equal to one never stopped."""
+    tokenize(foreign_corpus, tokenizer_dir, tmp_path / "one", "-f", "text")
+    tokenize(foreign_corpus, tokenizer_dir, tmp_path / "mds", "-f", "text", "--stream", "--parts", "3")
+    assert_same_folder(tmp_path / "mds", files(tmp_path / "one"))
+    config = write_yaml(tmp_path / "foreign.yaml", shards)
+    on_it = f"data.train.local={tmp_path / 'mds'}"
+    train(config, "run_name=straight", on_it)
+    straight = tmp_path / "ckpt" / "straight"
+    stopped = tmp_path / "ckpt" / "stopped"
+    shutil.copytree(straight, stopped, symlinks=True)
+    for path in [*stopped.glob("ep0-ba12-*"), *stopped.glob("ep0-ba16-*"), stopped / "latest-rank0.pt"]:
+        path.unlink()
+    assert resumed_at(train(config, "run_name=stopped", on_it)) == 8
+    assert_bitwise_equal(final_state(straight), final_state(stopped))
 
 
 def test_a_part_written_twice_keeps_the_first_writers_folder(tmp_path):
