@@ -102,7 +102,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
-    from slm.data.documents import open_input
+    from slm.data.documents import open_input, reads_streamed
     from slm.data.shards import write_shards
     from slm.data.tokenizer import load_tokenizer, tokenizer_identity
     from slm.hub.client import HF_URI, Hub, parse_hf_uri
@@ -129,14 +129,14 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     refuse_to_clobber(out_dir, args.overwrite)
     tok = load_tokenizer(args.tokenizer, args.bos_token, args.eos_token)
     identity = tokenizer_identity(tok, args.tokenizer)
-    if in_parts and args.max_docs is not None and (args.stream or "://" in args.in_dataset):
+    if in_parts and args.max_docs is not None and reads_streamed(args.in_dataset, args.stream):
         raise SlmError("--max-docs and --parts do not go together on a streamed input (its parts are runs of its "
                        "files): tokenize the sample in one part")
     if args.check:
         from slm.data.documents import check_input
 
         checked = check_input(args.in_dataset, args.feature, args.split, args.txt_by, args.stream)
-        if in_parts and (args.stream or "://" in args.in_dataset):
+        if in_parts and reads_streamed(args.in_dataset, args.stream):
             parts.new_job({}, checked, identity, args.seq_len, args.parts, out_dir)  # at most a part a file
         print(f"slm tokenize: checked: the tokenizer ({identity['vocab_size']:,} tokens), the input's first "
               f"document and where the output goes")

@@ -76,6 +76,16 @@ def _select_split(ds: datasets.Dataset | datasets.DatasetDict, split: str, sourc
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
+def is_url(source: str) -> bool:
+    """Return whether `-i` names a URL (hf://, s3://, https://, file://...), which is always read streamed."""
+    return "://" in source
+
+
+def reads_streamed(source: str, stream: bool) -> bool:
+    """Return whether `source` is read streamed: asked (`--stream`), or a URL."""
+    return stream or is_url(source)
+
+
 def _file_builder(files: list[Path], txt_by: str | None) -> tuple[str, dict, str]:
     """Return the `datasets` builder of files of one type, its arguments, and what a document of a text file is: as
     asked, else a blank-line block in BabyLM's files, else a line."""
@@ -192,7 +202,7 @@ def _stream(source: str, feature: str, split: str, txt_by: str | None) -> Input:
     if "[" in split or "+" in split:
         raise SlmError(f"a streamed input takes a split's name, not '{split}': give --max-docs N for its first N "
                        "documents")
-    url = "://" in source
+    url = is_url(source)
     path, files = (Path(), []) if url else _input_files(source)
     _refuse_empty(source, files)
     with _reading(source, split, files):
@@ -237,7 +247,7 @@ class Input:
 
     def batches(self, batch_size: int = 1000) -> Iterator[list[str]]:
         """Yield the documents in order, `batch_size` at a time."""
-        with _reading(self.source, self.split, [] if "://" in self.source else _input_files(self.source)[1]):
+        with _reading(self.source, self.split, [] if is_url(self.source) else _input_files(self.source)[1]):
             yield from iter_batches(self.data, self.feature, batch_size)
 
     def head(self, count: int) -> Input:
@@ -269,7 +279,7 @@ def check_input(source: str, feature: str, split: str = "train", txt_by: str | N
     return the input opened so."""
     path = Path(source).expanduser()
     saved = path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists())
-    if not (stream or "://" in source):  # a slice of a loaded input is checked when the jobs read it
+    if not reads_streamed(source, stream):  # a slice of a loaded input is checked when the jobs read it
         split = re.split(r"[\[+]", split)[0]
     documents = open_input(source, feature, split, txt_by, stream=not saved, max_docs=1)
     next(documents.batches(1), None)
@@ -283,7 +293,7 @@ def open_input(source: str, feature: str, split: str = "train", txt_by: str | No
         raise SlmError(f"--max-docs must be at least 1, got {max_docs}")
     if txt_by is not None and txt_by not in TXT_DOCUMENTS:
         raise SlmError(f"--txt-by takes {', '.join(TXT_DOCUMENTS)}, not '{txt_by}'")
-    if stream or "://" in source:
+    if reads_streamed(source, stream):
         opened = _stream(source, feature, split, txt_by)
     else:
         ds = load_documents(source, feature, split, txt_by)
