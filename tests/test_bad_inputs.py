@@ -159,6 +159,10 @@ CASES = {
     "streamed: a glob matching a link out": ([*TOK, "-i", "{ws}/linked/*.jsonl", "--stream", "--out-dir", "{ws}/o"],
                                              "{ws}/linked/*.jsonl matches {ws}/linked/b.jsonl, which leads to "
                                              "{ws}/tiny.jsonl, outside {ws}/linked"),
+    "a compressed file that is not there": ([*TOK, "-i", "{ws}/no-such.jsonl.zst", "--out-dir", "{ws}/o"],
+                                            "input not found: {ws}/no-such.jsonl.zst"),
+    "streamed: a compressed file that is not there": ([*TOK, "-i", "no-such.jsonl.zst", "--stream", "--out-dir",
+                                                       "{ws}/o"], "input not found: no-such.jsonl.zst"),
     "no documents asked for": ([*TOK, "-i", "{ws}/stories.jsonl", "--max-docs", "0", "--out-dir", "{ws}/o"],
                                "--max-docs must be at least 1, got 0"),
     "unknown kind of text document": ([*TOK, "-i", "{ws}/latin1.txt", "--txt-by", "word", "--out-dir", "{ws}/o"],

@@ -86,6 +86,12 @@ def reads_streamed(source: str, stream: bool) -> bool:
     return stream or is_url(source)
 
 
+def _names_a_file(source: str) -> bool:
+    """Return whether `source` can only be a local path (a file's name is no Hub dataset id): one that is not there
+    is 'not found', not a download."""
+    return is_local_path(source) or bool(set(Path(source).suffixes) & set(BUILDERS))
+
+
 def _file_builder(files: list[Path], txt_by: str | None) -> tuple[str, dict, str]:
     """Return the `datasets` builder of files of one type, its arguments, and what a document of a text file is: as
     asked, else a blank-line block in BabyLM's files, else a line."""
@@ -167,7 +173,7 @@ def load_documents(source: str, feature: str, split: str = "train", txt_by: str 
             ds = _select_split(datasets.load_from_disk(str(path)), split, source)
         elif path.is_dir():
             ds = datasets.load_dataset(str(path), split=split, **_folder_kwargs(txt_by))
-        elif is_local_path(source) or source.endswith(tuple(BUILDERS)):  # a file name is no Hub dataset id
+        elif _names_a_file(source):
             raise SlmError(f"input not found: {source} (give a file, a folder, or a Hub dataset id)")
         else:
             ds = datasets.load_dataset(source, split=split)
@@ -212,7 +218,7 @@ def _stream(source: str, feature: str, split: str, txt_by: str | None) -> Input:
                                                     **kwargs)
         elif path.is_dir():
             builder = datasets.load_dataset_builder(str(path), **_folder_kwargs(txt_by))
-        elif is_local_path(source):
+        elif _names_a_file(source):
             raise SlmError(f"input not found: {source} (give a file, a folder, a URL, or a Hub dataset id)")
         else:
             builder = datasets.load_dataset_builder(source)

@@ -101,6 +101,11 @@ def write_format(kind: str, docs: list[str], root: Path) -> tuple[Path, list[str
     elif kind == "jsonl":
         path = root / "docs.jsonl"
         frame.to_json(path, orient="records", lines=True)
+    elif kind == "jsonl.zst":
+        import zstandard
+
+        path = root / "docs.jsonl.zst"
+        path.write_bytes(zstandard.ZstdCompressor().compress(frame.to_json(orient="records", lines=True).encode()))
     elif kind == "jsonl-folder":
         path = root / "folder"
         path.mkdir()
@@ -121,8 +126,8 @@ def write_format(kind: str, docs: list[str], root: Path) -> tuple[Path, list[str
     return path, ["-f", "story"], docs
 
 
-FILE_FORMATS = ["txt-lines", "txt-per-file", "babylm", "babylm-lines", "json", "jsonl", "jsonl-folder", "parquet",
-                "csv"]
+FILE_FORMATS = ["txt-lines", "txt-per-file", "babylm", "babylm-lines", "json", "jsonl", "jsonl.zst", "jsonl-folder",
+                "parquet", "csv"]
 FORMATS = [*FILE_FORMATS, "save_to_disk", "save_to_disk-dataset"]
 
 
