@@ -238,7 +238,9 @@ def cmd_logprobs(args: argparse.Namespace) -> None:
 
 
 def cmd_dynamics(args: argparse.Namespace) -> None:
-    from slm.analysis.dynamics import plot_dynamics, write_dynamics
+    import numpy as np
+
+    from slm.analysis.dynamics import plot_dynamics
     from slm.analysis.suite import open_suite
 
     out, data = Path(args.out), Path(args.data)
@@ -248,20 +250,22 @@ def cmd_dynamics(args: argparse.Namespace) -> None:
     if len(runs) != 1:
         raise SlmError(f"{args.model} names {len(runs)} runs: give one run folder or Hub repo")
     run = runs[0]
-    dynamics = run.dynamics(data, args.margin, args.max_samples, args.logprobs, args.batch_size)
-    written = write_dynamics(dynamics, out, args.model, data)
-    acquired = [c["tokens"] or c["batch"] for c in dynamics.checkpoints]
-    ages = [acquired[i] for i in dynamics.acquired.ravel()]
-    unit = "tokens seen" if dynamics.checkpoints[0]["tokens"] else "batches"
-    print(f"{run.name}: {dynamics.token_ids.size:,} tokens of {data} over {len(acquired)} checkpoints: median age of "
-          f"acquisition {sorted(ages)[len(ages) // 2]:,} {unit}, {(dynamics.forgettings > 0).mean():.1%} of the "
-          f"tokens forgotten at least once (margin {dynamics.margin} nats); wrote {written[0]} and {written[1]}")
+    totals = run.write_dynamics(data, out, args.margin, args.max_samples, args.logprobs, args.batch_size,
+                                args.chunk_samples)
+    ages = [c["tokens"] or c["batch"] for c in totals.checkpoints]
+    acquisitions = totals.acquisitions()
+    order = np.argsort(ages, kind="stable")
+    median = ages[order[np.searchsorted(np.cumsum(acquisitions[order]), totals.positions // 2, side="right")]]
+    unit = "tokens seen" if totals.checkpoints[0]["tokens"] else "batches"
+    print(f"{run.name}: {totals.positions:,} tokens of {data} over {len(ages)} checkpoints: median age of "
+          f"acquisition {median:,} {unit}, {totals.forgotten / totals.positions:.1%} of the tokens forgotten at least "
+          f"once (margin {totals.margin} nats); wrote {out} and {out.with_name(f'{out.stem}-tokens.parquet')}")
     if args.plot:
         tokenizer = run.checkpoints[-1].tokenizer()
         token_ids = [int(t) for t in args.plot_tokens.split(",")] if args.plot_tokens else None
-        chosen = token_ids or dynamics.token_ids.ravel().tolist()
+        chosen = token_ids or np.flatnonzero(totals.counts).tolist()
         labels = {t: repr(tokenizer.decode([t])) for t in set(chosen)}
-        print(f"plotted {plot_dynamics(dynamics, Path(args.plot), token_ids, labels)}")
+        print(f"plotted {plot_dynamics(totals, Path(args.plot), token_ids, labels)}")
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -537,6 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=0.1, help="nats (default: %(default)s)")
     p.add_argument("--max-samples", type=int, help="only the first this many samples (default: the whole split)")
     p.add_argument("--logprobs", help="folder of `slm logprobs --out-dir` tables (LABEL.parquet) to reuse")
+    p.add_argument("--chunk-samples", type=int, metavar="N", help="samples a chunk (default: as many as fit in 2 GiB "
+                   "with every checkpoint's losses): memory is bounded by a chunk, whatever the split's size")
     p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
     p.add_argument("--plot", help="also draw the loss of chosen tokens over tokens seen and the distribution of the "
                                   "ages of acquisition to this PNG")

@@ -65,15 +65,21 @@ def write_table(model: torch.nn.Module, data: StreamingDataset, samples: int, ba
 
 def table_of(loaded: Loaded, data: Path, batch_size: int = 16, max_samples: int | None = None) -> pa.Table:
     """Compute the table `slm logprobs` writes for one loaded checkpoint on the shards at `data`, in memory."""
+    with tempfile.TemporaryDirectory(prefix="slm-logprobs-") as tmp:
+        return pq.read_table(write_table_of(loaded, data, Path(tmp) / HUB_FILE, batch_size, max_samples))
+
+
+def write_table_of(loaded: Loaded, data: Path, out: Path, batch_size: int = 16, max_samples: int | None = None
+                   ) -> Path:
+    """Write the table `slm logprobs` writes for one loaded checkpoint on the shards at `data` to `out`; return it."""
     meta = read_metadata(data)
     check_shards(data)
     _check_data(loaded.model, loaded.tokenizer, data, meta)
-    with workarounds.streaming_datasets(), tempfile.TemporaryDirectory(prefix="slm-logprobs-") as tmp:
+    with workarounds.streaming_datasets():
         dataset = StreamingDataset(local=str(data), shuffle=False)  # read by index, in order
         samples = min(dataset.num_samples, max_samples or dataset.num_samples)
-        out = Path(tmp) / HUB_FILE
         write_table(loaded.model, dataset, samples, batch_size, out, f"ba{loaded.batch}")
-        return pq.read_table(out)
+    return out
 
 
 def _check_data(model: torch.nn.Module, tokenizer_name: str, data: Path, meta: dict) -> None:

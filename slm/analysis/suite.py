@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerFast
 
-    from slm.analysis.dynamics import Dynamics
+    from slm.analysis.dynamics import Dynamics, Totals
 
 CACHE_BUDGET = 4 * 2**30  # bytes of Hub export branches kept in the cache folder
 COMPLETE = ".complete"  # in a cached branch folder: written last, touched on each use
@@ -249,6 +249,16 @@ class Run:
 
         return dynamics_of(self, Path(data), MARGIN if margin is None else margin, max_samples,
                            Path(logprobs) if logprobs else None, batch_size)
+
+    def write_dynamics(self, data: str | Path, out: str | Path, margin: float | None = None,
+                       max_samples: int | None = None, logprobs: str | Path | None = None, batch_size: int = 16,
+                       chunk_samples: int | None = None) -> Totals:
+        """Write the tables of `dynamics` (the per-position one at `out`, a .parquet file, the per-token one beside
+        it) in chunks of samples, in bounded memory, for a split of any size; return the per-token totals."""
+        from slm.analysis.dynamics import MARGIN, write_dynamics
+
+        return write_dynamics(self, Path(data), Path(out), self.name, MARGIN if margin is None else margin,
+                              max_samples, Path(logprobs) if logprobs else None, batch_size, chunk_samples)
 
     def metrics(self) -> pandas.DataFrame:
         """Return the run's metrics.jsonl: a row per logged batch, a column per metric."""

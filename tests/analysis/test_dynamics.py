@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import slm
+from slm.core.errors import SlmError
 from slm.data.shards import read_documents
 from slm.data.tokenizer import load_tokenizer
 
@@ -108,3 +109,46 @@ def test_log_probs_of_another_split_are_refused(planted, tmp_path):
         "split?): give the split they were made from, or another --logprobs folder"), proc.stderr
     assert not out.exists()
 
+
+
+def test_chunks_of_any_size_give_the_tables_of_one_pass(planted, tmp_path):
+    """`--chunk-samples` 1 and 5 (16 samples: an uneven last chunk) write the tables of one chunk, to the bit, and
+    those are the figures of one pass over the whole split as it was computed before chunks (bincount, np.median)."""
+    folder, data, _ = planted
+    tables = {}
+    for chunk in (None, 1, 5):
+        out = tmp_path / f"chunk-{chunk}" / "dynamics.parquet"
+        run_slm("dynamics", str(folder), "--data", str(data), "--out", str(out), "--max-samples", "16",
+                *(["--chunk-samples", str(chunk)] if chunk else []))
+        tables[chunk] = pq.read_table(out), pq.read_table(out.with_name("dynamics-tokens.parquet"))
+        assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]  # no scratch left
+    for chunk in (1, 5):
+        assert tables[chunk][0].equals(tables[None][0]) and tables[chunk][1].equals(tables[None][1]), chunk
+
+    dynamics = slm.open(folder)["planted"].dynamics(data, max_samples=16)
+    assert dynamics.per_position().equals(tables[None][0])
+    present, inverse, counts = np.unique(dynamics.token_ids.ravel(), return_inverse=True, return_counts=True)
+    means = np.stack([np.bincount(inverse, weights=step.ravel()) / counts for step in dynamics.losses], axis=1)
+    tokens = np.array([c["tokens"] for c in dynamics.checkpoints], dtype=float)
+    order = np.argsort(inverse, kind="stable")
+    groups = np.split(tokens[dynamics.acquired.ravel()][order], np.cumsum(counts)[:-1])
+    per_token = tables[None][1].to_pandas()
+    assert np.array_equal(per_token["token_id"], present) and np.array_equal(per_token["count"], counts)
+    assert np.array_equal(np.stack(per_token["mean_losses"]), means.astype(np.float32))
+    assert per_token["median_acquired_tokens"].tolist() == [float(np.median(g)) for g in groups]
+    forgettings = np.bincount(inverse, weights=dynamics.forgettings.ravel()) / counts
+    assert np.array_equal(per_token["mean_forgettings"], forgettings.astype(np.float32))
+
+
+def test_a_split_too_big_for_memory_is_refused_by_the_api_and_written_in_chunks(planted, tmp_path, monkeypatch):
+    """Past the memory bound, `Run.dynamics` says what to do; `Run.write_dynamics` writes it in chunks."""
+    import slm.analysis.dynamics as module
+
+    folder, data, _ = planted
+    monkeypatch.setattr(module, "MEMORY_BOUND", 6 * 63 * module.BYTES_PER_LOSS * 3)  # 3 samples of 63 losses, 6 ckpts
+    run = slm.open(folder)["planted"]
+    with pytest.raises(SlmError, match=r"8 samples x 64 tokens x 6 checkpoints take more than .*: write the tables "
+                                       r"in chunks instead"):
+        run.dynamics(data, max_samples=8)
+    totals = run.write_dynamics(data, tmp_path / "d.parquet", max_samples=8)
+    assert totals.positions == 8 * 63 == pq.read_table(tmp_path / "d.parquet").num_rows
