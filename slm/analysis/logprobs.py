@@ -4,13 +4,21 @@ The artefact for studying how predictions change over training: one Parquet tabl
 one row per sample of the split, in the split's order, holding the sample's token ids and, at each
 position i, log p(token i | tokens < i) (position 0, the `<bos>`, has no prediction: NaN). Each
 checkpoint is written as a whole or not at all, so a re-run skips what is done and redoes the rest.
+
+Started by a launcher (`composer -n N`, `torchrun`: RANK and WORLD_SIZE set) or as array tasks (RANK and
+WORLD_SIZE set by the job), each process takes every WORLD_SIZE-th of the checkpoints, from its RANK on, and reads
+the whole split itself, on its own device (LOCAL_RANK's GPU where there are GPUs): N processes write the tables
+one would.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +99,32 @@ def _check_data(model: torch.nn.Module, tokenizer_name: str, data: Path, meta: d
     check_compatible([(data, meta)], model.config.vocab_size, getattr(model.config, "max_position_embeddings", None))
 
 
+def _process() -> tuple[int, int]:
+    """Return this process's rank and the number of processes, as a launcher or a job sets RANK and WORLD_SIZE."""
+    try:
+        rank, processes = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise SlmError("RANK and WORLD_SIZE must be whole numbers (they divide the checkpoints among processes), "
+                       f"got {os.environ.get('RANK')!r} and {os.environ.get('WORLD_SIZE')!r}") from None
+    if not 0 <= rank < processes:
+        raise SlmError(f"RANK {rank} is not one of the WORLD_SIZE {processes} processes: set 0 <= RANK < WORLD_SIZE")
+    return rank, processes
+
+
+LAUNCHER_WORLD = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK")
+
+
+@contextmanager
+def _alone() -> Iterator[None]:
+    """Open the split as a process of its own: each process reads every sample by index, where Streaming, seeing a
+    launcher's RANK and WORLD_SIZE, would take it for one rank of a job sharing the split and wait on the others."""
+    launcher = {name: os.environ.pop(name) for name in LAUNCHER_WORLD if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(launcher)
+
+
 def _on_hub(hub: Hub, repo: str, labels: list[str]) -> set[str]:
     """Return the labels whose branch of the dataset repo already holds the table."""
     try:
@@ -118,11 +152,16 @@ def write_logprobs(model: str, data: Path, out_dir: Path | None = None, out_repo
             raise SlmError(f"cannot write to {out_dir}: {e.strerror or e}") from e
     hub = Hub()
     pushed = _on_hub(hub, out_repo, list(chosen)) if out_repo else set()
-    with workarounds.streaming_datasets():
+    rank, processes = _process()
+    mine = list(chosen)[rank::processes]
+    if processes > 1:
+        print(f"process {rank} of {processes}: {len(mine)} of the {len(chosen)} checkpoints", flush=True)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+                          if torch.cuda.is_available() else "cpu")
+    with _alone(), workarounds.streaming_datasets():
         dataset = StreamingDataset(local=str(data), shuffle=False)  # read by index, in order
         samples = min(dataset.num_samples, max_samples or dataset.num_samples)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        for label, load in chosen.items():
+        for label, load in ((label, chosen[label]) for label in mine):
             local = out_dir / f"{label}.parquet" if out_dir else None
             todo_local = local is not None and not local.exists()
             todo_hub = bool(out_repo) and label not in pushed

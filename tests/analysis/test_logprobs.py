@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from slm.data.documents import load_documents
 from slm.data.tokenizer import load_tokenizer
 from slm.training.export import model_from_checkpoint, read_checkpoint
 
-from helpers import run_slm, train, write_yaml
+from helpers import SLM, run_slm, shown_on_failure, train, write_yaml
 
 LABELS = ["ba1", "ba2", "ba4"]
 
@@ -106,6 +108,27 @@ def test_a_rerun_skips_what_is_done(run, tables, shards, capsys):
 
 
 @pytest.mark.train
+def test_two_processes_divide_the_checkpoints_and_write_the_tables_of_one(run, tables, shards, tmp_path):
+    """`composer -n 2 slm logprobs ...`: each process takes every other checkpoint; the tables are the one process's,
+    byte for byte; a table removed is the only one a second launch writes."""
+    out, _ = tables
+    cmd = [str(Path(sys.executable).parent / "composer"), "-n", "2", SLM, "logprobs", str(run), "-d",
+           str(shards / "eval"), "--out-dir", str(tmp_path / "two"), "--batch-size", "5"]
+    for attempt in range(2):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        shown_on_failure(cmd, proc.stderr)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if attempt == 0:
+            assert "process 0 of 2: 2 of the 3 checkpoints" in proc.stdout, proc.stdout
+            assert {p.name: p.read_bytes() for p in (tmp_path / "two").iterdir()} == \
+                {p.name: p.read_bytes() for p in out.iterdir()}
+            kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "two").iterdir() if p.name != "ba2.parquet"}
+            (tmp_path / "two" / "ba2.parquet").unlink()  # ba2 is process 1's
+    assert (tmp_path / "two" / "ba2.parquet").read_bytes() == (out / "ba2.parquet").read_bytes()
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+
+
+@pytest.mark.train
 def test_checkpoints_selects_labels_and_names_the_ones_there_are(run, tables, shards, tmp_path, capsys):
     data = str(shards / "eval")
     run_slm("logprobs", str(run), "-d", data, "--out-dir", str(tmp_path / "one"), "--checkpoints", "ba2")
@@ -147,12 +170,20 @@ def test_hub_dataset_branches_and_a_hub_model(fake_hub, run, tables, exported, s
     assert_same_figures(tmp_path / "hub" / "ba4.parquet", out / "ba4.parquet")
 
 
-def test_bad_inputs_are_one_line(shards, tmp_path, capsys):
+def test_bad_inputs_are_one_line(run, shards, tmp_path, capsys, monkeypatch):
     data = str(shards / "eval")
+    for rank, world in (("2", "2"), ("x", "2")):
+        with monkeypatch.context() as env:
+            env.setenv("RANK", rank)
+            env.setenv("WORLD_SIZE", world)
+            assert main(["logprobs", str(run), "-d", data, "--out-dir", str(tmp_path / "out")]) == 1
     assert main(["logprobs", str(tmp_path / "nothing"), "-d", data, "--out-dir", str(tmp_path)]) == 1
     assert main(["logprobs", str(tmp_path), "-d", data]) == 1
     assert main(["logprobs", str(tmp_path), "-d", data, "--out-dir", str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err.splitlines() == [
+        "slm logprobs: error (rank 2): RANK 2 is not one of the WORLD_SIZE 2 processes: set 0 <= RANK < WORLD_SIZE",
+        "slm logprobs: error (rank x): RANK and WORLD_SIZE must be whole numbers (they divide the checkpoints among "
+        "processes), got 'x' and '2'",
         f"slm logprobs: error: model not found: {tmp_path / 'nothing'}",
         "slm logprobs: error: give --out-dir, --out-repo, or both",
         f"slm logprobs: error: {tmp_path} holds no complete checkpoint (ep*-ba*-rank0.pt) and is not a folder "
