@@ -182,17 +182,18 @@ def _table_files(run: Run, data: Path, logprobs: Path | None, max_samples: int |
                  scratch: Path) -> list[Path]:
     """Return each checkpoint's log-probs table file: `slm logprobs`' own in `logprobs` where it holds enough
     samples, else computed once into `scratch`."""
-    from slm.analysis.logprobs import write_table_of
+    from slm.analysis.logprobs import split_samples, write_checkpoint_table
 
     files = []
-    for checkpoint in run.checkpoints:
-        given = logprobs / f"{checkpoint.label}.parquet" if logprobs is not None else None
-        if given is not None and given.is_file() and \
-                (max_samples is None or pq.ParquetFile(given).metadata.num_rows >= max_samples):
-            files.append(given)
-        else:
-            files.append(write_table_of(checkpoint.loaded(), data, scratch / f"{checkpoint.label}.parquet",
-                                        batch_size, max_samples))
+    with split_samples(data, max_samples) as split:  # read once for every checkpoint, where they fit
+        for checkpoint in run.checkpoints:
+            given = logprobs / f"{checkpoint.label}.parquet" if logprobs is not None else None
+            if given is not None and given.is_file() and \
+                    (max_samples is None or pq.ParquetFile(given).metadata.num_rows >= max_samples):
+                files.append(given)
+            else:
+                files.append(scratch / f"{checkpoint.label}.parquet")
+                write_checkpoint_table(checkpoint.loaded(), split, files[-1], batch_size)
     return files
 
 

@@ -49,15 +49,43 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Ten
     return torch.cat([torch.full_like(picked[:, :1], float("nan")), picked], dim=1)
 
 
-def write_table(model: torch.nn.Module, data: StreamingDataset, samples: int, batch_size: int, out: Path,
-                label: str) -> float:
-    """Write the table of the first `samples` samples to `out` (complete or not at all); the mean log p."""
+READ_ONCE = 2**30  # bytes: a split's samples up to this size are read once, for every checkpoint's table
+
+
+class SplitSamples:
+    """The first `count` samples of the split at `data`, in order, as token-id batches: read from the shards once
+    into memory where they take at most READ_ONCE bytes (every checkpoint's table then reads them from there), else
+    read from the shards batch by batch."""
+
+    def __init__(self, data: Path, meta: dict, dataset: StreamingDataset, count: int):
+        self.data, self.meta, self.dataset, self.count = data, meta, dataset, count
+        self.memory = self.batch(0, count) if count * meta["seq_len"] * 8 <= READ_ONCE else None
+
+    def batch(self, start: int, end: int) -> torch.Tensor:
+        if getattr(self, "memory", None) is not None:
+            return self.memory[start:end]
+        return collate([self.dataset[i] for i in range(start, end)])["input_ids"]
+
+
+@contextmanager
+def split_samples(data: Path, max_samples: int | None = None) -> Iterator[SplitSamples]:
+    """Open the first `max_samples` samples (all, if None) of the shards at `data`, checked, for the tables of one
+    checkpoint or several."""
+    meta = read_metadata(data)
+    check_shards(data)
+    with _alone(), workarounds.streaming_datasets():
+        dataset = StreamingDataset(local=str(data), shuffle=False)  # read by index, in order
+        yield SplitSamples(data, meta, dataset, min(dataset.num_samples, max_samples or dataset.num_samples))
+
+
+def write_table(model: torch.nn.Module, split: SplitSamples, batch_size: int, out: Path, label: str) -> float:
+    """Write the table of `split`'s samples under `model` to `out` (complete or not at all); the mean log p."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     with partial_file(out) as tmp, pq.ParquetWriter(tmp, SCHEMA) as writer, \
-            tqdm(total=samples, unit="sample", desc=label) as bar:
-        for start in range(0, samples, batch_size):
-            ids = collate([data[i] for i in range(start, min(start + batch_size, samples))])["input_ids"]
+            tqdm(total=split.count, unit="sample", desc=label) as bar:
+        for start in range(0, split.count, batch_size):
+            ids = split.batch(start, min(start + batch_size, split.count))
             logprobs = token_logprobs(model, ids.to(device)).cpu().numpy()
             total, count = total + float(logprobs[:, 1:].sum(dtype=np.float64)), count + logprobs[:, 1:].size
             n, length = ids.shape
@@ -71,23 +99,18 @@ def write_table(model: torch.nn.Module, data: StreamingDataset, samples: int, ba
     return total / max(count, 1)
 
 
+def write_checkpoint_table(loaded: Loaded, split: SplitSamples, out: Path, batch_size: int = 16) -> float:
+    """Write one loaded checkpoint's table of `split` to `out`, once the split is one its model can read; the mean
+    log p."""
+    _check_data(loaded.model, loaded.tokenizer, split.data, split.meta)
+    return write_table(loaded.model, split, batch_size, out, f"ba{loaded.batch}")
+
+
 def table_of(loaded: Loaded, data: Path, batch_size: int = 16, max_samples: int | None = None) -> pa.Table:
     """Compute the table `slm logprobs` writes for one loaded checkpoint on the shards at `data`, in memory."""
-    with tempfile.TemporaryDirectory(prefix="slm-logprobs-") as tmp:
-        return pq.read_table(write_table_of(loaded, data, Path(tmp) / HUB_FILE, batch_size, max_samples))
-
-
-def write_table_of(loaded: Loaded, data: Path, out: Path, batch_size: int = 16, max_samples: int | None = None
-                   ) -> Path:
-    """Write the table `slm logprobs` writes for one loaded checkpoint on the shards at `data` to `out`; return it."""
-    meta = read_metadata(data)
-    check_shards(data)
-    _check_data(loaded.model, loaded.tokenizer, data, meta)
-    with workarounds.streaming_datasets():
-        dataset = StreamingDataset(local=str(data), shuffle=False)  # read by index, in order
-        samples = min(dataset.num_samples, max_samples or dataset.num_samples)
-        write_table(loaded.model, dataset, samples, batch_size, out, f"ba{loaded.batch}")
-    return out
+    with tempfile.TemporaryDirectory(prefix="slm-logprobs-") as tmp, split_samples(data, max_samples) as split:
+        write_checkpoint_table(loaded, split, Path(tmp) / HUB_FILE, batch_size)
+        return pq.read_table(Path(tmp) / HUB_FILE)
 
 
 def _check_data(model: torch.nn.Module, tokenizer_name: str, data: Path, meta: dict) -> None:
@@ -158,9 +181,7 @@ def write_logprobs(model: str, data: Path, out_dir: Path | None = None, out_repo
         print(f"process {rank} of {processes}: {len(mine)} of the {len(chosen)} checkpoints", flush=True)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
                           if torch.cuda.is_available() else "cpu")
-    with _alone(), workarounds.streaming_datasets():
-        dataset = StreamingDataset(local=str(data), shuffle=False)  # read by index, in order
-        samples = min(dataset.num_samples, max_samples or dataset.num_samples)
+    with split_samples(data, max_samples) as split:  # read once for every checkpoint, where they fit
         for label, load in ((label, chosen[label]) for label in mine):
             local = out_dir / f"{label}.parquet" if out_dir else None
             todo_local = local is not None and not local.exists()
@@ -179,8 +200,8 @@ def write_logprobs(model: str, data: Path, out_dir: Path | None = None, out_repo
                     net, tokenizer_name = loaded.model, loaded.tokenizer
                     _check_data(net, tokenizer_name, data, meta)
                     table.parent.mkdir(parents=True, exist_ok=True)
-                    mean = write_table(net.to(device), dataset, samples, batch_size, table, label)
-                    summary = f"{label}: {samples:,} samples x {meta['seq_len']} tokens, mean log p {mean:.4f} nats"
+                    mean = write_table(net.to(device), split, batch_size, table, label)
+                    summary = f"{label}: {split.count:,} samples x {meta['seq_len']} tokens, mean log p {mean:.4f} nats"
                 if todo_hub:
                     push = Path(tmp) / "push"
                     if table.parent != push:
