@@ -3,11 +3,11 @@
 Both sides compute, for the same model and the same samples of an MDS split, log p(token i | tokens < i) at every
 position from a float32 log-softmax, batch by batch. The bare loop has the samples in memory and keeps the
 log-probs as arrays; slm's (`write_table`, what `slm logprobs` runs for each checkpoint) takes them from the split
-as `slm logprobs` reads it once for all checkpoints (`split_samples`) and writes the Parquet table. They take turns `--rounds` times and each side's median time counts.
-Goal (issue 46): slm / bare >= 0.9 in samples/s.
+as `slm logprobs` reads it once for all checkpoints (`split_samples`) and writes the Parquet table. They take
+turns `--rounds` times and each side's median time counts. Goal (issue 46): slm / bare >= 0.9 in samples/s.
 
-    python bench/logprobs.py [--models llama-1m mamba-1m] [--samples 256] [--seq-len 256] [--batch-size 16]
-                             [--rounds 5] [--json FILE]
+    python bench/logprobs.py [--models llama-100k llama-1m mamba-100k] [--samples 128] [--seq-len 256] [--batch-size 16]
+                             [--rounds 3] [--json FILE]
 """
 
 from __future__ import annotations
@@ -38,11 +38,11 @@ def bare(model: torch.nn.Module, samples: torch.Tensor, batch_size: int) -> list
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["llama-1m", "mamba-1m"])
-    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--models", nargs="+", default=["llama-100k", "llama-1m", "mamba-100k"])
+    parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     from slm.analysis.logprobs import split_samples, write_table

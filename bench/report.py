@@ -39,6 +39,7 @@ CHAOS_SAVE_INTERVAL = 25  # bench/chaos.py's default: no kill may lose more batc
 BENCHES = {
     "tokenizing": (["bench/tokenizing.py"], ["bench/tokenizing.py", "--num-docs", "5000"]),
     "parts": (["bench/parts.py"], ["bench/parts.py", "--num-docs", "5000"]),
+    "logprobs": (["bench/logprobs.py"], ["bench/logprobs.py", "--samples", "32", "--rounds", "1"]),
     "train": (["bench/train.py"], ["bench/train.py", "--quick"]),
     "loader": (["bench/loader.py"], ["bench/loader.py", "--docs", "3000"]),
     "resume": (["bench/resume.py"], ["bench/resume.py", "--far", "300", "--docs", "4000", "--repeats", "1"]),
@@ -115,6 +116,17 @@ def parts_rows(r: dict) -> tuple[list[str], list[str]]:
     detail += [f"| `--merge` alone (the writer: chunking, MDS encoding, zstd, sha1) | {merge['seconds']:.1f} | | "
                f"{merge['peak_bytes'] / 2**30:.2f} |", "",
                f"The writer's share of parts run one at a time plus the merge: {writer:.0%}."]
+    return summary, detail
+
+
+def logprobs_rows(r: dict) -> tuple[list[str], list[str]]:
+    summary = [f"| `slm logprobs`' inner loop against a bare loop over the same model and samples, {name} | "
+               f"{r['samples'] / m['slm_seconds']:,.0f} samples/s | bare: {r['samples'] / m['bare_seconds']:,.0f} "
+               f"samples/s | {m['ratio']:.2f} | ≥ 0.9 | {met(m['ratio'] >= 0.9 and m['identical'])} |"
+               for name, m in r["models"].items()]
+    detail = [f"{r['samples']} samples of {r['seq_len']} tokens, batches of {r['batch_size']}; float32 log-softmax; "
+              "each side's median over its turns. The log-probs of both sides are "
+              f"{'equal' if all(m['identical'] for m in r['models'].values()) else '**not equal**'}."]
     return summary, detail
 
 
@@ -316,10 +328,12 @@ def ctrl_c_rows(c: dict, who: str) -> tuple[list[str], list[str]]:
     return summary, detail
 
 
-ROWS = {"tokenizing": tokenizing_rows, "parts": parts_rows, "train": train_rows, "loader": loader_rows,
+ROWS = {"tokenizing": tokenizing_rows, "parts": parts_rows, "logprobs": logprobs_rows, "train": train_rows,
+        "loader": loader_rows,
         "resume": resume_rows,
         "memory": memory_rows, "chaos": chaos_rows, "chaos-n2": chaos_rows}
-TITLES = {"tokenizing": "Tokenizing", "parts": "Tokenizing in parts", "train": "Training", "loader": "Data path",
+TITLES = {"tokenizing": "Tokenizing", "parts": "Tokenizing in parts", "logprobs": "Log-probs",
+          "train": "Training", "loader": "Data path",
           "resume": "Resume time",
           "memory": "Tokenizer memory",
           "chaos": "Chaos resume, one process", "chaos-n2": "Chaos resume, `composer -n 2`"}
