@@ -129,6 +129,18 @@ def test_two_processes_divide_the_checkpoints_and_write_the_tables_of_one(run, t
 
 
 @pytest.mark.train
+def test_a_split_too_big_to_read_once_is_read_batch_by_batch_to_the_same_tables(run, tables, shards, tmp_path,
+                                                                                  monkeypatch):
+    import slm.analysis.logprobs
+
+    out, _ = tables
+    monkeypatch.setattr(slm.analysis.logprobs, "READ_ONCE", 0)  # no split fits: read from the shards each batch
+    assert main(["logprobs", str(run), "-d", str(shards / "eval"), "--out-dir", str(tmp_path), "--batch-size",
+                 "5"]) == 0
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+@pytest.mark.train
 def test_checkpoints_selects_labels_and_names_the_ones_there_are(run, tables, shards, tmp_path, capsys):
     data = str(shards / "eval")
     run_slm("logprobs", str(run), "-d", data, "--out-dir", str(tmp_path / "one"), "--checkpoints", "ba2")
