@@ -252,14 +252,11 @@ def cmd_dynamics(args: argparse.Namespace) -> None:
     run = runs[0]
     totals = run.write_dynamics(data, out, args.margin, args.max_samples, args.logprobs, args.batch_size,
                                 args.chunk_samples)
-    ages = [c["tokens"] or c["batch"] for c in totals.checkpoints]
-    acquisitions = totals.acquisitions()
-    order = np.argsort(ages, kind="stable")
-    median = ages[order[np.searchsorted(np.cumsum(acquisitions[order]), totals.positions // 2, side="right")]]
     unit = "tokens seen" if totals.checkpoints[0]["tokens"] else "batches"
-    print(f"{run.name}: {totals.positions:,} tokens of {data} over {len(ages)} checkpoints: median age of "
-          f"acquisition {median:,} {unit}, {totals.forgotten / totals.positions:.1%} of the tokens forgotten at least "
-          f"once (margin {totals.margin} nats); wrote {out} and {out.with_name(f'{out.stem}-tokens.parquet')}")
+    print(f"{run.name}: {totals.positions:,} tokens of {data} over {len(totals.checkpoints)} checkpoints: median age "
+          f"of acquisition {totals.middle_age():,} {unit}, {totals.forgotten / totals.positions:.1%} of the tokens "
+          f"forgotten at least once (margin {totals.margin} nats); wrote {out} and "
+          f"{out.with_name(f'{out.stem}-tokens.parquet')}")
     if args.plot:
         tokenizer = run.checkpoints[-1].tokenizer()
         token_ids = [int(t) for t in args.plot_tokens.split(",")] if args.plot_tokens else None

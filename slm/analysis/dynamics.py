@@ -150,6 +150,12 @@ class Totals:
         """How many positions were acquired at each checkpoint."""
         return self.acquired_at.sum(axis=0)
 
+    def middle_age(self) -> int:
+        """Return the age of acquisition (tokens seen, or the batch where unknown) of the middle position in age
+        order: the upper of the two middle ones."""
+        ages = np.array([c["tokens"] or c["batch"] for c in self.checkpoints])
+        return int(_at_rank(ages, self.acquisitions(), self.positions // 2))
+
     def per_token(self) -> pa.Table:
         """Return the per-token table of every chunk added."""
         present = np.flatnonzero(self.counts)
@@ -167,15 +173,18 @@ class Totals:
         })
 
 
+def _at_rank(values: np.ndarray, counts: np.ndarray, rank: int) -> float:
+    """Return the `rank`-th (from 0) of `values[i]` taken `counts[i]` times, in ascending order."""
+    order = np.argsort(values, kind="stable")
+    return values[order[np.searchsorted(np.cumsum(counts[order]), rank, side="right")]]
+
+
 def _median(values: np.ndarray, counts: np.ndarray) -> float:
     """Return the median of `values[i]` taken `counts[i]` times, as `np.median` gives it (NaN if any is NaN)."""
     if np.isnan(values[counts > 0]).any():
         return float("nan")
-    order = np.argsort(values, kind="stable")
-    ends = np.cumsum(counts[order])
-    total = int(ends[-1])
-    low, high = (values[order[np.searchsorted(ends, rank, side="right")]] for rank in ((total - 1) // 2, total // 2))
-    return float(np.mean([low, high]))
+    total = int(counts.sum())
+    return float(np.mean([_at_rank(values, counts, (total - 1) // 2), _at_rank(values, counts, total // 2)]))
 
 
 def _table_files(run: Run, data: Path, logprobs: Path | None, max_samples: int | None, batch_size: int,
@@ -217,17 +226,23 @@ def _matrix(table: pa.Table, column: str) -> np.ndarray:
     return values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), -1)
 
 
-def _token_documents(data: Path, first: int, samples: int, seq_len: int) -> np.ndarray | None:
-    """Return (samples, seq_len - 1): the document each token (after the <bos>) of samples [first, first + samples)
-    belongs to."""
+def _document_ends(data: Path, seq_len: int) -> np.ndarray | None:
+    """Return where each document of the split ends in its token stream (None for shards without a record)."""
     record = read_documents(data)
     if record is None:
         return None
     if record.seq_len != seq_len:
         raise SlmError(f"{data}: its document record is of samples of {record.seq_len} tokens, its shards of "
                        f"{seq_len}: tokenize the split again")
-    ends = np.cumsum(record.document_tokens)  # the chunking rule: sample s holds tokens s*(seq_len-1) onwards
-    starts = np.arange(first, first + samples, dtype=np.int64)[:, None] * (seq_len - 1)
+    return np.cumsum(record.document_tokens)
+
+
+def _token_documents(ends: np.ndarray | None, first: int, samples: int, seq_len: int) -> np.ndarray | None:
+    """Return (samples, seq_len - 1): the document each token (after the <bos>) of samples [first, first + samples)
+    belongs to."""
+    if ends is None:
+        return None
+    starts = np.arange(first, first + samples, dtype=np.int64)[:, None] * (seq_len - 1)  # the chunking rule
     return np.searchsorted(ends, starts + np.arange(seq_len - 1, dtype=np.int64)[None], side="right")
 
 
@@ -244,7 +259,7 @@ def _chunks(run: Run, files: list[Path], data: Path, logprobs: Path | None, max_
         stack.enter_context(workarounds.streaming_datasets())
         split = StreamingDataset(local=str(data), shuffle=False) if logprobs is not None else None
         readers = [_rows(stack.enter_context(pq.ParquetFile(file)), count, max_samples) for file in files]
-        first = 0
+        first, ends = 0, None
         for tables in zip_longest(*readers):
             if any(table is None or table.num_rows != tables[0].num_rows for table in tables):
                 raise SlmError(f"{run.name}: its checkpoints' log-probs tables hold different numbers of samples (a "
@@ -255,12 +270,14 @@ def _chunks(run: Run, files: list[Path], data: Path, logprobs: Path | None, max_
                     raise SlmError(f"{run.name} {checkpoint.label}: its log-probs table holds other samples than the "
                                    f"others' (a table of another split in {logprobs}?): move it away")
             samples, seq_len = token_ids.shape
+            if first == 0:
+                ends = _document_ends(data, seq_len)
             if split is not None and (first + samples > split.num_samples or not np.array_equal(
                     np.stack([split[i]["tokens"] for i in range(first, first + samples)]), token_ids)):
                 raise SlmError(f"the log-probs tables in {logprobs} are not of {data}'s samples (another split?): "
                                "give the split they were made from, or another --logprobs folder")
             losses = np.stack([-_matrix(table, "logprobs").astype(np.float32)[:, 1:] for table in tables])
-            yield Dynamics(checkpoints, token_ids[:, 1:], losses, _token_documents(data, first, samples, seq_len),
+            yield Dynamics(checkpoints, token_ids[:, 1:], losses, _token_documents(ends, first, samples, seq_len),
                            margin, first)
             first += samples
 

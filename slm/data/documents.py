@@ -232,7 +232,7 @@ def _stream(source: str, feature: str, split: str, txt_by: str | None) -> Input:
                     "stats": stats, "txt_by": txt_by}
         fingerprint = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
         return Input(_text_column(ds, feature, source, txt_by), feature, fingerprint, None, ds.n_shards, source,
-                     split)
+                     split, tuple(files))
 
 
 @dataclass(frozen=True)
@@ -246,6 +246,7 @@ class Input:
     files: int | None  # a streamed input's files: its parts are contiguous runs of them
     source: str
     split: str
+    local_files: tuple[Path, ...] = ()  # a streamed input's local files, named by an error met reading them
 
     @property
     def streamed(self) -> bool:
@@ -253,7 +254,7 @@ class Input:
 
     def batches(self, batch_size: int = 1000) -> Iterator[list[str]]:
         """Yield the documents in order, `batch_size` at a time."""
-        with _reading(self.source, self.split, [] if is_url(self.source) else _input_files(self.source)[1]):
+        with _reading(self.source, self.split, list(self.local_files)):
             yield from iter_batches(self.data, self.feature, batch_size)
 
     def head(self, count: int) -> Input:
