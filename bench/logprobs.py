@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    from slm.analysis.logprobs import split_samples, write_table
+    from slm.analysis.logprobs import Reading, split_samples, write_table
     from slm.core.config import load_config
     from slm.training.model import build_hf_model
 
@@ -73,7 +73,7 @@ def main() -> None:
                     out = tmp / f"{name}.parquet"
                     out.unlink(missing_ok=True)
                     start = time.perf_counter()
-                    write_table(model, split, args.batch_size, out, name)
+                    write_table(model, split, out, name, Reading(args.batch_size, "float32"))
                     times["slm"].append(time.perf_counter() - start)
                 import pyarrow.parquet as pq
 

@@ -231,10 +231,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_logprobs(args: argparse.Namespace) -> None:
-    from slm.analysis.logprobs import write_logprobs
+    from slm.analysis.logprobs import Reading, write_logprobs
 
-    write_logprobs(args.model, Path(args.data), Path(args.out_dir) if args.out_dir else None, args.out_repo,
-                   args.checkpoints, args.batch_size, args.max_samples)
+    write_logprobs(args.models, Path(args.data), Path(args.out_dir) if args.out_dir else None, args.out_repo,
+                   args.checkpoints, Reading(args.batch_size, args.precision), args.max_samples)
 
 
 def cmd_dynamics(args: argparse.Namespace) -> None:
@@ -510,15 +510,24 @@ def build_parser() -> argparse.ArgumentParser:
                                    "an MDS split, in the split's order: one Parquet table per checkpoint with the "
                                    "columns sample (index in the split), token_ids and logprobs (log p(token i | "
                                    "tokens < i) from float32 log-softmax; NaN at position 0). A checkpoint whose "
-                                   "table is already in every output is skipped. Runs on the GPU if there is one.")
-    p.add_argument("model", help="run folder (its complete ep*-ba*-rank0.pt), checkpoint file (.pt), folder "
-                                 "written by `slm export`, or Hub model repo ORG/NAME (its ba{B} branches)")
+                                   "table is already in every output is skipped. Runs on the GPU if there is one "
+                                   "(bf16 forward pass, batches sized to its memory). Under a launcher (composer "
+                                   "-n N, torchrun) or with RANK and WORLD_SIZE set, each process takes every "
+                                   "WORLD_SIZE-th checkpoint.")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="run folder (its complete ep*-ba*-rank0.pt), checkpoint file (.pt), folder written by `slm "
+                        "export`, or Hub model repo ORG/NAME (its ba{B} branches); several (a suite): each one's "
+                        "tables go in --out-dir/NAME, NAME the end of its path")
     p.add_argument("-d", "--data", required=True, help="MDS folder written by `slm tokenize`")
     p.add_argument("--checkpoints", default="all", help="'all' or labels such as ba400,ba800 (default: all)")
     p.add_argument("--out-dir", help="folder for LABEL.parquet, one per checkpoint")
-    p.add_argument("--out-repo", help="Hub dataset repo to push to: branch LABEL holds logprobs.parquet "
+    p.add_argument("--out-repo", help="Hub dataset repo to push to (one MODEL): branch LABEL holds logprobs.parquet "
                                       "(created private if missing)")
-    p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, help="samples a batch (default: 16 on a CPU; on a GPU, sized to its "
+                                                  "free memory)")
+    p.add_argument("--precision", choices=("float32", "bf16"), help="of the forward pass; the log-softmax is float32 "
+                                                                    "either way (default: bf16 on a GPU that has it, "
+                                                                    "else float32)")
     p.add_argument("--max-samples", type=int, help="only the first this many samples (default: the whole split)")
     p.set_defaults(run=cmd_logprobs)
 
@@ -540,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logprobs", help="folder of `slm logprobs --out-dir` tables (LABEL.parquet) to reuse")
     p.add_argument("--chunk-samples", type=int, metavar="N", help="samples a chunk (default: as many as fit in 2 GiB "
                    "with every checkpoint's losses): memory is bounded by a chunk, whatever the split's size")
-    p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, help="samples a batch of the tables computed (default: 16 on a CPU; on "
+                                                  "a GPU, sized to its free memory)")
     p.add_argument("--plot", help="also draw the loss of chosen tokens over tokens seen and the distribution of the "
                                   "ages of acquisition to this PNG")
     p.add_argument("--plot-tokens", help="token ids to draw, comma-separated (default: the 8 most frequent)")

@@ -187,11 +187,11 @@ def _median(values: np.ndarray, counts: np.ndarray) -> float:
     return float(np.mean([_at_rank(values, counts, (total - 1) // 2), _at_rank(values, counts, total // 2)]))
 
 
-def _table_files(run: Run, data: Path, logprobs: Path | None, max_samples: int | None, batch_size: int,
+def _table_files(run: Run, data: Path, logprobs: Path | None, max_samples: int | None, batch_size: int | None,
                  scratch: Path) -> list[Path]:
     """Return each checkpoint's log-probs table file: `slm logprobs`' own in `logprobs` where it holds enough
     samples, else computed once into `scratch`."""
-    from slm.analysis.logprobs import split_samples, write_checkpoint_table
+    from slm.analysis.logprobs import Reading, split_samples, write_checkpoint_table
 
     files = []
     with split_samples(data, max_samples) as split:  # read once for every checkpoint, where they fit
@@ -202,7 +202,7 @@ def _table_files(run: Run, data: Path, logprobs: Path | None, max_samples: int |
                 files.append(given)
             else:
                 files.append(scratch / f"{checkpoint.label}.parquet")
-                write_checkpoint_table(checkpoint.loaded(), split, files[-1], batch_size)
+                write_checkpoint_table(checkpoint.loaded(), split, files[-1], Reading(batch_size))
     return files
 
 
@@ -297,7 +297,7 @@ def chunk_samples(checkpoints: int, seq_len: int) -> int:
 
 
 def dynamics_of(run: Run, data: Path, margin: float = MARGIN, max_samples: int | None = None,
-                logprobs: Path | None = None, batch_size: int = 16) -> Dynamics:
+                logprobs: Path | None = None, batch_size: int | None = None) -> Dynamics:
     """Compute the dynamics of every checkpoint of `run` on the shards at `data`, in memory: refused for a split
     whose losses would take more than MEMORY_BOUND bytes (`write_dynamics` works in chunks)."""
     _checked(run, margin, logprobs)
@@ -313,7 +313,7 @@ def dynamics_of(run: Run, data: Path, margin: float = MARGIN, max_samples: int |
 
 
 def write_dynamics(run: Run, data: Path, out: Path, model: str, margin: float = MARGIN,
-                   max_samples: int | None = None, logprobs: Path | None = None, batch_size: int = 16,
+                   max_samples: int | None = None, logprobs: Path | None = None, batch_size: int | None = None,
                    chunk: int | None = None) -> Totals:
     """Write the per-position table of `run`'s checkpoints on the shards at `data` at `out` and the per-token one
     beside it, each whole or not at all, `chunk` samples at a time (default: as many as fit in MEMORY_BOUND);

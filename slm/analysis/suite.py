@@ -160,7 +160,8 @@ class Checkpoint:
         return bridge.TransformerBridge.boot_transformers(f"{self.run.name}-{self.label}", hf_model=self.model(),
                                                           tokenizer=self.tokenizer(), trust_remote_code=False)
 
-    def logprobs(self, data: str | Path, max_samples: int | None = None, batch_size: int = 16) -> pandas.DataFrame:
+    def logprobs(self, data: str | Path, max_samples: int | None = None,
+                 batch_size: int | None = None) -> pandas.DataFrame:
         """Compute log p(token i | tokens < i) of every sample of the shards at `data` (or the first `max_samples`): the
         table `slm logprobs` writes for this checkpoint (`sample`, `token_ids`, `logprobs`; NaN at position 0)."""
         from slm.analysis.logprobs import table_of
@@ -240,7 +241,7 @@ class Run:
             return pandas.DataFrame(batches.samples(first, last, list(range(ranks)), tokens, documents))
 
     def dynamics(self, data: str | Path, margin: float | None = None, max_samples: int | None = None,
-                 logprobs: str | Path | None = None, batch_size: int = 16) -> Dynamics:
+                 logprobs: str | Path | None = None, batch_size: int | None = None) -> Dynamics:
         """Compute per-token learning dynamics over the run's checkpoints on the shards at `data`
         (slm/analysis/dynamics.py): the losses, ages of acquisition and forgettings; `.per_position()` and
         `.per_token()` are the tables `slm dynamics` writes (pyarrow: `.to_pandas()`). `logprobs`: a folder of
@@ -251,8 +252,8 @@ class Run:
                            Path(logprobs) if logprobs else None, batch_size)
 
     def write_dynamics(self, data: str | Path, out: str | Path, margin: float | None = None,
-                       max_samples: int | None = None, logprobs: str | Path | None = None, batch_size: int = 16,
-                       chunk_samples: int | None = None) -> Totals:
+                       max_samples: int | None = None, logprobs: str | Path | None = None,
+                       batch_size: int | None = None, chunk_samples: int | None = None) -> Totals:
         """Write the tables of `dynamics` (the per-position one at `out`, a .parquet file, the per-token one beside
         it) in chunks of samples, in bounded memory, for a split of any size; return the per-token totals."""
         from slm.analysis.dynamics import MARGIN, write_dynamics

@@ -108,24 +108,46 @@ def test_a_rerun_skips_what_is_done(run, tables, shards, capsys):
 
 
 @pytest.mark.train
-def test_two_processes_divide_the_checkpoints_and_write_the_tables_of_one(run, tables, shards, tmp_path):
-    """`composer -n 2 slm logprobs ...`: each process takes every other checkpoint; the tables are the one process's,
-    byte for byte; a table removed is the only one a second launch writes."""
+def test_two_processes_divide_a_suites_checkpoints_and_write_the_tables_of_one(run, exported, tables, shards,
+                                                                               tmp_path):
+    """`composer -n 2 slm logprobs RUN EXPORT ...`: each process takes every other checkpoint of the two; the tables
+    are the one process's, byte for byte; a table removed is the only one a second launch writes."""
     out, _ = tables
-    cmd = [str(Path(sys.executable).parent / "composer"), "-n", "2", SLM, "logprobs", str(run), "-d",
-           str(shards / "eval"), "--out-dir", str(tmp_path / "two"), "--batch-size", "5"]
+    args = ["logprobs", str(run), str(exported), "-d", str(shards / "eval"), "--batch-size", "5", "--out-dir"]
+    assert main([*args, str(tmp_path / "one")]) == 0
+    one = {str(p.relative_to(tmp_path / "one")): p.read_bytes() for p in (tmp_path / "one").rglob("*.parquet")}
+    assert {name: one[f"lp/{name}"] for name in ("ba1.parquet", "ba2.parquet", "ba4.parquet")} == \
+        {p.name: p.read_bytes() for p in out.iterdir()}  # a suite's run: the tables of the run alone
+    assert sorted(one) == ["hf/ba4.parquet", "lp/ba1.parquet", "lp/ba2.parquet", "lp/ba4.parquet"]
+    assert_same_figures(tmp_path / "one" / "hf" / "ba4.parquet", out / "ba4.parquet")
+
+    cmd = [str(Path(sys.executable).parent / "composer"), "-n", "2", SLM, *args, str(tmp_path / "two")]
+    two = tmp_path / "two"
     for attempt in range(2):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         shown_on_failure(cmd, proc.stderr)
         assert proc.returncode == 0, proc.stderr[-3000:]
         if attempt == 0:
-            assert "process 0 of 2: 2 of the 3 checkpoints" in proc.stdout, proc.stdout
-            assert {p.name: p.read_bytes() for p in (tmp_path / "two").iterdir()} == \
-                {p.name: p.read_bytes() for p in out.iterdir()}
-            kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "two").iterdir() if p.name != "ba2.parquet"}
-            (tmp_path / "two" / "ba2.parquet").unlink()  # ba2 is process 1's
-    assert (tmp_path / "two" / "ba2.parquet").read_bytes() == (out / "ba2.parquet").read_bytes()
+            assert "process 0 of 2: 2 of the 4 checkpoints" in proc.stdout, proc.stdout
+            assert {str(p.relative_to(two)): p.read_bytes() for p in two.rglob("*.parquet")} == one
+            kept = {p: p.stat().st_mtime_ns for p in two.rglob("*.parquet") if p.name != "ba2.parquet"}
+            (two / "lp" / "ba2.parquet").unlink()  # ba2 is process 1's
+    assert (two / "lp" / "ba2.parquet").read_bytes() == one["lp/ba2.parquet"]
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
+
+
+@pytest.mark.train
+def test_a_table_records_how_it_was_computed_and_bf16_stays_near_float32(run, tables, shards, tmp_path):
+    out, _ = tables
+    assert pq.read_schema(out / "ba4.parquet").metadata == {
+        b"slm.precision": b"float32", b"slm.batch_size": b"5", b"slm.device": b"cpu"}
+    assert main(["logprobs", str(run), "-d", str(shards / "eval"), "--out-dir", str(tmp_path), "--checkpoints", "ba4",
+                 "--precision", "bf16"]) == 0  # the GPU's default, run here on the CPU
+    assert pq.read_schema(tmp_path / "ba4.parquet").metadata == {
+        b"slm.precision": b"bf16", b"slm.batch_size": b"16", b"slm.device": b"cpu"}
+    (_, ids, bf16), (_, ids32, fp32) = read(tmp_path / "ba4.parquet"), read(out / "ba4.parquet")
+    assert (ids == ids32).all() and not np.array_equal(bf16[:, 1:], fp32[:, 1:])  # the bf16 pass did run
+    np.testing.assert_allclose(bf16, fp32, atol=0.15, equal_nan=True)  # bf16's rounding, not another model
 
 
 @pytest.mark.train
@@ -192,6 +214,9 @@ def test_bad_inputs_are_one_line(run, shards, tmp_path, capsys, monkeypatch):
     assert main(["logprobs", str(tmp_path / "nothing"), "-d", data, "--out-dir", str(tmp_path)]) == 1
     assert main(["logprobs", str(tmp_path), "-d", data]) == 1
     assert main(["logprobs", str(tmp_path), "-d", data, "--out-dir", str(tmp_path / "out")]) == 1
+    assert main(["logprobs", str(run), "-d", data, "--out-dir", str(tmp_path / "out"), "--batch-size", "0"]) == 1
+    assert main(["logprobs", str(run), str(run), "-d", data, "--out-repo", "me/lp"]) == 1
+    assert main(["logprobs", str(run), str(run) + "/", "-d", data, "--out-dir", str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err.splitlines() == [
         "slm logprobs: error (rank 2): RANK 2 is not one of the WORLD_SIZE 2 processes: set 0 <= RANK < WORLD_SIZE",
         "slm logprobs: error (rank x): RANK and WORLD_SIZE must be whole numbers (they divide the checkpoints among "
@@ -199,4 +224,9 @@ def test_bad_inputs_are_one_line(run, shards, tmp_path, capsys, monkeypatch):
         f"slm logprobs: error: model not found: {tmp_path / 'nothing'}",
         "slm logprobs: error: give --out-dir, --out-repo, or both",
         f"slm logprobs: error: {tmp_path} holds no complete checkpoint (ep*-ba*-rank0.pt) and is not a folder "
-        "written by `slm export` (no config.json)"]
+        "written by `slm export` (no config.json)",
+        "slm logprobs: error: --batch-size must be at least 1, got 0",
+        "slm logprobs: error: --out-repo takes the tables of one MODEL (a branch per checkpoint): push each run in "
+        "its own call, or give --out-dir",
+        "slm logprobs: error: two MODELs end in the same name (lp): their tables would share --out-dir/NAME; give "
+        "them in separate calls"]
