@@ -191,7 +191,8 @@ def _table_files(run: Run, data: Path, logprobs: Path | None, max_samples: int |
                  scratch: Path) -> list[Path]:
     """Return each checkpoint's log-probs table file: `slm logprobs`' own in `logprobs` where it holds enough
     samples, else computed once into `scratch`."""
-    from slm.analysis.logprobs import Reading, split_samples, write_checkpoint_table
+    from slm.analysis.logprobs import Reading, write_checkpoint_table
+    from slm.analysis.samples import split_samples
 
     files = []
     with split_samples(data, max_samples) as split:  # read once for every checkpoint, where they fit

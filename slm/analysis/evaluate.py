@@ -1,28 +1,26 @@
 """Evaluating models on MDS shards and lm-eval tasks (`slm eval`): the training metrics of one checkpoint as JSON,
-or of every checkpoint of runs (run folders, Hub repos) as one table with a row per (run, batch, data, metric)."""
+or of every checkpoint of runs (run folders, Hub repos) as one table with a row per (run, batch, data, metric). The
+split's samples are read once, for every checkpoint (slm/analysis/samples.py)."""
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import torch
-from streaming import StreamingDataset
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from slm.analysis.harness import Harness, task_source
+from slm.analysis.samples import SplitSamples, check_data, split_samples
 from slm.analysis.trained_models import Loaded, find_models, load_model, select
-from slm.core import workarounds
 from slm.core.errors import SlmError
 from slm.core.foreign import checked_file
 from slm.core.paths import partial_file, refuse_secrets
-from slm.data.loading import check_compatible, check_shards, collate
-from slm.data.shards import read_metadata
-from slm.data.tokenizer import load_tokenizer, mismatch_hint, tokenizer_matches
 from slm.training.metrics import build_metrics, byte_lengths
 from slm.training.model import CausalLM, count_parameters
 
@@ -30,47 +28,79 @@ COLUMNS = ("model", "run", "architecture", "label", "batch", "tokens", "paramete
            "value")
 
 
-def evaluate_loaded(loaded: Loaded, data: Path, batch_size: int = 16, max_batches: int | None = None) -> dict:
-    """Compute the cross-entropy, perplexity, accuracy and bits per byte of a loaded model on the shards at `data`, and
+def evaluate_loaded(loaded: Loaded, split: SplitSamples, batch_size: int = 16) -> dict:
+    """Compute the cross-entropy, perplexity, accuracy and bits per byte of a loaded model on `split`'s samples, and
     the number of samples read."""
-    model = loaded.model
-    meta = read_metadata(data)
-    check_shards(data)
-    tokenizer = load_tokenizer(loaded.tokenizer)
-    if not tokenizer_matches(tokenizer, meta["tokenizer"]):
-        raise SlmError(f"{data} was tokenized with {meta['tokenizer']['name']}, not with the model's tokenizer"
-                       f"{mismatch_hint(tokenizer, meta['tokenizer'])}")
-    check_compatible([(data, meta)], model.config.vocab_size, getattr(model.config, "max_position_embeddings", None))
+    tokenizer = check_data(loaded.model, loaded.tokenizer, split)
     metrics = build_metrics(byte_lengths(tokenizer))
-    wrapper = CausalLM(model, tokenizer, metrics=metrics)
-    samples = 0
-    with workarounds.streaming_datasets(), torch.no_grad():
-        dataset = StreamingDataset(local=str(data), shuffle=False, batch_size=batch_size)
-        try:
-            for i, batch in enumerate(DataLoader(dataset, batch_size=batch_size, collate_fn=collate)):
-                if max_batches is not None and i >= max_batches:
-                    break
-                samples += len(batch["input_ids"])
-                outputs = wrapper.eval_forward(batch)
-                for metric in metrics:
-                    metric.update(outputs, wrapper.labels)
-        finally:
-            workarounds.stop_reading(dataset)
-    return {"samples": samples, **{type(m).__name__: m.compute().item() for m in metrics}}
+    wrapper = CausalLM(loaded.model, tokenizer, metrics=metrics)
+    with torch.no_grad():
+        for _, ids in split.batches(batch_size):
+            outputs = wrapper.eval_forward({"input_ids": ids, "labels": ids.clone()})
+            for metric in metrics:
+                metric.update(outputs, wrapper.labels)
+    return {"samples": split.count, **{type(m).__name__: m.compute().item() for m in metrics}}
+
+
+class Evaluation:
+    """What each checkpoint is evaluated on: an MDS split (its samples read once, for every checkpoint) and/or a
+    harness's tasks; `rows` are one checkpoint's rows of the eval table."""
+
+    def __init__(self, split: SplitSamples | None, harness: Harness | None, batch_size: int):
+        self.split, self.harness, self.batch_size = split, harness, batch_size
+        self.sources = ([str(split.data)] if split else []) + \
+            ([task_source(t) for t in harness.tasks] if harness else [])
+
+    def rows(self, model: str, label: str, loaded: Loaded, sources: list[str] | None = None) -> list[dict]:
+        """Return the eval table's rows of one checkpoint, `label` of MODEL, on `sources` (all, if None): the MDS
+        folder's metrics, then each task's."""
+        rows = []
+        for source in self.sources if sources is None else sources:
+            columns = {**checkpoint_columns(model, label, loaded), "data": source}
+            if self.split is not None and source == str(self.split.data):
+                result = evaluate_loaded(loaded, self.split, self.batch_size)
+                samples = result.pop("samples")
+                rows += [{**columns, "samples": samples, "metric": metric, "value": value}
+                         for metric, value in result.items()]
+            else:
+                task = source.removeprefix(task_source(""))
+                rows += [{**columns, "samples": samples, "metric": metric, "value": value}
+                         for metric, (samples, value) in self.harness.scores(loaded, task).items()]
+        return rows
+
+
+def check_sources(data: Path | None, harness: Harness | None) -> None:
+    """Refuse an evaluation on nothing (no --data, no --tasks), before any model is looked for."""
+    if data is None and harness is None:
+        raise SlmError("nothing to evaluate on: give --data MDS_FOLDER, --tasks NAME..., or both")
+
+
+@contextmanager
+def evaluation(data: Path | None, harness: Harness | None, batch_size: int = 16,
+               max_batches: int | None = None) -> Iterator[Evaluation]:
+    """Open what checkpoints are evaluated on: the first `max_batches` batches (all, if None) of the shards at `data`,
+    and the harness's tasks."""
+    check_sources(data, harness)
+    if batch_size < 1 or (max_batches is not None and max_batches < 1):
+        raise SlmError("--batch-size and --max-batches must be at least 1")
+    with split_samples(data, max_batches and max_batches * batch_size) if data is not None else nullcontext() \
+            as split:
+        yield Evaluation(split, harness, batch_size)
 
 
 def evaluate(model_path: Path, data: Path | None, batch_size: int = 16, max_batches: int | None = None,
              harness: Harness | None = None) -> dict:
     """Compute the metrics of one checkpoint file or `slm export` folder on the shards at `data` and the harness's tasks
     (under "tasks": {"TASK/METRIC": value})."""
-    eval_sources(data, harness)
+    check_sources(data, harness)
     loaded = load_model(model_path)
-    result = {"model": str(model_path)}
-    if data is not None:
-        result.update({"data": str(data), **evaluate_loaded(loaded, data, batch_size, max_batches)})
-    if harness is not None:
-        result["tasks"] = {metric: value for task in harness.tasks
-                           for metric, (_, value) in harness.scores(loaded, task).items()}
+    with evaluation(data, harness, batch_size, max_batches) as on:
+        result = {"model": str(model_path)}
+        if on.split is not None:
+            result.update({"data": str(data), **evaluate_loaded(loaded, on.split, batch_size)})
+        if harness is not None:
+            result["tasks"] = {metric: value for task in harness.tasks
+                               for metric, (_, value) in harness.scores(loaded, task).items()}
     return result
 
 
@@ -109,48 +139,23 @@ def evaluate_runs(models: list[str], data: Path | None, out: Path, wanted: str =
         raise SlmError(f"--out {out}: write a .parquet or .csv table")
     rows = read_table(out)
     have = {(row["model"], row["label"], row["data"]) for row in rows}
-    wanted_sources = eval_sources(data, harness)
-    todo = [(model, label, load, [s for s in wanted_sources if (model, label, s) not in have])
-            for model in models for label, load in select(find_models(model), wanted, model).items()]
-    skipped = sum(not missing for *_, missing in todo)
-    todo = [item for item in todo if item[3]]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for model, label, load, missing in tqdm(todo, desc="Evaluating", unit="checkpoint"):
-        with tempfile.TemporaryDirectory(prefix="slm-eval-") as tmp:
-            loaded = load(Path(tmp))
-            for source in missing:
-                rows += source_rows(source, model, label, loaded, batch_size, max_batches, harness)
-        _write_table(rows, out)
+    check_sources(data, harness)
+    chosen = [(model, label, load) for model in models for label, load in select(find_models(model), wanted,
+                                                                                 model).items()]
+    with evaluation(data, harness, batch_size, max_batches) as on:
+        todo = [(model, label, load, [s for s in on.sources if (model, label, s) not in have])
+                for model, label, load in chosen]
+        skipped = sum(not missing for *_, missing in todo)
+        todo = [item for item in todo if item[3]]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for model, label, load, missing in tqdm(todo, desc="Evaluating", unit="checkpoint"):
+            with tempfile.TemporaryDirectory(prefix="slm-eval-") as tmp:
+                rows += on.rows(model, label, load(Path(tmp)), missing)
+            _write_table(rows, out)
     return len(todo), skipped
-
-
-def eval_sources(data: Path | None, harness: Harness | None) -> list[str]:
-    """Return the eval table's `data` values of one checkpoint's rows: the MDS folder, then `lm-eval:TASK` per task."""
-    found = ([str(data)] if data is not None else []) + ([task_source(t) for t in harness.tasks] if harness else [])
-    if not found:
-        raise SlmError("nothing to evaluate on: give --data MDS_FOLDER, --tasks NAME..., or both")
-    return found
-
-
-def source_rows(source: str, model: str, label: str, loaded: Loaded, batch_size: int = 16,
-                max_batches: int | None = None, harness: Harness | None = None) -> list[dict]:
-    """Return the eval table's rows of one checkpoint on one of `sources`: an MDS folder or an lm-eval task."""
-    if harness is not None and source in map(task_source, harness.tasks):
-        task = source.removeprefix(task_source(""))
-        return [{**checkpoint_columns(model, label, loaded), "data": source, "samples": samples, "metric": metric,
-                 "value": value} for metric, (samples, value) in harness.scores(loaded, task).items()]
-    return table_rows(model, label, loaded, Path(source), batch_size, max_batches)
 
 
 def checkpoint_columns(model: str, label: str, loaded: Loaded) -> dict:
     """Return the eval table's columns that say which checkpoint a row is of."""
     return {"model": model, "run": loaded.run, "architecture": loaded.model.config.model_type, "label": label,
             "batch": loaded.batch, "tokens": loaded.tokens, "parameters": count_parameters(loaded.model)}
-
-
-def table_rows(model: str, label: str, loaded: Loaded, data: Path, batch_size: int = 16,
-               max_batches: int | None = None) -> list[dict]:
-    """Compute the eval table's rows (COLUMNS) of one checkpoint, `label` of MODEL, on the shards at `data`."""
-    result = evaluate_loaded(loaded, data, batch_size, max_batches)
-    common = {**checkpoint_columns(model, label, loaded), "data": str(data), "samples": result.pop("samples")}
-    return [{**common, "metric": metric, "value": value} for metric, value in result.items()]

@@ -21,8 +21,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,17 +28,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from streaming import StreamingDataset
 from tqdm import tqdm
 
+from slm.analysis.samples import SplitSamples, check_data, split_samples
 from slm.analysis.trained_models import Loaded, find_models, select
-from slm.core import workarounds
 from slm.core.errors import SlmError
 from slm.core.foreign import plain_name
 from slm.core.paths import partial_file
-from slm.data.loading import check_compatible, check_shards, collate
+from slm.data.loading import check_shards
 from slm.data.shards import read_metadata
-from slm.data.tokenizer import load_tokenizer, mismatch_hint, tokenizer_matches
 from slm.hub.client import Hub
 
 HUB_FILE = "logprobs.parquet"
@@ -57,35 +53,6 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, precision: s
         logits = model(input_ids, use_cache=False).logits.float()
     picked = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
     return torch.cat([torch.full_like(picked[:, :1], float("nan")), picked], dim=1)
-
-
-READ_ONCE = 2**30  # bytes: a split's samples up to this size are read once, for every checkpoint's table
-
-
-class SplitSamples:
-    """The first `count` samples of the split at `data`, in order, as token-id batches: read from the shards once
-    into memory where they take at most READ_ONCE bytes (every checkpoint's table then reads them from there), else
-    read from the shards batch by batch."""
-
-    def __init__(self, data: Path, meta: dict, dataset: StreamingDataset, count: int):
-        self.data, self.meta, self.dataset, self.count = data, meta, dataset, count
-        self.memory = self.batch(0, count) if count * meta["seq_len"] * 8 <= READ_ONCE else None
-
-    def batch(self, start: int, end: int) -> torch.Tensor:
-        if getattr(self, "memory", None) is not None:
-            return self.memory[start:end]
-        return collate([self.dataset[i] for i in range(start, end)])["input_ids"]
-
-
-@contextmanager
-def split_samples(data: Path, max_samples: int | None = None) -> Iterator[SplitSamples]:
-    """Open the first `max_samples` samples (all, if None) of the shards at `data`, checked, for the tables of one
-    checkpoint or several."""
-    meta = read_metadata(data)
-    check_shards(data)
-    with _alone(), workarounds.streaming_datasets():
-        dataset = StreamingDataset(local=str(data), shuffle=False)  # read by index, in order
-        yield SplitSamples(data, meta, dataset, min(dataset.num_samples, max_samples or dataset.num_samples))
 
 
 def compute_device() -> torch.device:
@@ -145,8 +112,7 @@ def write_table(model: torch.nn.Module, split: SplitSamples, out: Path, label: s
                                    "slm.device": device.type})
     with partial_file(out) as tmp, pq.ParquetWriter(tmp, schema) as writer, \
             tqdm(total=split.count, unit="sample", desc=label) as bar:
-        for start in range(0, split.count, batch_size):
-            ids = split.batch(start, min(start + batch_size, split.count))
+        for start, ids in split.batches(batch_size):
             logprobs = token_logprobs(model, ids.to(device), precision).cpu().numpy()
             total, count = total + float(logprobs[:, 1:].sum(dtype=np.float64)), count + logprobs[:, 1:].size
             n, length = ids.shape
@@ -164,7 +130,7 @@ def write_checkpoint_table(loaded: Loaded, split: SplitSamples, out: Path, readi
                            label: str | None = None) -> float:
     """Write one loaded checkpoint's table of `split` to `out`, once the split is one its model can read; the mean
     log p."""
-    _check_data(loaded.model, loaded.tokenizer, split.data, split.meta)
+    check_data(loaded.model, loaded.tokenizer, split)
     return write_table(loaded.model, split, out, label or f"ba{loaded.batch}", reading)
 
 
@@ -173,15 +139,6 @@ def table_of(loaded: Loaded, data: Path, batch_size: int | None = None, max_samp
     with tempfile.TemporaryDirectory(prefix="slm-logprobs-") as tmp, split_samples(data, max_samples) as split:
         write_checkpoint_table(loaded, split, Path(tmp) / HUB_FILE, Reading(batch_size))
         return pq.read_table(Path(tmp) / HUB_FILE)
-
-
-def _check_data(model: torch.nn.Module, tokenizer_name: str, data: Path, meta: dict) -> None:
-    """Refuse data the model cannot read, or tokenized with another tokenizer (as `slm eval` does)."""
-    tokenizer = load_tokenizer(tokenizer_name)
-    if not tokenizer_matches(tokenizer, meta["tokenizer"]):
-        raise SlmError(f"{data} was tokenized with {meta['tokenizer']['name']}, not with the model's tokenizer"
-                       f"{mismatch_hint(tokenizer, meta['tokenizer'])}")
-    check_compatible([(data, meta)], model.config.vocab_size, getattr(model.config, "max_position_embeddings", None))
 
 
 def _process() -> tuple[int, int]:
@@ -194,20 +151,6 @@ def _process() -> tuple[int, int]:
     if not 0 <= rank < processes:
         raise SlmError(f"RANK {rank} is not one of the WORLD_SIZE {processes} processes: set 0 <= RANK < WORLD_SIZE")
     return rank, processes
-
-
-LAUNCHER_WORLD = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK")
-
-
-@contextmanager
-def _alone() -> Iterator[None]:
-    """Open the split as a process of its own: each process reads every sample by index, where Streaming, seeing a
-    launcher's RANK and WORLD_SIZE, would take it for one rank of a job sharing the split and wait on the others."""
-    launcher = {name: os.environ.pop(name) for name in LAUNCHER_WORLD if name in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(launcher)
 
 
 def _on_hub(hub: Hub, repo: str, labels: list[str]) -> set[str]:

@@ -351,16 +351,15 @@ class Suite:
         (slm/analysis/evaluate.py)."""
         import pandas
 
-        from slm.analysis.evaluate import COLUMNS, eval_sources, source_rows
+        from slm.analysis.evaluate import COLUMNS, evaluation
         from slm.analysis.harness import Harness
 
         harness = Harness(list(tasks), Path(include_path) if include_path else None, limit, batch_size) if tasks \
             else None
         rows = []
-        for c in self.checkpoints:
-            loaded = c.loaded()
-            for source in eval_sources(Path(data) if data is not None else None, harness):
-                rows += source_rows(source, c.run.source, c.label, loaded, batch_size, max_batches, harness)
+        with evaluation(Path(data) if data is not None else None, harness, batch_size, max_batches) as on:
+            for c in self.checkpoints:
+                rows += on.rows(c.run.source, c.label, c.loaded())
         return pandas.DataFrame(rows, columns=list(COLUMNS))
 
 

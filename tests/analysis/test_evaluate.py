@@ -6,6 +6,7 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+from streaming import StreamingDataset
 
 from slm.analysis.evaluate import evaluate
 from slm.analysis.plot import power_law
@@ -25,11 +26,17 @@ def suite(tmp_path_factory, shards):
     return root
 
 
-def test_eval_of_run_folders_is_a_table_of_every_checkpoint_equal_to_each_evaluated_alone(suite, shards, capsys):
+def test_eval_of_run_folders_is_a_table_of_every_checkpoint_equal_to_each_evaluated_alone(suite, shards, capsys,
+                                                                                          monkeypatch):
     out = suite / "evals.parquet"
     data = shards / "eval"
     runs = [str(suite / "ckpt" / name) for name in ("small", "large")]
+    reads = []
+    read_sample = StreamingDataset.__getitem__
+    monkeypatch.setattr(StreamingDataset, "__getitem__", lambda self, i: reads.append(i) or read_sample(self, i))
     assert main(["eval", *runs, "--data", str(data), "--out", str(out), "--max-batches", "2"]) == 0
+    assert reads == list(range(32))  # the split read once, for all 8 checkpoints
+    monkeypatch.undo()
     assert "evaluated 8 checkpoint(s)" in capsys.readouterr().out
     rows = pq.read_table(out).to_pylist()
     assert {(r["run"], r["batch"]) for r in rows} == {(run, b) for run in ("small", "large") for b in (1, 2, 4, 8)}

@@ -153,10 +153,10 @@ def test_a_table_records_how_it_was_computed_and_bf16_stays_near_float32(run, ta
 @pytest.mark.train
 def test_a_split_too_big_to_read_once_is_read_batch_by_batch_to_the_same_tables(run, tables, shards, tmp_path,
                                                                                   monkeypatch):
-    import slm.analysis.logprobs
+    import slm.analysis.samples
 
     out, _ = tables
-    monkeypatch.setattr(slm.analysis.logprobs, "READ_ONCE", 0)  # no split fits: read from the shards each batch
+    monkeypatch.setattr(slm.analysis.samples, "READ_ONCE", 0)  # no split fits: read from the shards each batch
     assert main(["logprobs", str(run), "-d", str(shards / "eval"), "--out-dir", str(tmp_path), "--batch-size",
                  "5"]) == 0
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {p.name: p.read_bytes() for p in out.iterdir()}
