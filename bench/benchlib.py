@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,3 +70,24 @@ def time_loader(cfg, batch_size: int, batches: int, warmup: int = 0) -> float:
     for _ in range(batches):
         next(loader)
     return time.perf_counter() - start
+
+
+def peaks_mib(command: list[str]) -> tuple[float, float]:
+    """Run `command` to its end; its peak anonymous memory and peak resident set size, in MiB."""
+    errors = tempfile.TemporaryFile()  # not a pipe: nobody reads it while the command runs
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
+    status_file, anon = Path(f"/proc/{proc.pid}/status"), 0
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        try:
+            anon = max(anon, next(int(line.split()[1]) for line in status_file.read_text().splitlines()
+                                  if line.startswith("RssAnon:")))
+        except (OSError, StopIteration):
+            pass
+        time.sleep(0.01)
+    if os.waitstatus_to_exitcode(status):
+        errors.seek(0)
+        raise SystemExit(f"{' '.join(command)} failed:\n{errors.read().decode()[-2000:]}")
+    return anon / 1024, usage.ru_maxrss / 1024  # both in KiB on Linux

@@ -45,7 +45,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    from slm.analysis.logprobs import Reading, split_samples, write_table
+    from slm.analysis.logprobs import Reading, write_table
+    from slm.analysis.samples import split_samples
     from slm.core.config import load_config
     from slm.training.model import build_hf_model
 

@@ -40,6 +40,9 @@ BENCHES = {
     "tokenizing": (["bench/tokenizing.py"], ["bench/tokenizing.py", "--num-docs", "5000"]),
     "parts": (["bench/parts.py"], ["bench/parts.py", "--num-docs", "5000"]),
     "logprobs": (["bench/logprobs.py"], ["bench/logprobs.py", "--samples", "32", "--rounds", "1"]),
+    "evals": (["bench/evals.py"], ["bench/evals.py", "--checkpoints", "2", "--samples", "32", "--rounds", "1"]),
+    "study": (["bench/study.py"], ["bench/study.py", "--checkpoints", "4", "--samples", "200", "--seq-len", "128",
+                                   "--chunk-samples", "50"]),
     "train": (["bench/train.py"], ["bench/train.py", "--quick"]),
     "loader": (["bench/loader.py"], ["bench/loader.py", "--docs", "3000"]),
     "resume": (["bench/resume.py"], ["bench/resume.py", "--far", "300", "--docs", "4000", "--repeats", "1"]),
@@ -127,6 +130,43 @@ def logprobs_rows(r: dict) -> tuple[list[str], list[str]]:
     detail = [f"{r['samples']} samples of {r['seq_len']} tokens, batches of {r['batch_size']}; float32 log-softmax; "
               "each side's median over its turns. The log-probs of both sides are "
               f"{'equal' if all(m['identical'] for m in r['models'].values()) else '**not equal**'}."]
+    return summary, detail
+
+
+def evals_rows(r: dict) -> tuple[list[str], list[str]]:
+    summary = [f"| `slm eval` over {r['checkpoints']} checkpoints ({r['model']}, the split read once) against a bare "
+               f"loop loading and evaluating each | {r['checkpoints'] / r['slm_seconds']:.2f} checkpoints/s | bare: "
+               f"{r['checkpoints'] / r['bare_seconds']:.2f} checkpoints/s | {r['ratio']:.2f} | ≥ 0.9 | "
+               f"{met(r['ratio'] >= 0.9 and r['same_losses'])} |"]
+    detail = [f"{r['samples']} samples of {r['seq_len']} tokens, batches of {r['batch_size']}; slm computes four "
+              "metrics and rewrites the table after each checkpoint, the bare loop the cross-entropy alone; each "
+              "side's median over its turns. The cross-entropies are "
+              f"{'equal' if r['same_losses'] else '**not equal**'}."]
+    return summary, detail
+
+
+GIB = 2**10  # MiB
+
+
+def study_rows(r: dict) -> tuple[list[str], list[str]]:
+    losses = r["checkpoints"] * r["samples"] * (r["seq_len"] - 1)
+    tokens = r["checkpoints"] * r["samples"] * r["seq_len"]
+    lp, dyn, small = r["logprobs"], r["dynamics"], r["dynamics_chunked"]
+    size = f"{r['checkpoints']} checkpoints × {r['samples']:,} × {r['seq_len']}"
+    summary = [f"| a study of {size} ({r['model']}): `slm dynamics`' peak memory (default chunks) | "
+               f"{dyn['peak_anon_mib'] / GIB:.2f} GiB | the losses alone: {losses * 4 / 2**30:.2f} GiB | | ≤ 2.5 GiB "
+               f"| {met(dyn['peak_anon_mib'] <= 2.5 * GIB)} |"]
+    detail = [f"A real {r['model']} run saved at each of {r['checkpoints']} batches; {r['samples']:,} samples of "
+              f"{r['seq_len']} tokens; each command its own process (peak anonymous memory sampled every 10 ms).", "",
+              "| command | seconds | rate | peak anonymous, MiB | peak resident, MiB |", "|---|---|---|---|---|",
+              f"| `slm logprobs` | {lp['seconds']:.0f} | {tokens / lp['seconds']:,.0f} tokens/s | "
+              f"{lp['peak_anon_mib']:,.0f} | {lp['peak_rss_mib']:,.0f} |",
+              f"| `slm dynamics --logprobs` (default chunks) | {dyn['seconds']:.0f} | {losses / dyn['seconds']:,.0f} "
+              f"losses/s | {dyn['peak_anon_mib']:,.0f} | {dyn['peak_rss_mib']:,.0f} |",
+              f"| `slm dynamics --logprobs --chunk-samples {r['chunk_samples']}` | {small['seconds']:.0f} | "
+              f"{losses / small['seconds']:,.0f} losses/s | {small['peak_anon_mib']:,.0f} | "
+              f"{small['peak_rss_mib']:,.0f} |", "",
+              f"The chunked tables {'equal' if small['same_tables'] else '**differ from**'} the default's."]
     return summary, detail
 
 
@@ -328,11 +368,13 @@ def ctrl_c_rows(c: dict, who: str) -> tuple[list[str], list[str]]:
     return summary, detail
 
 
-ROWS = {"tokenizing": tokenizing_rows, "parts": parts_rows, "logprobs": logprobs_rows, "train": train_rows,
+ROWS = {"tokenizing": tokenizing_rows, "parts": parts_rows, "logprobs": logprobs_rows, "evals": evals_rows,
+        "study": study_rows, "train": train_rows,
         "loader": loader_rows,
         "resume": resume_rows,
         "memory": memory_rows, "chaos": chaos_rows, "chaos-n2": chaos_rows}
 TITLES = {"tokenizing": "Tokenizing", "parts": "Tokenizing in parts", "logprobs": "Log-probs",
+          "evals": "Evaluating a suite", "study": "A study's size",
           "train": "Training", "loader": "Data path",
           "resume": "Resume time",
           "memory": "Tokenizer memory",
