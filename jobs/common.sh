@@ -4,6 +4,25 @@
 # set at submission (sbatch and `qsub -V` pass it on).
 SLM_VENV="${SLM_VENV:-.venv}"
 
+# The card's example, what a job script trains when given no argument (`qsub jobs/train.sh`, `sbatch
+# jobs/train.sbatch`), and the data it reads (`make data` writes it).
+SLM_EXAMPLE=yamls/mamba-100k.yaml
+SLM_EXAMPLE_DATA="data/mds/train data/mds/validation"
+
+# Say that the example is trained, once its data is there; one line and exit 2 if not: the data is made on a login
+# node (`make data`), not on a compute node.
+slm_example() {
+    local folder
+    for folder in $SLM_EXAMPLE_DATA; do
+        if [ ! -f "$folder/index.json" ]; then
+            echo "slm job: no config given, so the example $SLM_EXAMPLE, which reads $folder: not found in $PWD; run" \
+                 "'make data' there (on a login node), then submit again" >&2
+            exit 2
+        fi
+    done
+    echo "slm job: no config given: training the example, $SLM_EXAMPLE"
+}
+
 # Activate $SLM_VENV in the submission folder (the repository root) and check the config exists; one line
 # and exit 2 otherwise, before anything starts.
 slm_job_setup() {

@@ -2,6 +2,7 @@
 # Train one config on SGE (Grid Engine):
 #
 #   qsub jobs/train.sh yamls/mamba-100k.yaml [key=value ...]
+#   qsub jobs/train.sh             # no argument: the example, yamls/mamba-100k.yaml, on `make data`'s data
 #
 # Submit from the repository root after `make venv`: the job activates .venv there (SLM_VENV=.venv-current:
 # that one). run_name is the yaml's stem unless given (run_name=...), so submitting the same command again
@@ -36,10 +37,11 @@
 #$ -j y
 #$ -o logs/
 
-SLM_JOB_USAGE="qsub jobs/train.sh CONFIG.yaml [key=value ...]"
+SLM_JOB_USAGE="qsub jobs/train.sh [CONFIG.yaml [key=value ...]]"
 task=${SGE_TASK_ID:-undefined}
 SLM_JOB_ID="SGE job ${JOB_ID:-?}$([ "$task" = undefined ] || echo ".$task") (restarted: ${RESTARTED:-0})"
 source jobs/common.sh
+[ $# -gt 0 ] || { slm_example; set -- "$SLM_EXAMPLE"; }
 slm_job_setup "$@"
 # SGE grants GPUs as a count without hiding the others: training uses at most that many.
 SLM_GPUS=$(qstat -j "$JOB_ID" 2>/dev/null | sed -n 's/^hard resource_list:.*gpu=\([0-9]*\).*/\1/p' | head -1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -77,10 +78,47 @@ def assert_grid_trained(ckpt: Path, stem: str, logs: list[str], reference: Path)
     assert_bitwise_equal(final_state(reference / "ref"), final_state(ckpt / f"{stem}_seed42_lr3e-3"))
 
 
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """A submission folder laid out as a fresh clone after `make venv` (the repository's venvs, jobs, yamls and
+    code), with a logs/ folder and no data yet."""
+    root = tmp_path / "checkout"
+    (root / "logs").mkdir(parents=True)
+    for name in (".venv", ".venv-current", "jobs", "yamls", "slm"):
+        if (REPO / name).exists():
+            (root / name).symlink_to(REPO / name)
+    return root
+
+
+def make_data(checkout: Path, shards: Path) -> None:
+    """What `make data` leaves for the example: data/mds/train and data/mds/validation (here the test shards)."""
+    shutil.copytree(shards / "train", checkout / "data" / "mds" / "train")
+    shutil.copytree(shards / "eval", checkout / "data" / "mds" / "validation")
+
+
+EXAMPLE = "slm job: no config given: training the example, yamls/mamba-100k.yaml"
+
+
+def assert_example_trained(log: str, folder: Path) -> None:
+    assert EXAMPLE in log and "slm train: mamba-100k: starting at batch 0 of 10ep" in log, log[-3000:]
+    state = final_state(folder)
+    assert state["timestamp"]["Timestamp"]["epoch"] == 10, log[-3000:]
+    assert OmegaConf.load(folder / "config.yaml").model["class"] == "mamba"
+
+
+@pytest.mark.parametrize("script", ["jobs/train.sbatch", "jobs/train.sh"])
+def test_a_job_with_no_argument_says_to_make_the_examples_data_in_one_line(script, checkout):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SGE_"))} | {"JOB_ID": "1"}
+    proc = subprocess.run(["bash", script], cwd=checkout, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr == (
+        "slm job: no config given, so the example yamls/mamba-100k.yaml, which reads data/mds/train: not found in "
+        f"{checkout}; run 'make data' there (on a login node), then submit again\n"), proc.stderr
+    assert not (checkout / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("script, args, message", [
-    ("jobs/train.sbatch", [], "usage: sbatch jobs/train.sbatch CONFIG.yaml"),
     ("jobs/train.sh", ["yamls/no-such.yaml"], "config yamls/no-such.yaml not found in"),
-    ("jobs/train.sh", ["max_duration=5ba"], "usage: qsub jobs/train.sh CONFIG.yaml"),
+    ("jobs/train.sh", ["max_duration=5ba"], "usage: qsub jobs/train.sh [CONFIG.yaml [key=value ...]]"),
     ("jobs/suite.sbatch", ["max_duration=5ba"], "usage: bash jobs/suite.sbatch [--dry-run] [--per-device K] "
                                                 "[--grid KEY=V1,V2,...]... CONFIG.yaml... [key=value ...]"),
     ("jobs/suite.sh", [], "usage: bash jobs/suite.sh [--dry-run] [--per-device K] [--grid KEY=V1,V2,...]... "
@@ -115,6 +153,15 @@ def test_slurm_train_job_then_resubmitting_resumes(slurm, reference, tmp_path, s
     again = slurm.submit("--output", str(job_log(tmp_path / "again.out")), "jobs/train.sbatch", str(config), cwd=REPO)
     assert wait_until(lambda: slurm.finished(again), JOB_TIMEOUT, "the resubmitted job")["JobState"] == "COMPLETED"
     assert "slm train: slurm-train: resumed at batch 16 of 16ba" in (tmp_path / "again.out").read_text()
+
+
+def test_slurm_job_with_no_argument_trains_the_example(slurm, checkout, shards):
+    make_data(checkout, shards)
+    job = slurm.submit("jobs/train.sbatch", cwd=checkout)
+    log = job_log(checkout / "logs" / f"slm-train-{job}.out")
+    info = wait_until(lambda: slurm.finished(job), JOB_TIMEOUT, f"Slurm job {job}")
+    assert info["JobState"] == "COMPLETED", log.read_text()[-3000:]
+    assert_example_trained(log.read_text(), checkout / "checkpoints" / "mamba-100k")
 
 
 def test_slurm_time_limit_signal_then_preemption_resume_bitwise(slurm, reference, tmp_path, shards):
@@ -192,6 +239,14 @@ def test_sge_train_job_then_resubmitting_resumes(sge, reference, tmp_path, shard
     again = sge.submit("-o", str(job_log(tmp_path / "again.out")), "jobs/train.sh", str(config), cwd=REPO)
     wait_until(lambda: not sge.in_queue(again), JOB_TIMEOUT, "the resubmitted job")
     assert "slm train: sge-train: resumed at batch 16 of 16ba" in (tmp_path / "again.out").read_text()
+
+
+def test_sge_job_with_no_argument_trains_the_example(sge, checkout, shards):
+    make_data(checkout, shards)
+    job = sge.submit("jobs/train.sh", cwd=checkout)
+    log = job_log(checkout / "logs" / f"slm-train.o{job}")
+    wait_until(lambda: not sge.in_queue(job), JOB_TIMEOUT, f"SGE job {job}")
+    assert_example_trained(log.read_text(), checkout / "checkpoints" / "mamba-100k")
 
 
 def test_sge_soft_time_limit_signal_requeues_and_resumes_bitwise(sge, reference, tmp_path, shards):
