@@ -622,6 +622,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # slm.cluster.sweep parses its own arguments (options and configs in any order, which a subparser cannot): this one
     # takes everything after `sweep` as it is (no prefix character anyone types, so no option of its own).
+    p = sub.add_parser("train", prefix_chars="\0", add_help=False, help="train one model: CONFIG.yaml... "
+                       "[key=value ...], what slm/train.py runs, as one process (slm train --help)")
+    p.add_argument("argv", nargs=argparse.REMAINDER)
+    p.set_defaults(run=None)  # main() hands `slm train ...` to slm/train.py's command line before parsing
+
     p = sub.add_parser("sweep", prefix_chars="\0", add_help=False, help="list the tasks of a grid sweep, "
                        "as jobs/suite.sbatch and jobs/suite.sh run them (slm sweep --help)")
     p.add_argument("argv", nargs=argparse.REMAINDER)
@@ -630,6 +635,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    if "train" in words[:2] and set(words[:words.index("train")]) <= {"--debug"}:
+        from slm.train import command  # slm/train.py's own command line, as the whole process
+
+        return command(words[words.index("train") + 1:] + words[:words.index("train")], prog="slm train")
     args = build_parser().parse_args(argv)
     return run_command(f"slm {args.command}", lambda: args.run(args), args.debug)
 

@@ -318,6 +318,9 @@ def load_saved_config(path: Path) -> TrainConfig:
     return _merged([(path, node)], (), [path])
 
 
+OFF_WHEN_EMPTY = ("hub.repo", "logging.wandb.project")  # "" means off, as None does
+
+
 def _merged(chain: list[tuple[Path, DictConfig]], overrides: Sequence[str], paths: list[Path]) -> TrainConfig:
     """Merge the yamls of `chain` in order, then the overrides, into the schema; check every value."""
     schema = OmegaConf.structured(TrainConfig)
@@ -338,6 +341,9 @@ def _merged(chain: list[tuple[Path, DictConfig]], overrides: Sequence[str], path
             raise _explain(e, schema, f"the command line ({item})") from e
         origins[key] = f"the command line ({item})"
     cfg.base = None
+    for key in OFF_WHEN_EMPTY:  # delphi's habit: out_repo="" turns publishing off
+        if OmegaConf.select(cfg, key) == "":
+            OmegaConf.update(cfg, key, None)
     cfg.run_name = cfg.run_name or default_run_name(paths)
     cfg.configs = [str(p) for p in paths]
     try:

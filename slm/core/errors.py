@@ -5,6 +5,7 @@ No secret is ever in either: an error's message is masked when it is made (slm/c
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 import sys
@@ -60,11 +61,25 @@ def describe_error(e: BaseException) -> str:
                   "traceback)")
 
 
+LOG = logging.getLogger("slm")  # its level is slm's log level (`slm train -v`, `-s`, `--loglevel`); unset: WARNING
+
+
+def set_log_level(level: str) -> None:
+    """Set slm's log level (and so Composer's, which the Trainer takes from it): DEBUG, INFO, WARNING, ERROR or
+    CRITICAL; at ERROR and above the progress lines, bars and console metrics are off."""
+    LOG.setLevel(level.upper())
+
+
+def progress_shown() -> bool:
+    """Whether progress lines, bars and console metrics are shown: slm's log level is below ERROR."""
+    return LOG.getEffectiveLevel() < logging.ERROR
+
+
 def say(text: str, prog: str = "slm train", in_signal_handler: bool = False) -> None:
     """Print the progress line `PROG: TEXT` on stderr, from rank 0 only (RANK, as Composer's launcher sets it; unset:
-    the one process). In a signal handler it is one write to file descriptor 2: the buffered stream may be in the
-    middle of a write in the code the signal interrupted."""
-    if os.environ.get("RANK", "0") != "0":
+    the one process), unless slm's log level hides progress (`progress_shown`). In a signal handler it is one write
+    to file descriptor 2: the buffered stream may be in the middle of a write in the code the signal interrupted."""
+    if os.environ.get("RANK", "0") != "0" or not progress_shown():
         return
     if in_signal_handler:
         os.write(2, f"{prog}: {text}\n".encode())

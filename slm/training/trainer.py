@@ -4,6 +4,7 @@ Trainer (autoresumed), and the run's start and end recorded (`train_command`, wh
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -25,7 +26,7 @@ from transformers import PreTrainedModel
 
 from slm.core import workarounds
 from slm.core.config import OptimizerConfig, TrainConfig, load_config, save_config
-from slm.core.errors import SlmError, describe_error, disk_error, run_command, say
+from slm.core.errors import LOG, SlmError, describe_error, disk_error, progress_shown, run_command, say
 from slm.core.run_folder import (
     FILENAME,
     LATEST_FILENAME,
@@ -215,7 +216,7 @@ def run_callbacks(cfg: TrainConfig, folder: Path, run_info: RunInfo, metrics: Me
         loggers.append(workarounds.WandB(project=w.project, entity=w.entity, group=w.group, tags=w.tags or None,
                                          init_kwargs={"id": wandb_run_id(cfg.run_name), "resume": "allow",
                                                       "dir": str(folder), "config": cfg.to_dict()}))
-    interactive = sys.stderr.isatty()
+    interactive = sys.stderr.isatty() and progress_shown()
     if interactive:
         loggers.append(workarounds.ResumableProgressBar())
     return RunCallbacks(callbacks, loggers, schedule, stop, hub, interactive)
@@ -264,11 +265,12 @@ def make_trainer(plan: Plan, folder: Path, warm_start: Path | None = None) -> Ru
         load_ignore_keys=None if cfg.load.weights_only else IGNORE_KEYS,
         spin_dataloaders=False,  # Streaming restores its own position
         progress_bar=False,  # the ResumableProgressBar logger instead, when interactive
-        log_to_console=not callbacks.interactive,
+        log_to_console=not callbacks.interactive and progress_shown(),
         console_log_interval=Time.from_timestring(cfg.log_interval),
         deterministic_mode=cfg.deterministic or not plan.gpu,
         compile_config={} if cfg.compile else None,
-        python_log_level="WARNING" if dist.get_global_rank() == 0 else "ERROR",
+        python_log_level=logging.getLevelName(LOG.getEffectiveLevel() if dist.get_global_rank() == 0 else
+                                              max(LOG.getEffectiveLevel(), logging.ERROR)),
         dist_timeout=cfg.dist_timeout,
     )
     return Run(trainer, callbacks)
@@ -346,7 +348,7 @@ def same_numerics_in_any_process() -> Iterator[None]:
         torch.set_default_dtype(dtype)
 
 
-def train_command(configs: list[str], overrides: list[str], debug: bool = False, from_python: bool = True) -> int:
+def train_command(configs: list[str], overrides: list[str], debug: bool = False, owns_process: bool = False) -> int:
     """Run `slm/train.py CONFIGS... OVERRIDES...` (slm/train.py parses them) and return its exit status: any error
     one line (`slm train: error: ...`), a full disk naming the run folder."""
 
@@ -366,12 +368,13 @@ def train_command(configs: list[str], overrides: list[str], debug: bool = False,
         return run_command("slm train", run, debug)
     finally:
         # Called from Python (a notebook, tests), the process goes on: its Ctrl-C and the schedulers' signals
-        # are its own again. As the script, the run ignores those signals until exit (slm/training/preemption.py),
-        # Ctrl-C too once its status is settled: Python resets a signal it handles to the default (death) while the
-        # interpreter shuts down, and a second Ctrl-C then killed the process (status -2, not 130).
-        if from_python and threading.current_thread() is threading.main_thread():
+        # are its own again. Owning the process (the script, `slm train`), the run ignores those signals until exit
+        # (slm/training/preemption.py), Ctrl-C too once its status is settled: Python resets a signal it handles to
+        # the default (death) while the interpreter shuts down, and a second Ctrl-C then killed the process (status
+        # -2, not 130).
+        if not owns_process and threading.current_thread() is threading.main_thread():
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
-        elif not from_python:
+        elif owns_process:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 

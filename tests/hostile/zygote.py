@@ -77,7 +77,7 @@ def run_job(job: dict) -> int:
         return slm.cli.main(args)
     if kind == "train":
         configs = [a for a in args if "=" not in a]
-        return slm.training.trainer.train_command(configs, [a for a in args if "=" in a], from_python=True)
+        return slm.training.trainer.train_command(configs, [a for a in args if "=" in a])
     try:
         {"open": api_open}[kind](*args)
     except SlmError as e:

@@ -177,12 +177,41 @@ def test_as_the_script_a_ctrl_c_after_the_run_cannot_kill_it_on_its_way_out(tmp_
     """Once the script's status is settled, Ctrl-C is ignored: Python resets the signals it handles to the default
     (death) while the interpreter shuts down, and a second Ctrl-C then ended the process by the signal (-2)."""
     config = write_yaml(tmp_path / "tiny.yaml", shards)
-    code = ("import signal, sys; from slm.train import main; status = main(); "
+    code = ("import signal, sys; from slm.train import command; status = command(); "
             "print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN); sys.exit(status)")
     cmd = train_cmd(config, "run_name=out", "max_duration=2ba")
     proc = run_cmd([sys.executable, "-c", code, *cmd[2:]])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines()[-1] == "True"
+
+
+def test_slm_train_is_the_script_stopped_by_a_signal_and_resumed_bitwise_with_delphis_flags(tmp_path, shards):
+    """`slm train` runs what `python slm/train.py` runs: a SIGTERM at a batch end stops it with a checkpoint and exit
+    75; `--overrides k=v` means bare k=v, `hub.repo=""` publishing off, `-s` no progress lines; the resumed run ends
+    bitwise equal to the script's uninterrupted run."""
+    config = write_yaml(tmp_path / "tiny.yaml", shards)
+    train(config, "run_name=ref")
+    folder = tmp_path / "ckpt" / "cli"
+    cmd = [str(Path(sys.executable).parent / "slm"), "train", str(config), "run_name=cli", "--overrides",
+           "hub.repo=", "logging.wandb.project=''"]
+    hold = Hold(tmp_path / "hold", 4)
+    proc = Started(cmd, env=hold.env)
+    try:
+        hold.wait(proc)
+        proc.send_signal(signal.SIGTERM)
+        hold.release()
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    assert "slm train: cli: starting at batch 0 of 16ba" in stderr and "stopped at batch" in stderr, stderr[-3000:]
+    saved = (folder / "config.yaml").read_text()
+    assert "repo: null" in saved and "project: null" in saved
+    silent = run_cmd([*cmd, "-s"])
+    assert silent.returncode == 0 and silent.stderr == "", silent.stderr[-3000:]
+    verbose = run_cmd([*cmd, "-v"])  # finished: resumed at its end, Composer telling what it does
+    assert verbose.returncode == 0 and ": INFO: composer." in verbose.stderr, verbose.stderr[-3000:]
+    assert_bitwise_equal(final_state(tmp_path / "ckpt" / "ref"), final_state(folder))
 
 
 @pytest.mark.parametrize("after", [signal.SIGTERM, signal.SIGUSR1])
