@@ -417,7 +417,34 @@ def reference() -> str:
                 section(StreamConfig, f"{shared}streams.NAME.")
 
     section(TrainConfig, "")
-    return "\n".join(out).rstrip() + "\n"
+    return "\n".join(out).rstrip() + "\n\n" + COMING_FROM
+
+
+COMING_FROM = """## Coming from delphi or llm-foundry
+
+Their flags and keys, and slm's (`slm train CONFIG.yaml [key=value ...]`; a yaml, not a json, and nested keys written
+with dots):
+
+| delphi | llm-foundry | slm |
+|---|---|---|
+| `--overrides k=v ...` | `k=v` after the yaml | `k=v ...`, or `--overrides k=v ...` |
+| `-v`, `-s`, `--loglevel LEVEL` | (`python_log_level`) | `-v`, `-s`, `--loglevel LEVEL` (Composer's and slm's) |
+| `out_repo`, `""`: off | `save_folder: hf://...` | `hub.repo: ORG/NAME`, `""` or null: off |
+| `wandb` (`project`, ...), off when empty | `loggers.wandb` | `logging.wandb.project`, ...; `""` or null: off |
+| `run_name`, `out_dir` | `run_name`, `save_folder` | `run_name`, `save_folder` (`checkpoints/{run_name}`) |
+| `init_from: resume` | `autoresume: true` | always: the same `run_name` resumes |
+| `max_epochs` | `max_duration` | `max_duration` (`10ep`, `2000ba`, `5000000tok`) |
+| `batch_size` x `gradient_accumulation_steps` | `global_train_batch_size` | `global_batch_size` |
+| (`batch_size`) | `device_train_microbatch_size` | `device_microbatch_size` |
+| `max_seq_len` | `max_seq_len` | the shards' `seq_len` (`slm tokenize -l`) |
+| `eval_interval`, `eval_iters` | `eval_interval`, `eval_subset_num_batches` | `eval_interval`, `eval_batches` |
+| `checkpoint_interval` | `save_interval` | `save_interval` (and `early_checkpoints`, `checkpoints_per_token_decade`) |
+| `optimizer` (`lr`, `beta1`, `beta2`, `weight_decay`) | `optimizer` | `optimizer.lr`, `.betas`, `.weight_decay` |
+| `grad_clip` | `algorithms.gradient_clipping` | `grad_clip` |
+| `torch_seed`, `batch_ordering_seed` | `seed` | `seed`, `data.shuffle_seed` |
+| `model_config` (`model_class` + kwargs) | `model` | `model` (`class` + the HF config's keys) |
+| `dataset`, `tokenizer` | `train_loader`, `tokenizer` | `data.train`, `data.eval` (MDS folders), `tokenizer` |
+"""
 
 
 if __name__ == "__main__":
