@@ -10,7 +10,7 @@ from slm.training.export import model_from_checkpoint
 from slm.training.metrics import build_metrics, byte_lengths
 from slm.training.model import CausalLM, build_hf_model
 
-from helpers import final_state, mds_tokens, run_slm, train, write_yaml
+from helpers import REPO, final_state, mds_tokens, run_slm, train, write_yaml
 
 pytestmark = pytest.mark.train
 
@@ -142,3 +142,21 @@ def test_eval_refuses_data_from_another_tokenizer(exported, tmp_path, corpus):
             "--out-dir", str(tmp_path / "mds"))
     proc = run_slm("eval", str(exported / "hf"), "-d", str(tmp_path / "mds"), check=False)
     assert proc.returncode == 1 and "not with the model's tokenizer" in proc.stderr
+
+
+@pytest.mark.train
+@pytest.mark.beside  # four models of 30m to 124m parameters: minutes, beside the main session
+@pytest.mark.parametrize("name", ["llama-30m", "llama-120m", "mamba-95m", "gpt2-124m"])
+def test_the_published_shapes_train_two_batches_and_export(name, shards, tmp_path):
+    """The yamls of the sizes the field publishes (Pythia-70m's and 160m's shapes, Mamba-130m's, GPT-2 small) build,
+    train 2 batches on the CPU and export to a folder transformers loads with the trained weights."""
+    train(REPO / "yamls" / f"{name}.yaml", f"data.train.local={shards / 'train'}", f"data.eval.local={shards / 'eval'}",
+          "max_duration=2ba", "global_batch_size=2", "eval_batches=1", "early_checkpoints=0", "save_interval=2ba",
+          f"save_folder={tmp_path / 'ckpt' / '{run_name}'}")
+    state = final_state(tmp_path / "ckpt" / name)
+    assert state["timestamp"]["Timestamp"]["batch"] == 2
+    run_slm("export", str(tmp_path / "ckpt" / name / "latest-rank0.pt"), "-o", str(tmp_path / "hf"))
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    trained = model_from_checkpoint(state, name)
+    assert type(exported) is type(trained) and all(
+        torch.equal(a, b) for a, b in zip(exported.state_dict().values(), trained.state_dict().values(), strict=True))
