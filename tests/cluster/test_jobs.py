@@ -90,10 +90,20 @@ def checkout(tmp_path: Path) -> Path:
     return root
 
 
-def make_data(checkout: Path, shards: Path) -> None:
-    """What `make data` leaves for the example: data/mds/train and data/mds/validation (here the test shards)."""
-    shutil.copytree(shards / "train", checkout / "data" / "mds" / "train")
-    shutil.copytree(shards / "eval", checkout / "data" / "mds" / "validation")
+@pytest.fixture(scope="module")
+def example_data(tmp_path_factory: pytest.TempPathFactory, corpus: Path, tokenizer_dir: Path) -> Path:
+    """Shards standing in for `make data`'s: a train split of two batches of the example's 256 samples, so its 10
+    epochs are 20 batches."""
+    root = tmp_path_factory.mktemp("example-data")
+    for name, split in (("train", "train[:30%]"), ("validation", "train[90%:]")):
+        run_slm("tokenize", "-i", str(corpus), "-f", "story", "-s", split, "-t", str(tokenizer_dir), "-l", "64",
+                "--out-dir", str(root / name))
+    return root
+
+
+def make_data(checkout: Path, example_data: Path) -> None:
+    """What `make data` leaves for the example: data/mds/train and data/mds/validation."""
+    shutil.copytree(example_data, checkout / "data" / "mds")
 
 
 EXAMPLE = "slm job: no config given: training the example, yamls/mamba-100k.yaml"
@@ -102,7 +112,7 @@ EXAMPLE = "slm job: no config given: training the example, yamls/mamba-100k.yaml
 def assert_example_trained(log: str, folder: Path) -> None:
     assert EXAMPLE in log and "slm train: mamba-100k: starting at batch 0 of 10ep" in log, log[-3000:]
     state = final_state(folder)
-    assert state["timestamp"]["Timestamp"]["epoch"] == 10, log[-3000:]
+    assert state["timestamp"]["Timestamp"]["epoch"] == 10, log[-3000:]  # the example's max_duration
     assert OmegaConf.load(folder / "config.yaml").model["class"] == "mamba"
 
 
@@ -155,8 +165,8 @@ def test_slurm_train_job_then_resubmitting_resumes(slurm, reference, tmp_path, s
     assert "slm train: slurm-train: resumed at batch 16 of 16ba" in (tmp_path / "again.out").read_text()
 
 
-def test_slurm_job_with_no_argument_trains_the_example(slurm, checkout, shards):
-    make_data(checkout, shards)
+def test_slurm_job_with_no_argument_trains_the_example(slurm, checkout, example_data):
+    make_data(checkout, example_data)
     job = slurm.submit("jobs/train.sbatch", cwd=checkout)
     log = job_log(checkout / "logs" / f"slm-train-{job}.out")
     info = wait_until(lambda: slurm.finished(job), JOB_TIMEOUT, f"Slurm job {job}")
@@ -241,8 +251,8 @@ def test_sge_train_job_then_resubmitting_resumes(sge, reference, tmp_path, shard
     assert "slm train: sge-train: resumed at batch 16 of 16ba" in (tmp_path / "again.out").read_text()
 
 
-def test_sge_job_with_no_argument_trains_the_example(sge, checkout, shards):
-    make_data(checkout, shards)
+def test_sge_job_with_no_argument_trains_the_example(sge, checkout, example_data):
+    make_data(checkout, example_data)
     job = sge.submit("jobs/train.sh", cwd=checkout)
     log = job_log(checkout / "logs" / f"slm-train.o{job}")
     wait_until(lambda: not sge.in_queue(job), JOB_TIMEOUT, f"SGE job {job}")
