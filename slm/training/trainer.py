@@ -74,7 +74,10 @@ class Plan:
 
 def meet(gpu: bool, timeout: float) -> None:
     """Have every process of the run join the process group (Composer's `dist.initialize_dist`); the rendezvous that
-    did not happen within `timeout` is one line naming its host and port."""
+    did not happen within `timeout` is one line naming its host and port. Under torchrun, which names the node's
+    rank GROUP_RANK, Composer is given it as NODE_RANK, the name Composer's launcher uses."""
+    if "GROUP_RANK" in os.environ:
+        os.environ.setdefault("NODE_RANK", os.environ["GROUP_RANK"])
     try:
         dist.initialize_dist("gpu" if gpu else "cpu", timeout)
     except Exception as e:  # torch's store and network errors (DistError, RuntimeError, TimeoutError)

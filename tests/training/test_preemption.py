@@ -73,6 +73,34 @@ def test_signal_to_one_rank_stops_all_at_one_checkpoint_and_resumes_bitwise(tmp_
     assert [r["batch"] for r in rows if "metrics/eval/CrossEntropy" in r] == [8, 16]
 
 
+def test_torchrun_trains_stops_and_resumes_bitwise_as_composer_does(tmp_path, shards):
+    """`torchrun --standalone --nproc-per-node 2 slm/train.py ...` (nanollama's launcher): a SIGTERM to one rank
+    stops both at one batch end with a checkpoint; the same command resumes, and the run ends bitwise equal to
+    `composer -n 2`'s uninterrupted one. (torchrun reports its workers' 75 as a failure: it exits 1.)"""
+    config = write_yaml(tmp_path / "tiny.yaml", shards)
+    train(config, "run_name=ref", procs=2)
+    folder = tmp_path / "ckpt" / "tr"
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
+           str(Path(train_cmd(config)[1])), str(config), "run_name=tr"]
+    hold = Hold(tmp_path / "hold", 4)
+    proc = Started(cmd, env=hold.env)
+    try:
+        hold.wait(proc, processes=2)
+        os.kill(ranks_of(proc)[1], signal.SIGTERM)
+        hold.release()
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    stopped = re.search(r"stopped at batch (\d+) on a signal to another process, checkpoint saved", stderr)
+    assert proc.returncode != 0 and stopped, stderr[-3000:]
+    batch = int(stopped.group(1))
+    assert final_state(folder)["timestamp"]["Timestamp"]["batch"] == batch
+    last = run_cmd(cmd)
+    assert last.returncode == 0, last.stderr[-3000:]
+    assert resumed_at(last) == batch
+    assert_bitwise_equal(final_state(tmp_path / "ckpt" / "ref"), final_state(folder))
+
+
 class Terminal:
     """A command started as a terminal's foreground job (its own process group), its stderr read as it comes."""
 
