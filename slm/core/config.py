@@ -134,6 +134,13 @@ class LoggingConfig:  # loggers beside metrics.jsonl
 
 
 @dataclass
+class ProfileConfig:  # Composer's profiler: a Chrome/Perfetto trace in the run folder's profile/ (docs/training.md)
+    batches: int = ruled(0, non_negative)  # batches to trace (each start of the run); 0: no profile
+    skip_first: int = ruled(1, non_negative)  # batches to let pass first (start-up, `compile: true`), then 1 unrecorded
+    torch: bool = False  # also PyTorch's profiler (every operator, its FLOPs and memory): profile/torch/, much larger
+
+
+@dataclass
 class TrainConfig:  # the top level of a training yaml
     base: str | None = None  # parent yaml, consumed while loading
     run_name: str | None = ruled(None, safe_run_name)  # defaults to the yaml's stem; reuse it to resume
@@ -170,6 +177,7 @@ class TrainConfig:  # the top level of a training yaml
     load: LoadConfig = field(default_factory=LoadConfig)  # a warm start
     hub: HubConfig = field(default_factory=HubConfig)  # publishing to the Hub
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # W&B
+    profile: ProfileConfig = field(default_factory=ProfileConfig)  # a trace of a few batches
     sweep: dict[str, Any] = field(default_factory=dict)  # key: [values] for `slm sweep` / jobs/suite.*; not training's
     configs: list[str] = field(default_factory=list)  # the yaml files merged, in order (set by load_config)
 

@@ -20,12 +20,13 @@ from composer.algorithms import GradientClipping
 from composer.callbacks import CheckpointSaver, LRMonitor, SpeedMonitor
 from composer.core import Callback, Evaluator, Time
 from composer.loggers import LoggerDestination
+from composer.profiler import JSONTraceHandler, Profiler, cyclic_schedule
 from composer.utils import dist
 from torchmetrics import Metric
 from transformers import PreTrainedModel
 
 from slm.core import workarounds
-from slm.core.config import OptimizerConfig, TrainConfig, load_config, save_config
+from slm.core.config import OptimizerConfig, ProfileConfig, TrainConfig, load_config, save_config
 from slm.core.errors import LOG, SlmError, describe_error, disk_error, progress_shown, run_command, say
 from slm.core.run_folder import (
     FILENAME,
@@ -275,8 +276,22 @@ def make_trainer(plan: Plan, folder: Path, warm_start: Path | None = None) -> Ru
         python_log_level=logging.getLevelName(LOG.getEffectiveLevel() if dist.get_global_rank() == 0 else
                                               max(LOG.getEffectiveLevel(), logging.ERROR)),
         dist_timeout=cfg.dist_timeout,
+        profiler=_profiler(cfg.profile, folder) if cfg.profile.batches else None,
     )
     return Run(trainer, callbacks)
+
+
+def _profiler(profile: ProfileConfig, folder: Path) -> Profiler:
+    """Return Composer's profiler for the `profile:` key: after `skip_first` batches and one unrecorded, a trace of
+    `batches` batches in the run folder's profile/ (Chrome/Perfetto JSON: each Trainer event, the data loader's
+    waits, the CPU), with `torch`, PyTorch's operator trace in profile/torch/ too; nothing is uploaded."""
+    return Profiler(
+        schedule=cyclic_schedule(skip_first=profile.skip_first, wait=0, warmup=1, active=profile.batches, repeat=1),
+        trace_handlers=[JSONTraceHandler(folder=str(folder / "profile"), remote_file_name=None,
+                                         merged_trace_remote_file_name=None, overwrite=True)],
+        torch_prof_folder=str(folder / "profile" / "torch"), torch_prof_remote_file_name=None,
+        torch_prof_memory_remote_file_name=None, torch_prof_overwrite=True, torch_prof_profile_memory=profile.torch,
+        torch_prof_with_flops=profile.torch)
 
 
 def start_run(cfg: TrainConfig) -> Run:

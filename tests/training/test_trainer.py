@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -46,6 +47,21 @@ def test_same_seed_gives_bitwise_identical_checkpoints(reference, tmp_path, shar
     train(other, "run_name=seed7", "seed=7")  # the comparison can fail: another seed gives other weights
     with pytest.raises(AssertionError, match="differs"):
         assert_bitwise_equal(final_state(ref), final_state(tmp_path / "ckpt" / "seed7"))
+
+
+def test_profile_writes_a_trace_of_the_training_events_and_changes_no_bit(reference):
+    """`profile: {batches: 3, skip_first: 2}`: Composer's profiler records batches 4 to 6 (2 skipped, 1 unrecorded)
+    into the run folder's profile/, a Chrome/Perfetto trace naming the data loader, forward, backward and batch
+    events; the run ends bitwise equal to the unprofiled reference."""
+    config, ref = reference
+    train(config, "run_name=profiled", "profile.batches=3", "profile.skip_first=2")
+    folder = ref.parent / "profiled"  # the reference yaml's save folder: ckpt/{run_name} beside it
+    assert sorted(p.name for p in (folder / "profile").iterdir()) == ["ep0-ba6-rank0.json", "merged_trace.json"]
+    trace = json.loads((folder / "profile" / "merged_trace.json").read_text())
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    names = {e.get("name") for e in events if isinstance(e, dict)}
+    assert {"event/dataloader", "event/forward", "event/backward", "event/batch"} <= names, sorted(names)[:50]
+    assert_bitwise_equal(final_state(ref), final_state(folder))
 
 
 def test_what_the_process_did_before_a_run_changes_no_bit_of_it(tmp_path, shards, monkeypatch):
