@@ -3,6 +3,7 @@
     python -m slm.cluster.sweep [--dry-run | --count | --task N] [--per-device K] [--grid KEY=V1,V2,...]...
                         CONFIG.yaml... [key=value ...]
     slm sweep ...                                                   (the same)
+    slm sweep --local -j K ...                   (the runs on this machine, K at a time: slm/cluster/local.py)
 
 jobs/suite.sbatch and jobs/suite.sh call it: on submission for the array's size (--count, which first loads
 every task's config, so a typo fails there and not in the array), in each array task for that task's
@@ -282,13 +283,20 @@ def table(tasks: Sequence[Task], per_device: int = 1) -> str:
 def build_parser(prog: str = "slm sweep") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     usage="%(prog)s [--dry-run | --count | --task N] [--grid KEY=V1,V2,...]... "
-                                           "CONFIG.yaml... [key=value ...]")
+                                     usage="%(prog)s [--dry-run | --count | --task N | --local [-j K]] "
+                                           "[--grid KEY=V1,V2,...]... CONFIG.yaml... [key=value ...]")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true",
                       help="print the tasks (the default): index, run_name, config, combination")
     mode.add_argument("--count", action="store_true", help="print the number of tasks")
     mode.add_argument("--task", type=int, metavar="N", help="print task N's arguments (from 0), one a line")
+    mode.add_argument("--local", action="store_true",
+                      help="train the runs on this machine, -j at a time; again: resumes stopped runs, skips finished "
+                           "ones; Ctrl-C stops them all with checkpoints (slm/cluster/local.py)")
+    parser.add_argument("-j", "--jobs", type=int, default=1, metavar="K", help="with --local: runs at once, each on "
+                        "its share of the CPU cores, or sharing the GPUs (default 1)")
+    parser.add_argument("--logs", default="logs", metavar="DIR", help="with --local: each run's output in "
+                                                                       "DIR/RUN_NAME.log (default: logs)")
     parser.add_argument("--per-device", type=int, default=1, metavar="K",
                         help="K runs at once in each array task, sharing its GPU or splitting its CPU cores "
                              "(default 1); --task N then prints array task N's runs, joined by --next")
@@ -301,16 +309,21 @@ def build_parser(prog: str = "slm sweep") -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int | None:
     configs = [a for a in args.args if "=" not in a]
     if args.per_device < 1:
         raise SlmError(f"--per-device {args.per_device}: give at least 1 run a device")
     tasks = expand(configs, [a for a in args.args if "=" in a], args.grid)
     if args.task is not None:
         print("\n".join(array_task_args(tasks, args.task, args.per_device)))
-        return
+        return None
     check_tasks(tasks)
+    if args.local:
+        from slm.cluster.local import run_locally
+
+        return run_locally(tasks, args.jobs, Path(args.logs))
     print(array_size(tasks, args.per_device) if args.count else table(tasks, args.per_device))
+    return None
 
 
 def grid_runs(argv: Sequence[str]) -> list[str]:

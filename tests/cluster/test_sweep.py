@@ -1,9 +1,11 @@
 """slm/cluster/sweep.py: a grid (--grid and a yaml's sweep: block) expanded into the tasks of a suite array, their
-run_names, the checks at submission, and the --dry-run / --count / --task outputs the job scripts read. No training: the
-arrays themselves run in tests/cluster/test_jobs.py."""
+run_names, the checks at submission, and the --dry-run / --count / --task outputs the job scripts read (the arrays
+themselves run in tests/cluster/test_jobs.py); and a grid trained on this machine (`--local -j K`), stopped by Ctrl-C
+and resumed."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,7 @@ from slm.cluster.sweep import expand, main, parse_grid, split_values
 from slm.core.config import load_config
 from slm.core.errors import SlmError
 
-from helpers import REPO, write_yaml
+from helpers import REPO, Hold, Started, assert_bitwise_equal, final_state, run_cmd, train, write_yaml
 
 NO_SHARDS = Path("/no/shards")  # the configs load without them: nothing here trains
 
@@ -224,3 +226,43 @@ def test_per_device_groups_the_tasks_into_array_tasks_joined_by_next(tiny, capsy
     assert "task 2 (counting from 0) does not exist: the sweep has 2 tasks" in capsys.readouterr().err
     assert main(["--count", *args[:-1], "0"]) == 1
     assert capsys.readouterr().err.strip() == "slm sweep: error: --per-device 0: give at least 1 run a device"
+
+
+@pytest.mark.train
+@pytest.mark.beside  # four tiny runs, two at a time
+def test_a_local_sweep_runs_two_at_a_time_stops_on_ctrl_c_and_a_second_call_resumes(tmp_path, shards):
+    """`slm sweep tiny.yaml --grid seed=42,7 optimizer.lr=3e-3,1e-3 --local -j 2`: the first two runs held at the end
+    of batch 4 when the sweep gets a Ctrl-C: both stop with a checkpoint, the other two never start, exit 130. The
+    same command resumes the two and trains the others; the run of the yaml's own values ends bitwise equal to it
+    trained directly. A third call skips all four."""
+    config = write_yaml(tmp_path / "tiny.yaml", shards)
+    train(config, "run_name=ref")
+    cmd = [str(Path(sys.executable).parent / "slm"), "sweep", str(config), "--grid", "seed=42,7",
+           "optimizer.lr=3e-3,1e-3", "--local", "-j", "2", "--logs", str(tmp_path / "logs")]
+    names = ["tiny_seed42_lr3e-3", "tiny_seed42_lr1e-3", "tiny_seed7_lr3e-3", "tiny_seed7_lr1e-3"]
+    hold = Hold(tmp_path / "hold", 4)
+    proc = Started(cmd, env=hold.env)
+    try:
+        hold.wait(proc, processes=2)
+        proc.send_signal(signal.SIGINT)
+        hold.release()
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "slm sweep: 4 runs on this machine, 2 at a time (CPU cores" in stderr, stderr[-3000:]
+    for name in names[:2]:
+        assert f"slm sweep: {name}: stopped at batch" in stderr, stderr[-3000:]
+        assert 4 <= final_state(tmp_path / "ckpt" / name)["timestamp"]["Timestamp"]["batch"] < 16
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["ref", *sorted(names[:2])]
+
+    again = run_cmd(cmd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "slm sweep: all 4 runs finished (4 trained now)" in again.stderr, again.stderr[-3000:]
+    for name in names:
+        assert final_state(tmp_path / "ckpt" / name)["timestamp"]["Timestamp"]["batch"] == 16
+    assert "resumed at batch" in (tmp_path / "logs" / f"{names[0]}.log").read_text()
+    assert_bitwise_equal(final_state(tmp_path / "ckpt" / "ref"), final_state(tmp_path / "ckpt" / names[0]))
+
+    last = run_cmd(cmd)
+    assert last.returncode == 0 and last.stderr.count("skipped: finished before") == 4, last.stderr[-3000:]
