@@ -9,6 +9,9 @@ with the machine, the date and the commit.
   loader       slm's data path against Streaming's stock reader and the raw-memmap limit, 0 and 2 workers
   resume       resume time at batch 10,000 against batch 10
   memory       peak memory of tokenizing a 4x corpus against a 1x one
+  logprobs     `slm logprobs`' inner loop against a bare transformers loop
+  evals        `slm eval` over a suite's checkpoints (the split read once) against a bare loop
+  study        time and peak memory of `slm logprobs` and `slm dynamics` over a 40-checkpoint suite
   chaos        20 SIGKILLs over one run and 10 double Ctrl-Cs over another, with 2 other processes keeping the CPUs
                busy; then 8 SIGKILLs over a `composer -n 2` run (one rank killed each time)
 
@@ -16,7 +19,10 @@ Each runs as its own process (its output and figures go to bench/logs/NAME.log a
 as failed and the others still run. Takes about 25 minutes on a 2-core machine; --quick runs every
 benchmark small (a few minutes) to check the whole report works.
 
-    python bench/report.py [--out bench/RESULTS.md] [--only NAME ...] [--quick]
+    python bench/report.py [--out bench/RESULTS.md] [--only NAME ... [--insert]] [--quick]
+
+--insert keeps the rest of RESULTS.md and puts the rows and sections of the benchmarks run now in place of theirs
+(a summary row is theirs where its first cell is one they write), saying in the header when and where they ran.
 """
 
 from __future__ import annotations
@@ -390,13 +396,47 @@ def commit() -> str:
     return head.stdout.strip() + (" with uncommitted changes" if changed.stdout.strip() else "")
 
 
+def inserted(report: str, where: str, rows: list[str], sections: dict[str, list[str]]) -> str:
+    """Return RESULTS.md `report` with `rows` in its summary table (replacing rows of the same first cell, else at
+    its end), each of `sections` in place of the section of its title (else at the end), and `where` said after the
+    header's paragraphs."""
+    def first_cell(row: str) -> str:
+        return row.split(" | ")[0]
+
+    lines = report.rstrip("\n").split("\n")
+    said = where.split(" are from ")[0]
+    lines = [line for line in lines if not line.startswith(said)]  # the note of an earlier insert of these rows
+    while "## Summary" in lines and lines[lines.index("## Summary") - 2:lines.index("## Summary")] == ["", ""]:
+        lines.pop(lines.index("## Summary") - 1)
+    summary = lines.index("## Summary")
+    lines[summary:summary] = [where, ""]
+    table_end = next(i for i in range(lines.index("|---|---|---|---|---|---|") + 1, len(lines) + 1)
+                     if i == len(lines) or not lines[i].startswith("|"))
+    new = {first_cell(row) for row in rows}
+    kept = [row for row in lines[lines.index("|---|---|---|---|---|---|") + 1:table_end] if first_cell(row) not in new]
+    lines[lines.index("|---|---|---|---|---|---|") + 1:table_end] = kept + rows
+    for title, body in sections.items():
+        heading = f"## {title}"
+        if heading in lines:
+            start = lines.index(heading)
+            end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+            lines[start:end] = [heading, "", *body, ""]
+        else:
+            lines += ["", heading, "", *body]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "RESULTS.md")
     parser.add_argument("--only", nargs="+", choices=list(BENCHES), help="run only these")
     parser.add_argument("--quick", action="store_true", help="every benchmark small: checks the report, "
                         "not the figures")
+    parser.add_argument("--insert", action="store_true", help="with --only: update RESULTS.md in place, keeping "
+                        "the other benchmarks' rows")
     args = parser.parse_args()
+    if args.insert and not args.only:
+        parser.error("--insert updates the rows of the benchmarks --only names")
     logs = REPO / "bench" / "logs"
     logs.mkdir(exist_ok=True)
     started, start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
@@ -411,16 +451,22 @@ def main() -> int:
              "`python bench/report.py` (about 25 minutes on 2 cores); each benchmark's own output and figures are in "
              "`bench/logs/`.", "", "## Summary", "", "| claim | figure | baseline | ratio | goal | met |",
              "|---|---|---|---|---|---|"]
-    details = []
+    rows, sections = [], {}
     for name, (figures, seconds, _) in results.items():
         if figures is None:
-            lines.append(f"| {TITLES[name]} | **failed**: see `bench/logs/{name}.log` | | | | **no** |")
+            rows.append(f"| {TITLES[name]} | **failed**: see `bench/logs/{name}.log` | | | | **no** |")
             continue
         summary, detail = ROWS[name](figures)
-        lines += summary
+        rows += summary
         command = " ".join(BENCHES[name][args.quick])
-        details += ["", f"## {TITLES[name]}", "", f"`python {command}`, {seconds / 60:.1f} min.", "", *detail]
-    args.out.write_text("\n".join(lines + details) + "\n")
+        sections[TITLES[name]] = [f"`python {command}`, {seconds / 60:.1f} min.", "", *detail]
+    if args.insert:
+        where = (f"The rows of {', '.join(TITLES[n] for n in results)} are from `python bench/report.py --only "
+                 f"{' '.join(results)} --insert` alone, on {started:%Y-%m-%d} at commit {measured}, on {machine()}.")
+        args.out.write_text(inserted(args.out.read_text(), where, rows, sections))
+    else:
+        details = [line for title, body in sections.items() for line in ["", f"## {title}", "", *body]]
+        args.out.write_text("\n".join(lines + rows + details) + "\n")
     print(f"wrote {args.out}")
     return 1 if any(status for _, _, status in results.values()) else 0
 
