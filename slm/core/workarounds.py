@@ -7,12 +7,13 @@ public code also does (reading samples) does it the stock way on another version
 the behaviour, or changed the code leaned on: read the upstream code named in the docstring, adapt or drop the
 workaround, and add the version to `WRITTEN_FOR`.
 
-Here (nothing changes on import; `applied()` is entered by slm/train.py for a run and undone when it exits, the
-classes and `check_wandb_login` are used where the Trainer is made): Composer's node signal file, its warnings,
-its engine's debug log, its event dispatch, its collectives in one process, its progress bar after a resume,
-its checkpoint unpickling (through slm/core/trust.py's gate), W&B's checkpoint downloads and login check, Streaming's
-reading of a shard folder and its index.json (links out of the folder, shard names, counts against bytes), its shared
-memory (its prefix registration, its blocks held until exit) and its threads after a partial read. Elsewhere:
+Here (nothing changes on import; `applied()` is entered by the trainer, slm/training/trainer.py's `train_command`,
+for a run and undone when it exits; the classes and `check_wandb_login` are used where the Trainer is made):
+Composer's node signal file, its warnings, its engine's debug log, its event dispatch, its collectives in one
+process, its progress bar after a resume, its checkpoint unpickling (through slm/core/trust.py's gate), W&B's
+checkpoint downloads and login check, Streaming's reading of a shard folder and its index.json (links out of the
+folder, shard names, counts against bytes), its shared memory (its prefix registration, its blocks held until exit)
+and its threads after a partial read. Elsewhere:
 - slm/data/mapped_shards.py: Streaming's private sample partition and MDS reader fields (falls back: the stock read);
 - slm/analysis/batches.py: Streaming's partition calls, to name each step's samples (refuses);
 - tests/helpers/pytest_capture.py: pytest's capture manager, to train in the test process (pytest 9.2).

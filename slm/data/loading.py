@@ -62,7 +62,8 @@ def describe_split(split: dict) -> str:
 
 
 def split_metadatas(split: DataSplit, name: str) -> list[tuple[str, dict]]:
-    """Read (label, slm-dataset.json) of each MDS folder of the split (`sources`), each folder's shards checked."""
+    """Read (label, slm-dataset.json) of each MDS folder of the split (`split_folders`), each folder's shards
+    checked."""
     return [(label, folder_metadata(folder, label)) for label, folder in split_folders(split, name)]
 
 

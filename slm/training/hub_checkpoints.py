@@ -329,8 +329,8 @@ class HubCheckpoints(LoggerDestination):
     def finish(self, state: State) -> None:
         """Upload what is queued or missing and wait for it: a finished or stopped run leaves only once all is up.
 
-        Called by slm/train.py after `fit`, not at FIT_END: the other ranks go on to collectives (evaluation at
-        FIT_END) that would time out while rank 0 waits here.
+        Called by the trainer (slm/training/trainer.py, `train`) after `fit`, not at FIT_END: the other ranks go on
+        to collectives (evaluation at FIT_END) that would time out while rank 0 waits here.
         """
         if self.publisher:
             self.publisher.drain()  # first, so that the listing catch_up makes is not racing the thread's commits
