@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from slm.core.errors import SlmError, run_command, say
-from slm.core.paths import refuse_to_clobber
+from slm.core.paths import places, refuse_to_clobber, require_output
 
 if TYPE_CHECKING:  # the commands import what they need when they run: `slm --help` starts at once
     from collections.abc import Iterator
@@ -66,8 +66,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
     from slm.data.tokenizer import check_vocab_size, train_tokenizer
     from slm.hub.client import Hub
 
-    if not (args.out_dir or args.out_repo):
-        raise SlmError("give --out-dir, --out-repo, or both")
+    require_output(args.out_dir, args.out_repo)
     check_vocab_size(args.vocab_size)
     out_dir = Path(args.out_dir) if args.out_dir else None
     refuse_to_clobber(out_dir, args.overwrite)
@@ -97,8 +96,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
         print(f"note: the corpus has too few distinct words for more merges: {len(tok):,} tokens, not "
               f"{args.vocab_size:,}; model vocab sizes >= {len(tok):,} work with it", file=sys.stderr)
     print(f"trained a byte-level BPE tokenizer with {len(tok):,} tokens on {read:,} documents; saved to "
-          + " and ".join(filter(None, [str(out_dir) if out_dir else None,
-                                       f"hf://{args.out_repo}" if args.out_repo else None])))
+          + places(out_dir, args.out_repo and f"hf://{args.out_repo}"))
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
@@ -109,8 +107,7 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 
     if args.seq_len < 2:
         raise SlmError(f"--seq-len must be at least 2 (one <bos> plus one token), got {args.seq_len}")
-    if not (args.out_dir or args.out_remote):
-        raise SlmError("give --out-dir, --out-remote, or both")
+    require_output(args.out_dir, args.out_remote, "--out-remote")
     in_parts = args.parts is not None
     if (args.part is not None or args.merge) and not in_parts:
         raise SlmError("--part and --merge are steps of --parts N: give --parts too")
@@ -173,7 +170,7 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
             repo_type, repo_id, path = to_hub
             Hub().push_folder(local, repo_id, f"MDS shards of {args.in_dataset} [{args.split}] by slm",
                               repo_type=repo_type, path_in_repo=path)
-    where = " and ".join(filter(None, [str(out_dir) if out_dir else None, args.out_remote]))
+    where = places(out_dir, args.out_remote)
     print(f"wrote {stats.samples:,} samples of {args.seq_len} tokens to {where}: {stats.documents:,} documents, "
           f"{stats.tokens:,} tokens ({stats.dropped_tail_tokens} dropped at the tail), "
           f"{stats.tokens / stats.seconds:,.0f} tokens/s{' merged' if args.merge else ''}")
@@ -183,13 +180,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     from slm.hub.client import Hub
     from slm.training.export import export_checkpoint
 
-    if not (args.out_dir or args.out_repo):
-        raise SlmError("give --out-dir, --out-repo, or both")
+    require_output(args.out_dir, args.out_repo)
     with tempfile.TemporaryDirectory() as tmp:
         out = export_checkpoint(Path(args.checkpoint), Path(args.out_dir or Path(tmp) / "export"), args.overwrite)
         if args.out_repo:
             Hub().push_folder(out, args.out_repo, f"HF export of {Path(args.checkpoint).name} by slm")
-    where = " and ".join(filter(None, [args.out_dir, f"hf://{args.out_repo}" if args.out_repo else None]))
+    where = places(args.out_dir, args.out_repo and f"hf://{args.out_repo}")
     print(f"exported {args.checkpoint} to {where}; load it with "
           f"AutoModelForCausalLM.from_pretrained('{args.out_dir or args.out_repo}')")
 

@@ -34,7 +34,7 @@ from slm.analysis.samples import SplitSamples, check_data, split_samples
 from slm.analysis.trained_models import Loaded, find_models, select
 from slm.core.errors import SlmError
 from slm.core.foreign import plain_name
-from slm.core.paths import partial_file
+from slm.core.paths import partial_file, places, require_output
 from slm.data.loading import check_shards
 from slm.data.shards import read_metadata
 from slm.hub.client import Hub
@@ -181,8 +181,7 @@ def write_logprobs(models: list[str], data: Path, out_dir: Path | None = None, o
     """Write the table of every selected checkpoint of each MODEL to `out_dir` (of several MODELs: to
     `out_dir/NAME`, NAME the end of MODEL's path or repo) and/or, of one MODEL, the dataset repo `out_repo`."""
     reading = reading or Reading()
-    if not (out_dir or out_repo):
-        raise SlmError("give --out-dir, --out-repo, or both")
+    require_output(out_dir, out_repo)
     if out_repo and len(models) > 1:
         raise SlmError("--out-repo takes the tables of one MODEL (a branch per checkpoint): push each run in its own "
                        "call, or give --out-dir")
@@ -212,8 +211,7 @@ def write_logprobs(models: list[str], data: Path, out_dir: Path | None = None, o
             todo_local = local is not None and not local.exists()
             todo_hub = bool(out_repo) and label not in pushed
             if not (todo_local or todo_hub):
-                where = " and ".join(filter(None, [str(local) if local else None,
-                                                   f"hf://datasets/{out_repo}@{label}" if out_repo else None]))
+                where = places(local, out_repo and f"hf://datasets/{out_repo}@{label}")
                 print(f"skipped {named} (already in {where})", flush=True)
                 continue
             start = time.perf_counter()
@@ -231,6 +229,5 @@ def write_logprobs(models: list[str], data: Path, out_dir: Path | None = None, o
                         shutil.copyfile(table, push / HUB_FILE)
                     hub.push_folder(push, out_repo, f"next-token log-probs of {model} at {label} on {data} by slm",
                                     repo_type="dataset", branch=label)
-            where = " and ".join(filter(None, [str(local) if todo_local else None,
-                                               f"hf://datasets/{out_repo}@{label}" if todo_hub else None]))
+            where = places(todo_local and local, todo_hub and f"hf://datasets/{out_repo}@{label}")
             print(f"{summary}; wrote {where} in {time.perf_counter() - start:.1f} s", flush=True)

@@ -37,6 +37,18 @@ def refuse_secrets(values: Any, where: str) -> None:
                       "process can see); slm never writes one to a file: give the value another way")
 
 
+def require_output(out_dir: Any, elsewhere: Any, flag: str = "--out-repo") -> None:
+    """Refuse a command that would write nowhere: it needs --out-dir, the other output (`flag`: --out-repo,
+    --out-remote), or both."""
+    if not (out_dir or elsewhere):
+        raise SlmError(f"give --out-dir, {flag}, or both")
+
+
+def places(*where: Any) -> str:
+    """Say where something was written: the places given (None and empty ones left out), joined by "and"."""
+    return " and ".join(str(place) for place in where if place)
+
+
 def refuse_to_clobber(path: Path | None, overwrite: bool) -> None:
     """Fail early (before any slow work) if `path` holds something and --overwrite was not given."""
     if path is None or not path.exists() or overwrite:

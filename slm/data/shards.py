@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from slm.core.errors import Refused, SlmError
 from slm.core.foreign import checked_folder, count, mapping, optional, read_json, shown, stored_members, text
-from slm.core.paths import partial_folder, refuse_to_clobber
+from slm.core.paths import partial_folder, refuse_to_clobber, require_output
 from slm.core.shard_index import checked_index
 
 CHUNKING_RULE = "slm-v1"
@@ -203,8 +203,7 @@ def write_streams(streams: Iterable[tuple[np.ndarray, np.ndarray]], identity: di
     """Chunk token streams (pieces of the whole stream in order, each with its documents' lengths) and write MDS
     shards plus `slm-dataset.json` and `slm-documents.npz`; returns the counts. The shards are the same whatever
     the pieces are: they depend on the whole stream only."""
-    if out_dir is None and out_remote is None:
-        raise SlmError("give --out-dir, --out-remote, or both")
+    require_output(out_dir, out_remote, "--out-remote")
     dtype = token_dtype(identity["vocab_size"])
     chunker = Chunker(seq_len, identity["bos_id"], identity["eos_id"], dtype)
     if out_dir is not None:
