@@ -172,7 +172,7 @@ class RunCallbacks:
 
 
 @dataclass
-class Run:
+class ReadyRun:
     """A run ready to train: its Trainer and the callbacks the run reaches again after making it."""
 
     trainer: Trainer
@@ -234,7 +234,7 @@ def _optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=cfg.fused or None)
 
 
-def make_trainer(plan: Plan, folder: Path, warm_start: Path | None = None) -> Run:
+def make_trainer(plan: Plan, folder: Path, warm_start: Path | None = None) -> ReadyRun:
     """Make Composer's Trainer over a checked plan and a prepared run folder (no checks of its own): it autoresumes
     from the run folder (or the Hub), and a new run starts from `warm_start` (a checkpoint file) when given."""
     cfg, model = plan.cfg, plan.model
@@ -278,7 +278,7 @@ def make_trainer(plan: Plan, folder: Path, warm_start: Path | None = None) -> Ru
         dist_timeout=cfg.dist_timeout,
         profiler=_profiler(cfg.profile, folder) if cfg.profile.batches else None,
     )
-    return Run(trainer, callbacks)
+    return ReadyRun(trainer, callbacks)
 
 
 def _profiler(profile: ProfileConfig, folder: Path) -> Profiler:
@@ -294,7 +294,7 @@ def _profiler(profile: ProfileConfig, folder: Path) -> Profiler:
         torch_prof_with_flops=profile.torch)
 
 
-def start_run(cfg: TrainConfig) -> Run:
+def start_run(cfg: TrainConfig) -> ReadyRun:
     """Check everything and make the run ready to fit: preflight, then the run folder, the warm start and the
     Trainer (autoresumed), then the schedule's refusal of an idle continuation; config.yaml is written only once
     the start is accepted."""
