@@ -20,7 +20,9 @@ TRAIN_LOSS, EVAL_LOSS, LR = "loss/train/total", "metrics/eval/CrossEntropy", "lr
 
 
 @dataclass
-class Run:
+class RunCurves:
+    """A run folder's curves as `slm plot` draws them: its name, metrics.jsonl's rows and run.json."""
+
     name: str
     rows: list[dict]
     info: dict = field(default_factory=dict)  # run.json
@@ -34,7 +36,7 @@ class Run:
         return [t for t, _ in points], [v for _, v in points]
 
 
-def read_run(folder: Path) -> Run:
+def read_run(folder: Path) -> RunCurves:
     """Read a run folder of slm/train.py (checkpoints/RUN_NAME): its metrics and parameter count."""
     checked_run_folder(folder)
     if not (folder / METRICS).is_file():
@@ -44,7 +46,7 @@ def read_run(folder: Path) -> Run:
     info = read_run_record(folder) or {}
     if not rows:
         raise SlmError(f"{folder / METRICS} is empty: the run has not logged a batch yet")
-    return Run(info.get("run_name", folder.name), rows, info)
+    return RunCurves(info.get("run_name", folder.name), rows, info)
 
 
 def save_figure(fig, out: Path) -> Path:
@@ -63,7 +65,7 @@ def save_figure(fig, out: Path) -> Path:
     return out
 
 
-def _label(run: Run) -> str:
+def _label(run: RunCurves) -> str:
     return f"{run.name} ({run.parameters / 1e6:.3g}M)" if run.parameters else run.name
 
 
