@@ -24,7 +24,7 @@ from slm.core.config import TrainConfig, load_config, load_saved_config
 from slm.core.errors import SlmError, say
 from slm.core.run_folder import checked_run_folder, read_run_record
 from slm.core.workarounds import require
-from slm.data.loading import build_dataset, check_shards, split_folders
+from slm.data.loading import build_dataset, check_shards, split_streams
 from slm.data.shards import Documents, read_documents
 
 
@@ -54,7 +54,7 @@ class Batches:
         self.per_rank = cfg.global_batch_size // world.ranks
         self.dataset = build_dataset(cfg.data.train, cfg.data, self.per_rank, train=True)
         self.streams = [label.rsplit(".", 1)[-1] if cfg.data.train.streams else "train"
-                        for label, _ in split_folders(cfg.data.train, "train")]
+                        for label, _ in split_streams(cfg.data.train, "train")]
         self.steps_per_epoch = len(self._epoch(0)[0])
         self._documents: dict[str, Documents | None] = {}
         self.folders = folders or {}

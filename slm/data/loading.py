@@ -40,9 +40,9 @@ def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     return {"input_ids": tokens, "labels": tokens.clone()}
 
 
-def split_folders(split: DataSplit, name: str) -> list[tuple[str, StreamConfig]]:
-    """Return (label, folder) of each MDS folder of the split `data.NAME`: the split's own (label `data.NAME`), or each
-    of its streams (label `data.NAME.streams.STREAM`), in config order."""
+def split_streams(split: DataSplit, name: str) -> list[tuple[str, StreamConfig]]:
+    """Return (label, stream config: local folder and remote) of each MDS folder of the split `data.NAME`: the split's
+    own (label `data.NAME`), or each of its streams (label `data.NAME.streams.STREAM`), in config order."""
     if split.streams:
         return [(f"data.{name}.streams.{stream}", folder) for stream, folder in split.streams.items()]
     return [(f"data.{name}", StreamConfig(local=split.local, remote=split.remote))]
@@ -62,9 +62,9 @@ def describe_split(split: dict) -> str:
 
 
 def split_metadatas(split: DataSplit, name: str) -> list[tuple[str, dict]]:
-    """Read (label, slm-dataset.json) of each MDS folder of the split (`split_folders`), each folder's shards
+    """Read (label, slm-dataset.json) of each MDS folder of the split (`split_streams`), each folder's shards
     checked."""
-    return [(label, folder_metadata(folder, label)) for label, folder in split_folders(split, name)]
+    return [(label, folder_metadata(folder, label)) for label, folder in split_streams(split, name)]
 
 
 def _fetch(remote: str, name: str, local: Path, label: str) -> None:
