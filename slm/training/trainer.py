@@ -73,7 +73,7 @@ class Plan:
     train_metrics: list[Metric]  # updated and logged by the TrainMetrics callback, not by Composer
 
 
-def meet(gpu: bool, timeout: float) -> None:
+def join_process_group(gpu: bool, timeout: float) -> None:
     """Have every process of the run join the process group (Composer's `dist.initialize_dist`); the rendezvous that
     did not happen within `timeout` is one line naming its host and port. Under torchrun, which names the node's
     rank GROUP_RANK, Composer is given it as NODE_RANK, the name Composer's launcher uses."""
@@ -97,7 +97,7 @@ def preflight(cfg: TrainConfig) -> Plan:
     gpu = torch.cuda.is_available()
     if cfg.device_microbatch_size == "auto" and not gpu:
         raise SlmError("device_microbatch_size=auto needs a GPU; give a number on CPU")
-    meet(gpu, cfg.dist_timeout)
+    join_process_group(gpu, cfg.dist_timeout)
     world = dist.get_world_size()
     if cfg.global_batch_size % world:
         raise SlmError(f"global_batch_size {cfg.global_batch_size} is not divisible by the {world} processes")
