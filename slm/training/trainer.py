@@ -179,7 +179,7 @@ class ReadyRun:
     callbacks: RunCallbacks
 
 
-def run_callbacks(cfg: TrainConfig, folder: Path, run_info: RunInfo, metrics: MetricsFile,
+def build_callbacks(cfg: TrainConfig, folder: Path, run_info: RunInfo, metrics: MetricsFile,
                   train_metrics: TrainMetrics, seq_len: int) -> RunCallbacks:
     """Make a run's callbacks and loggers, in the order Composer must call them.
 
@@ -242,7 +242,7 @@ def make_trainer(plan: Plan, folder: Path, warm_start: Path | None = None) -> Re
     run_info = RunInfo(cfg, plan.tokenizer, count_parameters(model.model), folder, metrics,
                        warm_start_record(cfg.load, warm_start) if warm_start else None)
     train_metrics = TrainMetrics(model, plan.train_metrics, cfg.log_interval)
-    callbacks = run_callbacks(cfg, folder, run_info, metrics, train_metrics, plan.seq_len)
+    callbacks = build_callbacks(cfg, folder, run_info, metrics, train_metrics, plan.seq_len)
     train_data = build_dataloader(cfg.data.train, cfg.data, plan.per_device_batch, train=True)
     eval_data = build_dataloader(cfg.data.eval, cfg.data, plan.per_device_batch, train=False)
     trainer = Trainer(
