@@ -59,7 +59,7 @@ class Harness:
 
         from slm.data.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(loaded.tokenizer, content_hash=loaded.tokenizer_hash)
+        tokenizer = load_tokenizer(loaded.tokenizer_name, content_hash=loaded.tokenizer_hash)
         model = HFLM(pretrained=loaded.model, tokenizer=tokenizer, batch_size=self.batch_size,
                      trust_remote_code=False)
         result = lm_eval.simple_evaluate(model=model, tasks=[task], task_manager=self.manager, limit=self.limit,

@@ -28,7 +28,7 @@ class Loaded:
     (None where unknown)."""
 
     model: torch.nn.Module
-    tokenizer: str
+    tokenizer_name: str  # a folder or Hub id (load_tokenizer loads it)
     run: str | None = None
     batch: int | None = None
     tokens: int | None = None
