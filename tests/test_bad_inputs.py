@@ -375,7 +375,7 @@ def test_training_accepts_the_data_tokenizer_saved_with_a_post_processor(tmp_pat
 
     templated = edited_tokenizer(tokenizer_dir, tmp_path / "templated_tok", bos_template)
     plan = preflight(load_config(write_yaml(tmp_path / "tiny.yaml", shards), [f"tokenizer={templated}"]))
-    assert plan.tokenizer["name"] == str(templated)
+    assert plan.tokenizer_identity["name"] == str(templated)
     config = plan.model.model.config  # training's model config carries the tokenizer's special ids
     assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (0, 1, 2)
     assert not (tmp_path / "ckpt").exists()

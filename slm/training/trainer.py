@@ -68,7 +68,7 @@ class Plan:
     gpu: bool
     per_device_batch: int
     seq_len: int  # tokens of every sample
-    tokenizer: dict  # its identity (slm/data/tokenizer.py `tokenizer_identity`): name, ids, content hash
+    tokenizer_identity: dict  # its identity (slm/data/tokenizer.py `tokenizer_identity`): name, ids, content hash
     model: CausalLM
     train_metrics: list[Metric]  # updated and logged by the TrainMetrics callback, not by Composer
 
@@ -239,7 +239,7 @@ def make_trainer(plan: Plan, folder: Path, warm_start: Path | None = None) -> Re
     from the run folder (or the Hub), and a new run starts from `warm_start` (a checkpoint file) when given."""
     cfg, model = plan.cfg, plan.model
     metrics = MetricsFile(folder / METRICS)
-    run_info = RunInfo(cfg, plan.tokenizer, count_parameters(model.model), folder, metrics,
+    run_info = RunInfo(cfg, plan.tokenizer_identity, count_parameters(model.model), folder, metrics,
                        warm_start_record(cfg.load, warm_start) if warm_start else None)
     train_metrics = TrainMetrics(model, plan.train_metrics, cfg.log_interval)
     callbacks = build_callbacks(cfg, folder, run_info, metrics, train_metrics, plan.seq_len)

@@ -217,7 +217,7 @@ def test_preflight_takes_the_tokenizer_of_the_first_train_stream(mixed_data, sha
                                                                      "proportion": 0.5}})
     plan = preflight(load_config(config))
     recorded = json.loads((shards / "train" / "slm-dataset.json").read_text())["tokenizer"]
-    assert plan.tokenizer["name"] == recorded["name"]
+    assert plan.tokenizer_identity["name"] == recorded["name"]
 
 
 PREFLIGHT = {
