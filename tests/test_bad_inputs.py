@@ -236,11 +236,11 @@ TRAIN_CASES = {
     "time without unit": (["max_duration=100"], "config key 'max_duration' = '100' is not a time"),
     "unsafe run_name": (["run_name=../up"], "run_name '../up' is not a safe folder name"),
     "auto microbatch on CPU": (["device_microbatch_size=auto"], "device_microbatch_size=auto needs a GPU"),
-    "tokenizer not the data's": (["tokenizer={ws}/other_tok"], "is not the one data.train was tokenized with"),
-    "tokenizer of the data's size, other ids": (["tokenizer={ws}/swapped_tok"], "is not the one data.train was "
-                                                "tokenized with (content hashes differ); if these shards were made "
-                                                "with this tokenizer by an older slm under other library versions, "
-                                                "tokenize them again"),
+    "tokenizer not the data's": (["tokenizer={ws}/other_tok"], ", not with {ws}/other_tok (content hashes differ)"),
+    "tokenizer of the data's size, other ids": (["tokenizer={ws}/swapped_tok"], ", not with {ws}/swapped_tok (content "
+                                                "hashes differ); if these shards "
+                                                "were made with this tokenizer by an older slm under other library "
+                                                "versions, tokenize them again"),
     "hub.repo not a repo id": (["hub.repo=just-a-name"], "config key 'hub.repo' = 'just-a-name' is not a Hub repo id"),
     "hub.retries below 1": (["hub.repo=me/x", "hub.retries=0"], "config key 'hub.retries' must be at least 1"),
     "unknown logging key": (["logging.wandb.projekt=x"], "unknown config key 'logging.wandb.projekt' in the command "

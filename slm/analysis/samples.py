@@ -13,10 +13,10 @@ from streaming import StreamingDataset
 from transformers import PreTrainedTokenizerFast
 
 from slm.core import workarounds
-from slm.core.errors import SlmError
-from slm.data.loading import check_compatible, check_shards, collate
+from slm.data.loading import check_data_fits, check_shards, collate
 from slm.data.shards import read_metadata
-from slm.data.tokenizer import load_tokenizer, mismatch_hint, tokenizer_matches
+from slm.data.tokenizer import load_tokenizer
+from slm.training.model import context_length
 
 READ_ONCE = 2**30  # bytes: a split's samples up to this size are read once, for every checkpoint
 
@@ -57,12 +57,8 @@ def check_data(model: torch.nn.Module, tokenizer_name: str, split: SplitSamples)
     """Refuse a split the model cannot read (ids past its vocabulary, samples past its positions) or tokenized with
     another tokenizer than the model's; return the model's tokenizer."""
     tokenizer = load_tokenizer(tokenizer_name)
-    meta = split.meta
-    if not tokenizer_matches(tokenizer, meta["tokenizer"]):
-        raise SlmError(f"{split.data} was tokenized with {meta['tokenizer']['name']}, not with the model's tokenizer"
-                       f"{mismatch_hint(tokenizer, meta['tokenizer'])}")
-    check_compatible([(split.data, meta)], model.config.vocab_size,
-                     getattr(model.config, "max_position_embeddings", None))
+    check_data_fits([(split.data, split.meta)], tokenizer, f"the model's tokenizer {tokenizer_name}",
+                    model.config.vocab_size, context_length(model.config))
     return tokenizer
 
 

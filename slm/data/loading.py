@@ -23,6 +23,7 @@ from composer.core import DataSpec
 from composer.utils import dist
 from streaming import Stream
 from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerFast
 
 from slm.core.config import DataConfig, DataSplit, StreamConfig
 from slm.core.errors import SlmError
@@ -30,6 +31,7 @@ from slm.core.foreign import checked_folder, mapping, read_json
 from slm.core.shard_index import checked_index
 from slm.data.mapped_shards import MappedShards
 from slm.data.shards import read_metadata
+from slm.data.tokenizer import mismatch_hint, tokenizer_matches
 
 SHM_ATTEMPTS = 5
 _jitter = random.Random()  # its own state: the global one is the training's
@@ -128,10 +130,16 @@ def check_shards(folder: Path, hashes: bool = True, complete: bool = True) -> No
                                "`slm tokenize`")
 
 
-def check_compatible(metas: list[tuple[str | Path, dict]], vocab_size: int, max_positions: int | None) -> None:
-    """Refuse data the model cannot read, naming the folder (`split_metadatas`' label) and both values; all
-    folders must share one seq_len. (The tokenizer is checked against each folder by the caller: shards of an
-    older slm record another kind of hash for the same tokenizer.)"""
+def check_data_fits(metas: list[tuple[str | Path, dict]], tokenizer: PreTrainedTokenizerFast, tokenizer_name: str,
+                    vocab_size: int, max_positions: int | None) -> None:
+    """Refuse data a model cannot read, naming the folder (`split_metadatas`' label) and both values: the one rule of
+    data and model, for training and every study command. Every folder was tokenized with `tokenizer` (named
+    `tokenizer_name`; content hashes compared), its ids fit the model's `vocab_size`, its samples its
+    `max_positions`, and all folders share one seq_len."""
+    for label, meta in metas:
+        if not tokenizer_matches(tokenizer, meta["tokenizer"]):
+            raise SlmError(f"{label} was tokenized with {meta['tokenizer']['name']}, not with {tokenizer_name} "
+                           f"(content hashes differ){mismatch_hint(tokenizer, meta['tokenizer'])}")
     for label, meta in metas:
         data_vocab = meta["tokenizer"]["vocab_size"]
         if data_vocab > vocab_size:

@@ -38,8 +38,8 @@ from slm.core.run_folder import (
     repair_latest,
 )
 from slm.core.shared_memory import clean_stale_shared_memory
-from slm.data.loading import build_dataloader, check_compatible, split_metadatas
-from slm.data.tokenizer import load_tokenizer, mismatch_hint, tokenizer_identity, tokenizer_matches
+from slm.data.loading import build_dataloader, check_data_fits, split_metadatas
+from slm.data.tokenizer import load_tokenizer, tokenizer_identity
 from slm.hub.client import CommitBudget, Hub
 from slm.hub.manifest import remote_name
 from slm.training.checkpointing import KeepNewestPeriodic, early_batches, save_schedule, token_batches
@@ -105,13 +105,9 @@ def preflight(cfg: TrainConfig) -> Plan:
     metas = split_metadatas(cfg.data.train, "train") + split_metadatas(cfg.data.eval, "eval")  # each folder/stream
     tokenizer_name = cfg.tokenizer or metas[0][1]["tokenizer"]["name"]  # the (first) train folder's
     tokenizer = load_tokenizer(tokenizer_name)
-    for label, meta in metas:
-        if not tokenizer_matches(tokenizer, meta["tokenizer"]):
-            raise SlmError(f"tokenizer {tokenizer_name} is not the one {label} was tokenized with "
-                           f"(content hashes differ){mismatch_hint(tokenizer, meta['tokenizer'])}")
     hf_model = build_hf_model(cfg.model, cfg.seed)
     use_special_tokens(hf_model, tokenizer)  # after building: pad_token_id would be llama's padding_idx
-    check_compatible(metas, hf_model.config.vocab_size, context_length(hf_model.config))
+    check_data_fits(metas, tokenizer, tokenizer_name, hf_model.config.vocab_size, context_length(hf_model.config))
     table = byte_lengths(tokenizer)
     model = CausalLM(hf_model, tokenizer, eval_metrics=build_metrics(table))
     return Plan(cfg, gpu, cfg.global_batch_size // world, metas[0][1]["seq_len"],

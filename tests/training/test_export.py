@@ -141,7 +141,8 @@ def test_eval_refuses_data_from_another_tokenizer(exported, tmp_path, corpus):
     run_slm("tokenize", "-i", str(corpus), "-f", "story", "-t", str(tmp_path / "tok"), "-l", "32",
             "--out-dir", str(tmp_path / "mds"))
     proc = run_slm("eval", str(exported / "hf"), "-d", str(tmp_path / "mds"), check=False)
-    assert proc.returncode == 1 and "not with the model's tokenizer" in proc.stderr
+    assert proc.returncode == 1 and f"not with the model's tokenizer {exported / 'hf'} (content hashes differ)" in \
+        proc.stderr, proc.stderr
 
 
 @pytest.mark.train
