@@ -31,15 +31,15 @@ def bare(folders: list[Path], samples: torch.Tensor, batch_size: int) -> list[fl
     losses = []
     for folder in folders:
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
-        total, count = 0.0, 0
+        total, count = torch.zeros((), dtype=torch.float64), 0
         with torch.no_grad():
             for start in range(0, len(samples), batch_size):
                 ids = samples[start:start + batch_size]
+                targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)  # no copy of the logits
                 logits = model(ids, use_cache=False).logits.float()
-                total += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(),
-                                                           reduction="sum").item()
+                total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
                 count += ids[:, 1:].numel()
-        losses.append(total / count)
+        losses.append(total.item() / count)
     return losses
 
 
