@@ -7,7 +7,7 @@ as `slm logprobs` reads it once for all checkpoints (`split_samples`) and writes
 turns `--rounds` times and each side's median time counts. Goal (issue 46): slm / bare >= 0.9 in samples/s.
 
     python bench/logprobs.py [--models llama-100k llama-1m mamba-100k] [--samples 128] [--seq-len 256] [--batch-size 16]
-                             [--rounds 3] [--json FILE]
+                             [--rounds 5] [--json FILE]
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     from slm.analysis.logprobs import Reading, write_table
@@ -66,7 +66,8 @@ def main() -> None:
                                   [f"model.max_position_embeddings={args.seq_len}"] if "llama" in name else [])
                 model = build_hf_model(dict(cfg.model), cfg.seed).eval()
                 times: dict[str, list[float]] = {"bare": [], "slm": []}
-                bare(model, in_memory[:args.batch_size], args.batch_size)  # warm-up
+                bare(model, in_memory[:args.batch_size], args.batch_size)  # warm-up, both sides
+                write_table(model, split, tmp / "warm-up.parquet", name, Reading(args.batch_size, "float32"))
                 for _ in range(args.rounds):
                     start = time.perf_counter()
                     expected = np.concatenate(bare(model, in_memory, args.batch_size))

@@ -22,7 +22,8 @@ benchmark small (a few minutes) to check the whole report works.
     python bench/report.py [--out bench/RESULTS.md] [--only NAME ... [--insert]] [--quick]
 
 --insert keeps the rest of RESULTS.md and puts the rows and sections of the benchmarks run now in place of theirs
-(a summary row is theirs where its first cell is one they write), saying in the header when and where they ran.
+(a summary row is theirs where its first cell is one they write), saying in the header when and where they ran;
+with --from-logs it runs nothing and takes an earlier run's figures from bench/logs/NAME.json.
 """
 
 from __future__ import annotations
@@ -61,8 +62,17 @@ BENCHES = {
 PACKAGES = ["torch", "mosaicml", "mosaicml-streaming", "transformers", "tokenizers", "datasets"]
 
 
-def run_bench(name: str, command: list[str], logs: Path) -> tuple[dict | None, float, int]:
-    """Run one benchmark; its figures (None if it wrote none), its wall time and its exit status."""
+def from_log(path: Path) -> tuple[dict, float, int]:
+    """Return the figures an earlier run left in `path` (bench/logs/NAME.json), its wall time and status 0."""
+    if not path.exists():
+        raise SystemExit(f"no {path}: run the benchmark first")
+    figures = json.loads(path.read_text())
+    return figures, figures["report"]["seconds"], 0
+
+
+def run_bench(name: str, command: list[str], logs: Path, measured: str) -> tuple[dict | None, float, int]:
+    """Run one benchmark; its figures (None if it wrote none; with the commit, date and wall time of this run under
+    "report"), its wall time and its exit status."""
     log, out = logs / f"{name}.log", logs / f"{name}.json"
     out.unlink(missing_ok=True)
     print(f"== {name}: {' '.join(command)} (log: {log.relative_to(REPO)})", flush=True)
@@ -76,7 +86,11 @@ def run_bench(name: str, command: list[str], logs: Path) -> tuple[dict | None, f
         print(f"   FAILED (exit {proc.returncode}) after {seconds:.0f} s:\n" + "\n".join(tail), flush=True)
         return (json.loads(out.read_text()) if out.exists() else None), seconds, proc.returncode or 1
     print(f"   done in {seconds:.0f} s", flush=True)
-    return json.loads(out.read_text()), seconds, 0
+    figures = json.loads(out.read_text())
+    figures["report"] = {"commit": measured, "seconds": seconds,
+                         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")}
+    out.write_text(json.dumps(figures, indent=2) + "\n")
+    return figures, seconds, 0
 
 
 def met(ok: bool) -> str:
@@ -159,9 +173,12 @@ def study_rows(r: dict) -> tuple[list[str], list[str]]:
     tokens = r["checkpoints"] * r["samples"] * r["seq_len"]
     lp, dyn, small = r["logprobs"], r["dynamics"], r["dynamics_chunked"]
     size = f"{r['checkpoints']} checkpoints × {r['samples']:,} × {r['seq_len']}"
-    summary = [f"| a study of {size} ({r['model']}): `slm dynamics`' peak memory (default chunks) | "
-               f"{dyn['peak_anon_mib'] / GIB:.2f} GiB | the losses alone: {losses * 4 / 2**30:.2f} GiB | | ≤ 2.5 GiB "
-               f"| {met(dyn['peak_anon_mib'] <= 2.5 * GIB)} |"]
+    summary = [f"| a study of {size} ({r['model']}): `slm logprobs`, every checkpoint's table | "
+               f"{tokens / lp['seconds']:,.0f} tokens/s, peak {lp['peak_anon_mib'] / GIB:.2f} GiB | | | | |",
+               f"| the same study: `slm dynamics`' peak memory, default chunks (≤ 2 GiB of losses and what is computed "
+               f"from them) | {dyn['peak_anon_mib'] / GIB:.2f} GiB, {losses / dyn['seconds'] / 1e6:.1f}M losses/s | "
+               f"chunks of {r['chunk_samples']}: {small['peak_anon_mib'] / GIB:.2f} GiB | | ≤ 2.5 GiB | "
+               f"{met(dyn['peak_anon_mib'] <= 2.5 * GIB and small['same_tables'])} |"]
     detail = [f"A real {r['model']} run saved at each of {r['checkpoints']} batches; {r['samples']:,} samples of "
               f"{r['seq_len']} tokens; each command its own process (peak anonymous memory sampled every 10 ms).", "",
               "| command | seconds | rate | peak anonymous, MiB | peak resident, MiB |", "|---|---|---|---|---|",
@@ -434,14 +451,24 @@ def main() -> int:
                         "not the figures")
     parser.add_argument("--insert", action="store_true", help="with --only: update RESULTS.md in place, keeping "
                         "the other benchmarks' rows")
+    parser.add_argument("--from-logs", action="store_true", help="with --insert: run nothing, take the figures of "
+                        "an earlier run from bench/logs/NAME.json (its commit, date and minutes are in it)")
     args = parser.parse_args()
     if args.insert and not args.only:
         parser.error("--insert updates the rows of the benchmarks --only names")
+    if args.from_logs and not args.insert:
+        parser.error("--from-logs goes with --insert")
     logs = REPO / "bench" / "logs"
     logs.mkdir(exist_ok=True)
     started, start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
     measured = commit()  # before the benchmarks: files edited while they run are not what they measured
-    results = {name: run_bench(name, BENCHES[name][args.quick], logs) for name in args.only or BENCHES}
+    if args.from_logs:
+        results = {name: from_log(logs / f"{name}.json") for name in args.only}
+        measured = "/".join(sorted({figures["report"]["commit"] for figures, _, _ in results.values()}))
+        started = datetime.datetime.fromisoformat(min(f["report"]["date"] for f, _, _ in results.values()))
+    else:
+        results = {name: run_bench(name, BENCHES[name][args.quick], logs, measured)
+                   for name in args.only or BENCHES}
     versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in PACKAGES)
     lines = ["# Benchmark results", "",
              f"Written by `python bench/report.py{' --quick' if args.quick else ''}` on "
@@ -462,7 +489,8 @@ def main() -> int:
         sections[TITLES[name]] = [f"`python {command}`, {seconds / 60:.1f} min.", "", *detail]
     if args.insert:
         where = (f"The rows of {', '.join(TITLES[n] for n in results)} are from `python bench/report.py --only "
-                 f"{' '.join(results)} --insert` alone, on {started:%Y-%m-%d} at commit {measured}, on {machine()}.")
+                 f"{' '.join(results)} --insert` alone, on {started:%Y-%m-%d} at commit {measured}, on "
+                 f"{results[next(iter(results))][0].get('machine', machine())}.")
         args.out.write_text(inserted(args.out.read_text(), where, rows, sections))
     else:
         details = [line for title, body in sections.items() for line in ["", f"## {title}", "", *body]]
