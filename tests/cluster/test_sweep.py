@@ -266,3 +266,39 @@ def test_a_local_sweep_runs_two_at_a_time_stops_on_ctrl_c_and_a_second_call_resu
 
     last = run_cmd(cmd)
     assert last.returncode == 0 and last.stderr.count("skipped: finished before") == 4, last.stderr[-3000:]
+
+
+def test_a_local_sweep_reads_a_run_folder_it_cannot_trust_as_not_finished(tmp_path):
+    """`--local`'s skip check reads run-state.json and config.yaml through the checked readers: a link out of the
+    folder, a state of another kind, a config naming a base yaml or a huge file all mean "not finished" (the run's
+    own start then checks the folder), never a read outside it or a crash."""
+    from slm.cluster.local import finished
+    from slm.core.config import save_config
+    from slm.core.run_folder import STATE_FILE
+
+    config = write_yaml(tmp_path / "tiny.yaml", NO_SHARDS)
+    cfg = load_config(config, ["run_name=r", "max_duration=16ba"])
+    folder = cfg.folder
+    folder.mkdir(parents=True)
+    (tmp_path / "outside.json").write_text('{"state": "finished"}')
+    save_config(cfg, tmp_path / "saved.yaml")
+    save_config(load_config(config, ["run_name=r", "max_duration=8ba"]), tmp_path / "shorter.yaml")
+    saved, shorter = (tmp_path / "saved.yaml").read_text(), (tmp_path / "shorter.yaml").read_text()
+    cases = {
+        "state links out": lambda: (folder / STATE_FILE).symlink_to(tmp_path / "outside.json"),
+        "state of another kind": lambda: (folder / STATE_FILE).write_text('{"state": "done"}'),
+        "state not JSON": lambda: (folder / STATE_FILE).write_text("{"),
+        "huge state": lambda: (folder / STATE_FILE).write_bytes(b" " * 2**25 + b'{"state": "finished"}'),
+        "config naming a base": lambda: ((folder / STATE_FILE).write_text('{"state": "finished"}'),
+                                         (folder / "config.yaml").write_text(saved.replace("base: null",
+                                                                                           "base: /etc/passwd"))),
+        "another max_duration": lambda: ((folder / STATE_FILE).write_text('{"state": "finished"}'),
+                                         (folder / "config.yaml").write_text(shorter)),
+    }
+    for name, plant in cases.items():
+        for path in folder.iterdir():
+            path.unlink()
+        plant()
+        assert finished(cfg) is False, name
+    (folder / "config.yaml").write_text(saved)  # the honest folder: finished at this max_duration
+    assert finished(cfg) is True
