@@ -1,6 +1,6 @@
 """The package's layout (docs/design.md, "Code layout"): each subpackage imports only those below it, no module
-imports another subpackage's private names, the README's map lists every module there is, and the tests have a
-folder per subpackage."""
+imports another subpackage's private names, no modules of one subpackage import each other in a loop (imports for
+type hints aside), the README's map lists every module there is, and the tests have a folder per subpackage."""
 
 from __future__ import annotations
 
@@ -75,3 +75,60 @@ def test_the_readme_map_lists_every_module():
     assert sorted(listed) == sorted(modules + packages), (
         f"missing from README's map: {sorted(set(modules + packages) - set(listed))}; "
         f"listed but not there: {sorted(set(listed) - set(modules + packages))}")
+
+
+def runtime_imports(module: Path, package: Path) -> set[str]:
+    """The modules of `package` (dotted, from its parent) that a module imports when it runs, at the top or inside a
+    function: what `if TYPE_CHECKING:` imports for type hints aside."""
+    tree = ast.parse(module.read_text())
+    hints = {id(sub) for node in ast.walk(tree)
+             if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test) for sub in ast.walk(node)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in hints:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == package.name:
+            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == package.name}
+    return found
+
+
+def import_loops(package: Path) -> list[list[str]]:
+    """Every loop of imports between modules of one subpackage of `package` (each once, from its first module)."""
+    names = {".".join((package.name, *m.relative_to(package).with_suffix("").parts)): m for m in package.rglob("*.py")}
+    graph = {name: {t for t in runtime_imports(path, package) if t in names and t != name and
+                    t.split(".")[1] == name.split(".")[1] and len(t.split(".")) > 2}
+             for name, path in names.items() if len(name.split(".")) > 2}
+    loops, seen = [], set()
+
+    def walk(start: str, path: list[str]) -> None:
+        for nxt in sorted(graph.get(path[-1], ())):
+            if nxt == start and frozenset(path) not in seen:
+                seen.add(frozenset(path))
+                loops.append([*path, start])
+            elif nxt not in path and nxt > start:
+                walk(start, [*path, nxt])
+
+    for name in sorted(graph):
+        walk(name, [name])
+    return loops
+
+
+def test_no_modules_of_a_subpackage_import_each_other_in_a_loop():
+    assert import_loops(PACKAGE) == []
+
+
+def test_the_loop_check_finds_a_planted_loop(tmp_path):
+    """Two modules of one subpackage importing each other (one of them inside a function) are a loop; an import for
+    type hints only is not."""
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    for name in ("__init__.py", "sub/__init__.py"):
+        (package / name).write_text("")
+    (package / "sub" / "a.py").write_text("from pkg.sub.b import thing\n")
+    (package / "sub" / "b.py").write_text("def thing():\n    from pkg.sub import a\n")
+    (package / "sub" / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.sub.a "
+                                          "import thing\n")
+    (package / "sub" / "d.py").write_text("from pkg.sub.c import x\n")
+    assert import_loops(package) == [["pkg.sub.a", "pkg.sub.b", "pkg.sub.a"]]
