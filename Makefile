@@ -148,9 +148,9 @@ test-stack: lint
 test-fast: lint
 	$(PYTEST) -m "not train and not cluster and not root"
 
-# docs/config.md, the config reference, from the schema in slm/core/config.py (tests/test_docs.py fails when it is stale).
+# docs/config.md, the config reference, from the schema in slm/core/config.py by slm/core/config_reference.py (tests/test_docs.py fails when it is stale).
 docs: $(STAMP)
-	$(BIN)/python -m slm.core.config > docs/config.md
+	$(BIN)/python -m slm.core.config_reference > docs/config.md
 
 # Every benchmark (about 30 minutes on 2 cores) -> bench/RESULTS.md.
 bench: export HF_HUB_OFFLINE = 1

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from slm.core.config import reference
+from slm.core.config_reference import reference
 
 from helpers import REPO
 
