@@ -92,10 +92,10 @@ def checkout(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def example_data(tmp_path_factory: pytest.TempPathFactory, corpus: Path, tokenizer_dir: Path) -> Path:
-    """Shards standing in for `make data`'s: a train split of two batches of the example's 256 samples, so its 10
-    epochs are 20 batches."""
+    """Shards standing in for `make data`'s: a train split of one batch of the example's 256 samples (345 samples),
+    so its 10 epochs are 10 batches."""
     root = tmp_path_factory.mktemp("example-data")
-    for name, split in (("train", "train[:30%]"), ("validation", "train[90%:]")):
+    for name, split in (("train", "train[:20%]"), ("validation", "train[90%:]")):
         run_slm("tokenize", "-i", str(corpus), "-f", "story", "-s", split, "-t", str(tokenizer_dir), "-l", "64",
                 "--out-dir", str(root / name))
     return root
@@ -112,7 +112,8 @@ EXAMPLE = "slm job: no config given: training the example, yamls/mamba-100k.yaml
 def assert_example_trained(log: str, folder: Path) -> None:
     assert EXAMPLE in log and "slm train: mamba-100k: starting at batch 0 of 10ep" in log, log[-3000:]
     state = final_state(folder)
-    assert state["timestamp"]["Timestamp"]["epoch"] == 10, log[-3000:]  # the example's max_duration
+    assert (state["timestamp"]["Timestamp"]["epoch"], state["timestamp"]["Timestamp"]["batch"]) == (10, 10), \
+        log[-3000:]  # the example's max_duration, one batch an epoch
     assert OmegaConf.load(folder / "config.yaml").model["class"] == "mamba"
 
 

@@ -236,9 +236,9 @@ def test_a_local_sweep_runs_two_at_a_time_stops_on_ctrl_c_and_a_second_call_resu
     same command resumes the two and trains the others; the run of the yaml's own values ends bitwise equal to it
     trained directly. A third call skips all four."""
     config = write_yaml(tmp_path / "tiny.yaml", shards)
-    train(config, "run_name=ref")
+    train(config, "run_name=ref", "max_duration=8ba")
     cmd = [str(Path(sys.executable).parent / "slm"), "sweep", str(config), "--grid", "seed=42,7",
-           "optimizer.lr=3e-3,1e-3", "--local", "-j", "2", "--logs", str(tmp_path / "logs")]
+           "optimizer.lr=3e-3,1e-3", "max_duration=8ba", "--local", "-j", "2", "--logs", str(tmp_path / "logs")]
     names = ["tiny_seed42_lr3e-3", "tiny_seed42_lr1e-3", "tiny_seed7_lr3e-3", "tiny_seed7_lr1e-3"]
     hold = Hold(tmp_path / "hold", 4)
     proc = Started(cmd, env=hold.env)
@@ -253,14 +253,14 @@ def test_a_local_sweep_runs_two_at_a_time_stops_on_ctrl_c_and_a_second_call_resu
     assert "slm sweep: 4 runs on this machine, 2 at a time (CPU cores" in stderr, stderr[-3000:]
     for name in names[:2]:
         assert f"slm sweep: {name}: stopped at batch" in stderr, stderr[-3000:]
-        assert 4 <= final_state(tmp_path / "ckpt" / name)["timestamp"]["Timestamp"]["batch"] < 16
+        assert 4 <= final_state(tmp_path / "ckpt" / name)["timestamp"]["Timestamp"]["batch"] < 8
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["ref", *sorted(names[:2])]
 
     again = run_cmd(cmd)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "slm sweep: all 4 runs finished (4 trained now)" in again.stderr, again.stderr[-3000:]
     for name in names:
-        assert final_state(tmp_path / "ckpt" / name)["timestamp"]["Timestamp"]["batch"] == 16
+        assert final_state(tmp_path / "ckpt" / name)["timestamp"]["Timestamp"]["batch"] == 8
     assert "resumed at batch" in (tmp_path / "logs" / f"{names[0]}.log").read_text()
     assert_bitwise_equal(final_state(tmp_path / "ckpt" / "ref"), final_state(tmp_path / "ckpt" / names[0]))
 

@@ -37,10 +37,19 @@ EXIT_INTERRUPTED = 130
 pytestmark = [pytest.mark.train, pytest.mark.beside]  # training subprocesses and their signals
 
 
-def test_signal_to_one_rank_stops_all_at_one_checkpoint_and_resumes_bitwise(tmp_path, shards):
-    config = write_yaml(tmp_path / "tiny.yaml", shards)
+@pytest.fixture(scope="module")
+def two_process_reference(tmp_path_factory, shards) -> tuple[Path, Path]:
+    """The tiny yaml and its uninterrupted `composer -n 2` run (its final state's folder), which the interrupted
+    two-process runs of this module must end bitwise equal to."""
+    root = tmp_path_factory.mktemp("two-process-reference")
+    config = write_yaml(root / "tiny.yaml", shards)
     train(config, "run_name=ref", procs=2)
-    folder = tmp_path / "ckpt" / "pre"
+    return config, root / "ckpt" / "ref"
+
+
+def test_signal_to_one_rank_stops_all_at_one_checkpoint_and_resumes_bitwise(two_process_reference, tmp_path):
+    config, ref = two_process_reference
+    folder = config.parent / "ckpt" / "pre"
     cmd = train_cmd(config, "run_name=pre", procs=2)
 
     hold = Hold(tmp_path / "hold", 4)
@@ -67,19 +76,18 @@ def test_signal_to_one_rank_stops_all_at_one_checkpoint_and_resumes_bitwise(tmp_
     assert last.returncode == 0, last.stderr[-3000:]
     assert resumed_at(last) == batch
     assert run_state(folder) == ("finished", "at batch 16")
-    assert_bitwise_equal(final_state(tmp_path / "ckpt" / "ref"), final_state(folder))
+    assert_bitwise_equal(final_state(ref), final_state(folder))
     rows = read_metrics(folder)
     assert [r["batch"] for r in rows] == list(range(1, 17))
     assert [r["batch"] for r in rows if "metrics/eval/CrossEntropy" in r] == [8, 16]
 
 
-def test_torchrun_trains_stops_and_resumes_bitwise_as_composer_does(tmp_path, shards):
+def test_torchrun_trains_stops_and_resumes_bitwise_as_composer_does(two_process_reference, tmp_path):
     """`torchrun --standalone --nproc-per-node 2 slm/train.py ...` (nanollama's launcher): a SIGTERM to one rank
     stops both at one batch end with a checkpoint; the same command resumes, and the run ends bitwise equal to
     `composer -n 2`'s uninterrupted one. (torchrun reports its workers' 75 as a failure: it exits 1.)"""
-    config = write_yaml(tmp_path / "tiny.yaml", shards)
-    train(config, "run_name=ref", procs=2)
-    folder = tmp_path / "ckpt" / "tr"
+    config, ref = two_process_reference
+    folder = config.parent / "ckpt" / "tr"
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
            str(Path(train_cmd(config)[1])), str(config), "run_name=tr"]
     hold = Hold(tmp_path / "hold", 4)
@@ -98,7 +106,7 @@ def test_torchrun_trains_stops_and_resumes_bitwise_as_composer_does(tmp_path, sh
     last = run_cmd(cmd)
     assert last.returncode == 0, last.stderr[-3000:]
     assert resumed_at(last) == batch
-    assert_bitwise_equal(final_state(tmp_path / "ckpt" / "ref"), final_state(folder))
+    assert_bitwise_equal(final_state(ref), final_state(folder))
 
 
 class Terminal:
@@ -223,7 +231,7 @@ def test_slm_train_is_the_script_stopped_by_a_signal_and_resumed_bitwise_with_de
     cmd = [str(Path(sys.executable).parent / "slm"), "train", str(config), "run_name=cli", "--overrides",
            "hub.repo=", "logging.wandb.project=''"]
     hold = Hold(tmp_path / "hold", 4)
-    proc = Started(cmd, env=hold.env)
+    proc = Started([*cmd, "-v"], env=hold.env)  # Composer telling what it does
     try:
         hold.wait(proc)
         proc.send_signal(signal.SIGTERM)
@@ -233,12 +241,11 @@ def test_slm_train_is_the_script_stopped_by_a_signal_and_resumed_bitwise_with_de
         proc.kill()
     assert proc.returncode == EXIT_PREEMPTED, stderr[-3000:]
     assert "slm train: cli: starting at batch 0 of 16ba" in stderr and "stopped at batch" in stderr, stderr[-3000:]
+    assert ": INFO: composer." in stderr, stderr[-3000:]
     saved = (folder / "config.yaml").read_text()
     assert "repo: null" in saved and "project: null" in saved
-    silent = run_cmd([*cmd, "-s"])
+    silent = run_cmd([*cmd, "-s"])  # resumed and trained to the end, saying nothing
     assert silent.returncode == 0 and silent.stderr == "", silent.stderr[-3000:]
-    verbose = run_cmd([*cmd, "-v"])  # finished: resumed at its end, Composer telling what it does
-    assert verbose.returncode == 0 and ": INFO: composer." in verbose.stderr, verbose.stderr[-3000:]
     assert_bitwise_equal(final_state(tmp_path / "ckpt" / "ref"), final_state(folder))
 
 
