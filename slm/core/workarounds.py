@@ -411,10 +411,13 @@ def shared_memory_released() -> Iterator[None]:
     processes; a failed run's processes are stopping anyway).
     """
     require("mosaicml-streaming", "Streaming's shared memory held until exit")
+    import torch.distributed
+
     before = {id(block) for block in _streaming_blocks()}
     try:
         yield
-        dist.barrier()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
     finally:
         for block in _streaming_blocks():
             if id(block) not in before:
