@@ -52,7 +52,7 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from torch.utils.data import DataLoader
 
-from slm.core import workarounds
+from slm.core import composer_workarounds, streaming_workarounds
 from slm.core.config import load_config
 from slm.data.loading import collate
 from slm.data.mapped_shards import MappedShards
@@ -145,7 +145,7 @@ def take_turns(cfg, shape: dict, device: str, compiled: bool = False) -> tuple[f
     """Median seconds per batch of the bare loop and of slm over alternating chunks, both compiled or both eager; the
     device's bf16 peak FLOP/s as SpeedMonitor takes it (0 on CPU)."""
     bare = BareLoop(cfg, device, compiled=compiled)
-    with workarounds.applied():
+    with composer_workarounds.applied(), streaming_workarounds.applied():
         trainer = start_run(cfg).trainer
         clock = ChunkClock(device)
         trainer.state.callbacks.insert(0, clock)
@@ -171,12 +171,12 @@ def seconds_per_event(trainer) -> float:
 def composer_dispatch(cfg) -> tuple[float, float]:
     """Seconds per event of Composer's own dispatch (with slm's debug-log workaround alone) and of slm's quick
     dispatch, on one trainer of `cfg` (built as a run builds it, then timed outside the run's workarounds)."""
-    with workarounds.applied():
+    with composer_workarounds.applied(), streaming_workarounds.applied():
         trainer = start_run(cfg).trainer
         trainer.fit(duration="2ba")
-    with workarounds.engine_debug_log_when_asked():
+    with composer_workarounds.engine_debug_log_when_asked():
         own = seconds_per_event(trainer)
-        with workarounds.quick_event_dispatch():
+        with composer_workarounds.quick_event_dispatch():
             quick = seconds_per_event(trainer)
     trainer.close()
     return own, quick
@@ -189,7 +189,7 @@ def host_syncs(cfg) -> dict:
     """The calls that make the host wait for the device (slm/training/syncs.py) in each batch of `cfg`'s run (SYNC_RUN's
     length and log interval): per batch that logs nothing, slm's and Composer's, Composer's by call and line."""
     batches, log_every = SYNC_RUN["batches"], SYNC_RUN["log_every"]
-    with workarounds.applied(), HostSyncs() as syncs:
+    with composer_workarounds.applied(), streaming_workarounds.applied(), HostSyncs() as syncs:
         trainer = start_run(cfg).trainer
         trainer.state.callbacks.insert(0, ByBatch(syncs))
         trainer.fit()

@@ -289,8 +289,8 @@ def cmd_batches(args: argparse.Namespace) -> None:
     ranks = args.world_size or recorded or 1
     if ranks % args.nodes:
         raise SlmError(f"--world-size {ranks} does not split over --nodes {args.nodes}")
-    from slm.core import workarounds
-    with tempfile.TemporaryDirectory(prefix="slm-batches-") as scratch, workarounds.streaming_datasets():
+    from slm.core import streaming_workarounds
+    with tempfile.TemporaryDirectory(prefix="slm-batches-") as scratch, streaming_workarounds.streaming_datasets():
         folders = read_only(cfg, Path(scratch), "slm batches") if target.is_dir() else None
         world = Processes(args.nodes, ranks // args.nodes, max(cfg.data.num_workers, 1))
         _show_batches(args, Batches(cfg, world, folders), ranks, out)

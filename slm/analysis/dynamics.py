@@ -253,11 +253,11 @@ def _chunks(run: Run, files: list[Path], data: Path, logprobs: Path | None, max_
     refuse tables of other samples than each other's, or, for tables given (`logprobs`), than the split's."""
     from streaming import StreamingDataset
 
-    from slm.core import workarounds
+    from slm.core import streaming_workarounds
 
     checkpoints = [{"label": c.label, "batch": c.batch, "tokens": c.tokens} for c in run.checkpoints]
     with ExitStack() as stack:
-        stack.enter_context(workarounds.streaming_datasets())
+        stack.enter_context(streaming_workarounds.streaming_datasets())
         split = StreamingDataset(local=str(data), shuffle=False) if logprobs is not None else None
         readers = [_rows(stack.enter_context(pq.ParquetFile(file)), count, max_samples) for file in files]
         first, ends = 0, None

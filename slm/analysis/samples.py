@@ -12,7 +12,7 @@ import torch
 from streaming import StreamingDataset
 from transformers import PreTrainedTokenizerFast
 
-from slm.core import workarounds
+from slm.core import streaming_workarounds
 from slm.data.loading import check_data_fits, check_shards, collate
 from slm.data.shards import read_metadata
 from slm.data.tokenizer import load_tokenizer
@@ -48,7 +48,7 @@ def split_samples(data: Path, max_samples: int | None = None) -> Iterator[SplitS
     several."""
     meta = read_metadata(data)
     check_shards(data)
-    with _alone(), workarounds.streaming_datasets():
+    with _alone(), streaming_workarounds.streaming_datasets():
         dataset = StreamingDataset(local=str(data), shuffle=False)  # read by index, in order
         yield SplitSamples(data, meta, dataset, min(dataset.num_samples, max_samples or dataset.num_samples))
 

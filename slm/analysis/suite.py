@@ -227,14 +227,14 @@ class Run:
         import pandas
 
         from slm.analysis.batches import Batches, Processes, parse_steps, read_only, run_config
-        from slm.core import workarounds
+        from slm.core import streaming_workarounds
 
         if self.folder is None:
             raise SlmError(f"{self.name}: batches are computed from a run folder's config and shards, not from the "
                            f"Hub repo {self.source}")
         cfg, recorded = run_config(self.folder)
         ranks = recorded or 1
-        with tempfile.TemporaryDirectory(prefix="slm-batches-") as scratch, workarounds.streaming_datasets():
+        with tempfile.TemporaryDirectory(prefix="slm-batches-") as scratch, streaming_workarounds.streaming_datasets():
             folders = read_only(cfg, Path(scratch), "slm.open")
             batches = Batches(cfg, Processes(1, ranks, max(cfg.data.num_workers, 1)), folders)
             first, last = parse_steps(str(steps), batches.max_steps())

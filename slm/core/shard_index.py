@@ -6,7 +6,7 @@ in the folder; and a compressed shard not decompressing to more than `MAX_EXPANS
 allocates for a folder's samples is bounded by the folder's bytes.
 
 Used by slm's own check of a folder (slm/data/loading.py, `check_shards`) and inside Streaming, for every dataset slm
-makes (slm/core/workarounds.py, `shard_index_checked`).
+makes (slm/core/streaming_workarounds.py, `shard_index_checked`).
 """
 
 from __future__ import annotations

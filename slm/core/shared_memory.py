@@ -6,7 +6,7 @@ the temp folder), NNNNNN a prefix each dataset registers for itself. A killed ru
 Streaming's own `clean_stale_shared_memory` removes every block on the node, including those of runs
 still alive; this removes a prefix only when no living process has any of its blocks mapped
 (`/proc/*/maps`), holding the node's lock, which a registering dataset holds too
-(slm/core/workarounds.py, `prefix_registered_under_node_lock`): a prefix is either not registered yet or
+(slm/core/streaming_workarounds.py, `prefix_registered_under_node_lock`): a prefix is either not registered yet or
 mapped by the process that registered it, never caught in between.
 """
 

@@ -2,8 +2,8 @@
 compressed, every storage its pickle names there with its size: `slm.core.run_folder.is_complete`), so nothing of a
 file is allocated beyond its size, then unpickled with `torch.load(weights_only=True)`, allowing only the globals an
 slm checkpoint holds (`checkpoint_globals`): a file naming any other is refused in one line before anything of it
-runs. Composer's own loads come here through slm/core/workarounds.py. What is read from elsewhere besides pickles goes
-through slm/core/foreign.py; secrets are slm/core/credentials.py's.
+runs. Composer's own loads come here through slm/core/composer_workarounds.py. What is read from elsewhere besides
+pickles goes through slm/core/foreign.py; secrets are slm/core/credentials.py's.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from composer.utils import dist
 from torchmetrics import Metric
 from transformers import PreTrainedModel
 
-from slm.core import workarounds
+from slm.core import composer_workarounds, streaming_workarounds, wandb_workarounds
 from slm.core.config import OptimizerConfig, ProfileConfig, TrainConfig, load_config, save_config
 from slm.core.errors import LOG, SlmError, describe_error, disk_error, progress_shown, run_command, say
 from slm.core.run_folder import (
@@ -93,7 +93,7 @@ def preflight(cfg: TrainConfig) -> Plan:
     if cfg.deterministic:  # cuBLAS reads it when CUDA starts, before Composer's deterministic mode would set it
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if cfg.logging.wandb.project:
-        workarounds.check_wandb_login(cfg.logging.wandb.project)
+        wandb_workarounds.check_wandb_login(cfg.logging.wandb.project)
     gpu = torch.cuda.is_available()
     if cfg.device_microbatch_size == "auto" and not gpu:
         raise SlmError("device_microbatch_size=auto needs a GPU; give a number on CPU")
@@ -213,12 +213,13 @@ def build_callbacks(cfg: TrainConfig, folder: Path, run_info: RunInfo, metrics: 
         loggers.append(hub)
     w = cfg.logging.wandb
     if w.project:
-        loggers.append(workarounds.WandB(project=w.project, entity=w.entity, group=w.group, tags=w.tags or None,
-                                         init_kwargs={"id": wandb_run_id(cfg.run_name), "resume": "allow",
-                                                      "dir": str(folder), "config": cfg.to_dict()}))
+        loggers.append(composer_workarounds.WandB(
+            project=w.project, entity=w.entity, group=w.group, tags=w.tags or None,
+            init_kwargs={"id": wandb_run_id(cfg.run_name), "resume": "allow", "dir": str(folder),
+                         "config": cfg.to_dict()}))
     interactive = sys.stderr.isatty() and progress_shown()
     if interactive:
-        loggers.append(workarounds.ResumableProgressBar())
+        loggers.append(composer_workarounds.ResumableProgressBar())
     return RunCallbacks(callbacks, loggers, schedule, stop, hub, interactive)
 
 
@@ -369,7 +370,7 @@ def train_command(configs: list[str], overrides: list[str], debug: bool = False,
     def run() -> int:
         cfg = load_config(configs, overrides)
         try:
-            with workarounds.applied(), same_numerics_in_any_process():
+            with composer_workarounds.applied(), streaming_workarounds.applied(), same_numerics_in_any_process():
                 return train(cfg)
         except Exception as e:  # a full disk: name the run folder when the error does not name a file
             problem = disk_error(e, where=str(cfg.folder))

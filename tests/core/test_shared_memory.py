@@ -60,7 +60,7 @@ def test_runs_one_after_another_in_one_process_hold_no_more_descriptors(tmp_path
     it, even beside a dataset this process keeps open. And the notebook's Ctrl-C and signals are its own again."""
     from streaming import StreamingDataset
 
-    from slm.core.workarounds import prefix_registered_under_node_lock
+    from slm.core.streaming_workarounds import prefix_registered_under_node_lock
     from slm.train import main as train_main
 
     with prefix_registered_under_node_lock():  # as slm's readers do: a session beside this one reads too
@@ -106,14 +106,14 @@ REGISTER = """
 import sys, time
 from streaming import StreamingDataset
 from streaming.base.shared import prefix
-from slm.core import workarounds
+from slm.core import streaming_workarounds
 scan = prefix._check_and_find
 def slow_scan(*args, **kwargs):  # another run has time to scan meanwhile
     found = scan(*args, **kwargs)
     time.sleep(0.3)
     return found
 prefix._check_and_find = slow_scan
-with workarounds.prefix_registered_under_node_lock():
+with streaming_workarounds.prefix_registered_under_node_lock():
     dataset = StreamingDataset(local=sys.argv[1], batch_size=1)
 print(dataset._shm_prefix_int, flush=True)
 time.sleep(3)  # held while the other registers

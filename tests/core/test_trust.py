@@ -213,7 +213,11 @@ def test_streaming_itself_is_kept_inside_the_folder(tmp_path, shards):
     from streaming import Stream, StreamingDataset
 
     from slm.core.errors import Refused
-    from slm.core.workarounds import prefix_registered_under_node_lock, shared_memory_released, streaming_datasets
+    from slm.core.streaming_workarounds import (
+        prefix_registered_under_node_lock,
+        shared_memory_released,
+        streaming_datasets,
+    )
 
     bad = escaping_copy(shards, tmp_path / "a" / "train", "raw_data", "../../ESCAPED.mds")
     for streams in ({"local": str(bad)}, {"streams": [Stream(local=str(bad))]}):  # a folder, a mixture

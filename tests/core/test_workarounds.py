@@ -1,8 +1,9 @@
-"""The workarounds of third-party behaviour (slm/core/workarounds.py): nothing is patched on import, `applied()` undoes
+"""The workarounds of third-party behaviour (slm/core/*workarounds.py): nothing is patched on import, `applied()` undoes
 what it does, and each refuses, in one line, a version of the package it was not written for."""
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from composer.core import Callback, Engine, Event
 from composer.trainer import Trainer
 from composer.utils import dist
 
-from slm.core import workarounds
+from slm.core import composer_workarounds, wandb_workarounds, workarounds
 from slm.core.errors import SlmError
 from slm.train import main as train_main
 
@@ -41,11 +42,30 @@ def test_importing_train_patches_nothing():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def test_the_version_check_imports_none_of_the_libraries():
+    """slm/data/mapped_shards.py and slm/analysis/batches.py ask for the versions; that loads no library."""
+    code = ("import sys; import slm.core.workarounds\n"
+            "heavy = sorted({'composer', 'streaming', 'wandb', 'torch'} & {m.split('.')[0] for m in sys.modules})\n"
+            "assert not heavy, f'slm.core.workarounds imports {heavy}'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("own", ["composer", "streaming", "wandb"])
+def test_each_library_s_workarounds_import_only_that_library(own):
+    module = REPO / "slm" / "core" / f"{own}_workarounds.py"
+    imported = {alias.name.split(".")[0] for node in ast.parse(module.read_text()).body
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.parse(module.read_text()).body
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported & {"composer", "streaming", "wandb"} <= {own}, f"{module.name} imports {imported}"
+
+
 def test_applied_patches_for_the_run_and_restores(monkeypatch):
     monkeypatch.delenv("ENGINE_DEBUG", raising=False)
     original, filters, debug_log = dist.get_node_signal_file_name, list(warnings.filters), Engine._debug_log
     dispatch, all_reduce = [getattr(Engine, n) for n in DISPATCH], dist.all_reduce
-    with workarounds.applied():
+    with composer_workarounds.applied():
         assert [getattr(Engine, n) for n in DISPATCH] != dispatch and dist.all_reduce is not all_reduce
         assert dist.get_node_signal_file_name is not original
         assert dist.get_node_signal_file_name().endswith("-node0")
@@ -56,7 +76,7 @@ def test_applied_patches_for_the_run_and_restores(monkeypatch):
     assert Engine._debug_log is debug_log
     assert [getattr(Engine, n) for n in DISPATCH] == dispatch and dist.all_reduce is all_reduce
     monkeypatch.setenv("ENGINE_DEBUG", "1")  # asked for: Composer's own debug log and dispatch stay
-    with workarounds.applied():
+    with composer_workarounds.applied():
         assert Engine._debug_log is debug_log
         assert [getattr(Engine, n) for n in DISPATCH] == dispatch
 
@@ -83,7 +103,7 @@ def test_quick_dispatch_runs_the_same_callbacks_in_the_same_order():
     first, every, last = Answers(calls, "first"), Every(calls), Answers(calls, "last")
     state = SimpleNamespace(callbacks=[first, Callback(), every, last], profiler=None, algorithms=[])
     engine = SimpleNamespace(state=state, logger=None)
-    with workarounds.quick_event_dispatch():
+    with composer_workarounds.quick_event_dispatch():
         for event in (Event.BATCH_END, Event.BEFORE_LOSS):
             Engine._run_nonlogger_callbacks(engine, event)
         state.callbacks.remove(first)
@@ -96,7 +116,7 @@ def test_quick_dispatch_runs_the_same_callbacks_in_the_same_order():
 
 def test_collectives_in_one_process_leave_their_tensors_as_they_are():
     tensor = torch.tensor([3.0, 4.0])
-    with workarounds.single_process_collectives():
+    with composer_workarounds.single_process_collectives():
         dist.all_reduce(tensor, "MAX")
         dist.broadcast(tensor, src=0)
         assert Trainer._accumulate_time_across_ranks(None, 8, 512, timedelta(seconds=0.5)) == (
@@ -105,9 +125,9 @@ def test_collectives_in_one_process_leave_their_tensors_as_they_are():
 
 
 @pytest.mark.parametrize("use", [
-    lambda: workarounds.applied().__enter__(),
-    lambda: workarounds.ResumableProgressBar(),
-    lambda: workarounds.WandB(project="x"),
+    lambda: composer_workarounds.applied().__enter__(),
+    lambda: composer_workarounds.ResumableProgressBar(),
+    lambda: composer_workarounds.WandB(project="x"),
 ], ids=["applied", "progress bar", "wandb logger"])
 def test_another_composer_version_is_refused_in_one_line(monkeypatch, use):
     monkeypatch.setitem(workarounds.WRITTEN_FOR, "mosaicml", ("0.31.0",))
@@ -122,7 +142,7 @@ def test_another_wandb_version_is_refused(monkeypatch):
     installed = re.escape(metadata.version("wandb"))
     with pytest.raises(SlmError, match=rf"W&B login check .* written for wandb 0.17 or 0.19, but {installed} is "
                                        "installed: install wandb 0.17,"):
-        workarounds.check_wandb_login("p")
+        wandb_workarounds.check_wandb_login("p")
 
 
 @pytest.mark.parametrize("package", sorted(workarounds.WRITTEN_FOR))

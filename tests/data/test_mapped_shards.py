@@ -16,7 +16,7 @@ import torch
 from streaming import MDSWriter, StreamingDataset
 from torch.utils.data import DataLoader
 
-from slm.core.workarounds import streaming_datasets
+from slm.core.streaming_workarounds import streaming_datasets
 from slm.data.loading import collate
 from slm.data.mapped_shards import MappedShards
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from slm.core.config import DataConfig, DataSplit, StreamConfig, load_config
 from slm.core.errors import SlmError
 from slm.core.run_folder import read_metrics
-from slm.core.workarounds import streaming_datasets
+from slm.core.streaming_workarounds import streaming_datasets
 from slm.data.loading import build_dataloader, collate, describe_split
 from slm.data.mapped_shards import MappedShards
 

@@ -167,11 +167,11 @@ def run_slm(*args: str, check: bool = True, own_process: bool = False) -> subpro
 
 def mds_tokens(local: Path, remote: Path | None = None) -> np.ndarray:
     """Read every sample's tokens of an MDS folder (or remote, through `local` as cache) in order, with the stock
-    Streaming reader. Its prefix is registered the way slm's readers do (slm/core/workarounds.py): a stock dataset
-    opened here raced the slm runs of a session beside this one for the same prefix (FileExistsError)."""
+    Streaming reader. Its prefix is registered the way slm's readers do (slm/core/streaming_workarounds.py): a stock
+    dataset opened here raced the slm runs of a session beside this one for the same prefix (FileExistsError)."""
     from streaming import StreamingDataset
 
-    from slm.core.workarounds import streaming_datasets
+    from slm.core.streaming_workarounds import streaming_datasets
 
     with streaming_datasets():
         ds = StreamingDataset(local=str(local), remote=None if remote is None else str(remote), shuffle=False,

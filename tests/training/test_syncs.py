@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slm.core import workarounds
+from slm.core import composer_workarounds, streaming_workarounds
 from slm.core.config import load_config
 from slm.training.syncs import ByBatch, HostSyncs
 from slm.training.trainer import same_numerics_in_any_process, start_run
@@ -37,7 +37,8 @@ def test_batches_that_log_nothing_make_no_host_sync_in_slm(tmp_path, shards):
     config = write_yaml(tmp_path / "tiny.yaml", shards)
     cfg = load_config([str(config)], ["run_name=syncs", "max_duration=12ba", "log_interval=4ba", "save_interval=6ba",
                                       "early_checkpoints=0", "eval_interval=0ba"])
-    with workarounds.applied(), same_numerics_in_any_process(), HostSyncs() as syncs:
+    with (composer_workarounds.applied(), streaming_workarounds.applied(), same_numerics_in_any_process(),
+          HostSyncs() as syncs):
         trainer = start_run(cfg).trainer
         trainer.state.callbacks.insert(0, ByBatch(syncs))
         trainer.fit()
