@@ -25,7 +25,7 @@ from composer.utils import dist
 
 from slm.core.errors import Refused
 from slm.core.trust import unpickle_checkpoint
-from slm.core.workarounds import _replaced, require
+from slm.core.workarounds import replaced, require
 
 
 def _signal_file_per_node(original: Any) -> Any:
@@ -42,7 +42,7 @@ def per_node_signal_file() -> Iterator[None]:
     shared filesystem (as on clusters) the second node's remove fails. Adding the node rank keeps each node's wait its
     own."""
     require("mosaicml", "the node signal file of Composer's autoresume")
-    with _replaced((dist, "get_node_signal_file_name", _signal_file_per_node(dist.get_node_signal_file_name))):
+    with replaced((dist, "get_node_signal_file_name", _signal_file_per_node(dist.get_node_signal_file_name))):
         yield
 
 @contextmanager
@@ -65,7 +65,7 @@ def engine_debug_log_when_asked() -> Iterator[None]:
     if os.environ.get("ENGINE_DEBUG"):
         yield
         return
-    with _replaced((Engine, "_debug_log", lambda self, event, msg: None)):
+    with replaced((Engine, "_debug_log", lambda self, event, msg: None)):
         yield
 
 @functools.cache
@@ -120,7 +120,7 @@ def quick_event_dispatch() -> Iterator[None]:
             return OrderedDict()  # the Traces of no algorithm
         return originals["_run_algorithms"](self, event)
 
-    with _replaced((Engine, "_run_loggers", run_loggers), (Engine, "_run_nonlogger_callbacks", run_nonlogger_callbacks),
+    with replaced((Engine, "_run_loggers", run_loggers), (Engine, "_run_nonlogger_callbacks", run_nonlogger_callbacks),
                    (Engine, "_run_algorithms", run_algorithms),
                    (Event, "is_before_event", property(lambda event: event in before)),
                    (Event, "is_after_event", property(lambda event: event in after))):
@@ -150,7 +150,7 @@ def single_process_collectives() -> Iterator[None]:
             return num_samples, int(num_tokens), batch_time
         return accumulate(self, num_samples, num_tokens, batch_time)
 
-    with _replaced((dist, "all_reduce", all_reduce_in_one), (dist, "broadcast", broadcast_in_one),
+    with replaced((dist, "all_reduce", all_reduce_in_one), (dist, "broadcast", broadcast_in_one),
                    (Trainer, "_accumulate_time_across_ranks", accumulate_in_one)):
         yield
 
@@ -181,7 +181,7 @@ def checkpoints_through_the_gate() -> Iterator[None]:
     require("mosaicml", "Composer's checkpoint unpickling")
     from composer.utils import checkpoint
 
-    with _replaced((checkpoint, "_torch_load_with_validation", _checked_load),
+    with replaced((checkpoint, "_torch_load_with_validation", _checked_load),
                    (checkpoint, "load_checkpoint", _named_load(checkpoint.load_checkpoint))):
         yield
 

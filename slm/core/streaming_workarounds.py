@@ -21,7 +21,7 @@ from streaming.base.format.mds.reader import MDSReader
 from slm.core.foreign import checked_folder, plain_name
 from slm.core.shard_index import checked_shard
 from slm.core.shared_memory import node_lock
-from slm.core.workarounds import _replaced, require
+from slm.core.workarounds import replaced, require
 
 
 def _index_checked(get_shards: Any) -> Any:
@@ -57,7 +57,7 @@ def shard_index_checked() -> Iterator[None]:
     require("mosaicml-streaming", "Streaming's shard names read from index.json")
     from streaming.base.stream import Stream
 
-    with _replaced((Stream, "get_shards", _index_checked(Stream.get_shards))):
+    with replaced((Stream, "get_shards", _index_checked(Stream.get_shards))):
         yield
 
 @contextmanager
@@ -138,7 +138,7 @@ def prefix_registered_under_node_lock() -> Iterator[None]:
     require("mosaicml-streaming", "Streaming's shared-memory prefix registration")
     import streaming.base.dataset
 
-    with _replaced((streaming.base.dataset, "get_shm_prefix", _register_prefix)):
+    with replaced((streaming.base.dataset, "get_shm_prefix", _register_prefix)):
         yield
 
 def _streaming_blocks() -> list[Any]:

@@ -56,7 +56,7 @@ def require(package: str, workaround: str) -> None:
                        f"workaround against {installed} and add it to WRITTEN_FOR")
 
 @contextmanager
-def _replaced(*replacements: tuple[Any, str, Any]) -> Iterator[None]:
+def replaced(*replacements: tuple[Any, str, Any]) -> Iterator[None]:
     """Set each (owner, name, value): `owner.name = value` for the duration, then the original again."""
     originals = [(owner, name, owner.__dict__[name]) for owner, name, _ in replacements]
     for owner, name, value in replacements:
