@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the `slm` command line `argv` (default: sys.argv) and return its exit status."""
     words = sys.argv[1:] if argv is None else argv
     if "train" in words[:2] and set(words[:words.index("train")]) <= {"--debug"}:
         from slm.train import command  # slm/train.py's own command line, as the whole process

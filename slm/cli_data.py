@@ -55,6 +55,7 @@ def add_corpus(new_command: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def cmd_corpus(args: argparse.Namespace) -> None:
+    """Write the embedded story corpus to --out."""
     from slm.data.corpus import write_corpus
 
     out = Path(args.out)
@@ -85,6 +86,7 @@ def add_tokenizer(new_command: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
+    """Train a byte-level BPE tokenizer on the input and save it to --out-dir and/or --out-repo."""
     from slm.data.documents import open_input
     from slm.data.tokenizer import check_vocab_size, train_tokenizer
     from slm.hub.client import Hub
@@ -151,6 +153,7 @@ def add_tokenize(new_command: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
+    """Tokenize the input into MDS shards (in one process, or in --parts), locally and/or to a remote."""
     from slm.data.documents import open_input, reads_streamed
     from slm.data.shards import write_shards
     from slm.data.tokenizer import load_tokenizer, tokenizer_identity

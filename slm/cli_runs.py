@@ -37,6 +37,7 @@ def add_sweep(new_command: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    """Hand `slm sweep ARGS` to slm/cluster/sweep.py's own command line."""
     from slm.cluster.sweep import main
 
     return main(args.argv, prog="slm sweep", debug=args.debug)
@@ -56,6 +57,7 @@ def add_status(new_command: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
+    """Print a row (or JSON) per run of the run folders and suite yamls given."""
     from slm.analysis.status import format_status, run_status
 
     print(format_status([run_status(Path(target)) for target in args.targets], args.json))
@@ -89,6 +91,7 @@ def add_batches(new_command: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def cmd_batches(args: argparse.Namespace) -> None:
+    """Print or write the samples each rank trains on at the steps asked for."""
     from slm.analysis.batches import Batches, Processes, read_only, run_config
 
     target = Path(args.target)
@@ -199,6 +202,7 @@ def add_verify(new_command: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """Check a Hub repo (given, or a run folder's hub.repo) against its manifest and run; return 1 on a fault."""
     from slm.analysis.verify import verify
     from slm.core.config_rules import HUB_REPO
     from slm.core.foreign import read_yaml, shown

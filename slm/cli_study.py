@@ -28,6 +28,7 @@ def add_export(new_command: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    """Export a checkpoint as a HuggingFace model folder, locally and/or to a Hub repo."""
     from slm.hub.client import Hub
     from slm.training.export import export_checkpoint
 
@@ -57,6 +58,7 @@ def add_generate(new_command: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    """Print samples continuing --prompt from an exported model."""
     from slm.analysis.generate import generate
 
     if args.max_new_tokens < 1:
@@ -95,6 +97,7 @@ def add_eval(new_command: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    """Evaluate one model (printed as JSON) or every checkpoint of the models given (into --out)."""
     import json
 
     from slm.analysis.evaluate import evaluate, evaluate_runs
@@ -150,6 +153,7 @@ def add_logprobs(new_command: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def cmd_logprobs(args: argparse.Namespace) -> None:
+    """Write each checkpoint's per-token log-probs of a split, one table per checkpoint."""
     from slm.analysis.logprobs import Reading, write_logprobs
 
     write_logprobs(args.models, Path(args.data), Path(args.out_dir) if args.out_dir else None, args.out_repo,
@@ -186,6 +190,7 @@ def add_dynamics(new_command: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def cmd_dynamics(args: argparse.Namespace) -> None:
+    """Write a run's per-token learning dynamics over its checkpoints, and optionally plot them."""
     import numpy as np
 
     from slm.analysis.dynamics import plot_dynamics
@@ -227,6 +232,7 @@ def add_plot(new_command: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
+    """Draw the curves of run folders, or of an eval table, to a PNG."""
     from slm.analysis.plot import plot_runs, plot_table
 
     if bool(args.run_dirs) == bool(args.table):

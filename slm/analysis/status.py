@@ -33,6 +33,7 @@ TRAIN_LOSS, EVAL_LOSS = "loss/train/total", "metrics/eval/CrossEntropy"
 
 @dataclass
 class RunStatus:
+    """Where one run stands: `slm status`'s row."""
     run: str
     folder: str
     state: str  # not started, running, finished, stopped, failed, killed, unknown
@@ -120,6 +121,7 @@ def _age(seconds: float | None) -> str:
 
 
 def format_status(rows: list[RunStatus], as_json: bool = False) -> str:
+    """Return the rows as a table, or as JSON."""
     if as_json:
         return json.dumps([asdict(r) for r in rows], indent=1)
 

@@ -41,6 +41,7 @@ WEIGHTS_FILES = (".safetensors", ".bin")  # the files of an export that hold its
 
 @dataclass
 class Fault:
+    """One thing a Hub repo serves that differs from what was trained."""
     kind: str  # duplicate_weights, wrong_weights, hash_mismatch, missing_file, missing_branch, unlisted_branch,
     # missing_on_hub, differs_from_local, stale_latest, export_mismatch, checkpoint_mismatch, bad_manifest
     message: str
@@ -60,6 +61,7 @@ class Row:
 
 @dataclass
 class Report:
+    """What `slm verify` found of a repo: a row per checkpoint, the faults, what it could not check."""
     repo: str
     revision: str
     run_name: str | None

@@ -52,6 +52,7 @@ NEXT = "--next"  # starts the next run's arguments: several runs share this node
 
 @dataclass(frozen=True)
 class Launch:
+    """How to start this node's training processes: Composer's launcher flags for them."""
     nproc: int  # processes on this node
     nodes: int
     node_rank: int
@@ -220,6 +221,7 @@ def share_node(runs: list[list[str]], show: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `python -m slm.cluster.launch [--print] [--debug] slm/train.py ARGS...` and return its exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     flags = set()
     while args and args[0] in ("--print", "--debug"):

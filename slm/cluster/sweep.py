@@ -56,6 +56,7 @@ NOT_SWEPT = ("run_name", "base", "sweep", "configs")  # derived or consumed whil
 
 @dataclass(frozen=True)
 class Task:
+    """One run of a sweep: its configs, overrides and run_name."""
     configs: tuple[str, ...]  # yaml files, merged left to right (one per task from the command line)
     overrides: tuple[str, ...]  # key=value: the given ones, then the combination's, then the derived run_name
     run_name: str
@@ -281,6 +282,7 @@ def table(tasks: Sequence[Task], per_device: int = 1) -> str:
 
 
 def build_parser(prog: str = "slm sweep") -> argparse.ArgumentParser:
+    """Return `slm sweep`'s parser, named `prog`."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      usage="%(prog)s [--dry-run | --count | --task N | --local [-j K]] "
@@ -310,6 +312,7 @@ def build_parser(prog: str = "slm sweep") -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int | None:
+    """Do what the parsed `slm sweep` arguments ask: print tasks, a task's arguments or a count, or run locally."""
     configs = [a for a in args.args if "=" not in a]
     if args.per_device < 1:
         raise SlmError(f"--per-device {args.per_device}: give at least 1 run a device")
@@ -342,6 +345,7 @@ def grid_runs(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "slm sweep", debug: bool = False) -> int:
+    """Run the `slm sweep` command line `argv` (default: sys.argv) and return its exit status."""
     args = build_parser(prog).parse_intermixed_args(grid_runs(sys.argv[1:] if argv is None else list(argv)))
     return run_command(prog, lambda: run(args), debug or args.debug)
 

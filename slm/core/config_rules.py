@@ -23,14 +23,17 @@ def ruled(default: Any = None, rule: Rule | None = None, *, factory: Callable[[]
 
 
 def positive(key: str, value: Any, owner: Any) -> str | None:
+    """Check for a value above 0."""
     return None if value > 0 else f"config key '{key}' must be positive, got {value}"
 
 
 def non_negative(key: str, value: Any, owner: Any) -> str | None:
+    """Check for a value of 0 or more."""
     return None if value >= 0 else f"config key '{key}' must be 0 or more, got {value}"
 
 
 def at_least_one(key: str, value: Any, owner: Any) -> str | None:
+    """Check for a value of 1 or more."""
     return None if value >= 1 else f"config key '{key}' must be at least 1, got {value}"
 
 
@@ -64,6 +67,7 @@ def a_location(key: str, value: Any, owner: Any) -> str | None:
 
 
 def shard_folder(key: str, value: Any, owner: Any) -> str | None:
+    """Check a split's shard folder: set, and a location, unless the split has streams."""
     if value is not None or getattr(owner, "streams", None):  # a split of streams has no folder of its own
         return a_location(key, value, owner)
     return f"config key '{key}' is not set: give the folder of the MDS shards"
@@ -100,24 +104,28 @@ def stream_mixture(key: str, value: Any, owner: Any) -> str | None:
 
 
 def safe_run_name(key: str, value: Any, owner: Any) -> str | None:
+    """Check that a run_name is a plain folder name."""
     if RUN_NAME.match(value) and ".." not in value:
         return None
     return f"run_name '{value}' is not a safe folder name: use letters, digits and . _ + - (no '/' or '..')"
 
 
 def microbatch(key: str, value: Any, owner: Any) -> str | None:
+    """Check for a positive integer, 'auto' or nothing."""
     if value is None or value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
         return None
     return f"config key '{key}' must be a positive integer or 'auto', got {value!r}"
 
 
 def keep_count(key: str, value: Any, owner: Any) -> str | None:
+    """Check for -1 (keep all) or a positive count."""
     if value == -1 or value > 0:
         return None
     return f"config key '{key}' must be -1 (keep all) or a positive number, got {value}"
 
 
 def model_class(key: str, value: Any, owner: Any) -> str | None:
+    """Check that a model names its class or a pretrained model."""
     if "class" in value or value.get("pretrained"):
         return None
     return (f"config key '{key}.class' is not set: use a causal LM's model_type (llama, mamba, gpt2, ...) or "
@@ -125,18 +133,21 @@ def model_class(key: str, value: Any, owner: Any) -> str | None:
 
 
 def hub_repo(key: str, value: Any, owner: Any) -> str | None:
+    """Check for a Hub repo id ORG/NAME, or nothing."""
     if value is None or HUB_REPO.fullmatch(value):
         return None
     return f"config key '{key}' = '{value}' is not a Hub repo id: use ORG/NAME"
 
 
 def one_of(*choices: str) -> Rule:
+    """Return a rule accepting only `choices`."""
     def rule(key: str, value: Any, owner: Any) -> str | None:
         return None if value in choices else f"config key '{key}' = '{value}' is not one of {', '.join(choices)}"
     return rule
 
 
 def optional_time(key: str, value: Any, owner: Any) -> str | None:
+    """Check for a Composer time string, or nothing."""
     return None if value is None else a_time(key, value, owner)
 
 

@@ -207,18 +207,21 @@ def number(value: Any, what: str) -> float:
 
 
 def flag(value: Any, what: str) -> bool:
+    """Return `value` if it is a bool, else refuse it in one line naming `what`."""
     if not isinstance(value, bool):
         raise Refused(f"{what} is {shown(value)}, not true or false: the file is corrupt or not slm's {SECURITY}")
     return value
 
 
 def mapping(value: Any, what: str) -> dict:
+    """Return `value` if it is a dict, else refuse it in one line naming `what`."""
     if not isinstance(value, dict):
         raise Refused(f"{what} is {shown(value)}, not a mapping: the file is corrupt or not slm's {SECURITY}")
     return value
 
 
 def sequence(value: Any, what: str, at_most: int = MAX_COUNT) -> list:
+    """Return `value` if it is a list of at most `at_most` items, else refuse it in one line naming `what`."""
     if not isinstance(value, list) or len(value) > at_most:
         raise Refused(f"{what} is {shown(value)}, not a list of at most {at_most:,}: the file is corrupt or not slm's "
                       f"{SECURITY}")

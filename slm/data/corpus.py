@@ -57,6 +57,7 @@ MORALS = ["it is good to share", "friends help each other", "being kind makes ev
 
 @dataclass
 class Character:
+    """A story's character: name, kind, pronouns and trait."""
     name: str
     kind: str  # "girl", "boy", or an animal word
     subj: str  # he / she / it

@@ -38,6 +38,7 @@ _jitter = random.Random()  # its own state: the global one is the training's
 
 
 def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Return a training batch of samples: their tokens as input_ids and as labels (int64)."""
     tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
     return {"input_ids": tokens, "labels": tokens.clone()}
 

@@ -153,6 +153,7 @@ def read_documents(folder: Path) -> Documents | None:
 
 @dataclass
 class ShardStats:
+    """What writing shards did: documents, tokens, samples, the tail dropped, the time."""
     documents: int = 0
     tokens: int = 0  # document tokens plus one <eos> per document, before chunking
     samples: int = 0

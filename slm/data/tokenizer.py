@@ -24,6 +24,7 @@ MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the special
 
 
 def check_vocab_size(vocab_size: int) -> None:
+    """Refuse a vocabulary too small for byte-level BPE's bytes and slm's special tokens."""
     if vocab_size < MIN_VOCAB_SIZE:
         raise SlmError(f"vocab size {vocab_size} is too small: byte-level BPE needs at least "
                        f"{MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")

@@ -36,6 +36,7 @@ READ_CHUNK = 1 << 20
 
 
 def remote_name(filename: str) -> str:
+    """Return a checkpoint file's path in a run's Hub repo."""
     return f"{REMOTE_FOLDER}/{filename}"
 
 
@@ -50,6 +51,7 @@ def checked_remote_name(name: Any, where: str) -> str:
 
 
 def branch_name(batch: int) -> str:
+    """Return the Hub branch of the checkpoint at `batch`."""
     return f"ba{batch}"
 
 

@@ -22,6 +22,7 @@ from composer.utils import dist
 
 
 class MetricsFile(LoggerDestination):
+    """Composer logger writing the run's metrics.jsonl, a row per batch that logs."""
     def __init__(self, path: Path):
         self.path = path
         self.row: dict[str, Any] = {}

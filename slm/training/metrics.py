@@ -69,16 +69,19 @@ class _LossMetric(Metric):
 
 
 class CrossEntropy(_LossMetric):
+    """Mean next-token cross-entropy, in nats."""
     def compute(self) -> torch.Tensor:
         return self.mean_nats().float()
 
 
 class Perplexity(_LossMetric):
+    """exp of the mean next-token cross-entropy."""
     def compute(self) -> torch.Tensor:
         return self.mean_nats().exp().float()
 
 
 class BitsPerByte(_LossMetric):
+    """Next-token cross-entropy in bits per byte of the text predicted."""
     def __init__(self, byte_table: torch.Tensor, **kwargs: Any):
         super().__init__(**kwargs)
         self.register_buffer("byte_table", byte_table, persistent=False)

@@ -33,6 +33,7 @@ from slm.core.foreign import checked_folder
 
 
 def mamba_kernels_available() -> bool:
+    """Return whether mamba's CUDA kernels (mamba_ssm, causal_conv1d) can run here."""
     return (torch.cuda.is_available() and importlib.util.find_spec("mamba_ssm") is not None
             and importlib.util.find_spec("causal_conv1d") is not None)
 

@@ -36,6 +36,7 @@ HOST_SIDE = "torch.optim"  # torch's optimizers keep their step counts on the ho
 
 @dataclass(frozen=True)
 class Sync:
+    """One call that made the host wait for the device, and where it came from."""
     call: str  # the torch function or tensor method
     owner: str  # "slm", "composer", or the package of the innermost frame outside torch
     where: str  # file:line of the innermost frame outside torch
