@@ -1,6 +1,7 @@
 """The package's layout (docs/design.md, "Code layout"): each subpackage imports only those below it, no module
 imports another subpackage's private names, no modules of one subpackage import each other in a loop (imports for
-type hints aside), the README's map lists every module there is, and the tests have a folder per subpackage."""
+type hints aside), no module is over 400 lines unless docs/design.md says why, the README's map lists every module
+there is, and the tests have a folder per subpackage."""
 
 from __future__ import annotations
 
@@ -132,3 +133,31 @@ def test_the_loop_check_finds_a_planted_loop(tmp_path):
                                           "import thing\n")
     (package / "sub" / "d.py").write_text("from pkg.sub.c import x\n")
     assert import_loops(package) == [["pkg.sub.a", "pkg.sub.b", "pkg.sub.a"]]
+
+
+MAX_LINES = 400
+
+
+def long_modules(package: Path, design: str) -> list[str]:
+    """The modules of `package` over MAX_LINES lines that `design` (docs/design.md) does not name in its sentence
+    "Modules over 400 lines: ..." with why each must stay one."""
+    named = re.search(r"Modules over 400 lines: (.*?)(?:\n\n|$)", design, re.S)
+    allowed = set(re.findall(r"`([^`]+\.py)`", named.group(1))) if named else set()
+    return [f"{m.relative_to(package.parent)} ({len(m.read_text().splitlines())} lines)"
+            for m in sorted(package.rglob("*.py"))
+            if len(m.read_text().splitlines()) > MAX_LINES and str(m.relative_to(package.parent)) not in allowed]
+
+
+def test_no_module_is_over_400_lines_unless_the_design_says_why():
+    assert long_modules(PACKAGE, (REPO / "docs" / "design.md").read_text()) == [], (
+        "split it by concern, or name it in docs/design.md's \"Modules over 400 lines\" with why it must be one")
+
+
+def test_the_length_check_finds_a_planted_long_module(tmp_path):
+    """A 500-line module is found, until the design names it."""
+    package = tmp_path / "slm"
+    (package / "core").mkdir(parents=True)
+    (package / "core" / "short.py").write_text("x = 1\n" * 400)
+    (package / "core" / "long.py").write_text("x = 1\n" * 500)
+    assert long_modules(package, "Modules over 400 lines: none.") == ["slm/core/long.py (500 lines)"]
+    assert long_modules(package, "Modules over 400 lines: `slm/core/long.py`, because it must.") == []
