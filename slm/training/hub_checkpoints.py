@@ -3,11 +3,11 @@
 Composer's `save_folder` only knows fixed URI schemes, so the Hub is reached through a
 `LoggerDestination`: the CheckpointSaver hands it every checkpoint, and autoresume asks it for
 the newest one when the local folder has none. On rank 0, each checkpoint is queued, not
-uploaded: `HubPublisher` hard-links it into the run folder's `.hub-pending/` (so pruning cannot
-take it away) and, with `hub.export`, writes its HF export there too (`ba{B}/`). A background
-thread then makes one commit to `main` per round carrying every pending checkpoint, the
-`latest` pointer and the run's data (`metrics.jsonl`, `run.json`, `config.yaml`), and one commit
-per export on a branch `ba{B}`, so `AutoModelForCausalLM.from_pretrained(repo, revision="ba400")`
+uploaded: `HubPublisher`, on the training thread, hard-links it into the run folder's `.hub-pending/`
+(`UploadQueue`; so pruning cannot take it away) and, with `hub.export`, writes its HF export there too
+(`ba{B}/`). A background thread (`Uploader`) then makes one commit to `main` per round carrying every
+pending checkpoint, the `latest` pointer and the run's data (`metrics.jsonl`, `run.json`, `config.yaml`),
+and one commit per export on a branch `ba{B}`, so `AutoModelForCausalLM.from_pretrained(repo, revision="ba400")`
 works. Training goes on meanwhile; when uploads fall behind, the checkpoints waiting go up
 together. Every commit takes a slot of the Hub client's budget and a 429 is waited out.
 
@@ -72,93 +72,66 @@ def _keep_local_hint(e: HubError, folder: Path) -> HubError:
                     "to resume (missing uploads are retried at start)")
 
 
-class HubPublisher:
-    """Rank 0's queue of checkpoints and exports for the model repo, and the thread that uploads it."""
+class UploadQueue:
+    """The `.hub-pending` folder of a run: checkpoints (hard links, each with its weights record) and export folders
+    waiting for the Hub. Being a folder, it survives a kill."""
 
-    def __init__(self, hub: Hub, repo: str, folder: Path, private: bool = True, export: bool = True,
-                 run_name: str | None = None):
-        self.hub, self.repo, self.folder, self.private, self.export = hub, repo, folder, private, export
-        self.run_name = run_name or folder.name
-        self.pending = folder / PENDING
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def queued(self) -> tuple[dict[int, Path], dict[int, Path]]:
+        """Return (checkpoints waiting for `main`, export folders waiting for their branch), by batch."""
+        if not self.folder.is_dir():
+            return {}, {}
+        files = {_batch(p): p for p in self.folder.iterdir() if CHECKPOINT.match(p.name)}
+        exports = {int(p.name[2:]): p for p in self.folder.iterdir()
+                   if p.is_dir() and p.name.startswith("ba") and p.name[2:].isdigit()}
+        return files, exports
+
+    def stage_checkpoint(self, path: Path) -> None:
+        """Make a hard link of the checkpoint, and beside it (first) its weights record, here on the training
+        thread: loading tensors from the upload thread upset torch's tensor bookkeeping."""
+        self.folder.mkdir(exist_ok=True)
+        export = self.folder / branch_name(_batch(path))
+        record = weights_record(path, export if export.is_dir() else None)
+        write_atomically(self.record_file(path), json.dumps(record) + "\n")
+        with partial_file(self.folder / path.name) as tmp:
+            try:
+                os.link(path, tmp)  # instant, and survives the original being pruned
+            except OSError:
+                shutil.copyfile(path, tmp)
+
+    def record_file(self, queued: Path) -> Path:
+        """Return where the weights record of a queued checkpoint is."""
+        return self.folder / f"{queued.name}.json"
+
+    def stage_export(self, batch: int, path: Path) -> None:
+        """Write the HF export of the checkpoint at `path` into the queue, as the folder of its branch."""
+        self.folder.mkdir(exist_ok=True)
+        export_checkpoint(path, self.folder / branch_name(batch), overwrite=True)
+
+    def remove_if_empty(self) -> None:
+        """Remove the queue's folder once nothing waits in it."""
+        if self.folder.is_dir() and not any(self.folder.iterdir()):
+            self.folder.rmdir()
+
+
+class Uploader:
+    """The thread that empties an UploadQueue into the model repo: a commit to `main` per round (the checkpoints
+    waiting, `latest`, the run's data and the manifest), a commit per export to its branch, each checked."""
+
+    def __init__(self, hub: Hub, repo: str, folder: Path, queue: UploadQueue, private: bool, run_name: str):
+        self.hub, self.repo, self.folder, self.queue, self.private = hub, repo, folder, queue, private
+        self.run_name = run_name
         self.newest_uploaded = -1  # the batch `latest` points at in the repo
-        self._manifest: Manifest | None = None  # the thread's; read from the run folder (or the Hub) when first needed
+        self._manifest: Manifest | None = None  # read from the run folder (or the Hub) when first needed
         self._manifest_behind = False  # an export's record changed after the manifest went up
         self._exported: dict[int, dict] = {}  # records of exports that went up before their checkpoint
         self.error: HubError | None = None
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
 
-    # the queue (the .hub-pending folder) -----------------------------------------------------------------------
-    def _queued(self) -> tuple[dict[int, Path], dict[int, Path]]:
-        """Return (checkpoints waiting for `main`, export folders waiting for their branch), by batch."""
-        if not self.pending.is_dir():
-            return {}, {}
-        files = {_batch(p): p for p in self.pending.iterdir() if CHECKPOINT.match(p.name)}
-        exports = {int(p.name[2:]): p for p in self.pending.iterdir()
-                   if p.is_dir() and p.name.startswith("ba") and p.name[2:].isdigit()}
-        return files, exports
-
-    def _stage_checkpoint(self, path: Path) -> None:
-        """Make a hard link of the checkpoint, and beside it (first) its weights record, here on the training
-        thread: loading tensors from the upload thread upset torch's tensor bookkeeping."""
-        self.pending.mkdir(exist_ok=True)
-        export = self.pending / branch_name(_batch(path))
-        record = weights_record(path, export if export.is_dir() else None)
-        write_atomically(self._record_file(path), json.dumps(record) + "\n")
-        with partial_file(self.pending / path.name) as tmp:
-            try:
-                os.link(path, tmp)  # instant, and survives the original being pruned
-            except OSError:
-                shutil.copyfile(path, tmp)
-
-    def _record_file(self, queued: Path) -> Path:
-        return self.pending / f"{queued.name}.json"
-
-    def _stage_export(self, batch: int, path: Path) -> None:
-        self.pending.mkdir(exist_ok=True)
-        export_checkpoint(path, self.pending / branch_name(batch), overwrite=True)
-
-    def add(self, path: Path) -> None:
-        """Queue a checkpoint just saved (and its export, first: the checkpoint's manifest entry records it)."""
-        self.raise_if_failed()
-        if self.export:
-            self._stage_export(_batch(path), path)
-        self._stage_checkpoint(path)
-        self._wake()
-
-    def catch_up(self, up_to_batch: int) -> tuple[int, int]:
-        """Queue the local complete checkpoints (up to `up_to_batch`) the repo lacks, or lacks as a branch.
-
-        Returns how many checkpoints and exports are queued now (an earlier start's leftovers included).
-        """
-        local = {b: p for b, p in checkpoints(self.folder).items() if b <= up_to_batch and is_complete(p)}
-        queued_files, queued_exports = self._queued()
-        if not local and not queued_files and not queued_exports:
-            return 0, 0
-        try:
-            remote = set(self.hub.list_files(self.repo))
-            branches = self.hub.branches(self.repo) if self.export else set()
-        except FileNotFoundError:
-            remote, branches = set(), set()
-        except HubError as e:
-            raise _keep_local_hint(e, self.folder) from e
-        on_hub = [_batch(Path(name)) for name in remote if CHECKPOINT.match(Path(name).name)]
-        self.newest_uploaded = max(on_hub, default=-1)
-        for batch, path in sorted(local.items()):
-            if self.export and branch_name(batch) not in branches and batch not in queued_exports:
-                self._stage_export(batch, path)
-            if remote_name(path.name) not in remote and batch not in queued_files:
-                self._stage_checkpoint(path)
-        for batch, queued in queued_files.items():  # a kill between an earlier start's record and its link
-            if not self._record_file(queued).exists():
-                self._stage_checkpoint(local.get(batch, queued))
-        files, exports = self._queued()
-        if files or exports:
-            self._wake()
-        return len(files), len(exports)
-
-    # the upload thread -----------------------------------------------------------------------------------------
-    def _wake(self) -> None:
+    def wake(self) -> None:
         """Start the upload thread unless it runs (it stops when it finds the queue empty, under the same lock)."""
         with self._cond:
             if self._thread is None and self.error is None:
@@ -169,7 +142,7 @@ class HubPublisher:
         try:
             while True:
                 with self._cond:
-                    files, exports = self._queued()
+                    files, exports = self.queue.queued()
                     if not files and not exports and not self._manifest_behind:
                         return
                 if files:  # checkpoints first: they are what a resume needs
@@ -187,6 +160,20 @@ class HubPublisher:
             with self._cond:
                 self._thread = None
                 self._cond.notify_all()
+
+    def drain(self) -> None:
+        """Run the thread until the queue is empty (or it fails), saying what is left every few seconds."""
+        self.wake()
+        last = -PROGRESS_EVERY  # the first line at once
+        with self._cond:
+            while self._thread is not None:
+                files, exports = self.queue.queued()
+                if (files or exports) and time.monotonic() - last >= PROGRESS_EVERY:
+                    say(f"waiting for the Hub: {len(files)} checkpoint(s) and {len(exports)} export(s) to upload "
+                         f"to {self.repo} (budget {self.hub.budget.max_commits} commits per "
+                         f"{self.hub.budget.window:.0f} s)")
+                    last = time.monotonic()
+                self._cond.wait(timeout=1.0)
 
     def _run_data(self) -> dict[str, bytes]:
         data = {}
@@ -221,8 +208,8 @@ class HubPublisher:
     def _commit_checkpoints(self, files: dict[int, Path], exports: dict[int, Path]) -> None:
         manifest = self._manifest_now()
         for batch, path in files.items():
-            record = check_weights_record(read_json(self._record_file(path), "queued upload's record"),
-                                          str(self._record_file(path)))
+            record = check_weights_record(read_json(self.queue.record_file(path), "queued upload's record"),
+                                          str(self.queue.record_file(path)))
             entry = checkpoint_entry(path, record, exports.get(batch))
             old = manifest.entries.get(batch) or {}
             if entry["export"] is None and (self._exported.get(batch) or old.get("export")):
@@ -238,7 +225,7 @@ class HubPublisher:
         for batch, path in files.items():
             self._exported.pop(batch, None)
             path.unlink(missing_ok=True)
-            self._record_file(path).unlink(missing_ok=True)
+            self.queue.record_file(path).unlink(missing_ok=True)
 
     def _commit_main(self, contents: dict[str, Path | bytes], message: str) -> None:
         """Make one commit to `main` of `contents`, the run's data and the manifest, checked."""
@@ -283,27 +270,66 @@ class HubPublisher:
             self.hub.commit(self.repo, {name: sent[name] for name in wrong}, f"{message} (again: the Hub held a "
                             "different copy)", revision=revision)
 
-    # the training thread's side --------------------------------------------------------------------------------
+
+class HubPublisher:
+    """Rank 0's side of the Hub uploads, on the training thread: queue each checkpoint saved (and what the repo lacks
+    at start), report the upload thread's error, wait for the queue to empty at the end."""
+
+    def __init__(self, hub: Hub, repo: str, folder: Path, private: bool = True, export: bool = True,
+                 run_name: str | None = None):
+        self.hub, self.repo, self.folder, self.export = hub, repo, folder, export
+        self.queue = UploadQueue(folder / PENDING)
+        self.uploader = Uploader(hub, repo, folder, self.queue, private, run_name or folder.name)
+
+    def add(self, path: Path) -> None:
+        """Queue a checkpoint just saved (and its export, first: the checkpoint's manifest entry records it)."""
+        self.raise_if_failed()
+        if self.export:
+            self.queue.stage_export(_batch(path), path)
+        self.queue.stage_checkpoint(path)
+        self.uploader.wake()
+
+    def catch_up(self, up_to_batch: int) -> tuple[int, int]:
+        """Queue the local complete checkpoints (up to `up_to_batch`) the repo lacks, or lacks as a branch.
+
+        Returns how many checkpoints and exports are queued now (an earlier start's leftovers included).
+        """
+        local = {b: p for b, p in checkpoints(self.folder).items() if b <= up_to_batch and is_complete(p)}
+        queued_files, queued_exports = self.queue.queued()
+        if not local and not queued_files and not queued_exports:
+            return 0, 0
+        try:
+            remote = set(self.hub.list_files(self.repo))
+            branches = self.hub.branches(self.repo) if self.export else set()
+        except FileNotFoundError:
+            remote, branches = set(), set()
+        except HubError as e:
+            raise _keep_local_hint(e, self.folder) from e
+        on_hub = [_batch(Path(name)) for name in remote if CHECKPOINT.match(Path(name).name)]
+        self.uploader.newest_uploaded = max(on_hub, default=-1)
+        for batch, path in sorted(local.items()):
+            if self.export and branch_name(batch) not in branches and batch not in queued_exports:
+                self.queue.stage_export(batch, path)
+            if remote_name(path.name) not in remote and batch not in queued_files:
+                self.queue.stage_checkpoint(path)
+        for batch, queued in queued_files.items():  # a kill between an earlier start's record and its link
+            if not self.queue.record_file(queued).exists():
+                self.queue.stage_checkpoint(local.get(batch, queued))
+        files, exports = self.queue.queued()
+        if files or exports:
+            self.uploader.wake()
+        return len(files), len(exports)
+
     def raise_if_failed(self) -> None:
-        if self.error is not None:
-            raise self.error
+        """Raise the upload thread's error, if it stopped on one."""
+        if self.uploader.error is not None:
+            raise self.uploader.error
 
     def drain(self) -> None:
         """Wait until the queue is empty (saying what is left every few seconds), or raise the thread's error."""
-        self._wake()
-        last = -PROGRESS_EVERY  # the first line at once
-        with self._cond:
-            while self._thread is not None:
-                files, exports = self._queued()
-                if (files or exports) and time.monotonic() - last >= PROGRESS_EVERY:
-                    say(f"waiting for the Hub: {len(files)} checkpoint(s) and {len(exports)} export(s) to upload "
-                         f"to {self.repo} (budget {self.hub.budget.max_commits} commits per "
-                         f"{self.hub.budget.window:.0f} s)")
-                    last = time.monotonic()
-                self._cond.wait(timeout=1.0)
+        self.uploader.drain()
         self.raise_if_failed()
-        if self.pending.is_dir() and not any(self.pending.iterdir()):
-            self.pending.rmdir()
+        self.queue.remove_if_empty()
 
 
 class HubCheckpoints(LoggerDestination):
