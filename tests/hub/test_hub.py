@@ -4,6 +4,7 @@ in this process and in the training subprocesses. Everything on our side of `HfA
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import time
@@ -295,23 +296,22 @@ def test_a_run_checkpointing_every_batch_stays_within_the_budget_and_gets_everyt
 @pytest.mark.train
 @pytest.mark.beside  # waits on the double's latency and windows
 def test_slow_uploads_do_not_slow_training(fake_hub, tmp_path, shards):
-    """Each commit takes 2 s, 14 checkpoints are uploaded (28 s of commits), yet no batch of the training loop takes
-    as long as one commit: the training thread never waits on an upload (the loop's other batches take milliseconds,
-    loaded machine or not; a comparison of two runs' loop times failed on a loaded machine's noise)."""
+    """Each commit takes 2 s and 14 checkpoints go up, yet queueing them took the training thread less than one commit
+    in all: it never waited on an upload. Measured by the run itself (what `add` took of the training thread, said in
+    its last line), not by comparing clocks of two runs, which failed on a loaded machine's noise."""
     config, slow = write_yaml(tmp_path / "tiny.yaml", shards), fake_hub
     set_limits(slow, latency=2)
     proc = Started(train_cmd(config, "run_name=slow", "hub.repo=me/slow", "max_duration=192ba", "save_interval=16ba",
                              "eval_interval=1000ba", "hub.export=false"))
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
-    rows = [json.loads(row) for row in (tmp_path / "ckpt" / "slow" / "metrics.jsonl").read_text().splitlines()]
-    hours = [row["time/train"] for row in rows if "time/train" in row]  # the loop's clock, after each batch
-    assert len(hours) == 192
-    longest = max(b - a for a, b in zip(hours, hours[1:], strict=False)) * 3600
     uploaded = [p for c in slow.commits() for p in c["paths"] if p.endswith("-rank0.pt")]
     assert sorted(uploaded) == sorted(f"checkpoints/{name}" for name in local_checkpoints(tmp_path / "ckpt" / "slow"))
-    assert len(uploaded) == 14 and len(slow.commits()) >= 2
-    assert longest < 2, f"a batch took {longest:.2f} s: the training thread waited on a commit"
+    assert len(uploaded) == 14 and len(slow.commits()) >= 2  # 28 s of commits, at least
+    spent = re.search(r"training spent ([\d.]+) s queueing 14 checkpoint\(s\) for me/slow; their uploads ran "
+                      r"beside it", err)
+    assert spent, err[-3000:]
+    assert float(spent.group(1)) < 2, f"queueing took the training thread {spent.group(1)} s: it waited on a commit"
 
 
 @pytest.mark.train
