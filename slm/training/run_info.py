@@ -88,9 +88,9 @@ class RunInfo(Callback):
     """Run metadata in every checkpoint and in `run.json`; each start or resume appends to `starts`; a run
     branched off another run's checkpoint records it under `warm_start` (slm/training/warm_start.py)."""
 
-    def __init__(self, cfg: TrainConfig, tokenizer: dict, parameters: int, folder: Path, metrics: MetricsFile,
+    def __init__(self, cfg: TrainConfig, tokenizer: dict, parameters: int, metrics: MetricsFile,
                  warm_start: dict[str, Any] | None = None):
-        self.folder, self.metrics = folder, metrics
+        self.folder, self.metrics = cfg.folder, metrics
         self.info: dict[str, Any] = {"run_name": cfg.run_name, "config": cfg.to_dict(), "tokenizer": tokenizer["name"],
                                      "tokenizer_hash": tokenizer["content_hash"], "parameters": parameters,
                                      "warm_start": warm_start, "starts": []}

@@ -128,7 +128,7 @@ def prepare_run_folder(cfg: TrainConfig, model: PreTrainedModel) -> Path | None:
     if dist.get_local_rank() == 0:
         clean_stale_shared_memory()
     newest = newest_complete(folder)  # once: the check reads each candidate's pickle
-    refuse_another_model(folder, cfg, model, newest)
+    refuse_another_model(cfg, model, newest)
     if dist.get_global_rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
         repair_latest(folder, newest)
@@ -136,13 +136,14 @@ def prepare_run_folder(cfg: TrainConfig, model: PreTrainedModel) -> Path | None:
     return newest
 
 
-def refuse_another_model(folder: Path, cfg: TrainConfig, model: PreTrainedModel, newest: Path | None) -> None:
+def refuse_another_model(cfg: TrainConfig, model: PreTrainedModel, newest: Path | None) -> None:
     """Refuse to resume a run folder with another model config, which would fail deep in Composer: name the difference.
 
     run.json names the model config; a folder without one (an older slm, a copied checkpoint) is
     compared tensor by tensor with its newest whole checkpoint, `newest`.
     """
     hint = "use another run_name or save_folder, or this run's model config to resume it"
+    folder = cfg.folder
     before = ((read_run_record(folder) or {}).get("config") or {}).get("model")
     if before is not None:
         differ = [k for k in sorted(set(before) | set(cfg.model)) if before.get(k) != cfg.model.get(k)]
@@ -175,8 +176,8 @@ class ReadyRun:
     callbacks: RunCallbacks
 
 
-def build_callbacks(cfg: TrainConfig, folder: Path, run_info: RunInfo, metrics: MetricsFile,
-                  train_metrics: TrainMetrics, seq_len: int) -> RunCallbacks:
+def build_callbacks(cfg: TrainConfig, run_info: RunInfo, metrics: MetricsFile, train_metrics: TrainMetrics,
+                    seq_len: int) -> RunCallbacks:
     """Make a run's callbacks and loggers, in the order Composer must call them.
 
     Composer runs the callbacks in list order at every event, before the loggers (except at
@@ -193,6 +194,7 @@ def build_callbacks(cfg: TrainConfig, folder: Path, run_info: RunInfo, metrics: 
     - CompileTime, with `compile: true`: says once how long the first batch's compile took.
     The loggers: metrics.jsonl, then the Hub and W&B, then the terminal's progress bar.
     """
+    folder = cfg.folder
     early = early_batches(cfg.early_checkpoints) | token_batches(cfg.checkpoints_per_token_decade,
                                                                  cfg.global_batch_size * seq_len)
     saver = CheckpointSaver(folder=str(folder), filename=FILENAME, latest_filename=LATEST_FILENAME,
@@ -231,15 +233,15 @@ def _optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=cfg.fused or None)
 
 
-def make_trainer(plan: Plan, folder: Path, warm_start: Path | None = None) -> ReadyRun:
-    """Make Composer's Trainer over a checked plan and a prepared run folder (no checks of its own): it autoresumes
+def make_trainer(plan: Plan, warm_start: Path | None = None) -> ReadyRun:
+    """Make Composer's Trainer over a checked plan, its run folder prepared (no checks of its own): it autoresumes
     from the run folder (or the Hub), and a new run starts from `warm_start` (a checkpoint file) when given."""
-    cfg, model = plan.cfg, plan.model
+    cfg, model, folder = plan.cfg, plan.model, plan.cfg.folder
     metrics = MetricsFile(folder / METRICS)
-    run_info = RunInfo(cfg, plan.tokenizer_identity, count_parameters(model.model), folder, metrics,
+    run_info = RunInfo(cfg, plan.tokenizer_identity, count_parameters(model.model), metrics,
                        warm_start_record(cfg.load, warm_start) if warm_start else None)
     train_metrics = TrainMetrics(model, plan.train_metrics, cfg.log_interval)
-    callbacks = build_callbacks(cfg, folder, run_info, metrics, train_metrics, plan.seq_len)
+    callbacks = build_callbacks(cfg, run_info, metrics, train_metrics, plan.seq_len)
     train_data = build_dataloader(cfg.data.train, cfg.data, plan.per_device_batch, train=True)
     eval_data = build_dataloader(cfg.data.eval, cfg.data, plan.per_device_batch, train=False)
     trainer = Trainer(
@@ -301,7 +303,7 @@ def start_run(cfg: TrainConfig) -> ReadyRun:
     warm_start = warm_start_checkpoint(cfg.load, folder, resumes=own is not None)
     if warm_start:
         check_fits(warm_start, plan.model.model, "load.path must be a checkpoint of a model with this model config")
-    run = make_trainer(plan, folder, warm_start)
+    run = make_trainer(plan, warm_start)
     run.callbacks.schedule.refuse_idle_continuation(run.trainer.state, str(folder))  # the ends it committed to
     if dist.get_global_rank() == 0:
         save_config(cfg, folder / "config.yaml")  # only now: a refused start leaves the folder as it was
