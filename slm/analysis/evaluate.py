@@ -31,7 +31,7 @@ COLUMNS = ("model", "run", "architecture", "label", "batch", "tokens", "paramete
 def evaluate_loaded(loaded: Loaded, split: SplitSamples, batch_size: int = 16) -> dict:
     """Compute the cross-entropy, perplexity, accuracy and bits per byte of a loaded model on `split`'s samples, and
     the number of samples read."""
-    tokenizer = check_data(loaded.model, loaded.tokenizer_name, split)
+    tokenizer = check_data(loaded, split)
     metrics = build_metrics(byte_lengths(tokenizer))
     wrapper = CausalLM(loaded.model, tokenizer, metrics=metrics)
     with torch.no_grad():

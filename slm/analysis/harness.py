@@ -57,10 +57,7 @@ class Harness:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
 
-        from slm.data.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(loaded.tokenizer_name, content_hash=loaded.tokenizer_hash)
-        model = HFLM(pretrained=loaded.model, tokenizer=tokenizer, batch_size=self.batch_size,
+        model = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=self.batch_size,
                      trust_remote_code=False)
         result = lm_eval.simple_evaluate(model=model, tasks=[task], task_manager=self.manager, limit=self.limit,
                                          log_samples=False)

@@ -130,7 +130,7 @@ def write_checkpoint_table(loaded: Loaded, split: SplitSamples, out: Path, readi
                            label: str | None = None) -> float:
     """Write one loaded checkpoint's table of `split` to `out`, once the split is one its model can read; the mean
     log p."""
-    check_data(loaded.model, loaded.tokenizer_name, split)
+    check_data(loaded, split)
     return write_table(loaded.model, split, out, label or f"ba{loaded.batch}", reading)
 
 

@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from streaming import StreamingDataset
@@ -15,8 +16,10 @@ from transformers import PreTrainedTokenizerFast
 from slm.core import streaming_workarounds
 from slm.data.loading import check_data_fits, check_shards, collate
 from slm.data.shards import read_metadata
-from slm.data.tokenizer import load_tokenizer
 from slm.training.model import context_length
+
+if TYPE_CHECKING:
+    from slm.analysis.trained_models import Loaded
 
 READ_ONCE = 2**30  # bytes: a split's samples up to this size are read once, for every checkpoint
 
@@ -53,13 +56,12 @@ def split_samples(data: Path, max_samples: int | None = None) -> Iterator[SplitS
         yield SplitSamples(data, meta, dataset, min(dataset.num_samples, max_samples or dataset.num_samples))
 
 
-def check_data(model: torch.nn.Module, tokenizer_name: str, split: SplitSamples) -> PreTrainedTokenizerFast:
-    """Refuse a split the model cannot read (ids past its vocabulary, samples past its positions) or tokenized with
-    another tokenizer than the model's; return the model's tokenizer."""
-    tokenizer = load_tokenizer(tokenizer_name)
-    check_data_fits([(split.data, split.meta)], tokenizer, f"the model's tokenizer {tokenizer_name}",
-                    model.config.vocab_size, context_length(model.config))
-    return tokenizer
+def check_data(loaded: Loaded, split: SplitSamples) -> PreTrainedTokenizerFast:
+    """Refuse a split the loaded checkpoint's model cannot read (ids past its vocabulary, samples past its positions)
+    or tokenized with another tokenizer than the model's; return the model's tokenizer."""
+    check_data_fits([(split.data, split.meta)], loaded.tokenizer, f"the model's tokenizer {loaded.tokenizer_name}",
+                    loaded.model.config.vocab_size, context_length(loaded.model.config))
+    return loaded.tokenizer
 
 
 LAUNCHER_WORLD = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK")

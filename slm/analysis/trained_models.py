@@ -6,14 +6,17 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerFast
 
 from slm.core.errors import SlmError
 from slm.core.foreign import checked_folder, read_json
 from slm.core.paths import is_local_path
 from slm.core.run_folder import check_run_record, checked_run_folder, checkpoints, is_complete
+from slm.data.tokenizer import load_tokenizer
 from slm.hub.client import Hub
 from slm.training.export import model_from_checkpoint, read_checkpoint
 from slm.training.model import load_pretrained
@@ -33,6 +36,12 @@ class Loaded:
     batch: int | None = None
     tokens: int | None = None
     tokenizer_hash: str | None = None
+
+    @cached_property
+    def tokenizer(self) -> PreTrainedTokenizerFast:
+        """The checkpoint's tokenizer, loaded once for every use (only if it is the one its recorded content hash
+        names, where there is one)."""
+        return load_tokenizer(self.tokenizer_name, content_hash=self.tokenizer_hash)
 
 
 # A checkpoint's loader: given a scratch folder that lives while the model is used, the loaded checkpoint.

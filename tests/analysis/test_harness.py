@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import slm
+from slm.analysis import trained_models
 from slm.analysis.evaluate import read_table
 
 from helpers import run_slm, train, write_yaml
@@ -65,13 +66,16 @@ def log_p(model: torch.nn.Module, tokenizer, sentence: str) -> float:
 @pytest.mark.stack
 @pytest.mark.train
 @needs_lm_eval
-def test_task_accuracy_of_every_checkpoint_lands_in_the_eval_table(tmp_path, shards, pairs_task):
+def test_task_accuracy_of_every_checkpoint_lands_in_the_eval_table(tmp_path, shards, pairs_task, monkeypatch):
     folder, pairs = pairs_task
     train(write_yaml(tmp_path / "run.yaml", shards), "run_name=pairs", "max_duration=8ba")
     run, table = tmp_path / "ckpt" / "pairs", tmp_path / "evals.parquet"
     args = ["eval", str(run), "--tasks", "slm_pairs", "--include-path", str(folder), "--data", str(shards / "eval"),
             "--max-batches", "1", "--out", str(table)]
+    loads, load = [], trained_models.load_tokenizer
+    monkeypatch.setattr(trained_models, "load_tokenizer", lambda *a, **kw: loads.append(a) or load(*a, **kw))
     assert "evaluated 4 checkpoint(s)" in run_slm(*args).stdout
+    assert len(loads) == 4  # a checkpoint's tokenizer is loaded once for its data and its task
     rows = read_table(table)
     accuracy = {row["label"]: row["value"] for row in rows if row["metric"] == "slm_pairs/acc"}
     assert [row["samples"] for row in rows if row["metric"] == "slm_pairs/acc"] == [32] * 4
