@@ -18,7 +18,8 @@ def open(*sources: str | Path, cache_dir: str | Path | None = None, cache_budget
     """Open the suite of runs named by `sources`: run folders (a glob such as "checkpoints/llama-*" matches several)
     and Hub model repos "ORG/NAME". Hub export branches are cached in `cache_dir` ($SLM_CACHE, else ~/.cache/slm)
     within `cache_budget` bytes (4 GiB), the least recently used evicted first."""
-    from slm.analysis.suite import CACHE_BUDGET, open_suite
+    from slm.analysis.hub_cache import CACHE_BUDGET
+    from slm.analysis.suite import open_suite
 
     budget = CACHE_BUDGET if cache_budget is None else cache_budget
     return open_suite(*sources, cache_dir=cache_dir, cache_budget=budget)
