@@ -286,7 +286,7 @@ def train_rows(r: dict) -> tuple[list[str], list[str]]:
                            f"(`.item()`, `.cpu()`, `bool(tensor)`, ...) | slm: {h['slm']:g} | Composer: "
                            f"{h['composer']:g} | | slm: 0 | {met(h['slm'] == 0)} |")
             detail += ["Composer's own host syncs in each training batch that logs nothing (one process, with slm's "
-                       "workarounds; counted by `slm/training/syncs.py`):", "", "| call, where | per batch |",
+                       "workarounds; counted by `bench/syncs.py`):", "", "| call, where | per batch |",
                        "|---|---|", *(f"| `{call}` | {n:g} |" for call, n in h["composer_calls"].items()), ""]
         if "together" in shape:
             t = shape["together"]

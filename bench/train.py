@@ -57,10 +57,10 @@ from slm.core.config import load_config
 from slm.data.loading import collate
 from slm.data.mapped_shards import MappedShards
 from slm.training.model import build_hf_model, count_parameters, flops_per_token, mamba_kernels_available
-from slm.training.syncs import ByBatch, HostSyncs
 from slm.training.trainer import start_run
 
 from benchlib import REPO, machine, make_data, time_loader
+from syncs import ByBatch, HostSyncs
 
 # shape -> models, batch, seq_len, warm-up batches, batches per chunk, chunks per side
 SHAPES = {
@@ -186,7 +186,7 @@ SYNC_RUN = {"batches": 12, "log_every": 4}  # host_syncs' run: max_duration and 
 
 
 def host_syncs(cfg) -> dict:
-    """The calls that make the host wait for the device (slm/training/syncs.py) in each batch of `cfg`'s run (SYNC_RUN's
+    """The calls that make the host wait for the device (bench/syncs.py) in each batch of `cfg`'s run (SYNC_RUN's
     length and log interval): per batch that logs nothing, slm's and Composer's, Composer's by call and line."""
     batches, log_every = SYNC_RUN["batches"], SYNC_RUN["log_every"]
     with composer_workarounds.applied(), streaming_workarounds.applied(), HostSyncs() as syncs:

@@ -22,6 +22,17 @@ from helpers.pytest_capture import capture_manager, run_in_this_process
 REPO = Path(__file__).resolve().parents[2]
 HUB_DOUBLE = REPO / "tests" / "hub_double"
 HOOKS = REPO / "tests" / "hooks"  # on PYTHONPATH in every process a test starts (conftest.py)
+
+
+def from_bench(name: str):
+    """Import bench/NAME.py, an instrument the benchmarks and the tests share (bench/ is not on sys.path here)."""
+    import importlib.util
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
 SLM = str(Path(sys.executable).parent / "slm")
 
 

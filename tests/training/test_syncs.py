@@ -8,10 +8,12 @@ import torch
 
 from slm.core import composer_workarounds, streaming_workarounds
 from slm.core.config import load_config
-from slm.training.syncs import ByBatch, HostSyncs
 from slm.training.trainer import same_numerics_in_any_process, start_run
 
-from helpers import write_yaml
+from helpers import from_bench, write_yaml
+
+instrument = from_bench("syncs")  # bench/syncs.py
+ByBatch, HostSyncs = instrument.ByBatch, instrument.HostSyncs
 
 # What Composer 0.32.1 syncs in every training batch of one process, with slm's workarounds: the data loader's end,
 # the batch size, the loss (.cpu() and .item()) and SpeedMonitor's FLOPs; 12 without single_process_collectives.

@@ -2,7 +2,7 @@
 
 On a GPU each one stalls the queue until everything before it has run, and a tiny model's step is mostly queue:
 a training batch should make none, and a logging batch a few. These calls sync only on a GPU, but they are the
-same calls on the CPU, so they are counted there too (tests/training/test_syncs.py, bench/train.py), through a
+same calls on the CPU, so they are counted there too (bench/train.py, tests/training/test_syncs.py), through a
 `TorchFunctionMode`, which sees every torch function and tensor method called from Python. Each call is
 charged to the innermost slm or Composer frame that made it (a torchmetrics or transformers call made for slm's
 metrics is slm's), so what slm syncs and what Composer does can be told apart.
