@@ -221,7 +221,8 @@ def test_preflight_takes_the_tokenizer_of_the_first_train_stream(mixed_data, sha
 
 
 PREFLIGHT = {
-    "another tokenizer": ({"content_hash": "sha256:" + "0" * 64}, "data.train.streams.code was tokenized with "),
+    "another tokenizer": ({"content_hash": "sha256:" + "0" * 64}, "data.train.streams.code was tokenized with {tok}, "
+                                                                  "not with {tok} (content hashes differ)"),
     "another seq_len": ({"seq_len": 32}, "data.train.streams.web has seq_len 64 but data.train.streams.code has 32: "
                                          "train, eval and every stream need one seq_len"),
     "longer than the model's context": ({"seq_len": 128}, "data.train.streams.code has seq_len 128 but the model has "
@@ -243,7 +244,8 @@ def test_preflight_names_the_stream_that_does_not_fit(name, mixed_data, shards):
                                                             "code": {"local": str(code), "proportion": 0.5}})
     with pytest.raises(SlmError) as e:
         preflight(load_config(config))
-    assert expected.format(code=code) in str(e.value)
+    tok = json.loads((shards / "train" / "slm-dataset.json").read_text())["tokenizer"]["name"]  # the same name
+    assert expected.format(code=code, tok=tok) in str(e.value)
 
 
 # Training on a mixture: the session's train shards and a copy of its eval shards (163 samples, drawn 5 times over).
