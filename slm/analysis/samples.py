@@ -31,13 +31,15 @@ class SplitSamples:
 
     def __init__(self, data: Path, meta: dict, dataset: StreamingDataset, count: int):
         self.data, self.meta, self.dataset, self.count = data, meta, dataset, count
-        self.memory = self.batch(0, count) if count * meta["seq_len"] * 8 <= READ_ONCE else None
+        self.memory = self._read(0, count) if count * meta["seq_len"] * 8 <= READ_ONCE else None
+
+    def _read(self, start: int, end: int) -> torch.Tensor:
+        """Read samples `start` to `end` (excluded) from the shards."""
+        return collate([self.dataset[i] for i in range(start, end)])["input_ids"]
 
     def batch(self, start: int, end: int) -> torch.Tensor:
         """Return samples `start` to `end` (excluded) as a (samples, seq_len) tensor of token ids."""
-        if getattr(self, "memory", None) is not None:
-            return self.memory[start:end]
-        return collate([self.dataset[i] for i in range(start, end)])["input_ids"]
+        return self.memory[start:end] if self.memory is not None else self._read(start, end)
 
     def batches(self, batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (index of the first sample, batch) over the samples, `batch_size` at a time."""

@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -65,7 +65,7 @@ class LocalRun:
     proc: subprocess.Popen | None = None
     slot: int | None = None
     exit_status: int | None = None
-    batch: int = field(default=0)
+    batch: int = 0
 
     def progress(self) -> str:
         """Return the run's line: name, state, batch reached, log."""
