@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -47,24 +48,29 @@ def two_process_reference(tmp_path_factory, shards) -> tuple[Path, Path]:
     return config, root / "ckpt" / "ref"
 
 
-def test_signal_to_one_rank_stops_all_at_one_checkpoint_and_resumes_bitwise(two_process_reference, tmp_path):
-    config, ref = two_process_reference
-    folder = config.parent / "ckpt" / "pre"
-    cmd = train_cmd(config, "run_name=pre", procs=2)
-
-    hold = Hold(tmp_path / "hold", 4)
+def stopped_by_a_signal_to_rank_1(cmd: list[str], hold: Hold) -> tuple[subprocess.Popen, str, int]:
+    """Start a two-process run, hold both ranks at the end of `hold`'s batch (its checkpoint written), SIGTERM rank 1
+    alone, release them: (the launcher's process, its stderr, the batch the run says it stopped at)."""
     proc = Started(cmd, env=hold.env)
-    try:  # SIGTERM to rank 1 alone, both ranks held at the end of batch 4, its checkpoint written
+    try:
         hold.wait(proc, processes=2)
         os.kill(ranks_of(proc)[1], signal.SIGTERM)
         hold.release()
         _, stderr = proc.communicate(timeout=300)
     finally:
         proc.kill()
-    assert proc.returncode == EXIT_PREEMPTED, stderr[-3000:]
     stopped = re.search(r"stopped at batch (\d+) on a signal to another process, checkpoint saved", stderr)
     assert stopped, stderr[-3000:]  # rank 0 reports it: it was not signalled itself
-    batch = int(stopped.group(1))
+    return proc, stderr, int(stopped.group(1))
+
+
+def test_signal_to_one_rank_stops_all_at_one_checkpoint_and_resumes_bitwise(two_process_reference, tmp_path):
+    config, ref = two_process_reference
+    folder = config.parent / "ckpt" / "pre"
+    cmd = train_cmd(config, "run_name=pre", procs=2)
+
+    proc, stderr, batch = stopped_by_a_signal_to_rank_1(cmd, Hold(tmp_path / "hold", 4))
+    assert proc.returncode == EXIT_PREEMPTED, stderr[-3000:]
     assert 4 <= batch < 16
     assert final_state(folder)["timestamp"]["Timestamp"]["batch"] == batch  # the checkpoint at the stop
     rows = read_metrics(folder)
@@ -90,18 +96,8 @@ def test_torchrun_trains_stops_and_resumes_bitwise_as_composer_does(two_process_
     folder = config.parent / "ckpt" / "tr"
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
            str(Path(train_cmd(config)[1])), str(config), "run_name=tr"]
-    hold = Hold(tmp_path / "hold", 4)
-    proc = Started(cmd, env=hold.env)
-    try:
-        hold.wait(proc, processes=2)
-        os.kill(ranks_of(proc)[1], signal.SIGTERM)
-        hold.release()
-        _, stderr = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    stopped = re.search(r"stopped at batch (\d+) on a signal to another process, checkpoint saved", stderr)
-    assert proc.returncode != 0 and stopped, stderr[-3000:]
-    batch = int(stopped.group(1))
+    proc, stderr, batch = stopped_by_a_signal_to_rank_1(cmd, Hold(tmp_path / "hold", 4))
+    assert proc.returncode != 0, stderr[-3000:]
     assert final_state(folder)["timestamp"]["Timestamp"]["batch"] == batch
     last = run_cmd(cmd)
     assert last.returncode == 0, last.stderr[-3000:]
