@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +36,32 @@ def make_data(root: Path, docs: int, vocab: int, seq_len: int) -> None:
     for name, split in (("train", "train[:95%]"), ("validation", "train[95%:]")):
         slm("tokenize", "-i", str(root / "stories.jsonl"), "-f", "story", "-s", split, "-t", str(root / "tok"),
             "-l", str(seq_len), "--out-dir", str(root / "mds" / name))
+
+
+TOKENS_A_DOC = 150  # about, of the generated stories
+
+
+def docs_for(samples: int, seq_len: int) -> int:
+    """Return how many generated stories give about `samples` train samples of `seq_len` tokens (2,000 at least)."""
+    return max(2000, int(samples * seq_len / TOKENS_A_DOC * 1.2))
+
+
+@contextmanager
+def scratch_with_data(name: str, docs: int, vocab: int, seq_len: int) -> Iterator[Path]:
+    """A temporary folder with generated data in it (`make_data`: tok/, mds/train, mds/validation), removed after."""
+    root = Path(tempfile.mkdtemp(prefix=f"slm-bench-{name}-"))
+    try:
+        make_data(root, docs, vocab, seq_len)
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def report(figures: dict, out: Path | None) -> None:
+    """End a benchmark: say the machine it ran on (figures["machine"]) and write its figures to `out` (--json)."""
+    print(f"machine: {figures['machine']}")
+    if out:
+        out.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 @contextmanager

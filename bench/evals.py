@@ -14,10 +14,8 @@ run in this process and take turns `--rounds` times; each side's median counts. 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -59,13 +57,11 @@ def main() -> None:
     from slm.core.config import load_config
     from slm.training.model import build_hf_model
 
-    from benchlib import REPO, machine, make_data
+    from benchlib import REPO, docs_for, machine, report, scratch_with_data
 
-    tmp = Path(tempfile.mkdtemp(prefix="slm-bench-evals-"))
     figures: dict = {"machine": machine(), "checkpoints": args.checkpoints, "samples": args.samples,
                      "seq_len": args.seq_len, "batch_size": args.batch_size, "model": "llama-100k"}
-    try:
-        make_data(tmp, docs=max(2000, args.samples * args.seq_len // 150), vocab=4096, seq_len=args.seq_len)
+    with scratch_with_data("evals", docs_for(args.samples, args.seq_len), 4096, args.seq_len) as tmp:
         data = tmp / "mds" / "train"
         cfg = load_config(REPO / "yamls" / "llama-100k.yaml", [f"model.max_position_embeddings={args.seq_len}"])
         folders = [tmp / "ckpts" / f"seed{seed}" for seed in range(args.checkpoints)]
@@ -95,11 +91,7 @@ def main() -> None:
         print(f"{args.checkpoints} checkpoints x {args.samples} samples x {args.seq_len} tokens: bare "
               f"{args.checkpoints / bare_s:.2f} checkpoints/s, slm eval {args.checkpoints / slm_s:.2f} checkpoints/s: "
               f"slm / bare {bare_s / slm_s:.2f} (goal >= 0.9); the same cross-entropies: {same}", flush=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"machine: {figures['machine']}")
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    report(figures, args.json)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,10 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchlib import REPO, machine, make_data
+from benchlib import REPO, machine, report, scratch_with_data
 
 CONFIG = REPO / "yamls" / "demo-llama.yaml"
 HOOKS = REPO / "tests" / "hooks"  # installs the Hub double in the training process (SLM_TEST_HUB_ROOT)
@@ -61,9 +60,7 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=4000)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="slm-bench-hub-") as tmp:
-        root = Path(tmp)
-        make_data(root, args.docs, 1024, 256)
+    with scratch_with_data("hub", args.docs, 1024, 256) as root:
         hub = root / "hub"
         hub.mkdir()
         (hub / "limits.json").write_text(json.dumps({"latency": args.latency}))
@@ -82,8 +79,7 @@ def main() -> None:
           f"the training thread spent {result['queueing_seconds']:.2f} s queueing them; training loop "
           f"{hub_loop:.1f} s with uploads, {bare_loop:.1f} s without ({result['loop_ratio']:.2f}x); whole run "
           f"{hub_wall:.1f} s vs {bare_wall:.1f} s (the end waits for the last uploads)")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    report(result, args.json)
 
 
 if __name__ == "__main__":

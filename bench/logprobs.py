@@ -13,10 +13,7 @@ turns `--rounds` times and each side's median time counts. Goal (issue 46): slm 
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -50,13 +47,11 @@ def main() -> None:
     from slm.core.config import load_config
     from slm.training.model import build_hf_model
 
-    from benchlib import REPO, machine, make_data
+    from benchlib import REPO, docs_for, machine, report, scratch_with_data
 
-    tmp = Path(tempfile.mkdtemp(prefix="slm-bench-logprobs-"))
     figures: dict = {"machine": machine(), "samples": args.samples, "seq_len": args.seq_len,
                      "batch_size": args.batch_size, "models": {}}
-    try:
-        make_data(tmp, docs=max(2000, args.samples * args.seq_len // 150), vocab=4096, seq_len=args.seq_len)
+    with scratch_with_data("logprobs", docs_for(args.samples, args.seq_len), 4096, args.seq_len) as tmp:
         data = tmp / "mds" / "train"
         with split_samples(data, args.samples) as split:
             samples = split.count
@@ -87,11 +82,7 @@ def main() -> None:
                 print(f"{name}: bare {samples / bare_s:,.0f} samples/s, slm logprobs {samples / slm_s:,.0f} "
                       f"samples/s: slm / bare {bare_s / slm_s:.2f} (goal >= 0.9); the same log-probs: {same}",
                       flush=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"machine: {figures['machine']}")
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    report(figures, args.json)
 
 
 if __name__ == "__main__":

@@ -18,17 +18,12 @@ The figures feed docs/benchmarks.md's projection of a Pythia-sized study (154 ch
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchlib import BIN, REPO, machine, make_data, peaks_mib
-
-TOKENS_A_DOC = 150  # about, of the generated stories: enough documents for the samples asked
+from benchlib import BIN, REPO, docs_for, machine, peaks_mib, report, scratch_with_data
 
 
 def timed(command: list[str]) -> dict:
@@ -61,11 +56,9 @@ def main() -> None:
     args = parser.parse_args()
     import pyarrow.parquet as pq
 
-    root = Path(tempfile.mkdtemp(prefix="slm-bench-study-"))
     figures: dict = {"machine": machine(), "checkpoints": args.checkpoints, "samples": args.samples,
                      "seq_len": args.seq_len, "chunk_samples": args.chunk_samples, "model": "llama-100k"}
-    try:
-        make_data(root, docs=int(args.samples * args.seq_len / TOKENS_A_DOC * 1.2), vocab=4096, seq_len=args.seq_len)
+    with scratch_with_data("study", docs_for(args.samples, args.seq_len), 4096, args.seq_len) as root:
         data = root / "mds" / "train"
         run = train_suite(root, args.checkpoints, args.seq_len)
         slm = str(BIN / "slm")
@@ -92,11 +85,7 @@ def main() -> None:
             print(f"{label}: {f['seconds']:.0f} s, {losses / f['seconds']:,.0f} losses/s, peak "
                   f"{f['peak_anon_mib']:,.0f} MiB anonymous ({f['peak_rss_mib']:,.0f} MiB resident)")
         print(f"the chunked tables equal the default's, value for value: {same}")
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    print(f"machine: {figures['machine']}")
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    report(figures, args.json)
 
 
 if __name__ == "__main__":
