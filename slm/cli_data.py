@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # each command imports what it needs when it runs: `slm --hel
 
 
 def _add_input_args(p: argparse.ArgumentParser) -> None:
+    """Add the arguments naming the input documents to `p` (shared by `slm tokenizer` and `slm tokenize`)."""
     p.add_argument("-i", "--in-dataset", required=True,
                    help="local file, glob ('data/*.jsonl.gz', read in sorted order) or folder (txt, BabyLM's "
                         ".train/.dev/.test, json/jsonl, parquet, csv, save_to_disk), Hub dataset id, or URL "

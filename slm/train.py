@@ -53,6 +53,8 @@ def parse(argv: list[str] | None, prog: str) -> argparse.Namespace:
 
 
 def _train(args: argparse.Namespace, owns_process: bool) -> int:
+    """Set the log level asked, then train the run the parsed arguments name (`owns_process`: as `command` does);
+    return the exit status."""
     from slm.core.errors import set_log_level
     from slm.training.trainer import train_command  # torch loads only now: --help answers at once
 

@@ -38,6 +38,7 @@ class Processes:
 
     @property
     def ranks(self) -> int:
+        """The number of training processes: nodes times ranks per node."""
         return self.nodes * self.ranks_per_node
 
 
@@ -120,6 +121,7 @@ class Batches:
         return rows
 
     def tokens(self, global_id: int) -> np.ndarray:
+        """Return the token ids of the sample with global id `global_id`, as the dataset reads it."""
         return self.dataset.get_item(global_id)["tokens"]
 
     def documents(self, row: dict) -> list[int] | None:
@@ -131,6 +133,7 @@ class Batches:
         return record.of_sample(row["sample"]) if record else None
 
     def stream_folder(self, stream: str) -> Path:
+        """Return the folder `stream`'s shards are read from: its entry in `folders`, else the config's `local`."""
         if stream in self.folders:
             return self.folders[stream]
         split = self.cfg.data.train

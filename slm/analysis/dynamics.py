@@ -77,6 +77,7 @@ class Dynamics:
 
     @cached_property
     def forgettings(self) -> np.ndarray:
+        """(samples, positions): the number of steps between checkpoints where the loss rises by more than `margin`."""
         return (np.diff(self.losses, axis=0) > self.margin).sum(axis=0).astype(np.int32)
 
     def per_position(self) -> pa.Table:
@@ -144,6 +145,7 @@ class Totals:
 
     @property
     def positions(self) -> int:
+        """The number of positions added so far, over every chunk."""
         return int(self.counts.sum())
 
     def acquisitions(self) -> np.ndarray:
@@ -284,6 +286,8 @@ def _chunks(run: Run, files: list[Path], data: Path, logprobs: Path | None, max_
 
 
 def _checked(run: Run, margin: float, logprobs: Path | None) -> None:
+    """Refuse dynamics of a run with fewer than two checkpoints, a margin not above 0 nats, or a `logprobs` folder
+    with a link leading outside it."""
     if len(run.checkpoints) < 2:
         raise SlmError(f"{run.name} has {len(run.checkpoints)} checkpoint(s): dynamics need two or more")
     if margin <= 0:

@@ -121,6 +121,7 @@ def read_table(path: Path) -> list[dict]:
 
 
 def _write_table(rows: list[dict], path: Path) -> None:
+    """Write the eval table's rows to `path`, Parquet or CSV by its suffix, whole or not at all."""
     table = pa.Table.from_pylist(rows, schema=pa.schema([
         ("model", pa.string()), ("run", pa.string()), ("architecture", pa.string()), ("label", pa.string()),
         ("batch", pa.int64()),

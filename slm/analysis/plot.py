@@ -29,9 +29,11 @@ class RunCurves:
 
     @property
     def parameters(self) -> int | None:
+        """The run's parameter count, from its run.json (None where it records none)."""
         return self.info.get("parameters")
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
+        """Return the tokens seen and the values of metric `key` at every row that logged it as a float."""
         points = [(row["tokens"], row[key]) for row in self.rows if isinstance(row.get(key), float)]
         return [t for t, _ in points], [v for _, v in points]
 
@@ -66,6 +68,7 @@ def save_figure(fig, out: Path) -> Path:
 
 
 def _label(run: RunCurves) -> str:
+    """Return the run's legend label: its name, with its parameter count in millions where known."""
     return f"{run.name} ({run.parameters / 1e6:.3g}M)" if run.parameters else run.name
 
 

@@ -51,11 +51,13 @@ class RunStatus:
 
 
 def _model(model: dict) -> str | None:
+    """Return the last dotted part of the model a `model` config names (`class`, else `pretrained`); None if neither."""
     name = model.get("class") or model.get("pretrained")
     return str(name).rsplit(".", 1)[-1] if name else None
 
 
 def _alive(pid: int) -> bool:
+    """Return whether process `pid` exists on this host (another user's included)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -66,6 +68,8 @@ def _alive(pid: int) -> bool:
 
 
 def _state(folder: Path, has_checkpoints: bool) -> tuple[str, str]:
+    """Return the run's (state, detail) from its run-state.json: `killed` where a run marked running has no process
+    left on this host; without the file, `unknown` if it has checkpoints, else `not started`."""
     try:
         record = check_run_state(read_json(folder / STATE_FILE, "run state"), str(folder / STATE_FILE))
     except FileNotFoundError:
@@ -112,6 +116,7 @@ def run_status(target: Path) -> RunStatus:
 
 
 def _age(seconds: float | None) -> str:
+    """Return `seconds` as the age column shows it, in the largest of d, h, min and s it reaches; "-" for None."""
     if seconds is None:
         return "-"
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):

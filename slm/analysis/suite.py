@@ -61,6 +61,7 @@ class Checkpoint:
 
     @property
     def label(self) -> str:
+        """The checkpoint's label, `ba{batch}` (e.g. ba400), as its export branch is named."""
         return f"ba{self.batch}"
 
     def export_folder(self) -> Path:
@@ -137,12 +138,14 @@ class Run:
 
     @property
     def model_class(self) -> str | None:
+        """The run's model class name, from its config (`model.class`, else `model.pretrained`); None if neither."""
         model = self.config.get("model", {})
         name = model.get("class") or model.get("pretrained")
         return str(name).rsplit(".", 1)[-1] if name else None
 
     @property
     def parameters(self) -> int | None:
+        """The run's parameter count, from its run.json (None where it records none)."""
         return self.info.get("parameters")
 
     @property
@@ -217,11 +220,13 @@ class Run:
 
 
 def _tokens_per_sample(rows: list[dict], global_batch_size: int | None) -> int | None:
+    """Return the tokens of one sample, from the first metrics row with tokens and batch; None where unknown."""
     row = next((r for r in rows if r.get("tokens") and r.get("batch")), None)
     return row["tokens"] // (row["batch"] * global_batch_size) if row and global_batch_size else None
 
 
 def _times(a: int | None, b: int | None) -> int | None:
+    """Return `a * b`, or None where either is unknown."""
     return a * b if a is not None and b is not None else None
 
 

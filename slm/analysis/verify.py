@@ -72,15 +72,19 @@ class Report:
 
     @property
     def ok(self) -> bool:
+        """Whether the check found no fault."""
         return not self.faults
 
     def fault(self, kind: str, message: str, batch: int | None = None) -> None:
+        """Record a fault of `kind`, of batch `batch` where it concerns one checkpoint."""
         self.faults.append(Fault(kind, message, batch))
 
     def to_json(self) -> str:
+        """Return the report as indented JSON, with `ok` added."""
         return json.dumps({**asdict(self), "ok": self.ok}, indent=1)
 
     def to_text(self) -> str:
+        """Return the report as `slm verify` prints it: a row per checkpoint, the faults, what was not checked."""
         lines = [f"{self.repo} @ {self.revision}: " + (f"manifest of run {self.run_name}, " if self.manifest
                                                         else "no manifest, ")
                  + f"{len(self.rows)} checkpoint(s)",
@@ -97,6 +101,7 @@ class Report:
 
 
 def _describe(record: dict) -> str:
+    """Return a file record as a fault shows it: its size and its sha256 (else its git blob id), shortened."""
     digest = record.get("sha256") or record.get("blob_id") or "?"
     return f"{record['size']:,} bytes, {'sha256' if 'sha256' in record else 'git blob'} {digest[:12]}"
 
@@ -158,6 +163,7 @@ class _Check:
         return "differs"
 
     def _weights_of_another(self, name: str, served: dict, batch: int) -> int | None:
+        """Return the batch of another entry whose export file `name` has the sha256 the Hub serves, or None."""
         for other, entry in sorted(self.entries.items()):
             record = (entry.get("export") or {}).get(name)
             if other != batch and record and record.get("sha256") == served.get("sha256"):
@@ -165,6 +171,8 @@ class _Check:
         return None
 
     def rows(self) -> None:
+        """Add a row per batch of the entries or the branches, checking its checkpoint on main and its export on its
+        branch; a branch without an entry, or an entry without its branch, is a fault."""
         for batch in sorted(set(self.entries) | set(self.branches)):
             entry = self.entries.get(batch)
             row = Row(batch)
@@ -209,6 +217,7 @@ class _Check:
                     self.report.fault("duplicate_weights", what.format(names) + " identical weights")
 
     def latest(self) -> None:
+        """Report a stale `latest` pointer: one that does not name the newest checkpoint on main."""
         found = {int(m.group(2)): path for path in self.main if (m := CHECKPOINT.match(path.rsplit("/", 1)[-1]))}
         if not found:
             return
@@ -220,6 +229,8 @@ class _Check:
                               f"checkpoint on main is {newest}")
 
     def run_folder(self, run: Path) -> None:
+        """Check each complete checkpoint of the run folder against main (a fault where it is missing or differs);
+        refuse a folder with none."""
         local = {batch: path for batch, path in checkpoints(run).items() if is_complete(path)}
         if not local:
             raise SlmError(f"{run} holds no complete checkpoint (ep*-ba*-rank0.pt): give the run folder itself")

@@ -60,6 +60,7 @@ class Launch:
     master_port: int | None  # None: a free one, which Composer's launcher picks (one node only)
 
     def composer_args(self) -> list[str]:
+        """Return Composer's launcher flags for this node: processes, world size, node rank, master address and port."""
         port = [] if self.master_port is None else ["--master_port", str(self.master_port)]
         return ["-n", str(self.nproc), "--world_size", str(self.nproc * self.nodes), "--node_rank",
                 str(self.node_rank), "--master_addr", self.master_addr, *port]
@@ -266,6 +267,8 @@ _ctrl_c = 0
 
 
 def _second_ctrl_c(signum: int, frame: object) -> None:
+    """Count a Ctrl-C (the launcher's SIGINT handler): the first is the training processes' to answer; at the second,
+    raise KeyboardInterrupt so that Composer's launcher stops them."""
     global _ctrl_c
     _ctrl_c += 1
     if _ctrl_c > 1:

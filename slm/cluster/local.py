@@ -93,6 +93,7 @@ class Board:
         self.stream, self.terminal, self.drawn, self.said = stream, stream.isatty(), 0, {}
 
     def show(self, runs: list[LocalRun]) -> None:
+        """Show each run's line: redrawn in place in a terminal, else printed for each run whose state changed."""
         lines = [run.progress() for run in runs]
         if self.terminal:
             self.stream.write(f"\x1b[{self.drawn}F" * bool(self.drawn) + "".join(f"\x1b[2K{line}\n" for line in lines))
@@ -121,6 +122,7 @@ class Stops:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: object) -> None:
+        """Record a stopping signal and pass it on to the process group of every run still running."""
         self.received.append(signum)
         for proc in self.running:
             if proc.poll() is None:

@@ -29,6 +29,7 @@ from slm.core.workarounds import replaced, require
 
 
 def _signal_file_per_node(original: Any) -> Any:
+    """Return `original` (Composer's signal file namer) with `-node` and this node's rank added to the name it draws."""
     def name(rng: Any = None) -> str:
         return f"{original(rng)}-node{dist.get_node_rank()}"
 
@@ -155,11 +156,13 @@ def single_process_collectives() -> Iterator[None]:
         yield
 
 def _checked_load(checkpoint_filepath: Path | str, map_location: str) -> Any:
+    """Run Composer's validation hook on the checkpoint, then unpickle it through slm's gate (`unpickle_checkpoint`)."""
     from composer.utils import checkpoint
 
     return unpickle_checkpoint(checkpoint._ensure_valid_checkpoint(checkpoint_filepath), map_location)
 
 def _named_load(load_checkpoint: Any) -> Any:
+    """Wrap Composer's `load_checkpoint` so a refusal names the checkpoint the run was given, not a temporary copy."""
     @functools.wraps(load_checkpoint)
     def load(path: str, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -215,6 +218,8 @@ class ResumableProgressBar(ProgressBarLogger):
             self.train_pbar = self._build_pbar(state, is_train=True)
 
     def _build_pbar(self, state: State, is_train: bool):
+        """Build the bar as Composer does, a train bar counting from the position reached (in the epoch, or in
+        max_duration's unit), not from zero."""
         if not is_train:
             return super()._build_pbar(state, is_train)
         by_epoch = state.max_duration is None or state.max_duration.unit == TimeUnit.EPOCH

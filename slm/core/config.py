@@ -46,6 +46,8 @@ from slm.core.paths import refuse_secrets, write_atomically
 
 @dataclass
 class StreamConfig:  # one source of a mixture (Streaming's `Stream`); no weight: each sample once an epoch
+    """One stream of a split's mixture (`streams.NAME`): its folder or remote, its proportion or repeat per epoch."""
+
     local: str | None = ruled(None, a_location)  # folder of MDS shards, or the local cache of `remote`
     remote: str | None = ruled(None, a_location)  # hf://datasets/ORG/REPO/PATH, s3://..., or None
     # share of each epoch's samples, relative to the other streams' (an epoch keeps the streams' total sample count),
@@ -56,6 +58,8 @@ class StreamConfig:  # one source of a mixture (Streaming's `Stream`); no weight
 
 @dataclass
 class DataSplit:  # a split (train or eval): one MDS folder, or a mixture of streams
+    """The `data.train` / `data.eval` split of the config: its MDS shard folder (or remote), or a mixture of streams."""
+
     local: str | None = ruled(None, shard_folder)  # folder of MDS shards, or the local cache of `remote`
     remote: str | None = ruled(None, a_location)  # hf://datasets/ORG/REPO/PATH, s3://..., or None
     streams: dict[str, StreamConfig] = ruled(rule=stream_mixture, factory=dict)  # a mixture, instead of local/remote
@@ -63,6 +67,8 @@ class DataSplit:  # a split (train or eval): one MDS folder, or a mixture of str
 
 @dataclass
 class DataConfig:  # the shards and Streaming's reading of them (docs/design.md, "Data")
+    """The `data` section: the train and eval splits, how Streaming reads them (shuffle, canonical nodes, workers)."""
+
     train: DataSplit = field(default_factory=DataSplit)  # the training split
     eval: DataSplit = field(default_factory=DataSplit)  # the evaluation split
     shuffle: bool = True  # shuffle the training samples (Streaming's shuffle, seeded by shuffle_seed)
@@ -77,6 +83,8 @@ class DataConfig:  # the shards and Streaming's reading of them (docs/design.md,
 
 @dataclass
 class OptimizerConfig:  # AdamW; weight decay on matrices only (not on norms and biases)
+    """The `optimizer` section: AdamW's peak learning rate, weight decay, betas, epsilon and fused kernel."""
+
     lr: float = ruled(5e-4, positive)  # the peak learning rate (the schedule scales it)
     weight_decay: float = 0.1  # decoupled weight decay of the matrices
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW's beta1, beta2
@@ -86,6 +94,8 @@ class OptimizerConfig:  # AdamW; weight decay on matrices only (not on norms and
 
 @dataclass
 class SchedulerConfig:  # slm/training/schedules.py; docs/design.md, "Schedules": the curves, the rule for continuing
+    """The `scheduler` section: the lr schedule's curve, warmup, final lr, horizon and wsd's decay."""
+
     name: str = ruled("cosine", one_of("cosine", "linear", "constant", "wsd"))  # cosine, linear, constant or wsd
     warmup: str = ruled("1000ba", a_time)  # linear from 0, then the schedule
     alpha_f: float = 0.0  # the final lr, as a fraction of optimizer.lr (cosine, linear, wsd)
@@ -98,6 +108,8 @@ class SchedulerConfig:  # slm/training/schedules.py; docs/design.md, "Schedules"
 
 @dataclass
 class LoadConfig:  # a warm start: a new run branched off another run's checkpoint (docs/design.md, "Warm starts")
+    """The `load` section: a warm start's checkpoint (file, run folder or Hub repo revision) and what of it to load."""
+
     # a checkpoint file, a run folder (its newest checkpoint), or a Hub repo ORG/NAME
     path: str | None = ruled(None, a_location)
     revision: str | None = None  # Hub repo: the checkpoint's batch (ba400); None: its latest
@@ -106,6 +118,8 @@ class LoadConfig:  # a warm start: a new run branched off another run's checkpoi
 
 @dataclass
 class HubConfig:  # publishing every checkpoint to a Hub model repo (docs/design.md, "The Hub")
+    """The `hub` section: the model repo checkpoints go to, its visibility, exports, commit budget and retries."""
+
     repo: str | None = ruled(None, hub_repo)  # ORG/NAME model repo for checkpoints; None: local only
     private: bool = True  # create the repo private (an existing repo keeps its visibility)
     export: bool = True  # with repo: each checkpoint also in HF format on a branch named after it (ba400)
@@ -118,6 +132,8 @@ class HubConfig:  # publishing every checkpoint to a Hub model repo (docs/design
 
 @dataclass
 class WandbConfig:  # Composer's W&B logger, on when project is set
+    """The `logging.wandb` section: the W&B project (logging is on when it is set), entity, group and tags."""
+
     project: str | None = None  # set it to log to W&B (WANDB_MODE=offline works); run id from run_name
     entity: str | None = None  # the W&B team or user; None: your default
     group: str | None = None  # W&B's run group (e.g. the suite's name)
@@ -126,11 +142,15 @@ class WandbConfig:  # Composer's W&B logger, on when project is set
 
 @dataclass
 class LoggingConfig:  # loggers beside metrics.jsonl
+    """The `logging` section: the loggers beside metrics.jsonl (W&B)."""
+
     wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases
 
 
 @dataclass
 class ProfileConfig:  # Composer's profiler: a Chrome/Perfetto trace in the run folder's profile/ (docs/training.md)
+    """The `profile` section: the batches Composer's profiler traces, those skipped first, and PyTorch's profiler."""
+
     batches: int = ruled(0, non_negative)  # batches to trace (each start of the run); 0: no profile
     skip_first: int = ruled(1, non_negative)  # batches to let pass first (start-up, `compile: true`), then 1 unrecorded
     torch: bool = False  # also PyTorch's profiler (every operator, its FLOPs and memory): profile/torch/, much larger
@@ -138,6 +158,8 @@ class ProfileConfig:  # Composer's profiler: a Chrome/Perfetto trace in the run 
 
 @dataclass
 class TrainConfig:  # the top level of a training yaml
+    """A whole training config (a yaml's top level): the run, its duration, batches, checkpoints, evals and sections."""
+
     base: str | None = None  # parent yaml, consumed while loading
     run_name: str | None = ruled(None, safe_run_name)  # defaults to the yaml's stem; reuse it to resume
     seed: int = 42  # model init
@@ -183,6 +205,7 @@ class TrainConfig:  # the top level of a training yaml
         return Path(self.save_folder.format(run_name=self.run_name))
 
     def to_dict(self) -> dict[str, Any]:
+        """Return the config as a plain dict, its sections nested (`dataclasses.asdict`)."""
         return dataclasses.asdict(self)
 
 
@@ -201,6 +224,7 @@ def check(node: Any, prefix: str = "", origins: dict[str, str] | None = None) ->
 
 
 def _parents(key: str) -> list[str]:
+    """Return the dotted keys enclosing `key`, nearest first (a.b.c -> a.b, a)."""
     parts = key.split(".")
     return [".".join(parts[:n]) for n in range(len(parts) - 1, 0, -1)]
 
@@ -222,6 +246,8 @@ def _valid_keys(schema: DictConfig, dotted: str) -> list[str]:
 
 
 def _explain(e: OmegaConfBaseException, schema: DictConfig, origin: str) -> SlmError:
+    """Turn an OmegaConf error into one line naming the key and `origin`: an unknown key with the closest valid one,
+    a wrong type with the one expected."""
     key = getattr(e, "full_key", None) or "?"
     if isinstance(e, ConfigKeyError) or "Key '" in str(e) and "not in struct" in str(e):
         close = difflib.get_close_matches(key, _valid_keys(schema, key), n=1, cutoff=0.5)

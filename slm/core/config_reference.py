@@ -36,6 +36,7 @@ def _comments(cls: type) -> tuple[str, dict[str, str]]:
 
 
 def _yaml_value(value: Any) -> str:
+    """Return a default as yaml writes it: null for None, true or false for a bool, else its str."""
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 

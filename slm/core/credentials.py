@@ -49,6 +49,7 @@ def _hub_tokens() -> Iterator[str]:
 
 
 def _netrc_passwords() -> Iterator[str]:
+    """Yield every password of the netrc file ($NETRC, else ~/.netrc); none where it is missing or unparsable."""
     try:  # named explicitly: Python refuses a ~/.netrc others may read, whose passwords are no less secret
         hosts = netrc.netrc(os.environ.get("NETRC") or os.path.expanduser("~/.netrc")).hosts
     except (OSError, netrc.NetrcParseError):

@@ -41,6 +41,7 @@ def node_lock() -> Iterator[None]:
 
 
 def _prefixes_in_use() -> set[str]:
+    """Return the Streaming prefixes of which a living process maps a /dev/shm block (read from /proc/*/maps)."""
     used = set()
     for maps in Path("/proc").glob("[0-9]*/maps"):
         try:

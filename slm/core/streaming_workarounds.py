@@ -25,6 +25,8 @@ from slm.core.workarounds import replaced, require
 
 
 def _index_checked(get_shards: Any) -> Any:
+    """Wrap Streaming's `Stream.get_shards`: the shard folder checked before it runs, then every shard its index.json
+    names (names, counts against bytes)."""
     @functools.wraps(get_shards)
     def checked(self: Any, world: Any, allow_unsafe_types: bool) -> Any:
         folder = Path(self.local, self.split or "")

@@ -34,6 +34,7 @@ def checkpoint_globals() -> list[Any]:
 
 
 def _name(obj: Any) -> str:
+    """Return a global's dotted name (module and qualified name), as torch names the globals of a pickle."""
     return f"{obj.__module__}.{obj.__qualname__}"
 
 

@@ -36,6 +36,7 @@ WRITTEN_FOR = {"mosaicml": ("0.32.1",), "mosaicml-streaming": ("0.13.0",), "wand
 
 
 def _installed(package: str) -> str:
+    """Return the installed version of `package`, or "none" where it is not installed."""
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:

@@ -73,6 +73,7 @@ class Character:
 
 
 def _character(rng: random.Random, taken: set[str]) -> Character:
+    """Draw a character whose name is not in `taken` (a girl, a boy or a named animal), and add its name to `taken`."""
     roll = rng.random()
     if roll < 0.4:
         pool, kind, pronouns = GIRLS, "girl", ("she", "her", "her")
@@ -87,11 +88,13 @@ def _character(rng: random.Random, taken: set[str]) -> Character:
 
 
 def _thing(rng: random.Random) -> str:
+    """Draw an object with a colour or size word before it (e.g. 'red kite')."""
     adj = rng.choice(COLORS) if rng.random() < 0.5 else rng.choice(SIZES)
     return f"{adj} {rng.choice(OBJECTS)}"
 
 
 def _cap(s: str) -> str:
+    """Return `s` with its first letter capitalised."""
     return s[0].upper() + s[1:]
 
 
@@ -108,16 +111,20 @@ class _Story:
         self.sentences: list[str] = []
 
     def say(self, *options: str) -> None:
+        """Add one of `options`, drawn at random, as the story's next sentence."""
         self.sentences.append(self.rng.choice(options))
 
     def words(self) -> int:
+        """Return the number of words of the sentences so far."""
         return sum(len(s.split()) for s in self.sentences)
 
     def text(self) -> str:
+        """Return the story so far: its sentences joined by spaces."""
         return " ".join(self.sentences)
 
     # --- story parts -------------------------------------------------------------------------
     def opening(self) -> None:
+        """Add the opening: the hero and where they live, their prized object, their friend."""
         h, r = self.hero, self.rng
         self.say(f"{r.choice(TIMES)}, there was {h.intro}.",
                  f"{r.choice(TIMES)}, {h.intro} lived {self.prep} a {self.place}.",
@@ -130,6 +137,7 @@ class _Story:
                  f"{h.name} often played with {self.friend.intro}.")
 
     def problem(self) -> None:
+        """Add the problem (the object lost, a tree too high, food lacking or a fight over the object); set `goal`."""
         h, f, r = self.hero, self.friend, self.rng
         kind = r.randrange(4)
         if kind == 0:
@@ -164,6 +172,7 @@ class _Story:
             self.goal = "share"
 
     def attempt(self) -> None:
+        """Add an attempt: the hero goes somewhere, meets or sees something, and asks for help or tries again."""
         h, f, r = self.hero, self.friend, self.rng
         place, _ = r.choice(PLACES)
         self.say(f"{h.name} went to the {place}.", f"Then {h.name} walked to the {place}.",
@@ -178,6 +187,7 @@ class _Story:
                  f'"Do not give up," said {f.name} with a smile.')
 
     def resolution(self) -> None:
+        """Add the resolution of `goal`: the object found, the tree climbed, the food found or the object shared."""
         h, f, r = self.hero, self.friend, self.rng
         if self.goal == "find":
             self.say(f"At last, {f.name} found the {self.thing} {self.prep} the {self.place}.",
@@ -198,6 +208,7 @@ class _Story:
             self.say(f"They played with the {self.thing} together.", f'"Let us share," said {h.name}.')
 
     def ending(self) -> None:
+        """Add the ending: how the day ended, then a moral, "The end." or a memory of the place."""
         h, f, r = self.hero, self.friend, self.rng
         self.say(f"From that day on, {h.name} and {f.name} were best friends.",
                  f"{h.name} and {f.name} smiled and went home.", "That night, everyone slept well.",

@@ -34,6 +34,7 @@ TXT_DOCUMENTS = {"line": "line", "paragraph": "paragraph", "file": "document"}  
 
 
 def _builder(path: Path) -> str:
+    """Return the `datasets` builder of a file, by its last suffix that is no compression's; refuse an unknown type."""
     suffixes = [s for s in path.suffixes if s not in COMPRESSIONS]
     builder = BUILDERS.get(suffixes[-1].lower()) if suffixes else None
     if builder is None:
@@ -54,6 +55,7 @@ def _glob_files(pattern: str) -> list[Path]:
 
 
 def _first_bad_utf8(files: list[Path]) -> str:
+    """Return where the first invalid UTF-8 of `files` is (file, line, byte), or "an input file" where none is found."""
     for file in files:
         with open(file, "rb") as f:
             for number, line in enumerate(f, 1):
@@ -102,6 +104,7 @@ def _file_builder(files: list[Path], txt_by: str | None) -> tuple[str, dict, str
 
 
 def _refuse_empty(source: str, files: list[Path]) -> None:
+    """Refuse an input whose files are all empty: there is no document to read."""
     if files and all(file.is_file() and file.stat().st_size == 0 for file in files):
         raise SlmError(f"{source} is empty: there are no documents to read")
 
@@ -156,6 +159,7 @@ def _reading(source: str, split: str, files: list[Path]) -> Iterator[None]:
 
 
 def _first_line(e: BaseException) -> str:
+    """Return the first line of an error's message, or its type's name where it has none."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
@@ -250,6 +254,7 @@ class Input:
 
     @property
     def streamed(self) -> bool:
+        """Whether the input is read streamed (its document count is unknown until it is read)."""
         return self.documents is None
 
     def batches(self, batch_size: int = 1000) -> Iterator[list[str]]:

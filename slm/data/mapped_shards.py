@@ -68,6 +68,7 @@ class MappedShards(StreamingDataset):
             done.set()
 
     def _prepare_ahead(self, order: list[int], done: threading.Event) -> None:
+        """Prepare (download, decompress) the shards in `order`, the epoch's order of first use, until `done` is set."""
         for shard_id in order:
             if done.is_set():
                 return

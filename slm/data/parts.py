@@ -72,9 +72,11 @@ class Job:
 
     @property
     def folder(self) -> Path:
+        """The folder of the job's parts: beside the output folder, its name with `.parts` added."""
         return self.out_dir.with_name(self.out_dir.name + ".parts")
 
     def part_folder(self, part: int) -> Path:
+        """Return the folder of part `part` (1-based): `part-P-of-N` in the parts folder."""
         return self.folder / f"part-{part}-of-{self.parts}"
 
     def record(self, part: int) -> dict[str, Any]:
@@ -215,9 +217,11 @@ class Running:
 
     @property
     def parts(self) -> list[int]:
+        """The parts being tokenized."""
         return list(self.results)
 
     def wait(self, part: int) -> None:
+        """Return once part `part` is done (at once if it is not running here); raise as soon as any part has failed."""
         if part not in self.results:
             return
         while not self.results[part].ready():
@@ -226,6 +230,7 @@ class Running:
         self._raise_a_failure()
 
     def _raise_a_failure(self) -> None:
+        """Raise an SlmError naming a part that has failed, with its error; nothing while none has."""
         for part, result in self.results.items():
             if result.ready() and not result.successful():
                 try:

@@ -109,6 +109,7 @@ class Documents:
         return held
 
     def save(self, folder: Path) -> None:
+        """Write the record into `folder` as slm-documents.npz (format 1: plain arrays, uncompressed)."""
         np.savez(folder / DOCUMENTS_FILE, format=np.int64(DOCUMENTS_FORMAT), seq_len=np.int64(self.seq_len),
                  sample_document=self.sample_document, sample_offset=self.sample_offset,
                  document_tokens=self.document_tokens)
@@ -244,6 +245,7 @@ def write_streams(streams: Iterable[tuple[np.ndarray, np.ndarray]], identity: di
 
 
 def _too_short(stats: ShardStats, seq_len: int) -> str:
+    """Return the error line for an input that gives no sample: no documents, or too few tokens for one of seq_len."""
     if stats.documents == 0:
         return "the input has no documents"
     return (f"the input gives {stats.tokens} tokens ({stats.documents} documents), too few for one sample "
@@ -252,6 +254,7 @@ def _too_short(stats: ShardStats, seq_len: int) -> str:
 
 def _write_metadata(folder: Path, identity: dict, seq_len: int, dtype: np.dtype, stats: ShardStats,
                     source: dict) -> None:
+    """Write `folder`'s slm-dataset.json: chunking rule, tokenizer, seq_len, dtype, source, document record, counts."""
     meta = {"chunking_rule": CHUNKING_RULE, "tokenizer": identity, "seq_len": seq_len, "dtype": dtype.name,
             "column": "tokens", "source": source,
             "document_record": {"file": DOCUMENTS_FILE, "format": DOCUMENTS_FORMAT},

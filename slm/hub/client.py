@@ -52,6 +52,7 @@ class HubError(SlmError):
 
 
 def _status(e: Exception) -> int | None:
+    """Return the HTTP status of an error's response, or None where it has none."""
     response = getattr(e, "response", None)
     return getattr(response, "status_code", None)
 
@@ -72,6 +73,7 @@ NETWORK_ERRORS = _network_errors()
 
 
 def _is_transient(e: Exception) -> bool:
+    """Return whether an error is worth retrying: a connection error or timeout, a 408 or a 5xx; never when offline."""
     if isinstance(e, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
         return False  # HF_HUB_OFFLINE is set: waiting will not help
     if isinstance(e, NETWORK_ERRORS):
@@ -102,6 +104,7 @@ def rate_limit_wait(e: Exception, fallback: float) -> float | None:
 
 
 def _first_line(e: Exception) -> str:
+    """Return the first line of an error's message (else its type's name), every known secret masked."""
     return masked(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
 
 
@@ -154,6 +157,7 @@ class CommitBudget:
             time.sleep(wait)
 
     def spend(self, repo_id: str) -> None:
+        """Record a commit to `repo_id` made just now, in its window."""
         with self._lock:
             self._times.setdefault(repo_id, deque()).append(time.monotonic())
 
@@ -169,6 +173,8 @@ class Hub:
         self._created: set[tuple[str, str]] = set()
 
     def call(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
+        """Call `fn(**kwargs)` by the module's error policy (`what` names the call in errors): missing is
+        FileNotFoundError, a 429 is waited out, a transient error retried with backoff, anything else a HubError."""
         attempt, rate_limited = 1, 0
         while True:
             try:
@@ -254,6 +260,7 @@ class Hub:
         return checked_folder(destination, f"the download of {revision} of the Hub repo {repo_id}")
 
     def list_files(self, repo_id: str, repo_type: str = "model", revision: str | None = None) -> list[str]:
+        """Return the path of every file of the repo at `revision` (None: main)."""
         return self.call(f"listing the Hub repo {repo_id}", self.api.list_repo_files, repo_id=repo_id,
                          repo_type=repo_type, revision=revision)
 
@@ -275,6 +282,7 @@ class Hub:
         return {info.path: info for info in infos if hasattr(info, "blob_id")}
 
     def branches(self, repo_id: str, repo_type: str = "model") -> set[str]:
+        """Return the names of the repo's branches."""
         refs = self.call(f"listing the branches of the Hub repo {repo_id}", self.api.list_repo_refs,
                          repo_id=repo_id, repo_type=repo_type)
         return {branch.name for branch in refs.branches}

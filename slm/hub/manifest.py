@@ -67,6 +67,7 @@ def file_record(data: Path | bytes) -> dict[str, Any]:
 
 
 def _chunks(path: Path):
+    """Yield the bytes of the file at `path`, READ_CHUNK at a time."""
     with open(path, "rb") as f:
         while chunk := f.read(READ_CHUNK):
             yield chunk
@@ -189,6 +190,7 @@ class Manifest:
             raise ValueError(f"{where} is no slm manifest: {e}") from e
 
     def to_bytes(self) -> bytes:
+        """Return the manifest as its file holds it: JSON of its format, run name and entries in batch order."""
         data = {"format": MANIFEST_FORMAT, "run_name": self.run_name,
                 "checkpoints": [self.entries[batch] for batch in sorted(self.entries)]}
         return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()

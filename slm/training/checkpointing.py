@@ -51,6 +51,7 @@ class KeepNewestPeriodic(Callback):
         self.folder, self.keep, self.early = folder, keep, early
 
     def _prune(self) -> None:
+        """On rank 0, delete all but the newest `keep` periodic checkpoints, of those up to `latest` (-1: keep all)."""
         if self.keep < 0 or dist.get_global_rank() != 0:
             return
         latest = self.folder / LATEST

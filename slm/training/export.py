@@ -74,6 +74,7 @@ def _origin(info: dict) -> str:
 
 
 def _model_card(info: dict, state: dict, params: int, checkpoint: Path, model_type: str) -> str:
+    """Return the export's README.md: a model card with the run's origin, data, tokenizer, hardware, metrics, config."""
     cfg = info["config"]
     ts = state["timestamp"]["Timestamp"]
     start = (info.get("starts") or [{}])[-1]

@@ -64,10 +64,12 @@ REPAIRS = 3  # uploads of a file the Hub keeps holding differently before the ru
 
 
 def _batch(path: Path) -> int:
+    """Return the batch of a checkpoint file, from its name."""
     return int(CHECKPOINT.match(path.name).group(2))
 
 
 def _keep_local_hint(e: HubError, folder: Path) -> HubError:
+    """Return the Hub error with a hint: the checkpoints stay in `folder`, and a run with the same run_name resumes."""
     return HubError(f"{e}; the checkpoints stay in {folder}: fix the cause and run again with the same run_name "
                     "to resume (missing uploads are retried at start)")
 
@@ -139,6 +141,8 @@ class Uploader:
                 self._thread.start()
 
     def _work(self) -> None:
+        """Upload until nothing waits (the thread's body): the queued checkpoints first, then each export by batch, or
+        the manifest where it is behind; an error is kept in `error` for the training thread."""
         try:
             while True:
                 with self._cond:
@@ -176,6 +180,7 @@ class Uploader:
                 self._cond.wait(timeout=1.0)
 
     def _run_data(self) -> dict[str, bytes]:
+        """Return the run's data to commit: metrics.jsonl (to its last whole line), run.json, config.yaml, if there."""
         data = {}
         for name in RUN_DATA:
             try:
@@ -206,6 +211,7 @@ class Uploader:
         return self._manifest
 
     def _commit_checkpoints(self, files: dict[int, Path], exports: dict[int, Path]) -> None:
+        """Commit the queued checkpoints to main with their manifest entries (and `latest` if newer); unqueue them."""
         manifest = self._manifest_now()
         for batch, path in files.items():
             record = check_weights_record(read_json(self.queue.record_file(path), "queued upload's record"),
@@ -238,6 +244,8 @@ class Uploader:
         write_atomically(self.folder / MANIFEST, contents[MANIFEST].decode())
 
     def _commit_export(self, batch: int, folder: Path) -> None:
+        """Push an export to its branch, checked; put its files' records in its manifest entry (or keep them until its
+        checkpoint's entry exists); then remove it from the queue."""
         branch = branch_name(batch)
         self.hub.push_folder(folder, self.repo, f"HF export at batch {batch}", branch=branch,
                              private=self.private, delete_patterns=["*"])

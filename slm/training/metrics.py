@@ -62,9 +62,11 @@ class _LossMetric(Metric):
         self._count_bytes(target)
 
     def _count_bytes(self, target: torch.Tensor) -> None:
+        """Count the bytes the targets stand for: nothing here (BitsPerByte counts them)."""
         pass
 
     def mean_nats(self) -> torch.Tensor:
+        """Return the mean nats per target so far (0 before any target)."""
         return self.sum_nats / self.targets.clamp(min=1)
 
 
@@ -88,6 +90,7 @@ class BitsPerByte(_LossMetric):
         self.add_state("sum_bytes", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def _count_bytes(self, target: torch.Tensor) -> None:
+        """Add the bytes the targets stand for (0 at ignored positions) to `sum_bytes`, with no host-device sync."""
         # A lookup of every position, the ignored ones zeroed: indexing with the mask would make the host wait for
         # the device (the mask's count decides the result's shape).
         counted = self.byte_table.to(target.device)[target.clamp(min=0)] * (target != IGNORE)

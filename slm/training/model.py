@@ -81,6 +81,8 @@ ROPE_KEYWORDS = {"rope_theta", "rope_scaling", "partial_rotary_factor"}
 
 
 def _config_keys(config_class: type[PretrainedConfig]) -> set[str]:
+    """Return the keywords a config class takes: its own and PretrainedConfig's, its attribute_map's, and the rope
+    keywords where it takes `rope_parameters`."""
     keys = set(inspect.signature(config_class.__init__).parameters)
     keys |= set(inspect.signature(PretrainedConfig.__init__).parameters)
     keys |= set(getattr(config_class, "attribute_map", {}))
@@ -131,6 +133,7 @@ def build_config(model_cfg: dict[str, Any]) -> PretrainedConfig:
 
 
 def _first_line(e: BaseException) -> str:
+    """Return the first line of an error's message, or its type's name where it has none."""
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
@@ -146,6 +149,7 @@ def pretrained_config(source: str, what: str) -> PretrainedConfig:
 
 
 def _tensor_bytes(model: torch.nn.Module) -> int:
+    """Return the bytes the model's state dict tensors take (on the meta device too, where nothing is allocated)."""
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
@@ -290,6 +294,7 @@ class CausalLM(HuggingFaceModel):
         self._flops_per_token: dict[int, float] = {}
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Return the loss the forward computed, without Composer's look at `config.use_return_dict`."""
         return outputs["loss"]  # Composer's asks `config.use_return_dict`, deprecated in transformers 5
 
     def eval_forward(self, batch: dict[str, torch.Tensor], outputs=None) -> dict[str, torch.Tensor]:

@@ -74,9 +74,12 @@ class StopOnSignal(Callback):
 
     @property
     def exit_status(self) -> int:
+        """The status the run exits with: EXIT_INTERRUPTED after a Ctrl-C, else EXIT_PREEMPTED."""
         return EXIT_INTERRUPTED if self.interrupted else EXIT_PREEMPTED
 
     def _note(self, signum: int, frame: object) -> None:
+        """Record a signal (the handler, training processes only): a scheduler's or a first Ctrl-C stops the run at the
+        batch end; another, or one before training, raises KeyboardInterrupt (after any checkpoint being written)."""
         if os.getpid() != self._pid:  # a data-loader worker: its training process answers
             return
         if signum == signal.SIGINT:

@@ -33,6 +33,7 @@ PROJECT = Path(__file__).resolve().parents[2]  # slm/training/run_info.py
 
 
 def _cpu_model() -> str:
+    """Return the CPU's model name, from /proc/cpuinfo, else what `platform` says."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
