@@ -36,7 +36,7 @@ from slm.core.errors import say
 from slm.core.run_folder import CHECKPOINT, LATEST, checkpoints, is_complete
 from slm.hub.client import Hub, HubError
 from slm.hub.manifest import LATEST_POINTER, branch_name, checked_remote_name, remote_name
-from slm.training.upload_queue import PENDING, Uploader, UploadQueue, _batch, _keep_local_hint
+from slm.training.upload_queue import PENDING, Uploader, UploadQueue, checkpoint_batch, keep_local_hint
 
 
 class HubPublisher:
@@ -57,7 +57,7 @@ class HubPublisher:
         start = time.perf_counter()
         self.raise_if_failed()
         if self.export:
-            self.queue.stage_export(_batch(path), path)
+            self.queue.stage_export(checkpoint_batch(path), path)
         self.queue.stage_checkpoint(path)
         self.uploader.wake()
         self.added += 1
@@ -78,8 +78,8 @@ class HubPublisher:
         except FileNotFoundError:
             remote, branches = set(), set()
         except HubError as e:
-            raise _keep_local_hint(e, self.folder) from e
-        on_hub = [_batch(Path(name)) for name in remote if CHECKPOINT.match(Path(name).name)]
+            raise keep_local_hint(e, self.folder) from e
+        on_hub = [checkpoint_batch(Path(name)) for name in remote if CHECKPOINT.match(Path(name).name)]
         self.uploader.newest_uploaded = max(on_hub, default=-1)
         for batch, path in sorted(local.items()):
             if self.export and branch_name(batch) not in branches and batch not in queued_exports:

@@ -38,12 +38,12 @@ PROGRESS_EVERY = 10.0  # seconds between "waiting for the Hub" lines at the end 
 REPAIRS = 3  # uploads of a file the Hub keeps holding differently before the run stops
 
 
-def _batch(path: Path) -> int:
+def checkpoint_batch(path: Path) -> int:
     """Return the batch of a checkpoint file, from its name."""
     return int(CHECKPOINT.match(path.name).group(2))
 
 
-def _keep_local_hint(e: HubError, folder: Path) -> HubError:
+def keep_local_hint(e: HubError, folder: Path) -> HubError:
     """Return the Hub error with a hint: the checkpoints stay in `folder`, and a run with the same run_name resumes."""
     return HubError(f"{e}; the checkpoints stay in {folder}: fix the cause and run again with the same run_name "
                     "to resume (missing uploads are retried at start)")
@@ -60,7 +60,7 @@ class UploadQueue:
         """Return (checkpoints waiting for `main`, export folders waiting for their branch), by batch."""
         if not self.folder.is_dir():
             return {}, {}
-        files = {_batch(p): p for p in self.folder.iterdir() if CHECKPOINT.match(p.name)}
+        files = {checkpoint_batch(p): p for p in self.folder.iterdir() if CHECKPOINT.match(p.name)}
         exports = {int(p.name[2:]): p for p in self.folder.iterdir()
                    if p.is_dir() and p.name.startswith("ba") and p.name[2:].isdigit()}
         return files, exports
@@ -69,7 +69,7 @@ class UploadQueue:
         """Make a hard link of the checkpoint, and beside it (first) its weights record, here on the training
         thread: loading tensors from the upload thread upset torch's tensor bookkeeping."""
         self.folder.mkdir(exist_ok=True)
-        export = self.folder / branch_name(_batch(path))
+        export = self.folder / branch_name(checkpoint_batch(path))
         record = weights_record(path, export if export.is_dir() else None)
         write_atomically(self.record_file(path), json.dumps(record) + "\n")
         with partial_file(self.folder / path.name) as tmp:
@@ -132,7 +132,7 @@ class Uploader:
                     batch = min(exports)
                     self._commit_export(batch, exports[batch])
         except HubError as e:
-            self.error = _keep_local_hint(e, self.folder)
+            self.error = keep_local_hint(e, self.folder)
         except Exception as e:  # noqa: BLE001 - the training thread reports it
             self.error = HubError(f"uploading to the Hub repo {self.repo} failed: {type(e).__name__}: {e}")
         finally:
