@@ -369,7 +369,7 @@ def test_bad_training_config(name, train_ws, capsys, monkeypatch):
 def test_training_accepts_the_data_tokenizer_saved_with_a_post_processor(tmp_path, shards, tokenizer_dir):
     """Newer transformers save the same tokenizer with a post-processor: the shards' tokenizer all the same."""
     from slm.core.config import load_config
-    from slm.training.trainer import preflight
+    from slm.training.preflight import preflight
 
     from helpers import bos_template, edited_tokenizer, write_yaml
 

@@ -210,7 +210,7 @@ def edit_metadata(folder: Path, **fields) -> None:
 
 
 def test_preflight_takes_the_tokenizer_of_the_first_train_stream(mixed_data, shards):
-    from slm.training.trainer import preflight
+    from slm.training.preflight import preflight
 
     config = mixture_yaml(mixed_data / "mix.yaml", shards, {"web": {"local": str(shards / "train"), "proportion": 0.5},
                                                             "code": {"local": str(mixed_data / "code"),
@@ -233,7 +233,7 @@ PREFLIGHT = {
 
 @pytest.mark.parametrize("name", list(PREFLIGHT))
 def test_preflight_names_the_stream_that_does_not_fit(name, mixed_data, shards):
-    from slm.training.trainer import preflight
+    from slm.training.preflight import preflight
 
     code = mixed_data / "code"
     fields, expected = PREFLIGHT[name]
