@@ -26,6 +26,8 @@ with one line; the local checkpoints stay.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from composer.core import State
@@ -48,20 +50,14 @@ class HubPublisher:
         self.hub, self.repo, self.folder, self.export = hub, repo, folder, export
         self.queue = UploadQueue(folder / PENDING)
         self.uploader = Uploader(hub, repo, folder, self.queue, private, run_name or folder.name)
-        self.added = 0  # checkpoints queued by `add` (while training)
-        self.adding_seconds = 0.0  # what `add` took of the training thread: staging, and waking the upload thread
 
     def add(self, path: Path) -> None:
-        """Queue a checkpoint just saved (and its export, first: the checkpoint's manifest entry records it); the
-        time it takes the training thread is counted, as it never waits on an upload."""
-        start = time.perf_counter()
+        """Queue a checkpoint just saved (and its export, first: the checkpoint's manifest entry records it)."""
         self.raise_if_failed()
         if self.export:
             self.queue.stage_export(checkpoint_batch(path), path)
         self.queue.stage_checkpoint(path)
         self.uploader.wake()
-        self.added += 1
-        self.adding_seconds += time.perf_counter() - start
 
     def catch_up(self, up_to_batch: int) -> tuple[int, int]:
         """Queue the local complete checkpoints (up to `up_to_batch`) the repo lacks, or lacks as a branch.
@@ -114,6 +110,18 @@ class HubCheckpoints(LoggerDestination):
         self.hub, self.repo, self.folder = hub, repo, folder
         self.publisher = (HubPublisher(hub, repo, folder, private, export, run_name)
                           if dist.get_global_rank() == 0 else None)
+        self.queued = 0  # checkpoints queued while training
+        self.training_seconds = 0.0  # what the training thread spent in this logger meanwhile (it never waits on an
+        # upload: the run's last line says it, and tests/hub/test_hub.py holds it under one commit's time)
+
+    @contextmanager
+    def _on_the_training_thread(self) -> Iterator[None]:
+        """Count the time inside as the training thread's, spent on the Hub while training."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.training_seconds += time.perf_counter() - start
 
     def fit_start(self, state: State, logger: Logger) -> None:
         if self.publisher:
@@ -124,7 +132,8 @@ class HubCheckpoints(LoggerDestination):
 
     def batch_end(self, state: State, logger: Logger) -> None:
         if self.publisher:
-            self.publisher.raise_if_failed()
+            with self._on_the_training_thread():
+                self.publisher.raise_if_failed()
 
     def finish(self, state: State) -> None:
         """Upload what is queued or missing and wait for it: a finished or stopped run leaves only once all is up.
@@ -136,15 +145,17 @@ class HubCheckpoints(LoggerDestination):
             self.publisher.drain()  # first, so that the listing catch_up makes is not racing the thread's commits
             self.publisher.catch_up(int(state.timestamp.batch))
             self.publisher.drain()
-            if self.publisher.added:
-                say(f"training spent {self.publisher.adding_seconds:.2f} s queueing {self.publisher.added} "
-                    f"checkpoint(s) for {self.repo}; their uploads ran beside it")
+            if self.queued:
+                say(f"training spent {self.training_seconds:.2f} s queueing {self.queued} checkpoint(s) for "
+                    f"{self.repo}; their uploads ran beside it")
 
     def upload_file(self, state: State, remote_file_name: str, file_path: Path, *, overwrite: bool) -> None:
         """Queue the saver's checkpoint; its `latest` pointer file is not needed (each commit writes one)."""
         path = Path(file_path)
         if self.publisher and CHECKPOINT.match(path.name):
-            self.publisher.add(path)
+            with self._on_the_training_thread():
+                self.publisher.add(path)
+            self.queued += 1
 
     def can_upload_files(self) -> bool:
         return True

@@ -297,8 +297,9 @@ def test_a_run_checkpointing_every_batch_stays_within_the_budget_and_gets_everyt
 @pytest.mark.beside  # waits on the double's latency and windows
 def test_slow_uploads_do_not_slow_training(fake_hub, tmp_path, shards):
     """Each commit takes 2 s and 14 checkpoints go up, yet queueing them took the training thread less than one commit
-    in all: it never waited on an upload. Measured by the run itself (what `add` took of the training thread, said in
-    its last line), not by comparing clocks of two runs, which failed on a loaded machine's noise."""
+    in all: it never waited on an upload. Measured by the run itself (what the Hub logger's hooks took of the training
+    thread while training, said in its last line), not by comparing clocks of two runs, which failed on a loaded
+    machine's noise."""
     config, slow = write_yaml(tmp_path / "tiny.yaml", shards), fake_hub
     set_limits(slow, latency=2)
     proc = Started(train_cmd(config, "run_name=slow", "hub.repo=me/slow", "max_duration=192ba", "save_interval=16ba",
